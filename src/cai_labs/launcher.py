@@ -1,0 +1,344 @@
+"""Run one function on N ranks and hand rank 0's result back to the caller.
+
+Every tutorial and test needs the same thing: start ``world_size`` processes, give each a
+``torch.distributed`` process group, run a worker function on all of them, and get a plain Python
+result back in the process that asked (a tutorial page, a test, a script). ``launch`` does that.
+
+Why ``fork``: sphinx-gallery ``exec()``s each tutorial in a namespace that is not an importable
+module, so a worker defined on the page cannot be pickled by name, which is what ``spawn`` needs.
+A forked child inherits the function as it is. The same is true in a notebook.
+
+What the parent guarantees:
+
+* rank 0's return value comes back (it must be picklable: numbers, lists, dicts, tensors);
+* whatever rank 0 prints is replayed in the parent, so it shows on the page;
+* if any rank raises, every rank is ended and :class:`RankFailed` is raised in the parent with that
+  rank's traceback, within about a second;
+* a collective that waits for a peer that never comes raises after ``collective_timeout`` seconds,
+  and the whole call is bounded by ``timeout``;
+* no child process outlives the call, whatever happened.
+
+Under ``torchrun`` the process group comes from the environment instead (``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``, ...): ``launch(fn, n)`` then runs ``fn`` in place on this rank,
+so the same worker code runs on one laptop or many GPU nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import os
+import pickle
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing import connection, get_context
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "RankFailed",
+    "LaunchTimeout",
+    "RankInfo",
+    "launch",
+    "rank_info",
+    "device",
+    "under_torchrun",
+    "threads_per_rank",
+]
+
+
+class RankFailed(RuntimeError):
+    """A rank raised (or died). ``rank`` says which; ``remote_traceback`` is its traceback."""
+
+    def __init__(self, rank: int, remote_traceback: str):
+        self.rank = rank
+        self.remote_traceback = remote_traceback
+        super().__init__(
+            f"rank {rank} failed; all ranks were stopped. Its traceback:\n{remote_traceback}"
+        )
+
+
+class LaunchTimeout(TimeoutError):
+    """The call did not finish within ``timeout`` seconds; all ranks were stopped."""
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits: its rank, the world size and the device its tensors live on."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+
+def under_torchrun() -> bool:
+    """True when this process was started by ``torchrun`` (or any launcher that sets the env)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def threads_per_rank(world_size: int) -> int:
+    """Intra-op threads for each rank so that all ranks together use the cores once.
+
+    Four ranks on two cores, each with PyTorch's default of two threads, would run eight busy
+    threads on two cores; they slow each other down far more than they help. One thread per rank
+    (or ``cores // world_size``) keeps measured step times meaningful.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, world_size))
+
+
+def _pick_backend(world_size: int, backend: str | None) -> str:
+    if backend is not None:
+        return backend
+    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
+        return "nccl"
+    return "gloo"
+
+
+def device() -> torch.device:
+    """The device of this rank: its own GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def rank_info() -> RankInfo:
+    """This rank's :class:`RankInfo` (rank 0 of 1 when no process group exists)."""
+    if not dist.is_initialized():
+        return RankInfo(0, 1, torch.device("cpu"), "none")
+    return RankInfo(dist.get_rank(), dist.get_world_size(), device(), dist.get_backend())
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    backend: str,
+    store_path: str,
+    collective_timeout: float,
+    conn: connection.Connection,
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+) -> None:
+    """Body of each child: join the group, run ``fn``, report, and leave without cleanup hooks."""
+    status = 1
+    captured = io.StringIO()
+    try:
+        # The parent may be a test runner or Sphinx with its own signal handlers and atexit hooks;
+        # the child must die on SIGTERM and never run the parent's exit handlers.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        torch.set_num_threads(threads_per_rank(world_size))
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(
+            backend,
+            init_method=f"file://{store_path}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=collective_timeout),
+        )
+        out = captured if rank == 0 else sys.__stdout__
+        with contextlib.redirect_stdout(out):
+            result = fn(*args, **kwargs)
+        _send(conn, ("ok", rank, result if rank == 0 else None, captured.getvalue()))
+        status = 0
+        # Stay alive until the parent has every rank's report: a rank that exits early closes
+        # sockets its peers may still be using (gloo reports "connection closed by peer").
+        with contextlib.suppress(EOFError, OSError):
+            conn.recv_bytes()
+    except BaseException:  # noqa: BLE001 - everything must reach the parent
+        tb = traceback.format_exc()
+        if isinstance(sys.exc_info()[1], RuntimeError) and "imed out" in tb:
+            tb += (
+                f"\n(a collective waited {collective_timeout:g} s for a peer that never joined it: "
+                "check that every rank makes the same collective calls in the same order)"
+            )
+        with contextlib.suppress(Exception):
+            _send(conn, ("error", rank, tb, captured.getvalue()))
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+        sys.stdout.flush() if sys.stdout else None
+        os._exit(status)
+
+
+def _send(conn: connection.Connection, message: tuple) -> None:
+    """Send with plain pickle: multiprocessing's pickler would share tensor storage through
+    file descriptors that vanish when the child exits; plain pickle copies the bytes."""
+    conn.send_bytes(pickle.dumps(message))
+
+
+def _stop_all(procs: list) -> None:
+    """Terminate, then kill, every child still alive, and reap them all."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 3.0
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def launch(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    backend: str | None = None,
+    timeout: float = 600.0,
+    collective_timeout: float = 60.0,
+    **kwargs: Any,
+) -> Any:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks and return rank 0's result.
+
+    Inside ``fn`` the default process group is initialised: use ``torch.distributed`` as usual
+    and :func:`rank_info` for the rank, world size and device.
+
+    Args:
+        fn: the worker. Defined anywhere (a page, a notebook, a module): the children are forked.
+        world_size: number of ranks, 1 or more. More ranks than cores works (gloo), just slower.
+        backend: ``"gloo"`` or ``"nccl"``; by default NCCL when ``world_size`` GPUs are visible.
+        timeout: seconds for the whole call before every rank is stopped.
+        collective_timeout: seconds one collective may wait for its peers.
+
+    Raises:
+        RankFailed: a rank raised or died; carries that rank's traceback.
+        LaunchTimeout: the call outlived ``timeout``.
+        ValueError: ``world_size`` < 1, or it disagrees with ``torchrun``'s ``WORLD_SIZE``.
+    """
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer; got {world_size!r}")
+    if under_torchrun():
+        return _run_in_place(fn, world_size, args, kwargs, backend, collective_timeout)
+
+    backend = _pick_backend(world_size, backend)
+    ctx = get_context("fork")
+    fd, store_path = tempfile.mkstemp(prefix="cai_labs_store_")
+    os.close(fd)
+    os.unlink(store_path)  # the FileStore creates it; an empty leftover file would confuse it
+    procs, conns = [], []
+    try:
+        for rank in range(world_size):
+            parent_end, child_end = ctx.Pipe(duplex=True)
+            p = ctx.Process(
+                target=_worker,
+                args=(rank, world_size, backend, store_path, collective_timeout, child_end, fn,
+                      args, kwargs),
+                name=f"cai_labs-rank{rank}",
+            )
+            p.start()
+            child_end.close()
+            procs.append(p)
+            conns.append(parent_end)
+        return _collect(procs, conns, timeout)
+    finally:
+        for c in conns:  # EOF tells finished ranks to exit
+            c.close()
+        _stop_all(procs)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(store_path)
+
+
+def _collect(procs: list, conns: list, timeout: float) -> Any:
+    """Wait for every rank's report; fail fast on the first error, death, or the deadline."""
+    deadline = time.monotonic() + timeout
+    pending = {c: rank for rank, c in enumerate(conns)}
+    sentinels = {p.sentinel: rank for rank, p in enumerate(procs)}
+    result, rank0_output = None, ""
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            waiting = sorted(pending.values())
+            raise LaunchTimeout(
+                f"ranks {waiting} did not finish within {timeout:g} s and were stopped; "
+                "raise `timeout=` if the work is just long, or look for a rank stuck in a "
+                "collective its peers never call"
+            )
+        ready = connection.wait(list(pending) + list(sentinels), timeout=min(left, 1.0))
+        for obj in ready:
+            if obj in pending:
+                rank = pending.pop(obj)
+                try:
+                    status, _, payload, output = pickle.loads(obj.recv_bytes())
+                except EOFError:
+                    status, payload, output = "error", _death_note(procs[rank]), ""
+                if status == "error":
+                    sys.stdout.write(output)
+                    rank, payload = _root_cause(rank, payload, pending)
+                    raise RankFailed(rank, payload)
+                if rank == 0:
+                    result, rank0_output = payload, output
+            elif obj in sentinels:
+                rank = sentinels.pop(obj)
+                conn = conns[rank]
+                if conn in pending and not conn.poll(0.2):
+                    pending.pop(conn)
+                    raise RankFailed(rank, _death_note(procs[rank]))
+    sys.stdout.write(rank0_output)
+    return result
+
+
+_PEER_LOSS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _root_cause(rank: int, tb: str, pending: dict) -> tuple[int, str]:
+    """When one rank fails, its peers soon fail too ("connection closed by peer").
+
+    Give the others half a second to report and prefer an error that is not merely the loss of a
+    peer, so the traceback shown is the one that explains the failure.
+    """
+    errors = [(rank, tb)]
+    end = time.monotonic() + 0.5
+    while pending and time.monotonic() < end:
+        for conn in connection.wait(list(pending), timeout=max(0.0, end - time.monotonic())):
+            r = pending.pop(conn)
+            with contextlib.suppress(EOFError):
+                status, _, payload, _ = pickle.loads(conn.recv_bytes())
+                if status == "error":
+                    errors.append((r, payload))
+    for r, t in errors:
+        if not any(marker in t for marker in _PEER_LOSS):
+            return r, t
+    return errors[0]
+
+
+def _death_note(proc) -> str:
+    proc.join(1.0)
+    code = proc.exitcode
+    how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+    return f"the process died ({how}) before reporting a result or an exception"
+
+
+def _run_in_place(fn, world_size, args, kwargs, backend, collective_timeout) -> Any:
+    """torchrun path: this process is already one rank; join the group from the environment."""
+    env_world = int(os.environ["WORLD_SIZE"])
+    if world_size != env_world:
+        raise ValueError(
+            f"launch(fn, {world_size}) under torchrun with WORLD_SIZE={env_world}: start torchrun "
+            f"with {world_size} processes in total (e.g. --nproc-per-node={world_size}) or ask "
+            f"for {env_world} ranks"
+        )
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(
+            backend, timeout=datetime.timedelta(seconds=collective_timeout)
+        )
+    result = fn(*args, **kwargs)
+    box = [result if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
