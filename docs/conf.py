@@ -1,0 +1,65 @@
+"""Sphinx configuration: furo theme, sphinx-gallery tutorials, MyST pages, autodoc API."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from sphinx_gallery.sorting import FileNameSortKey
+
+project = "cai-labs"
+author = "cai-labs contributors"
+copyright = "2026, cai-labs contributors"
+release = "0.1.0"
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "sphinx_gallery.gen_gallery",
+    "myst_nb",
+]
+
+# sphinx-gallery writes .ipynb downloads next to the generated pages; they are downloads, not
+# source documents, so myst-nb must neither parse nor execute them.
+exclude_patterns = ["_build", "tutorials/*.ipynb", "**/.ipynb_checkpoints", "Thumbs.db"]
+nb_execution_mode = "off"
+myst_enable_extensions = ["dollarmath", "colon_fence", "deflist"]
+suppress_warnings = ["config.cache"]  # sphinx-gallery's conf holds callables
+
+html_theme = "furo"
+html_title = "cai-labs"
+html_static_path = ["_static"]
+html_css_files = ["cai_labs.css"]
+
+autodoc_typehints = "description"
+autodoc_member_order = "bysource"
+napoleon_google_docstring = True
+
+# -- sphinx-gallery ------------------------------------------------------------------------------
+# GALLERY_PATTERN=tutorial_00 executes only matching tutorials (the others render without
+# output); unchanged tutorials are not re-executed (sphinx-gallery compares checksums).
+_pattern = os.environ.get("GALLERY_PATTERN", "")
+sphinx_gallery_conf = {
+    "examples_dirs": "../tutorials",
+    "gallery_dirs": "tutorials",
+    "filename_pattern": re.escape(os.sep) + (_pattern if _pattern else "tutorial_"),
+    "within_subsection_order": FileNameSortKey,
+    "plot_gallery": os.environ.get("CAI_LABS_PLOT_GALLERY", "True"),
+    "download_all_examples": False,
+    "remove_config_comments": True,
+    "write_computation_times": True,
+    "min_reported_time": 0,
+    "show_memory": False,
+    "capture_repr": ("_repr_html_", "__repr__"),
+    "matplotlib_animations": False,
+    "image_scrapers": ("matplotlib",),
+    "reset_modules": ("matplotlib",),
+    "first_notebook_cell": (
+        "# Needs the cai-labs package: pip install 'cai-labs[docs]' from a clone of the project\n"
+        "%matplotlib inline"
+    ),
+    "default_thumb_file": str(Path(__file__).parent / "_static" / "thumb.png"),
+}

@@ -1,0 +1,90 @@
+"""Sessions: tests, docs (build + execute every tutorial), docs-noexec, lint, bench, colossalai.
+
+torch is installed first and pinned, by ``TORCH_SPEC`` below, so that pip never resolves a
+multi-GB CUDA build by itself. The default is the CPU build that the tutorials are verified on.
+A GPU user picks their own build, for example::
+
+    CAI_LABS_TORCH="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124" nox -s tests
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import nox
+
+nox.options.sessions = ["tests", "docs"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "venv"
+
+PYTHON = "3.11"
+TORCH_SPEC = shlex.split(os.environ.get("CAI_LABS_TORCH", "torch==2.13.0"))
+# Keep pages and tests deterministic and quiet on small machines.
+ENV = {"PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+       "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
+
+
+def _install(session: nox.Session, extras: str) -> None:
+    session.install(*TORCH_SPEC)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the test suite (parallel == serial, measured == formula, failures surface)."""
+    _install(session, "test,serve")
+    session.run("pytest", *session.posargs, env=ENV)
+
+
+def _sphinx(session: nox.Session, execute: bool) -> None:
+    env = dict(ENV)
+    if not execute:
+        env["CAI_LABS_PLOT_GALLERY"] = "0"
+    session.run(
+        "sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html",
+        *session.posargs, env=env,
+    )
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the site, executing every tutorial; warnings are errors; then validate the pages.
+
+    ``GALLERY_PATTERN=tutorial_00 nox -s docs`` executes only the matching tutorial(s).
+    """
+    _install(session, "docs,test,serve")
+    _sphinx(session, execute=True)
+    session.run("python", "docs/check_build.py", "docs/_build/html", env=ENV)
+
+
+@nox.session(name="docs-noexec", python=PYTHON)
+def docs_noexec(session: nox.Session) -> None:
+    """Build the site without executing tutorials (fast, for prose edits)."""
+    _install(session, "docs")
+    _sphinx(session, execute=False)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff over the package, tests, tutorials and docs config."""
+    session.install("ruff")
+    session.run("ruff", "check", "src", "tests", "tutorials", "docs/conf.py", "noxfile.py")
+
+
+@nox.session(python=PYTHON)
+def colossalai(session: nox.Session) -> None:
+    """Cross-check cai_labs against Colossal-AI 0.5.0 where Colossal-AI runs on CPU.
+
+    Colossal-AI 0.5.0 pins torch<=2.5.1 and transformers==4.51.3; we install it without its
+    dependencies and add the ones its CPU code paths import, keeping this project's torch.
+    """
+    _install(session, "test")
+    session.install("--no-deps", "colossalai==0.5.0")
+    session.install(
+        "packaging", "psutil", "tqdm", "rich", "click", "contexttimer", "einops", "pydantic",
+        "safetensors", "sentencepiece", "ninja", "fabric", "protobuf", "galore-torch",
+        "transformers>=4.40", "peft", "diffusers",
+    )
+    session.run("pytest", "-m", "colossalai", "-p", "no:cacheprovider", *session.posargs,
+                env=ENV)
