@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from pathlib import Path
 
 import nox
 
@@ -33,7 +34,7 @@ def _install(session: nox.Session, extras: str) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Run the test suite (parallel == serial, measured == formula, failures surface)."""
-    _install(session, "test,serve")
+    _install(session, "test")
     session.run("pytest", *session.posargs, env=ENV)
 
 
@@ -53,7 +54,7 @@ def docs(session: nox.Session) -> None:
 
     ``GALLERY_PATTERN=tutorial_00 nox -s docs`` executes only the matching tutorial(s).
     """
-    _install(session, "docs,test,serve")
+    _install(session, "docs,test")
     _sphinx(session, execute=True)
     session.run("python", "docs/check_build.py", "docs/_build/html", env=ENV)
 
@@ -66,10 +67,18 @@ def docs_noexec(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Run every ``benchmarks/bench_*.py``: each prints measured ratios against PyTorch."""
+    _install(session, "test")
+    for script in sorted(Path("benchmarks").glob("bench_*.py")):
+        session.run("python", str(script), *session.posargs, env=ENV)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff over the package, tests, tutorials and docs config."""
     session.install("ruff")
-    session.run("ruff", "check", "src", "tests", "tutorials", "docs/conf.py", "noxfile.py")
+    session.run("ruff", "check", "src", "tests", "tutorials", "docs/conf.py", "docs/check_build.py", "noxfile.py", "benchmarks")
 
 
 @nox.session(python=PYTHON)

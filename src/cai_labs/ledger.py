@@ -355,7 +355,7 @@ class Ledger:
 
 
 def comm_totals(report: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Sum a report's communication per op: ``{op: {"calls", "bytes", "sent_bytes", "seconds"}}``."""
+    """Sum communication per op: ``{op: {"calls", "bytes", "sent_bytes", "seconds"}}``."""
     totals: dict[str, dict[str, float]] = defaultdict(
         lambda: {"calls": 0, "bytes": 0, "sent_bytes": 0, "seconds": 0.0}
     )
