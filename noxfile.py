@@ -78,7 +78,8 @@ def bench(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff over the package, tests, tutorials and docs config."""
     session.install("ruff")
-    session.run("ruff", "check", "src", "tests", "tutorials", "docs/conf.py", "docs/check_build.py", "noxfile.py", "benchmarks")
+    session.run("ruff", "check", "src", "tests", "tutorials", "benchmarks", "noxfile.py",
+                "docs/conf.py", "docs/check_build.py")
 
 
 @nox.session(python=PYTHON)
