@@ -24,8 +24,9 @@ __all__ = ["DEFAULT_MODULES", "SPECIAL_TOKENS", "stdlib_docstrings", "train_word
            "token_stream"]
 
 DEFAULT_MODULES: tuple[str, ...] = (
-    "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent.futures",
-    "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib",
+    "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "collections",
+    "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime",
+    "decimal", "difflib",
     "email.message", "enum", "fractions", "functools", "glob", "gzip", "hashlib", "heapq",
     "html.parser", "http.client", "http.server", "inspect", "io", "ipaddress", "itertools", "json",
     "logging", "mailbox", "math", "multiprocessing", "operator", "os", "pathlib", "pickle",
