@@ -1,0 +1,452 @@
+"""
+Sequence parallelism: ring self-attention for longer sequences
+==============================================================
+
+Data parallelism splits the batch; tensor and pipeline parallelism split the model. None of them
+helps when **one sequence** is too long for one device: the activations of a Transformer grow
+linearly with the sequence length :math:`L` in every layer, and quadratically in attention, whose
+score matrix is :math:`L \\times L` per head. Sequence parallelism splits the sequence itself:
+each of :math:`N` ranks holds :math:`L/N` consecutive tokens.
+
+Embeddings, layer norms, MLPs and the loss treat every token alone, so they run unchanged on a
+rank's chunk. Attention is the one place where tokens meet, and it needs a distributed algorithm.
+
+**In this tutorial** you will
+
+1. train a WordPiece tokenizer on an offline corpus (the Python standard library's docstrings);
+2. write attention across ranks in two ways, **ring self-attention** (Li et al. 2021, the
+   sequence parallelism of Colossal-AI) and **all-to-all** (DeepSpeed-Ulysses), and check both
+   against serial attention, outputs and gradients, with a padding mask;
+3. train a real ``transformers`` ``BertForMaskedLM`` with masked-language modelling on 1, 2 and
+   4 ranks from the same weights, and get the same loss curve;
+4. measure the peak activation memory per rank against the sequence length, and the longest
+   sequence that fits a memory budget with 1, 2 and 4 ranks;
+5. measure what each variant sends per step next to its formula, and the tokens per second;
+6. combine sequence and data parallelism on 4 ranks (2 x 2).
+
+All ranks are CPU processes of the machine that built this page, talking through ``gloo``.
+"""
+
+# %%
+# Set-up
+# ------
+# Sizes are small so that the page builds in about a minute on two CPU cores; raise them on
+# your own machine. ``MEMORY_BUDGET_MB`` is the per-rank budget for activations in the
+# "longest sequence" experiment.
+
+import tempfile
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from transformers import BertForMaskedLM
+from transformers.utils import logging as hf_logging
+
+from cai_labs import Ledger, comm_totals, launch
+from cai_labs.data.mlm import mlm_batch
+from cai_labs.data.stdlib_text import stdlib_docstrings, token_stream, train_wordpiece
+from cai_labs.sequence_parallel import (
+    all_to_all_attention,
+    ring_attention,
+    serial_attention,
+    split_sequence,
+)
+from cai_labs.sequence_parallel.bert import (
+    allreduce_sum_gradients,
+    sequence_parallel_mlm_loss,
+    tiny_bert_config,
+)
+from cai_labs.sequence_parallel.groups import make_sp_dp_groups
+
+VOCAB = 2000  # WordPiece vocabulary size
+HIDDEN, LAYERS, HEADS, FFN = 64, 2, 4, 128  # BERT size
+SEQ_LEN = 128  # tokens per training sequence
+BATCH = 8  # sequences per optimizer step
+STEPS = 30  # training steps per run
+LR = 2e-3
+SP_SIZES = (1, 2, 4)  # sequence-parallel degrees compared
+MEMORY_BATCH = 2  # sequences per step in the memory experiment
+MEMORY_BUDGET_MB = 12.0  # per-rank activation budget for the "longest sequence" table
+LENGTH_STEP = 64  # sequence lengths tried: LENGTH_STEP, 2*LENGTH_STEP, ...
+SEED = 0
+pd.set_option("display.width", 200)
+hf_logging.disable_progress_bar()  # from_pretrained on every rank would print a bar each
+
+# %%
+# An offline corpus and a WordPiece tokenizer
+# -------------------------------------------
+# BERT reads WordPiece tokens: whole frequent words, and pieces (``##ing``) of rare ones. We
+# train such a vocabulary with the ``tokenizers`` library on text every Python installation
+# carries: the docstrings of the standard library, gathered with :mod:`inspect`.
+
+start = time.perf_counter()
+texts = stdlib_docstrings()
+tokenizer = train_wordpiece(texts, vocab_size=VOCAB)
+stream = token_stream(tokenizer, texts)
+MASK_ID, PAD_ID = tokenizer.token_to_id("[MASK]"), tokenizer.token_to_id("[PAD]")
+print(f"{len(texts):,} docstring paragraphs, {sum(map(len, texts)):,} characters -> "
+      f"{len(stream):,} tokens ({time.perf_counter() - start:.1f} s)")
+example = tokenizer.encode(texts[1][:90])
+print("text:  ", texts[1][:90])
+print("pieces:", example.tokens)
+
+
+def batch_at(step: int, seq_len: int = SEQ_LEN, batch: int = BATCH):
+    """MLM batch number ``step``: 15 % of real tokens are targets; some rows end in padding."""
+    return mlm_batch(stream, batch, seq_len, step, vocab_size=VOCAB, mask_id=MASK_ID,
+                     pad_id=PAD_ID, seed=SEED)
+
+
+b0 = batch_at(0)
+print(f"batch: input_ids {tuple(b0.input_ids.shape)}, real tokens per row "
+      f"{b0.attention_mask.sum(1).tolist()}, targets {(b0.labels != -100).sum().item()}")
+
+# %%
+# Ring self-attention
+# -------------------
+# Rank :math:`r` holds queries, keys and values of its own :math:`C = L/N` tokens,
+# :math:`Q_r, K_r, V_r` of shape ``[B, H, C, D]``. The scores of its queries against *all*
+# keys, :math:`S_r = Q_r K^T` (``[B, H, C, L]``), are built in :math:`N` steps: multiply with the
+# key chunk you hold, pass it to the next rank, receive one from the previous rank. A row of
+# scores is then complete on one rank, so the padding mask and the softmax are local. The output
+# :math:`O_r = P_r V` is built by the same ring with the value chunks::
+#
+#     step 0:  rank0 has K0   rank1 has K1   rank2 has K2   rank3 has K3
+#     step 1:  rank0 has K3   rank1 has K0   rank2 has K1   rank3 has K2    (each passed right)
+#     ...      after N steps every rank has seen every K_j
+#
+# Backward (written by hand in ``RingQK.backward`` and ``RingAV.backward``) uses the same two
+# rings: :math:`dQ_r = \sum_j dS_r^{(j)} K_j` needs every key chunk again (a ring pass), and
+# :math:`dK_j = \sum_r {dS_r^{(j)}}^T Q_r` gets a share from every rank: an accumulator for chunk
+# :math:`j` travels the ring, each rank adds its share, and it arrives at rank :math:`j`.
+#
+# **All-to-all** (DeepSpeed-Ulysses) uses that heads are independent: one ``all_to_all`` per
+# tensor turns "all :math:`H` heads of my :math:`C` tokens" into ":math:`H/N` heads of all
+# :math:`L` tokens", each rank runs plain attention on its heads, and one ``all_to_all`` turns the
+# output back. It needs :math:`H` divisible by :math:`N`; the ring does not.
+#
+# Check both against serial attention: random ``float64`` queries, keys and values, a padding
+# mask with a padded tail and holes, an upstream gradient; each rank computes its rows and the
+# gradients of its chunk; rank 0 gathers them.
+
+ATT_B, ATT_H, ATT_L, ATT_D = 2, 4, 32, 8
+
+
+def attention_inputs():
+    g = torch.Generator().manual_seed(SEED)
+    q, k, v, d_out = (torch.randn(ATT_B, ATT_H, ATT_L, ATT_D, generator=g, dtype=torch.float64)
+                      for _ in range(4))
+    mask = torch.ones(ATT_B, ATT_L, dtype=torch.long)
+    mask[0, 21:] = 0
+    mask[1, 5:9] = 0
+    return q, k, v, mask, d_out
+
+
+def attention_worker() -> dict:
+    rank, n = dist.get_rank(), dist.get_world_size()
+    q, k, v, mask, d_out = attention_inputs()
+    results = {}
+    for name, fn in (("ring", ring_attention), ("all-to-all", all_to_all_attention)):
+        local = [split_sequence(t, rank, n, dim=2).clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*local, split_sequence(mask, rank, n, dim=1))
+        out.backward(split_sequence(d_out, rank, n, dim=2))
+        pieces = [None] * n
+        dist.all_gather_object(pieces, [out.detach()] + [t.grad for t in local])
+        results[name] = [torch.cat([p[i] for p in pieces], dim=2) for i in range(4)]
+    return results
+
+
+q, k, v, mask, d_out = attention_inputs()
+leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+out = serial_attention(*leaves, mask)
+out.backward(d_out)
+reference = [out.detach()] + [t.grad for t in leaves]
+
+rows = []
+for n in (2, 4):
+    for name, got in launch(attention_worker, n).items():
+        errors = [(a - b).abs().max().item() for a, b in zip(got, reference)]
+        rows.append({"variant": name, "N": n, "max |Δ output|": errors[0], "max |Δ dQ|": errors[1],
+                     "max |Δ dK|": errors[2], "max |Δ dV|": errors[3]})
+        assert max(errors) < 1e-12, f"{name} on {n} ranks differs from serial attention"
+pd.DataFrame(rows).set_index(["variant", "N"]).style.format("{:.1e}")
+
+# %%
+# Both variants reproduce serial attention to float64 rounding, outputs and all three input
+# gradients, padding included. The test suite also checks that a ring whose gradient reduce
+# forgets the other ranks' shares is caught.
+#
+# BERT on sequence chunks
+# -----------------------
+# The model is ``transformers``' own ``BertForMaskedLM``, built from a small config (no
+# download) and saved with ``save_pretrained``; every run below loads that checkpoint with
+# ``from_pretrained``, so all runs start from the same weights (a reader with real BERT weights
+# can point at them instead).
+# :func:`~cai_labs.sequence_parallel.bert.sequence_parallel_mlm_loss` calls the model's own
+# sub-modules on the local chunk: embeddings with position ids starting at :math:`rC`, per layer
+# the q/k/v projections, attention across ranks, output projection, LayerNorms and MLP, then the
+# MLM head and the loss. Each rank returns the sum of its targets' losses divided by the
+# number of targets in the *whole* sequence batch, so ranks' losses and gradients **add up** to
+# the serial ones: one sum all-reduce of the gradients, and every rank takes the serial step.
+
+config = tiny_bert_config(VOCAB, hidden=HIDDEN, layers=LAYERS, heads=HEADS, intermediate=FFN)
+torch.manual_seed(SEED)
+checkpoint = tempfile.mkdtemp(prefix="tiny_bert_")
+BertForMaskedLM(config).save_pretrained(checkpoint)
+n_params = sum(p.numel() for p in BertForMaskedLM.from_pretrained(checkpoint).parameters())
+print(f"BertForMaskedLM: {LAYERS} layers, hidden {HIDDEN}, {HEADS} heads, {n_params:,} parameters")
+
+
+def train_worker(sp: int, attention: str, steps: int = STEPS) -> dict:
+    """Train on ``sp`` ranks; with more ranks than ``sp``, the rest is data parallelism."""
+    grid = make_sp_dp_groups(sp)
+    model = BertForMaskedLM.from_pretrained(checkpoint)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    per_dp = BATCH // grid.dp_size
+    rows_mine = slice(grid.dp_rank * per_dp, (grid.dp_rank + 1) * per_dp)
+    losses, times = [], []
+    with Ledger(model=model, optimizer=optimizer, track_activations=False) as ledger:
+        for step in range(steps):
+            b = batch_at(step)
+            parts = [split_sequence(t[rows_mine], grid.sp_rank, sp)
+                     for t in (b.input_ids, b.attention_mask, b.labels)]
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            loss = sequence_parallel_mlm_loss(model, *parts, attention=attention,
+                                              group=grid.sp_group, loss_group=dist.group.WORLD)
+            loss.backward()
+            allreduce_sum_gradients(model)  # SP shares and DP replicas: one sum over all ranks
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+            losses.append(loss.detach())
+    losses = torch.stack(losses)
+    dist.all_reduce(losses)  # the ranks' shares add up to the batch loss
+    return {"losses": losses.tolist(), "step_time": float(np.median(times[2:])),
+            "comm": comm_totals(ledger.report()), "steps": steps}
+
+
+def serial_training(steps: int = STEPS) -> dict:
+    """The reference: the unmodified transformers forward on one process."""
+    model = BertForMaskedLM.from_pretrained(checkpoint)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses, times = [], []
+    for step in range(steps):
+        b = batch_at(step)
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    return {"losses": losses, "step_time": float(np.median(times[2:])), "comm": {}, "steps": steps}
+
+
+runs = {"SP=1 (serial transformers)": serial_training()}
+for sp in SP_SIZES[1:]:
+    runs[f"SP={sp} ring"] = launch(train_worker, sp, sp, "ring")
+runs[f"SP={SP_SIZES[-1]} all-to-all"] = launch(train_worker, SP_SIZES[-1], SP_SIZES[-1],
+                                               "all_to_all")
+serial_losses = runs["SP=1 (serial transformers)"]["losses"]
+for name, r in runs.items():
+    gap = max(abs(a - b) for a, b in zip(r["losses"], serial_losses))
+    print(f"{name:28s} loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}   "
+          f"max |loss - serial| over {STEPS} steps: {gap:.1e}")
+    assert gap < 1e-3, f"{name} drifted from the serial loss curve"
+
+fig, ax = plt.subplots(figsize=(7, 4))
+for i, (name, r) in enumerate(runs.items()):
+    ax.plot(r["losses"], lw=5 - 1.2 * i, alpha=0.6, label=name)
+ax.set(xlabel="optimizer step", ylabel="MLM loss (whole batch)",
+       title="Same weights, same batches: one loss curve for SP = 1, 2, 4")
+ax.legend()
+fig.tight_layout()
+
+# %%
+# The curves lie on top of each other: sequence parallelism changes where the arithmetic
+# happens, not what is computed (differences are float32 rounding of sums taken in another
+# order).
+#
+# Memory: how long a sequence fits?
+# ---------------------------------
+# What a rank must keep for backward, per layer, with :math:`C = L/N` local tokens:
+#
+# * per-token activations (projections, LayerNorm inputs, MLP, and the MLM logits at the end):
+#   proportional to :math:`B \, C = B L / N`;
+# * the attention probabilities :math:`P_r` (``[B, H, C, L]``): :math:`B H L^2 / N` floats, so
+#   the quadratic term is divided by :math:`N` as well.
+#
+# The peak activation memory per rank is therefore :math:`(a L^2 + b L) / N`. The ledger counts
+# every tensor autograd saves for backward while it is open. For each :math:`N`, one forward and
+# backward at :math:`L = 64, 128, \dots` until the peak passes the budget.
+
+
+def memory_worker(budget_bytes: float) -> list[dict]:
+    rank, n = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    model = BertForMaskedLM.from_pretrained(checkpoint)
+    points = []
+    length = LENGTH_STEP
+    while length <= config.max_position_embeddings:
+        b = batch_at(0, seq_len=length, batch=MEMORY_BATCH)
+        parts = [split_sequence(t, rank, n) for t in (b.input_ids, b.attention_mask, b.labels)]
+        with Ledger(model=model) as ledger:
+            loss = sequence_parallel_mlm_loss(model, *parts, attention="ring")
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        peak = torch.tensor(float(ledger.peak_activations))
+        if n > 1:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the busiest rank sets the need
+        points.append({"N": n, "L": length, "peak_bytes": peak.item()})
+        if peak.item() > budget_bytes:
+            break
+        length += LENGTH_STEP
+    return points
+
+
+budget = MEMORY_BUDGET_MB * 2**20
+memory = memory_worker(budget)  # N = 1 in this process
+for sp in SP_SIZES[1:]:
+    memory += launch(memory_worker, sp, budget)
+mem = pd.DataFrame(memory)
+
+# Fit peak = (a L^2 + b L) / N on the serial points, then predict the others.
+serial_points = mem[mem.N == 1]
+design = np.stack([serial_points.L**2, serial_points.L], axis=1).astype(float)
+(a_fit, b_fit), *_ = np.linalg.lstsq(design, serial_points.peak_bytes.to_numpy(), rcond=None)
+a_probs = LAYERS * MEMORY_BATCH * HEADS * 4  # bytes of attention probabilities per L^2
+print(f"fitted a = {a_fit:.0f} bytes per L^2 (attention probabilities alone: "
+      f"{LAYERS} layers x B={MEMORY_BATCH} x H={HEADS} x 4 bytes = {a_probs}); "
+      f"b = {b_fit:,.0f} bytes per token")
+
+
+def predicted_max_length(n: int) -> float:
+    """Largest L with (a L^2 + b L) / N <= budget."""
+    return (-b_fit + np.sqrt(b_fit**2 + 4 * a_fit * n * budget)) / (2 * a_fit)
+
+
+fits = mem[mem.peak_bytes <= budget].groupby("N").L.max()
+table = pd.DataFrame({
+    "longest L within budget (measured)": fits,
+    "peak at that L (MiB)": [mem[(n == mem.N) & (fits[n] == mem.L)].peak_bytes.item() / 2**20
+                             for n in fits.index],
+    "ratio to N=1 (measured)": fits / fits[1],
+    "formula (a L² + b L)/N ≤ budget": [predicted_max_length(n) for n in fits.index],
+    "ratio to N=1 (formula)": [predicted_max_length(n) / predicted_max_length(1)
+                               for n in fits.index],
+})
+table.index.name = f"N (budget {MEMORY_BUDGET_MB:g} MiB/rank)"
+assert fits[SP_SIZES[-1]] > fits[1], "more sequence-parallel ranks should fit longer sequences"
+table.style.format({"longest L within budget (measured)": "{:,.0f}",
+                    "peak at that L (MiB)": "{:.2f}", "ratio to N=1 (measured)": "{:.2f}",
+                    "formula (a L² + b L)/N ≤ budget": "{:,.0f}",
+                    "ratio to N=1 (formula)": "{:.2f}"})
+
+# %%
+# With :math:`N` ranks the longest sequence grows, but by less than :math:`N`: where the
+# quadratic attention term dominates, :math:`L_{max}` grows like :math:`\sqrt{N}`; where the
+# per-token term dominates, like :math:`N`. The measured ratio SP=4 / SP=1 is in the table above
+# (the Colossal-AI paper reports the same effect on GPUs, with the ratio depending on the model).
+
+fig, ax = plt.subplots(figsize=(7, 4))
+grid_l = np.linspace(LENGTH_STEP, mem.L.max(), 100)
+for i, n in enumerate(SP_SIZES):
+    pts = mem[n == mem.N]
+    ax.plot(pts.L, pts.peak_bytes / 2**20, "o", color=f"C{i}", label=f"N={n} measured")
+    ax.plot(grid_l, (a_fit * grid_l**2 + b_fit * grid_l) / n / 2**20, "-", color=f"C{i}",
+            alpha=0.5, label=f"N={n} (a L² + b L)/N")
+ax.axhline(MEMORY_BUDGET_MB, color="black", ls="--", label="budget")
+ax.set(xlabel="sequence length L", ylabel="peak activation memory per rank (MiB)",
+       title="Activation memory per rank, measured by the ledger")
+ax.legend(fontsize=8)
+fig.tight_layout()
+
+# %%
+# What is sent, and how fast it runs
+# -----------------------------------
+# Per attention layer and per rank, with one chunk :math:`E = B \cdot C \cdot H D \cdot 4`
+# bytes:
+#
+# * **ring**: forward passes the key and value chunks :math:`N-1` times each, backward passes
+#   them again and sends the two gradient accumulators: :math:`6 (N-1) E` per step;
+# * **all-to-all**: four all-to-alls forward (q, k, v, output) and four backward, each sending
+#   :math:`\frac{N-1}{N} E`: :math:`8 \frac{N-1}{N} E` per step.
+#
+# The ring's volume grows with :math:`N` while the all-to-all's stays nearly constant; the ring
+# in exchange overlaps each transfer with a block of the matrix product and has no limit
+# :math:`N \le H`. Both also all-gather the tiny padding mask and all-reduce the gradients
+# (the same for both). The ledger recorded every call during the training runs above.
+
+rows = []
+for name, r in runs.items():
+    n = 1 if name.startswith("SP=1") else int(name.split()[0].split("=")[1])
+    chunk = (BATCH * (SEQ_LEN // n) * HIDDEN * 4)
+    attn = r["comm"].get("isend", {}).get("sent_bytes", 0) + r["comm"].get(
+        "all_to_all_single", {}).get("sent_bytes", 0)
+    formula = 0 if n == 1 else LAYERS * (8 * (n - 1) / n * chunk if "all-to-all" in name
+                                         else 6 * (n - 1) * chunk)
+    grads = r["comm"].get("all_reduce", {}).get("sent_bytes", 0)
+    rows.append({
+        "run": name,
+        "attention bytes sent/rank/step": attn / r["steps"],
+        "formula": formula,
+        "gradient all-reduce bytes/rank/step": grads / r["steps"],
+        "step time (ms)": 1e3 * r["step_time"],
+        "tokens/s": BATCH * SEQ_LEN / r["step_time"],
+    })
+    assert abs(attn / r["steps"] - formula) <= 1, f"{name}: measured traffic != formula"
+pd.DataFrame(rows).set_index("run").style.format({
+    "attention bytes sent/rank/step": "{:,.0f}", "formula": "{:,.0f}",
+    "gradient all-reduce bytes/rank/step": "{:,.0f}", "step time (ms)": "{:.1f}",
+    "tokens/s": "{:,.0f}"})
+
+# %%
+# Measured bytes equal the formulas exactly. The times are from ranks sharing the two cores of
+# the build machine (one thread each, against two threads for the serial run), so more ranks are
+# slower here; sequence parallelism pays off when each rank has its own accelerator and the
+# sequence no longer fits one of them.
+#
+# Sequence x data parallelism on 4 ranks
+# --------------------------------------
+# Two rings of two ranks each take half of the batch each: ranks ``{0, 1}`` and ``{2, 3}`` are
+# the sequence-parallel groups, ``{0, 2}`` and ``{1, 3}`` the data-parallel groups
+# (:func:`~cai_labs.sequence_parallel.groups.make_sp_dp_groups`). The loss is normalised by the
+# targets of the whole batch, so a single sum all-reduce of the gradients over all four ranks
+# gives each the serial gradient.
+
+sp_dp = launch(train_worker, 4, 2, "ring")
+gap = max(abs(a - b) for a, b in zip(sp_dp["losses"], serial_losses))
+print(f"SP=2 x DP=2: loss {sp_dp['losses'][0]:.3f} -> {sp_dp['losses'][-1]:.3f}, "
+      f"max |loss - serial| over {STEPS} steps: {gap:.1e}")
+assert gap < 1e-3, "SP x DP drifted from the serial loss curve"
+
+# %%
+# Sequence x pipeline parallelism (each pipeline stage's layers running sequence-parallel) is
+# the next step of this page; it builds on the pipeline module of the pipeline tutorial.
+#
+# Running it on GPUs, and with Colossal-AI
+# ----------------------------------------
+# ``launch`` uses NCCL when enough GPUs are visible, and under ``torchrun`` it runs the worker in
+# place, so the workers of this page run on a GPU node as::
+#
+#     torchrun --nproc-per-node=4 tutorial_02_sequence_parallel.py
+#
+# (move the model and batches to ``cai_labs.launcher.device()``). Colossal-AI 0.5.0 exposes
+# sequence parallelism through its ``HybridParallelPlugin`` for supported models (BERT among
+# them), with the modes ``"split_gather"``, ``"ring"`` (Megatron-style, with tensor parallelism),
+# ``"all_to_all"`` (Ulysses) and ``"ring_attn"``. Not executed on CPU (these modes need CUDA)::
+#
+#     from colossalai.booster import Booster
+#     from colossalai.booster.plugin import HybridParallelPlugin
+#
+#     plugin = HybridParallelPlugin(
+#         tp_size=1, pp_size=1, sp_size=4,
+#         enable_sequence_parallelism=True,
+#         sequence_parallelism_mode="all_to_all",   # or "ring_attn"
+#         precision="bf16",
+#     )
+#     model, optimizer, *_ = Booster(plugin=plugin).boost(model, optimizer)
+#
+# Only the CPU runs on this page were executed for this build.
