@@ -183,3 +183,22 @@ def test_sp2_x_dp2_equals_serial_after_three_steps():
     for rank_params in every:
         for p, q in zip(rank_params, serial):
             assert torch.allclose(p, q, atol=2e-5, rtol=0), (p - q).abs().max()
+
+
+def test_mlm_batch_masks_only_real_tokens_and_is_reproducible():
+    a, b = _batch(3), _batch(3)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+    targets = a.labels != -100
+    assert targets.any(1).all()  # every row has a target
+    assert not (targets & (a.attention_mask == 0)).any()  # never a padded position
+    assert (a.input_ids[a.attention_mask == 0] == 0).all()  # padding is [PAD] = 0
+
+
+def test_wordpiece_tokenizer_trains_offline():
+    from cai_labs.data.stdlib_text import SPECIAL_TOKENS, token_stream, train_wordpiece
+
+    texts = ["Return the sum of the values.", "Return a new list of the sorted values."] * 20
+    tok = train_wordpiece(texts, vocab_size=60)
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    ids = token_stream(tok, texts[:2])
+    assert tok.decode(ids.tolist()).startswith("return the sum of the values")

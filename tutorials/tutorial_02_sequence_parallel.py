@@ -74,6 +74,9 @@ LENGTH_STEP = 64  # sequence lengths tried: LENGTH_STEP, 2*LENGTH_STEP, ...
 SEED = 0
 pd.set_option("display.width", 200)
 hf_logging.disable_progress_bar()  # from_pretrained on every rank would print a bar each
+# One thread per process: the serial run below and each rank (launch gives each rank
+# cores // ranks threads, here 1) compute on equal terms, and step times compare like for like.
+torch.set_num_threads(1)
 
 # %%
 # An offline corpus and a WordPiece tokenizer
@@ -403,10 +406,11 @@ pd.DataFrame(rows).set_index("run").style.format({
     "tokens/s": "{:,.0f}"})
 
 # %%
-# Measured bytes equal the formulas exactly. The times are from ranks sharing the two cores of
-# the build machine (one thread each, against two threads for the serial run), so more ranks are
-# slower here; sequence parallelism pays off when each rank has its own accelerator and the
-# sequence no longer fits one of them.
+# Measured bytes equal the formulas exactly. The times are from processes of one thread each
+# sharing the cores of the build machine: with more ranks than cores, ranks wait for each other
+# at every ring step, so tokens/s here says little about GPUs. Sequence parallelism pays off when
+# each rank has its own accelerator and the sequence no longer fits one of them; then the ring's
+# transfers hide behind its block matrix products, and the all-to-all moves fewer bytes.
 #
 # Sequence x data parallelism on 4 ranks
 # --------------------------------------

@@ -76,7 +76,10 @@ def stdlib_docstrings(modules: Sequence[str] = DEFAULT_MODULES, min_chars: int =
             add(member)
             if inspect.isclass(member):
                 for _, attr in sorted(vars(member).items()):
-                    if inspect.isfunction(attr) or inspect.ismethoddescriptor(attr):
+                    # Skip methods other libraries patched in (transformers adds some to
+                    # logging.Logger): the corpus must not depend on what else was imported.
+                    own = getattr(attr, "__module__", None) in (None, mod.__name__)
+                    if own and (inspect.isfunction(attr) or inspect.ismethoddescriptor(attr)):
                         add(attr)
     return out
 

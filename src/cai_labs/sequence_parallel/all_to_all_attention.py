@@ -57,11 +57,13 @@ class SeqToHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        """Compute the result; see the class docstring."""
         ctx.group = group
         return seq_to_heads(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        """Gradients of the inputs; see the class docstring."""
         return heads_to_seq(grad, ctx.group), None
 
 
@@ -70,11 +72,13 @@ class HeadsToSeq(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        """Compute the result; see the class docstring."""
         ctx.group = group
         return heads_to_seq(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        """Gradients of the inputs; see the class docstring."""
         return seq_to_heads(grad, ctx.group), None
 
 

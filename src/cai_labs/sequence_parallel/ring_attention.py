@@ -115,6 +115,7 @@ class RingQK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, ring: _Ring) -> torch.Tensor:
+        """Compute the result; see the class docstring."""
         b, h, c, _ = q.shape
         scores = q.new_empty(b, h, c, c * ring.size)
 
@@ -128,6 +129,7 @@ class RingQK(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_scores: torch.Tensor):
+        """Gradients of the inputs; see the class docstring."""
         q, k = ctx.saved_tensors
         ring, c = ctx.ring, q.shape[2]
         d_q = torch.zeros_like(q)
@@ -151,6 +153,7 @@ class RingAV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, probs: torch.Tensor, v: torch.Tensor, ring: _Ring) -> torch.Tensor:
+        """Compute the result; see the class docstring."""
         c = v.shape[2]
         out = torch.zeros_like(v)
 
@@ -164,6 +167,7 @@ class RingAV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out: torch.Tensor):
+        """Gradients of the inputs; see the class docstring."""
         probs, v = ctx.saved_tensors
         ring, c = ctx.ring, v.shape[2]
         d_probs = torch.empty_like(probs)
