@@ -438,9 +438,10 @@ assert gap < 1e-3, "SP x DP drifted from the serial loss curve"
 #     torchrun --nproc-per-node=4 tutorial_02_sequence_parallel.py
 #
 # (move the model and batches to ``cai_labs.launcher.device()``). Colossal-AI 0.5.0 exposes
-# sequence parallelism through its ``HybridParallelPlugin`` for supported models (BERT among
-# them), with the modes ``"split_gather"``, ``"ring"`` (Megatron-style, with tensor parallelism),
-# ``"all_to_all"`` (Ulysses) and ``"ring_attn"``. Not executed on CPU (these modes need CUDA)::
+# sequence parallelism through its ``HybridParallelPlugin`` for the models its Shardformer has
+# policies for, with the modes ``"split_gather"`` and ``"ring"`` (Megatron-style, alongside
+# tensor parallelism), ``"all_to_all"`` (Ulysses) and ``"ring_attn"`` (ring attention on flash
+# attention kernels). Not executed on CPU (the plugin needs CUDA)::
 #
 #     from colossalai.booster import Booster
 #     from colossalai.booster.plugin import HybridParallelPlugin
