@@ -48,18 +48,15 @@ from transformers.utils import logging as hf_logging
 from cai_labs import Ledger, comm_totals, launch
 from cai_labs.data.mlm import mlm_batch
 from cai_labs.data.stdlib_text import stdlib_docstrings, token_stream, train_wordpiece
-from cai_labs.sequence_parallel import (
-    all_to_all_attention,
-    ring_attention,
-    serial_attention,
-    split_sequence,
-)
+from cai_labs.sequence_parallel import serial_attention, split_sequence
+from cai_labs.sequence_parallel.all_to_all_attention import all_to_all_attention
 from cai_labs.sequence_parallel.bert import (
     allreduce_sum_gradients,
     sequence_parallel_mlm_loss,
     tiny_bert_config,
 )
 from cai_labs.sequence_parallel.groups import make_sp_dp_groups
+from cai_labs.sequence_parallel.ring_attention import ring_attention
 
 VOCAB = 2000  # WordPiece vocabulary size
 HIDDEN, LAYERS, HEADS, FFN = 64, 2, 4, 128  # BERT size

@@ -11,10 +11,12 @@ one place where tokens meet; two ways to do it across ranks live here:
 
 :mod:`~cai_labs.sequence_parallel.sharding` holds how a sequence is cut and the serial twin;
 :mod:`~cai_labs.sequence_parallel.bert` runs a transformers ``BertForMaskedLM`` on local chunks.
+
+The attention functions are imported from their modules
+(``from cai_labs.sequence_parallel.ring_attention import ring_attention``); the package does not
+re-export them, so that ``cai_labs.sequence_parallel.ring_attention`` is always the module.
 """
 
-from cai_labs.sequence_parallel.all_to_all_attention import all_to_all_attention
-from cai_labs.sequence_parallel.ring_attention import ring_attention
 from cai_labs.sequence_parallel.sharding import (
     check_sequence_split,
     gather_padding_mask,
@@ -23,8 +25,6 @@ from cai_labs.sequence_parallel.sharding import (
 )
 
 __all__ = [
-    "ring_attention",
-    "all_to_all_attention",
     "serial_attention",
     "split_sequence",
     "check_sequence_split",
