@@ -320,6 +320,11 @@ a_probs = LAYERS * MEMORY_BATCH * HEADS * 4  # bytes of attention probabilities 
 print(f"fitted a = {a_fit:.0f} bytes per L^2 (attention probabilities alone: "
       f"{LAYERS} layers x B={MEMORY_BATCH} x H={HEADS} x 4 bytes = {a_probs}); "
       f"b = {b_fit:,.0f} bytes per token")
+predicted = (a_fit * mem.L**2 + b_fit * mem.L) / mem.N
+worst = ((mem.peak_bytes - predicted).abs() / mem.peak_bytes).max()
+print(f"largest relative gap between measured peaks (all N) and (a L² + b L)/N: {worst:.1%}")
+assert abs(a_fit / a_probs - 1) < 0.05, "the L^2 term is not the attention probabilities"
+assert worst < 0.05, "activation memory per rank does not follow (a L^2 + b L) / N"
 
 
 def predicted_max_length(n: int) -> float:
