@@ -284,23 +284,30 @@ fig.tight_layout()
 # backward at :math:`L = 64, 128, \dots` until the peak passes the budget.
 
 
-def memory_worker(budget_bytes: float) -> list[dict]:
+def peak_activations(model, length: int, attention: str = "ring") -> float:
+    """Peak bytes saved for backward on the busiest rank, one MLM step at sequence ``length``."""
     rank, n = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    b = batch_at(0, seq_len=length, batch=MEMORY_BATCH)
+    parts = [split_sequence(t, rank, n) for t in (b.input_ids, b.attention_mask, b.labels)]
+    with Ledger(model=model) as ledger:
+        loss = sequence_parallel_mlm_loss(model, *parts, attention=attention)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    peak = torch.tensor(float(ledger.peak_activations))
+    if n > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the busiest rank sets the need
+    return peak.item()
+
+
+def memory_worker(budget_bytes: float) -> list[dict]:
+    n = dist.get_world_size() if dist.is_initialized() else 1
     model = BertForMaskedLM.from_pretrained(checkpoint)
     points = []
     length = LENGTH_STEP
     while length <= config.max_position_embeddings:
-        b = batch_at(0, seq_len=length, batch=MEMORY_BATCH)
-        parts = [split_sequence(t, rank, n) for t in (b.input_ids, b.attention_mask, b.labels)]
-        with Ledger(model=model) as ledger:
-            loss = sequence_parallel_mlm_loss(model, *parts, attention="ring")
-            loss.backward()
-        model.zero_grad(set_to_none=True)
-        peak = torch.tensor(float(ledger.peak_activations))
-        if n > 1:
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the busiest rank sets the need
-        points.append({"N": n, "L": length, "peak_bytes": peak.item()})
-        if peak.item() > budget_bytes:
+        peak = peak_activations(model, length)
+        points.append({"N": n, "L": length, "peak_bytes": peak})
+        if peak > budget_bytes:
             break
         length += LENGTH_STEP
     return points
@@ -348,6 +355,23 @@ table.style.format({"longest L within budget (measured)": "{:,.0f}",
                     "peak at that L (MiB)": "{:.2f}", "ratio to N=1 (measured)": "{:.2f}",
                     "formula (a L² + b L)/N ≤ budget": "{:,.0f}",
                     "ratio to N=1 (formula)": "{:.2f}"})
+
+# %%
+# The all-to-all variant keeps the same tensors in another layout (``[B, H/N, L, L]``
+# probabilities instead of ``[B, H, L/N, L]``), so its activation memory per rank is the same;
+# measured at one length:
+
+
+def variant_memory_worker(length: int) -> dict:
+    model = BertForMaskedLM.from_pretrained(checkpoint)
+    return {v: peak_activations(model, length, v) / 2**20 for v in ("ring", "all_to_all")}
+
+
+COMPARE_L = 4 * LENGTH_STEP
+for sp in SP_SIZES[1:]:
+    peaks = launch(variant_memory_worker, sp, COMPARE_L)
+    print(f"N={sp}, L={COMPARE_L}: peak activations per rank, ring {peaks['ring']:.2f} MiB, "
+          f"all-to-all {peaks['all_to_all']:.2f} MiB")
 
 # %%
 # With :math:`N` ranks the longest sequence grows, but by less than :math:`N`: where the

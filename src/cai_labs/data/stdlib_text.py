@@ -97,6 +97,14 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 2000):
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
+    # The trainer learns the same vocabulary on every run but numbers the ``##`` pieces in
+    # hash-map order, which changes between processes (huggingface/tokenizers#1794). Renumber:
+    # special tokens first, then the rest sorted, so the same text always gives the same ids.
+    learned = tok.get_vocab()
+    ordered = list(SPECIAL_TOKENS) + sorted(w for w in learned if w not in SPECIAL_TOKENS)
+    tok.model = models.WordPiece(
+        vocab={w: i for i, w in enumerate(ordered)}, unk_token="[UNK]"
+    )
     return tok
 
 
