@@ -193,6 +193,8 @@ def test_wordpiece_tokenizer_trains_offline():
     texts = ["Return the sum of the values.", "Return a new list of the sorted values."] * 20
     tok = train_wordpiece(texts, vocab_size=60)
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
-    assert tok.get_vocab() == train_wordpiece(texts, vocab_size=60).get_vocab()  # same ids
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    rest = [w for w, _ in vocab[len(SPECIAL_TOKENS):]]
+    assert rest == sorted(rest)  # ids do not depend on the trainer's hash-map order
     ids = token_stream(tok, texts[:2])
     assert tok.decode(ids.tolist()).startswith("return the sum of the values")

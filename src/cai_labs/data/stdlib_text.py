@@ -99,7 +99,9 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 2000):
     tok.train_from_iterator(list(texts), trainer=trainer)
     # The trainer learns the same vocabulary on every run but numbers the ``##`` pieces in
     # hash-map order, which changes between processes (huggingface/tokenizers#1794). Renumber:
-    # special tokens first, then the rest sorted, so the same text always gives the same ids.
+    # special tokens first, then the rest sorted, so the same vocabulary always gives the same
+    # ids. (On a tiny corpus, ties between merges can change the vocabulary itself; on the
+    # standard-library corpus it was the same in every run we made.)
     learned = tok.get_vocab()
     ordered = list(SPECIAL_TOKENS) + sorted(w for w in learned if w not in SPECIAL_TOKENS)
     tok.model = models.WordPiece(
