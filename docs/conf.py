@@ -61,5 +61,20 @@ sphinx_gallery_conf = {
         "# Needs the cai-labs package: pip install 'cai-labs[docs]' from a clone of the project\n"
         "%matplotlib inline"
     ),
+    "backreferences_dir": "gen_modules/backreferences",
+    "doc_module": ("cai_labs",),
     "default_thumb_file": str(Path(__file__).parent / "_static" / "thumb.png"),
 }
+
+
+def _draw_diagrams(app) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from diagrams import draw_all
+
+    draw_all(Path(app.srcdir) / "_static")
+
+
+def setup(app) -> None:
+    app.connect("builder-inited", _draw_diagrams)
