@@ -173,7 +173,7 @@ def build_grids(
 
     Must be called by **every** rank of the default group with the same arguments, because
     ``dist.new_group`` is collective over the default group. ``rank_lists`` defaults to one grid
-    over all ranks. The grids must be disjoint and all the same size.
+    over all ranks. The grids must be disjoint, all the same size, each in increasing order.
 
     Example (DP2 x TP4 in 2D on 8 ranks): ``build_grids("2d", [[0, 1, 2, 3], [4, 5, 6, 7]])``.
     """
@@ -188,6 +188,10 @@ def build_grids(
         raise ValueError(
             f"grid ranks must be distinct ranks of the world (0..{world - 1}); got {rank_lists}"
         )
+    for ranks in rank_lists:
+        # new_group orders a group's ranks by global rank; coordinates must agree with that.
+        if list(ranks) != sorted(ranks):
+            raise ValueError(f"list the ranks of a grid in increasing order; got {list(ranks)}")
     shape = grid_shape(mode, sizes.pop(), depth)
     me = dist.get_rank()
     coords = _coords(shape)

@@ -31,12 +31,12 @@ from torch import nn
 from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
 from cai_labs.tensor_parallel.grid import Grid, check_divisible
 from cai_labs.tensor_parallel.mappings import (
-    all_gather,
     copy_to_group,
     gather_from_group,
     reduce_from_group,
     scatter_to_group,
 )
+from cai_labs.tensor_parallel.sharding import gather_by_position, join_chunks, split_chunks
 
 __all__ = [
     "ColumnParallelLinear",
@@ -52,17 +52,12 @@ __all__ = [
 
 
 def _shard(t: torch.Tensor, n: int, r: int, dim: int, chunks: int = 1) -> torch.Tensor:
-    """Rank ``r``'s part of ``t`` split in ``n`` along ``dim``; with ``chunks`` > 1 the dim is
-    first cut into ``chunks`` stacked pieces (e.g. q, k, v) and each piece is split."""
-    pieces = t.chunk(chunks, dim=dim)
-    return torch.cat([p.chunk(n, dim=dim)[r] for p in pieces], dim=dim).clone()
+    return split_chunks(t, n, r, dim, chunks)
 
 
 def _unshard(t: torch.Tensor, grid: Grid, dim: int, chunks: int = 1) -> torch.Tensor:
-    """Inverse of :func:`_shard` over the grid (collective; not recorded as training traffic)."""
-    parts = all_gather(t.detach(), grid.group, dim).chunk(grid.size, dim=dim)
-    per_rank = [p.chunk(chunks, dim=dim) for p in parts]
-    return torch.cat([torch.cat([pr[c] for pr in per_rank], dim=dim) for c in range(chunks)], dim)
+    """Full tensor from every rank's part (collective; outside training, for comparisons)."""
+    return join_chunks(gather_by_position(t, grid), dim, chunks)
 
 
 class ColumnParallelLinear(nn.Module):
