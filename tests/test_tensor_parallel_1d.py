@@ -78,3 +78,21 @@ def test_missing_backward_all_reduce_is_caught():
     assert blk["out"] < TOL  # forward is still right...
     assert blk["input_grad"] > 1e-3  # ...but the gradients are not
     assert blk["param_grads"]["ln1.weight"] > 1e-3
+
+
+def test_serial_block_activation_formula():
+    """The activation formula with one rank is the serial block's measured saved bytes."""
+    from cai_labs import Ledger
+    from cai_labs.models.gpt import Block
+    from cai_labs.tensor_parallel.formulas import block_cost, serial_block_params
+
+    torch.manual_seed(0)
+    block = Block(CFG)
+    x = torch.randn(BATCH, CFG.seq_len, CFG.d_model, requires_grad=True)
+    with Ledger(model=block) as ledger:
+        block(x).sum().backward()
+    cost = block_cost("1d", 1, BATCH, CFG.seq_len, CFG.d_model, CFG.mlp_ratio,
+                      n_heads=CFG.n_heads)
+    assert ledger.report()["memory"]["peak_activations"] == cost.activation_bytes
+    assert cost.param_bytes == serial_block_params(CFG.d_model, CFG.mlp_ratio)
+    assert cost.comm_bytes == 0
