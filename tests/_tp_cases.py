@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from cai_labs.models.gpt import GPTConfig
 from cai_labs.tensor_parallel import make_grid
-from cai_labs.tensor_parallel.check import check_block, check_linear
+from cai_labs.tensor_parallel.check import check_block, check_gpt, check_linear
 from cai_labs.tensor_parallel.formulas import block_cost, linear_cost
 
 CFG = GPTConfig(d_model=16, n_heads=4, seq_len=8, mlp_ratio=4)
 BATCH, TOL = 4, 1e-4
 K, N = 16, 32  # the lone linear layer
+GPT_CFG = GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_heads=4, n_layers=2)
 
 
 def run_mode(mode: str, depth: int = 1, break_it=None) -> dict:
@@ -20,6 +21,7 @@ def run_mode(mode: str, depth: int = 1, break_it=None) -> dict:
         "size": grid.size,
         "linear": check_linear(grid, K, N, BATCH, CFG.seq_len),
         "block": check_block(grid, CFG, BATCH),
+        "gpt": check_gpt(grid, GPT_CFG, BATCH, steps=2),
     }
     if break_it is not None:
         break_it()
@@ -31,6 +33,13 @@ def assert_equal_to_serial(res: dict) -> None:
     assert res["out"] < TOL, res["out"]
     assert res["input_grad"] < TOL, res["input_grad"]
     assert max(res["param_grads"].values()) < TOL, res["param_grads"]
+
+
+def assert_gpt_trains_like_serial(res: dict) -> None:
+    """Whole model: same loss at each SGD step, same gradients, same weights after."""
+    for a, b in zip(res["serial_losses"], res["parallel_losses"]):
+        assert abs(a - b) < 1e-5, (res["serial_losses"], res["parallel_losses"])
+    assert res["grad_err"] < TOL and res["param_err"] < TOL
 
 
 def assert_matches_formulas(out: dict, mode: str, depth: int = 1) -> None:

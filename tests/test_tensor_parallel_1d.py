@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tp_cases import BATCH, CFG, TOL, assert_equal_to_serial, assert_matches_formulas, run_mode
+from _tp_cases import (
+    BATCH,
+    CFG,
+    TOL,
+    assert_equal_to_serial,
+    assert_gpt_trains_like_serial,
+    assert_matches_formulas,
+    run_mode,
+)
 
 from cai_labs import launch
 from cai_labs.tensor_parallel import layers_1d as L
@@ -57,6 +65,7 @@ def test_1d_block_and_linears_equal_serial_and_formula(n):
     out = launch(_worker, n)
     for key in ("block", "linear", "row"):
         assert_equal_to_serial(out[key])
+    assert_gpt_trains_like_serial(out["gpt"])
     assert_matches_formulas(out, "1d")  # column-parallel linear and block
     row = linear_cost("1d", n, BATCH * CFG.seq_len, 32, 16, kind="row")
     assert out["row"]["comm_bytes"] == row.comm_bytes

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from _tp_cases import assert_equal_to_serial, assert_matches_formulas, run_mode
+from _tp_cases import (
+    assert_equal_to_serial,
+    assert_gpt_trains_like_serial,
+    assert_matches_formulas,
+    run_mode,
+)
 
 from cai_labs import launch
 
@@ -21,5 +26,6 @@ def test_3d_linear_and_block_equal_serial_and_formulas():
     out = launch(run_mode, 8, "3d", 1, _no_dx_reduce_scatter)
     assert_equal_to_serial(out["linear"])
     assert_equal_to_serial(out["block"])
+    assert_gpt_trains_like_serial(out["gpt"])
     assert_matches_formulas(out, "3d")
     assert out["broken"]["out"] > 1e-3

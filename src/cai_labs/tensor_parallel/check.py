@@ -18,7 +18,7 @@ from cai_labs.ledger import Ledger, comm_totals, tensor_bytes
 from cai_labs.models.gpt import Block, GPTConfig
 from cai_labs.tensor_parallel.grid import Grid
 
-__all__ = ["mode_module", "check_block", "check_linear", "max_errors"]
+__all__ = ["mode_module", "check_block", "check_linear", "check_gpt", "max_errors"]
 
 _MODULES = {"1d": "layers_1d", "2d": "layers_2d", "2.5d": "layers_2p5d", "3d": "layers_3d"}
 
@@ -162,4 +162,46 @@ def check_linear(
         "comm_calls": len(report["comm"]),
         "activation_bytes": report["memory"]["peak_activations"],
         "param_bytes": tensor_bytes(list(par.parameters())),
+    }
+
+
+def check_gpt(
+    grid: Grid, cfg: GPTConfig, batch: int, steps: int = 2, lr: float = 0.1, seed: int = 0
+) -> dict[str, Any]:
+    """Train the serial GPT and its :class:`~.model.TensorParallelGPT` ``steps`` SGD steps from
+    the same weights on the same random tokens; return both loss curves, the largest gradient
+    error at the first step and the largest parameter error at the end."""
+    from cai_labs.models.gpt import GPT
+    from cai_labs.tensor_parallel.model import TensorParallelGPT
+
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(cfg.vocab_size, (steps, batch, cfg.seq_len), generator=gen)
+    tgt = torch.randint(cfg.vocab_size, (steps, batch, cfg.seq_len), generator=gen)
+    serial = GPT(cfg, seed=seed)
+    par = TensorParallelGPT(serial, grid)
+    opt_s = torch.optim.SGD(serial.parameters(), lr=lr)
+    opt_p = torch.optim.SGD(par.parameters(), lr=lr)
+    losses_s, losses_p, grad_err = [], [], None
+    for step in range(steps):
+        opt_s.zero_grad()
+        loss_s = torch.nn.functional.cross_entropy(
+            serial(idx[step]).flatten(0, 1), tgt[step].flatten()
+        )
+        loss_s.backward()
+        opt_p.zero_grad()
+        loss_p = par.loss(idx[step], tgt[step])
+        loss_p.backward()
+        if step == 0:
+            ref = {n: p.grad for n, p in serial.named_parameters()}
+            grad_err = max(max_errors(par.serial_state(grads=True), ref).values())
+        opt_s.step()
+        opt_p.step()
+        losses_s.append(loss_s.item())
+        losses_p.append(loss_p.item())
+    ref = {n: p.detach() for n, p in serial.named_parameters()}
+    return {
+        "serial_losses": losses_s,
+        "parallel_losses": losses_p,
+        "grad_err": grad_err,
+        "param_err": max(max_errors(par.serial_state(), ref).values()),
     }

@@ -34,6 +34,7 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
@@ -48,6 +49,8 @@ __all__ = [
     "Attention2D",
     "MLP2D",
     "Block2D",
+    "Embedding2D",
+    "split_ids",
     "parallelize_block",
     "split_input",
     "gather_output",
@@ -292,6 +295,34 @@ class Block2D(nn.Module):
         """Every parameter (or gradient) at full shape under the serial Block's names."""
         return _prefixed({"ln1": self.ln1, "attn": self.attn, "ln2": self.ln2, "mlp": self.mlp},
                          grads)
+
+
+class Embedding2D(nn.Module):
+    """An embedding table ``(V, d)`` split by feature columns: rank ``(i, j)`` holds
+    ``(V, d/q)`` block ``j``, replicated down the column (and across depth), so a local lookup
+    of its batch block's ids gives exactly its activation block ``(b/q, s, d/q)``.
+    The table's gradient is summed over the ranks sharing it (one all-reduce per step)."""
+
+    def __init__(self, emb: nn.Embedding, grid: Grid):
+        super().__init__()
+        check_divisible("d_model", emb.embedding_dim, grid.q, _MODE_NAME[grid.mode])
+        self.grid = grid
+        _, j, _ = _ijk(grid)
+        self.weight = nn.Parameter(split_chunks(emb.weight.detach(), grid.q, j, 1))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, _replicated(self.weight, self.grid))
+
+    def serial_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
+        parts = gather_by_position(self.weight.grad if grads else self.weight, self.grid)
+        return {"weight": torch.cat(parts[: self.grid.q], dim=1)}
+
+
+def split_ids(idx: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """This rank's batch block of token ids ``(b, s) -> (b/(dq), s)``."""
+    q, (i, _, k) = grid.q, _ijk(grid)
+    check_divisible("the batch", idx.shape[0], grid.depth * q, _MODE_NAME[grid.mode])
+    return idx.chunk(grid.depth * q, dim=0)[k * q + i]
 
 
 def _check_mode(grid: Grid) -> None:
