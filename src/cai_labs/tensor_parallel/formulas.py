@@ -42,6 +42,7 @@ from cai_labs.tensor_parallel.grid import grid_shape
 
 __all__ = [
     "COLOSSALAI_TABLE",
+    "colossalai_bandwidth_factor",
     "Cost",
     "linear_cost",
     "block_cost",
@@ -65,6 +66,22 @@ COLOSSALAI_TABLE: dict[str, dict[str, str]] = {
            "memory (activations)": "O(1/q^3)", "communication (bandwidth)": "O(6(q-1)/q^3)",
            "communication (latency)": "O(6(q-1))"},
 }
+
+
+def colossalai_bandwidth_factor(mode: str, size: int, depth: int = 1) -> float:
+    """The number inside the docs' "Communication (bandwidth)" ``O(...)`` for this grid:
+    ``2(P-1)/P`` (1D), ``6(q-1)/q`` (2D), ``3(q-1)(d+1)/(dq)`` (2.5D), ``6(q-1)/q³`` (3D).
+
+    An order of growth per unit of activation/weight size, not bytes: put it next to the
+    measured bytes to see the trend across grid sizes, not to predict the bytes."""
+    q, d = _dims(mode, size, depth)
+    if mode == "1d":
+        return 2 * (size - 1) / size
+    if mode == "2d":
+        return 6 * (q - 1) / q
+    if mode == "2.5d":
+        return 3 * (q - 1) * (d + 1) / (d * q)
+    return 6 * (q - 1) / q**3
 
 
 @dataclass(frozen=True)

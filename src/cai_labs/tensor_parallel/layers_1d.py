@@ -36,7 +36,12 @@ from cai_labs.tensor_parallel.mappings import (
     reduce_from_group,
     scatter_to_group,
 )
-from cai_labs.tensor_parallel.sharding import gather_by_position, join_chunks, split_chunks
+from cai_labs.tensor_parallel.sharding import (
+    gather_by_position,
+    init_like_linear,
+    join_chunks,
+    split_chunks,
+)
 
 __all__ = [
     "ColumnParallelLinear",
@@ -85,6 +90,7 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features // grid.size, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features // grid.size)) if bias else None
+        init_like_linear(self.weight, self.bias, in_features)
 
     @classmethod
     def from_serial(
@@ -139,6 +145,7 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features // grid.size))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        init_like_linear(self.weight, self.bias, in_features)
 
     @classmethod
     def from_serial(
@@ -292,7 +299,7 @@ class VocabParallelEmbedding(nn.Module):
         self.grid, self.num_embeddings = grid, num_embeddings
         self.per_rank = num_embeddings // grid.size
         self.start = grid.position * self.per_rank
-        self.weight = nn.Parameter(torch.empty(self.per_rank, embedding_dim))
+        self.weight = nn.Parameter(torch.randn(self.per_rank, embedding_dim))  # as nn.Embedding
 
     @classmethod
     def from_serial(cls, emb: nn.Embedding, grid: Grid) -> VocabParallelEmbedding:

@@ -40,7 +40,12 @@ from torch import nn
 from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
 from cai_labs.tensor_parallel.grid import Grid, check_divisible
 from cai_labs.tensor_parallel.mappings import all_reduce, all_reduce_both, copy_to_group
-from cai_labs.tensor_parallel.sharding import gather_by_position, join_chunks, split_chunks
+from cai_labs.tensor_parallel.sharding import (
+    gather_by_position,
+    init_like_linear,
+    join_chunks,
+    split_chunks,
+)
 
 __all__ = [
     "summa_linear",
@@ -84,8 +89,8 @@ class _Summa(torch.autograd.Function):
         rows, cols = grid.axis_ranks[-1], grid.axis_ranks[-2]  # (i, .) and (., j) lines
         out = None
         for t in range(q):
-            xt = x.detach().clone() if grid.coord[-1] == t else torch.empty_like(x)
-            wt = weight.detach().clone() if grid.coord[-2] == t else torch.empty_like(weight)
+            xt = x.detach() if grid.coord[-1] == t else torch.empty_like(x)
+            wt = weight.detach() if grid.coord[-2] == t else torch.empty_like(weight)
             if q > 1:
                 dist.broadcast(xt, src=rows[t], group=grid.row_group)
                 dist.broadcast(wt, src=cols[t], group=grid.col_group)
@@ -103,7 +108,7 @@ class _Summa(torch.autograd.Function):
         dx = dw = None
         for t in range(q):
             # dX_it = sum_j dY_ij A_tj^T: A_tj comes down column j, partials meet at (i, t).
-            wt = weight.detach().clone() if i == t else torch.empty_like(weight)
+            wt = weight.detach() if i == t else torch.empty_like(weight)
             if q > 1:
                 dist.broadcast(wt, src=cols[t], group=grid.col_group)
             part = dy @ wt
@@ -112,7 +117,7 @@ class _Summa(torch.autograd.Function):
                 dx = dx_t
         for t in range(q):
             # dA_tj = sum_i X_it^T dY_ij: X_it comes along row i, partials meet at (t, j).
-            xt = x.detach().clone() if j == t else torch.empty_like(x)
+            xt = x.detach() if j == t else torch.empty_like(x)
             if q > 1:
                 dist.broadcast(xt, src=rows[t], group=grid.row_group)
             part = dy.reshape(-1, dy.shape[-1]).t() @ xt.reshape(-1, xt.shape[-1])
@@ -152,6 +157,7 @@ class Linear2D(nn.Module):
         q = grid.q
         self.weight = nn.Parameter(torch.empty(out_features // q, in_features // q))
         self.bias = nn.Parameter(torch.zeros(out_features // q)) if bias else None
+        init_like_linear(self.weight, self.bias, in_features)
         self.chunks = 1
 
     @classmethod

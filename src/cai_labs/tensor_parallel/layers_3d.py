@@ -42,7 +42,12 @@ from cai_labs.tensor_parallel.mappings import (
     copy_to_group,
     reduce_scatter,
 )
-from cai_labs.tensor_parallel.sharding import gather_by_position, join_chunks, split_chunks
+from cai_labs.tensor_parallel.sharding import (
+    gather_by_position,
+    init_like_linear,
+    join_chunks,
+    split_chunks,
+)
 
 __all__ = [
     "EVEN",
@@ -114,6 +119,7 @@ class Linear3D(nn.Module):
         self.in_features, self.out_features, self.chunks = in_features, out_features, 1
         self.weight = nn.Parameter(torch.empty(out_features // (q * q), in_features // q))
         self.bias = nn.Parameter(torch.zeros(out_features // q)) if bias else None
+        init_like_linear(self.weight, self.bias, in_features)
 
     @classmethod
     def from_serial(cls, linear: nn.Linear, grid: Grid, axes=EVEN, chunks: int = 1) -> Linear3D:
