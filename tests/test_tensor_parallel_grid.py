@@ -60,6 +60,8 @@ def test_sizes_not_divisible_by_the_grid_raise():
         Linear3D(8, 6, _fake("3d", (2, 2, 2)))
     with pytest.raises(ValueError, match="splits n_heads into 4 parts"):
         Block2D(Block(GPTConfig(d_model=16, n_heads=2, seq_len=8)), _fake("2d", (4, 4)))
+    with pytest.raises(ValueError, match="2.5D tensor parallelism splits the batch into 4 parts"):
+        split_input(torch.zeros(6, 8, 16), _fake("2.5d", (2, 2, 2)))
 
 
 def _hybrid() -> list:
