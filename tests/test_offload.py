@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from test_zero import LR, SIZES, _batches, _flat, _setup
 
 from cai_labs import Ledger, comm_totals, launch
 from cai_labs.data_parallel import allreduce_gradients
 from cai_labs.models.opt import tiny_opt
 from cai_labs.offload import ChunkedAdam, ChunkedModel, PoolBudgetExceeded
-from cai_labs.offload.manager import ChunkManager
 from cai_labs.offload.chunk import Chunk
-from test_zero import LR, SIZES, _batches, _flat, _setup
+from cai_labs.offload.manager import ChunkManager
 
 CHUNK = 2048  # elements: 8 KiB chunks; the largest tensor of the test model has 2048 elements
 
