@@ -23,8 +23,10 @@ the positions whose prediction is not trained (the prompt), as transformers' los
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,8 +45,10 @@ __all__ = [
     "task_batch",
     "finetune",
     "greedy_generate",
+    "sample_words",
     "exact_match",
     "make_finetuned_checkpoint",
+    "intra_op_threads",
 ]
 
 
@@ -63,23 +67,42 @@ class PretrainConfig:
     seq_len: int = 48
     lr: float = 3e-3
     seed: int = 0
+    threads: int | None = 1
 
 
 @dataclass
 class FinetuneConfig:
     """The fine-tuning run: task sizes and optimizer settings."""
 
-    steps: int = 300
+    steps: int = 150
     batch_size: int = 32
     lr: float = 3e-3
     word_length: int = 4
     alphabet: str = "abcdefgh"
     n_test: int = 64
     seed: int = 0
+    threads: int | None = 1
     extra: dict = field(default_factory=dict)
 
     def task(self) -> ReverseTask:
         return make_reverse_task(self.word_length, self.alphabet, self.n_test, self.seed)
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` PyTorch intra-op threads, restoring the previous number after.
+
+    Models this small run faster on one thread than on two that contend for shared cores
+    (measured: about 9x less CPU time per step on the 2-core machine that builds the site).
+    ``None`` leaves the setting alone.
+    """
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -93,7 +116,11 @@ def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> 
     never meets an unknown token.
     """
     cfg = config or PretrainConfig()
-    out = Path(out_dir)
+    with intra_op_threads(cfg.threads):
+        return _pretrain(Path(out_dir), cfg)
+
+
+def _pretrain(out: Path, cfg: PretrainConfig) -> Path:
     text = docstring_corpus(max_chars=cfg.corpus_chars)
     tokenizer = train_char_tokenizer(text, extra_chars="abcdefghijklmnopqrstuvwxyz =>.")
     model = tiny_opt(
@@ -171,6 +198,13 @@ def finetune(
 ) -> list[float]:
     """Fine-tune ``model`` in place on the reverse task (AdamW); returns the loss per step."""
     cfg = config or FinetuneConfig()
+    with intra_op_threads(cfg.threads):
+        return _finetune(model, tokenizer, cfg)
+
+
+def _finetune(
+    model: OPTForCausalLM, tokenizer: PreTrainedTokenizerBase, cfg: FinetuneConfig
+) -> list[float]:
     task = cfg.task()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     model.train()
