@@ -145,3 +145,35 @@ def test_bad_stage_is_a_clear_error():
         zero_wrap(torch.nn.Linear(2, 2), stage=4)
     with pytest.raises(ValueError, match="stage must be"):
         zero_memory_formula(10, 5, 2)
+
+
+def _fsdp2_worker() -> dict:
+    from cai_labs.zero.fsdp2 import fsdp2_memory, fsdp2_wrap
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tok, _ = _setup()
+    ref = tiny_opt(tok, seed=0, **SIZES).train()
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=LR)
+    for x, y in _batches(rank, world):
+        ref_opt.zero_grad()
+        ref(input_ids=x, labels=y).loss.backward()
+        allreduce_gradients(ref)
+        ref_opt.step()
+    model = fsdp2_wrap(tiny_opt(tok, seed=rank, **SIZES).train())
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    for x, y in _batches(rank, world):
+        opt.zero_grad()
+        model(input_ids=x, labels=y).loss.backward()
+        opt.step()
+    mem = fsdp2_memory(model, opt)
+    full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    err = max((full[k] - v).abs().max().item() for k, v in ref.state_dict().items())
+    return {"err": err, "mem": mem, "numel": sum(p.numel() for p in ref.parameters())}
+
+
+def test_fsdp2_side_by_side_matches_data_parallel_and_stage3_formula():
+    out = launch(_fsdp2_worker, 2)
+    assert out["err"] < 1e-2 * LR
+    want = zero_memory_formula(out["numel"], 3, 2)
+    for kind in ("params", "grads", "optimizer"):
+        assert abs(out["mem"][kind] - want[kind]) <= 0.05 * want[kind], (kind, out["mem"], want)

@@ -43,6 +43,9 @@ class ChunkManager:
         self.traffic = {"h2d_demand": 0, "h2d_prefetch": 0, "d2h": 0}
         self.counts = {"fetch": 0, "prefetch": 0, "evict": 0, "prefetch_hits": 0, "hits": 0}
         self._prefetched: set[int] = set()
+        # (event, chunk name, device bytes in use after it): "fetch", "prefetch", "evict".
+        self.trace: list[tuple[str, str, int]] = []
+        self.max_trace = 100_000
 
     def register(self, chunk: Chunk) -> Chunk:
         """Adopt ``chunk`` (resident in host memory only)."""
@@ -70,6 +73,7 @@ class ChunkManager:
             self._load(chunk)
             self.traffic["h2d_demand"] += chunk.nbytes
             self.counts["fetch"] += 1
+            self._log("fetch", chunk)
         if pin:
             chunk.pins += 1
         return chunk
@@ -93,6 +97,7 @@ class ChunkManager:
             self.traffic["h2d_prefetch"] += c.nbytes
             self.counts["prefetch"] += 1
             self._prefetched.add(id(c))
+            self._log("prefetch", c)
 
     def unpin(self, chunk: Chunk) -> None:
         if chunk.pins <= 0:
@@ -114,6 +119,11 @@ class ChunkManager:
         self.device.release(chunk.nbytes)
         self.counts["evict"] += 1
         self._prefetched.discard(id(chunk))
+        self._log("evict", chunk)
+
+    def _log(self, event: str, chunk: Chunk) -> None:
+        if len(self.trace) < self.max_trace:
+            self.trace.append((event, chunk.name, self.device.used))
 
     def flush(self) -> None:
         """Copy every dirty resident chunk to host (host then holds the current values)."""
