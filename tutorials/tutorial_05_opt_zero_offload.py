@@ -281,7 +281,8 @@ for method, r in runs.items():
     rows.append(row)
     assert abs(r["memory"]["total"] - want["total"]) <= 0.05 * want["total"], method
 memory_table = pd.DataFrame(rows).set_index("technique")
-memory_table.style.format("{:,.0f}").format({"total / DDP": "{:.2f}"})
+memory_table.style.format(
+    {c: "{:.2f}" if c == "total / DDP" else "{:,.0f}" for c in memory_table.columns})
 
 # %%
 # The same numbers as a picture: stacked measured bytes per category, with the formula's total
@@ -303,19 +304,19 @@ fig.tight_layout()
 # %%
 # Communication and step time
 # ---------------------------
-# Elements sent per rank per step under ring algorithms, from the ledger (FSDP2 issues its
-# collectives inside PyTorch, where the ledger cannot see them), next to the formulas above;
-# and the median step time on this machine.
+# Elements sent per rank per step under ring algorithms, from the ledger (FSDP2 calls the same
+# ``torch.distributed`` collectives from Python, so the ledger records it too), next to the
+# formulas above; and the median step time on this machine.
 
 comm_rows = []
 for method, r in runs.items():
     sent = sum(v["sent_bytes"] for v in r["comm"].values()) / r["steps"] / 4
-    factor = {"DDP": 2, "ZeRO-1": 2, "ZeRO-2": 2, "ZeRO-3": 3}.get(method)
+    factor = {"DDP": 2, "ZeRO-1": 2, "ZeRO-2": 2, "ZeRO-3": 3, "FSDP2": 3}[method]
     comm_rows.append({
         "technique": method,
-        "collectives": ", ".join(sorted(r["comm"])) or "(inside PyTorch)",
-        "sent elements/rank/step": sent if r["comm"] else float("nan"),
-        "formula": factor * (WORLD_SIZE - 1) / WORLD_SIZE * PSI if factor else float("nan"),
+        "collectives": ", ".join(sorted(r["comm"])),
+        "sent elements/rank/step": sent,
+        "formula": factor * (WORLD_SIZE - 1) / WORLD_SIZE * PSI,
         "median step (ms)": 1e3 * r["step_time"],
     })
 comm_table = pd.DataFrame(comm_rows).set_index("technique")
@@ -323,9 +324,9 @@ comm_table.style.format({"sent elements/rank/step": "{:,.0f}", "formula": "{:,.0
                          "median step (ms)": "{:.1f}"})
 
 # %%
-# ZeRO-3 sends a little less than :math:`3\frac{N-1}{N}\Psi`: the root unit (embeddings, final
-# norm and the tied output layer) stays gathered from the end of forward into backward, so it is
-# gathered once per step, not twice, as FSDP2 also does for its root. On a machine with 2 cores
+# ZeRO-3 and FSDP2 send a little less than :math:`3\frac{N-1}{N}\Psi`: the root unit
+# (embeddings, final norm and the tied output layer) stays gathered from the end of forward into
+# backward, so it is gathered once per step, not twice. On a machine with 2 cores
 # shared by 4 ranks step times mostly show the cost of extra Python work and messages, not of
 # bandwidth: on GPUs with a fast interconnect ZeRO-1/2 cost the same time as DDP, and ZeRO-3
 # about 1.5 times its communication, mostly hidden behind compute by prefetching the next layer.
@@ -373,18 +374,24 @@ traffic = pd.DataFrame([
 traffic.style.format("{:,.0f}")
 
 # %%
-# How full the device pool was over the run: every fetch, prefetch and eviction on rank 0. The
-# pool climbs to the budget in the first forward and then stays at it: from there on every
-# fetch has to evict.
+# What the device pool held over the last two steps, after every fetch, prefetch and eviction on
+# rank 0, by kind of chunk. Forward holds parameter chunks; backward adds gradient chunks; the
+# optimizer step brings in this rank's Adam moments next to a parameter and a gradient chunk. The
+# pool never passes the budget (red) and is always far below the states it trains (the sum of all
+# chunks is given in the title).
 
-fig, ax = plt.subplots(figsize=(8, 3))
-used = [u / 1024 for _, _, u in chunk_run["trace"]]
-ax.plot(used, lw=0.8, label="device pool in use")
+trace = chunk_run["trace"]
+moves_per_step = len(trace) // MEASURE_STEPS
+last = trace[-2 * moves_per_step :]
+kinds = ["param", "grad", "exp_avg", "exp_avg_sq"]
+fig, ax = plt.subplots(figsize=(8, 3.2))
+ax.stackplot(range(len(last)), *[[e.get(k, 0) / 1024 for e in last] for k in kinds],
+             labels=kinds, step="post")
 ax.axhline(stats["device_budget"] / 1024, color="red", ls="--", label="budget")
-ax.axhline(states_total / 1024, color="gray", ls=":", label="all model states")
-ax.set(xlabel="chunk move (fetch, prefetch or eviction)", ylabel="KiB",
-       title=f"Chunk manager on rank 0: {MEASURE_STEPS} steps, budget {BUDGET_CHUNKS} chunks")
-ax.legend(loc="center right")
+ax.set(xlabel="chunk move (fetch, prefetch or eviction), last two steps", ylabel="KiB resident",
+       title=f"Device pool on rank 0: budget {stats['device_budget'] // 1024} KiB, "
+             f"model states {states_total // 1024} KiB")
+ax.legend(loc="lower right", fontsize=8, ncol=5)
 fig.tight_layout()
 
 # %%

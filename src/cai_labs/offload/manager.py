@@ -43,8 +43,9 @@ class ChunkManager:
         self.traffic = {"h2d_demand": 0, "h2d_prefetch": 0, "d2h": 0}
         self.counts = {"fetch": 0, "prefetch": 0, "evict": 0, "prefetch_hits": 0, "hits": 0}
         self._prefetched: set[int] = set()
-        # (event, chunk name, device bytes in use after it): "fetch", "prefetch", "evict".
-        self.trace: list[tuple[str, str, int]] = []
+        # One dict per move: event ("fetch", "prefetch", "evict"), chunk name, device bytes in
+        # use after it ("used") and resident bytes per chunk kind ("param", "grad", ...).
+        self.trace: list[dict] = []
         self.max_trace = 100_000
 
     def register(self, chunk: Chunk) -> Chunk:
@@ -123,7 +124,10 @@ class ChunkManager:
 
     def _log(self, event: str, chunk: Chunk) -> None:
         if len(self.trace) < self.max_trace:
-            self.trace.append((event, chunk.name, self.device.used))
+            entry = {"event": event, "chunk": chunk.name, "used": self.device.used}
+            for c in self.chunks:
+                entry[c.kind] = entry.get(c.kind, 0) + (c.nbytes if c.resident else 0)
+            self.trace.append(entry)
 
     def flush(self) -> None:
         """Copy every dirty resident chunk to host (host then holds the current values)."""

@@ -2,9 +2,10 @@
 
 FSDP2 is PyTorch's production ZeRO-3: each parameter becomes a ``DTensor`` sharded on dim 0
 over a 1-D device mesh; ``fully_shard`` on a module makes it one all-gather / reduce-scatter
-group (our "unit"). It runs on CPU with gloo. Its collectives are issued from inside PyTorch
-(not through ``torch.distributed.<op>`` at Python level), so the ledger cannot count them; its
-memory is read from the local shards of the DTensors instead, by :func:`fsdp2_memory`.
+group (our "unit"). It runs on CPU with gloo. In torch 2.13 it calls
+``torch.distributed.all_gather_single`` / ``reduce_scatter_single`` from Python, so the ledger
+records its communication like ours. Its parameters are ``DTensor`` objects, which the ledger's
+storage-based memory account does not read; :func:`fsdp2_memory` sums their local shards.
 """
 
 from __future__ import annotations
