@@ -170,7 +170,11 @@ def task_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, labels)`` of shape ``(len(words), seq)``: BOS, prompt, answer, EOS.
 
-    Labels are ``-100`` over BOS and the prompt, so only the answer and EOS are trained.
+    Labels are ``-100`` over BOS and the prompt, so only the answer and EOS are trained. With the
+    character tokenizer every row has the same length; a subword tokenizer (a real OPT's) can
+    give rows of different lengths, which are then right-padded with the pad token and label
+    ``-100``: in a causal model no earlier position attends to a later pad, so no attention mask
+    is needed and the loss is the same as without padding.
     """
     rows, labels = [], []
     for w in words:
@@ -179,8 +183,10 @@ def task_batch(
         answer = answer + [tokenizer.eos_token_id]
         rows.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
-    if len({len(r) for r in rows}) != 1:
-        raise ValueError("all words of a batch must have the same length (no padding is used)")
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [r + [pad] * (width - len(r)) for r in rows]
+    labels = [lab + [-100] * (width - len(lab)) for lab in labels]
     return torch.tensor(rows), torch.tensor(labels)
 
 
@@ -241,19 +247,29 @@ def exact_match(
     task: ReverseTask,
     words: list[str] | tuple[str, ...] | None = None,
 ) -> float:
-    """Fraction of ``words`` (default: the task's test words) whose answer is generated exactly."""
+    """Fraction of ``words`` (default: the task's test words) whose answer is generated exactly.
+
+    Greedy generation of as many tokens as the answer has; the decoded text must equal the
+    answer. Prompts are grouped by token length so that no padding is ever needed.
+    """
     words = list(task.test_words if words is None else words)
-    prompts = torch.tensor([
-        _bos(tokenizer) + tokenizer(task.prompt(w), add_special_tokens=False)["input_ids"]
-        for w in words
-    ])
-    n_new = len(task.answer(words[0]))
+    if not words:
+        raise ValueError("exact_match needs at least one word")
+    groups: dict[tuple[int, int], list[tuple[str, list[int]]]] = {}
+    for w in words:
+        ids = _bos(tokenizer) + tokenizer(task.prompt(w), add_special_tokens=False)["input_ids"]
+        n_new = len(tokenizer(task.answer(w), add_special_tokens=False)["input_ids"])
+        groups.setdefault((len(ids), n_new), []).append((w, ids))
     was_training = model.training
     model.eval()
-    out = greedy_generate(model, prompts, n_new)[:, prompts.shape[1] :]
+    hits = 0
+    for (length, n_new), items in groups.items():
+        prompts = torch.tensor([ids for _, ids in items])
+        out = greedy_generate(model, prompts, n_new)[:, length:]
+        hits += sum(tokenizer.decode(row.tolist()) == task.answer(w)
+                    for row, (w, _) in zip(out, items))
     model.train(was_training)
-    hits = [tokenizer.decode(row.tolist()) == task.answer(w) for row, w in zip(out, words)]
-    return sum(hits) / len(hits)
+    return hits / len(words)
 
 
 def make_finetuned_checkpoint(
