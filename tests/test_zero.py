@@ -177,3 +177,40 @@ def test_fsdp2_side_by_side_matches_data_parallel_and_stage3_formula():
     want = zero_memory_formula(out["numel"], 3, 2)
     for kind in ("params", "grads", "optimizer"):
         assert abs(out["mem"][kind] - want[kind]) <= 0.05 * want[kind], (kind, out["mem"], want)
+
+
+def _clip_worker(stage: int, max_norm: float) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tok, _ = _setup()
+    ref = tiny_opt(tok, seed=0, **SIZES).train()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    ref_norms = []
+    for x, y in _batches(rank, world):
+        ref_opt.zero_grad()
+        ref(input_ids=x, labels=y).loss.backward()
+        allreduce_gradients(ref)
+        ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm).item())
+        ref_opt.step()
+    # The optimizer passed as an instance: its class and hyper-parameters are reused.
+    module = tiny_opt(tok, seed=0, **SIZES).train()
+    model, opt = zero_wrap(module, torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9),
+                           stage=stage)
+    norms = []
+    for x, y in _batches(rank, world):
+        opt.zero_grad()
+        model(input_ids=x, labels=y).loss.backward()
+        norms.append(opt.clip_grad_norm_(max_norm).item())
+        opt.step()
+    flat = torch.cat([v.reshape(-1) for v in model.full_state_dict().values()])
+    return {"err": (flat - _flat(ref)).abs().max().item(), "norms": norms,
+            "ref_norms": ref_norms, "inner": type(opt.inner).__name__}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_gradient_clipping_matches_data_parallel(stage):
+    out = launch(_clip_worker, 2, stage, 0.5)
+    assert out["inner"] == "SGD"
+    assert min(out["ref_norms"]) > 0.5  # clipping was active on every step
+    for a, b in zip(out["norms"], out["ref_norms"]):
+        assert abs(a - b) <= 1e-5 * b
+    assert out["err"] < 1e-5

@@ -128,6 +128,28 @@ class ZeroModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the sharded gradients so their global L2 norm is at most ``max_norm``.
+
+        Each rank sums the squares of its gradient shard; one all-reduce of that scalar gives
+        the norm of the full gradient (padding is zero). Same coefficient as
+        ``torch.nn.utils.clip_grad_norm_``: ``min(1, max_norm / (norm + 1e-6))``. Call it after
+        :meth:`reduce_gradients` (``ZeroOptimizer.clip_grad_norm_`` does both). Returns the norm
+        before clipping.
+        """
+        with torch.no_grad():
+            grads = [s.grad for s in self.shards if s.grad is not None]
+            sq = torch.zeros((), dtype=torch.float64)
+            for g in grads:
+                sq += g.double().pow(2).sum()
+            if self.world_size > 1:
+                dist.all_reduce(sq, group=self.group)
+            norm = sq.sqrt().to(grads[0].dtype if grads else torch.float32)
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(coef)
+        return norm
+
     # -- averaging -------------------------------------------------------------------------------
     def _average(self, reduced: torch.Tensor) -> torch.Tensor:
         """The reduce-scatter sums; divide by ``N`` for the mean of the ranks' gradients."""

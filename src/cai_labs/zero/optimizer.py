@@ -76,3 +76,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.zero_model.zero_grad(set_to_none=set_to_none)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the averaged gradient to global L2 norm ``max_norm``; call between backward and
+        :meth:`step`. Returns the norm before clipping (the same on every rank)."""
+        self.zero_model.reduce_gradients()  # stage 1 reduces here (once); 2/3 already did
+        return self.zero_model.clip_grad_norm_(max_norm)

@@ -30,14 +30,20 @@ class Zero1(ZeroModel):
 
     stage = 1
 
+    _reduced = False  # gradients of this step already reduce-scattered (e.g. to clip them)
+
     def reduce_gradients(self) -> None:
+        if self._reduced:
+            return
         with torch.no_grad():
             for u in self.units:
                 out = u.full.new_empty(u.shard_numel)
                 reduce_scatter_flat(out, u.flat_grad(), self.group)
                 u.shard.grad = self._average(out)
+        self._reduced = True
 
     def after_step(self) -> None:
         super().after_step()
         for s in self.shards:  # a temporary: the full p.grad stays until zero_grad
             s.grad = None
+        self._reduced = False
