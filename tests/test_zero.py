@@ -84,11 +84,15 @@ def _worker(stage: int, broken: bool = False, optim: str = "adam") -> dict:
             opt.step()
         mem = ledger.snapshot("after step")
     report = ledger.report()
+    with torch.no_grad():  # evaluation through the wrapper (ZeRO-3 gathers and frees per call)
+        x, _ = next(_batches(rank, world))
+        eval_gap = (model(input_ids=x).logits - ref(input_ids=x).logits).abs().max().item()
     full = model.full_state_dict()
     zero_flat = torch.cat([v.reshape(-1) for v in full.values()])
     every = [None] * world
     dist.all_gather_object(every, zero_flat)
     return {"ref": ref_flat, "zero": every, "numel": numel, "mem": memory_by_kind(mem),
+            "eval_gap": eval_gap,
             "ddp_mem": ddp_mem, "comm": comm_totals(report)}
 
 
@@ -102,6 +106,7 @@ def test_zero_equals_data_parallel_after_three_steps(stage, n):
     for flat in out["zero"]:  # every rank's (gathered) parameters
         err = (flat - out["ref"]).abs().max().item()
         assert err < 1e-2 * LR, f"ZeRO-{stage} on {n} ranks differs from data parallel by {err}"
+    assert out["eval_gap"] < 1e-3
     # Memory per rank after a step: within 5% of the paper's formula (fp32, Adam: K = 8).
     want = zero_memory_formula(out["numel"], stage, n)
     for kind in ("params", "grads", "optimizer"):
