@@ -59,6 +59,18 @@ def docs(session: nox.Session) -> None:
     session.run("python", "docs/check_build.py", "docs/_build/html", env=ENV)
 
 
+@nox.session(python=PYTHON)
+def browser(session: nox.Session) -> None:
+    """Load every page of the built site in headless Chromium (run ``nox -s docs`` first).
+
+    Needs Debian's ``chromium`` (``apt-get install chromium``); Playwright drives it, no browser
+    download. Screenshots go to ``artifacts/screenshots``.
+    """
+    session.install("pytest>=8", "pytest-timeout>=2.3", "playwright>=1.45")
+    session.run("pytest", "-m", "browser", "tests/browser", "-p", "no:cacheprovider",
+                *session.posargs, env=ENV)
+
+
 @nox.session(name="docs-noexec", python=PYTHON)
 def docs_noexec(session: nox.Session) -> None:
     """Build the site without executing tutorials (fast, for prose edits)."""
@@ -79,7 +91,7 @@ def lint(session: nox.Session) -> None:
     """ruff over the package, tests, tutorials and docs config."""
     session.install("ruff")
     session.run("ruff", "check", "src", "tests", "tutorials", "benchmarks", "noxfile.py",
-                "docs/conf.py", "docs/check_build.py")
+                "docs/conf.py", "docs/check_build.py", "docs/diagrams.py")
 
 
 @nox.session(python=PYTHON)

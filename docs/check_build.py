@@ -1,4 +1,5 @@
-"""Validate a built site: every tutorial page holds executed output, figures and downloads.
+"""Validate a built site: tutorials executed, figures and downloads present, notebooks valid,
+every internal link and image resolving.
 
 Run after ``sphinx-build`` by ``nox -s docs``; exits non-zero with a list of what is missing.
 """
@@ -33,6 +34,50 @@ def check(html_root: Path) -> list[str]:
             links = re.findall(rf'href="([^"]+\.{ext})"', html)
             if not any((page.parent / link).resolve().exists() for link in links):
                 problems.append(f"{page.name}: no working .{ext} download link")
+    problems += check_notebooks(html_root)
+    problems += check_internal_links(html_root)
+    return problems
+
+
+def check_notebooks(html_root: Path) -> list[str]:
+    """Every generated .ipynb download is a valid notebook (nbformat schema)."""
+    import nbformat
+
+    problems = []
+    for nb_path in sorted(html_root.rglob("*.ipynb")):
+        try:
+            nbformat.validate(nbformat.read(nb_path, as_version=4))
+        except Exception as exc:  # noqa: BLE001 - report whatever is wrong
+            problems.append(f"{nb_path.name}: invalid notebook: {exc}")
+    return problems
+
+
+_LINK = re.compile(r'(?:href|src)="([^"#?]*)(?:#([^"]*))?"')
+
+
+def check_internal_links(html_root: Path) -> list[str]:
+    """Every relative href/src of every page points at a file that exists, and every #anchor
+    into a page of the site exists in that page."""
+    problems = []
+    ids: dict[Path, set[str]] = {}
+
+    def anchors(path: Path) -> set[str]:
+        if path not in ids:
+            ids[path] = set(re.findall(r'id="([^"]+)"', path.read_text(encoding="utf-8")))
+        return ids[path]
+
+    for page in sorted(html_root.rglob("*.html")):
+        if "_static" in page.parts:
+            continue
+        for target, anchor in _LINK.findall(page.read_text(encoding="utf-8")):
+            if re.match(r"^[a-z]+:", target) or target.startswith("//"):
+                continue  # external (http:, mailto:, data:)
+            dest = (page.parent / target).resolve() if target else page
+            rel = page.relative_to(html_root)
+            if not dest.exists():
+                problems.append(f"{rel}: broken link {target}")
+            elif anchor and dest.suffix == ".html" and anchor not in anchors(dest):
+                problems.append(f"{rel}: missing anchor {target}#{anchor}")
     return problems
 
 

@@ -17,6 +17,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax served from the site itself, not from a CDN
     "sphinx.ext.viewcode",
     "sphinx_gallery.gen_gallery",
     "myst_nb",
@@ -31,6 +32,7 @@ suppress_warnings = ["config.cache"]  # sphinx-gallery's conf holds callables
 
 html_theme = "furo"
 html_title = "cai-labs"
+html_favicon = "_static/favicon.png"
 html_static_path = ["_static"]
 html_css_files = ["cai_labs.css"]
 
@@ -61,5 +63,31 @@ sphinx_gallery_conf = {
         "# Needs the cai-labs package: pip install 'cai-labs[docs]' from a clone of the project\n"
         "%matplotlib inline"
     ),
+    "backreferences_dir": "gen_modules/backreferences",
+    "doc_module": ("cai_labs",),
     "default_thumb_file": str(Path(__file__).parent / "_static" / "thumb.png"),
 }
+
+
+def _draw_diagrams(app) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from diagrams import draw_all
+
+    draw_all(Path(app.srcdir) / "_static")
+
+
+_CDN_BLOCK = re.compile(r"\n  \.\. raw:: html\n\n(?:    .*\n|\n)*?(?=  \.\. list-table::)")
+
+
+def _self_contained_times(app, docname: str, source: list[str]) -> None:
+    """sphinx-gallery's execution-time pages load jQuery and DataTables from CDNs; the site must
+    work offline, so drop that block and keep the plain table."""
+    if docname.endswith("sg_execution_times"):
+        source[0] = _CDN_BLOCK.sub("\n", source[0])
+
+
+def setup(app) -> None:
+    app.connect("builder-inited", _draw_diagrams)
+    app.connect("source-read", _self_contained_times)

@@ -120,6 +120,21 @@ def ddp_comm_hook(state, bucket):
     return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
 
 
+def summarize(plain: nn.Module, local_losses: list, times: list, **extra) -> dict:
+    """What a worker hands back. The full-batch loss of a step is the mean of the ranks' losses
+    (gathered after training, outside the ledger: it is reporting, not training)."""
+    losses = torch.tensor(local_losses)
+    dist.all_reduce(losses)
+    return {
+        "losses": (losses / dist.get_world_size()).tolist(),
+        "step_time": float(np.median(times)),
+        "accuracy": accuracy(plain),
+        "params": [p.detach().clone() for p in plain.parameters()],
+        "steps": len(local_losses),
+        **extra,
+    }
+
+
 def train_worker(sync: str) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     model = MLP(hidden=HIDDEN, seed=SEED)
@@ -144,19 +159,10 @@ def train_worker(sync: str) -> dict:
                 times.append(time.perf_counter() - start)
                 local_losses.append(loss.item())
         ledger.snapshot("end")
-    # The full-batch loss is the mean of the ranks' losses (outside the ledger: not training).
-    losses = torch.tensor(local_losses)
-    dist.all_reduce(losses)
     plain = model.module if hasattr(model, "module") else model
-    return {
-        "losses": (losses / world).tolist(),
-        "step_time": float(np.median(times)),
-        "accuracy": accuracy(plain),
-        "params": [p.detach().clone() for p in plain.parameters()],
-        "steps": len(local_losses),
-        "comm": comm_totals(ledger.report()),
-        "buckets": model.bucket_sizes() if sync == "bucketed" else None,
-    }
+    return summarize(plain, local_losses, times,
+                     comm=comm_totals(ledger.report()),
+                     buckets=model.bucket_sizes() if sync == "bucketed" else None)
 
 
 results = {"cai_labs all-reduce": launch(train_worker, WORLD_SIZE, "allreduce")}
@@ -245,17 +251,8 @@ def colossalai_worker() -> dict:
             optimizer.step()
             times.append(time.perf_counter() - start)
             local_losses.append(loss.item())
-    losses = torch.tensor(local_losses)
-    dist.all_reduce(losses)
     plain = model.unwrap() if hasattr(model, "unwrap") else model
-    return {
-        "losses": (losses / world).tolist(),
-        "step_time": float(np.median(times)),
-        "accuracy": accuracy(plain),
-        "params": [p.detach().clone() for p in plain.parameters()],
-        "steps": len(local_losses),
-        "comm": {},
-    }
+    return summarize(plain, local_losses, times, comm={})  # its DDP talks from C++: not counted
 
 
 if HAVE_COLOSSALAI:
