@@ -9,7 +9,7 @@ one place where tokens meet; two ways to do it across ranks live here:
 * :mod:`~cai_labs.sequence_parallel.all_to_all_attention` — the DeepSpeed-Ulysses layout: two
   all-to-alls swap "all heads, my tokens" for "my heads, all tokens" and back.
 
-:mod:`~cai_labs.sequence_parallel.sharding` holds how a sequence is cut and the serial twin;
+:mod:`~cai_labs.sequence_parallel.chunking` holds how a sequence is cut and the serial twin;
 :mod:`~cai_labs.sequence_parallel.bert` runs a transformers ``BertForMaskedLM`` on local chunks.
 
 The attention functions are imported from their modules
@@ -17,7 +17,7 @@ The attention functions are imported from their modules
 re-export them, so that ``cai_labs.sequence_parallel.ring_attention`` is always the module.
 """
 
-from cai_labs.sequence_parallel.sharding import (
+from cai_labs.sequence_parallel.chunking import (
     check_sequence_split,
     gather_padding_mask,
     serial_attention,

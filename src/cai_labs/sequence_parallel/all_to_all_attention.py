@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from cai_labs.sequence_parallel.sharding import gather_padding_mask, serial_attention
+from cai_labs.sequence_parallel.chunking import gather_padding_mask, serial_attention
 
 __all__ = ["all_to_all_attention", "SeqToHeads", "HeadsToSeq", "seq_to_heads", "heads_to_seq"]
 

@@ -30,8 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from cai_labs.sequence_parallel.all_to_all_attention import all_to_all_attention
+from cai_labs.sequence_parallel.chunking import serial_attention
 from cai_labs.sequence_parallel.ring_attention import ring_attention
-from cai_labs.sequence_parallel.sharding import serial_attention
 
 __all__ = ["tiny_bert_config", "sequence_parallel_mlm_loss", "allreduce_sum_gradients",
            "ATTENTION"]

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from cai_labs.sequence_parallel.sharding import gather_padding_mask, masked_scores
+from cai_labs.sequence_parallel.chunking import gather_padding_mask, masked_scores
 
 __all__ = ["ring_attention", "RingQK", "RingAV", "ring_pass", "ring_reduce"]
 
