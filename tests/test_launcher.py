@@ -122,3 +122,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_forked_ranks_compute_after_the_parent_used_its_thread_pool():
+    """OpenMP is not fork-safe: a child with several threads can hang after the parent used its
+    pool. The launcher gives forked ranks one thread, so this must finish quickly."""
+    a = torch.randn(600, 600)
+    torch.set_num_threads(2)
+    (a @ a).sum()  # the parent's OpenMP pool is now live
+
+    def matmul() -> float:
+        b = torch.randn(600, 600)
+        return float((b @ b).sum()) * 0 + torch.get_num_threads()
+
+    for n in (1, 2):
+        assert launch(matmul, n, timeout=60) == 1

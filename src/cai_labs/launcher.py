@@ -16,7 +16,10 @@ What the parent guarantees:
   rank's traceback, within about a second;
 * a collective that waits for a peer that never comes raises after ``collective_timeout`` seconds,
   and the whole call is bounded by ``timeout``;
-* no child process outlives the call, whatever happened.
+* no child process outlives the call, whatever happened;
+* each forked rank computes on one intra-op thread: OpenMP's thread pool does not survive a
+  fork (a child asking for more threads after the parent used its pool can hang), and ranks
+  that share a machine's cores should not oversubscribe them anyway.
 
 Under ``torchrun`` the process group comes from the environment instead (``RANK``,
 ``WORLD_SIZE``, ``MASTER_ADDR``, ...): ``launch(fn, n)`` then runs ``fn`` in place on this rank,
@@ -51,7 +54,6 @@ __all__ = [
     "rank_info",
     "device",
     "under_torchrun",
-    "threads_per_rank",
 ]
 
 
@@ -83,17 +85,6 @@ class RankInfo:
 def under_torchrun() -> bool:
     """True when this process was started by ``torchrun`` (or any launcher that sets the env)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
-
-
-def threads_per_rank(world_size: int) -> int:
-    """Intra-op threads for each rank so that all ranks together use the cores once.
-
-    Four ranks on two cores, each with PyTorch's default of two threads, would run eight busy
-    threads on two cores; they slow each other down far more than they help. One thread per rank
-    (or ``cores // world_size``) keeps measured step times meaningful.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, world_size))
 
 
 def _pick_backend(world_size: int, backend: str | None) -> str:
@@ -137,7 +128,10 @@ def _worker(
         # the child must die on SIGTERM and never run the parent's exit handlers.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        torch.set_num_threads(threads_per_rank(world_size))
+        # OpenMP is not fork-safe: once the parent has used its thread pool (any sizeable torch
+        # op), a forked child that asks OpenMP for more than one thread can hang for ever. So a
+        # forked rank computes on one thread; under torchrun (no fork) this does not apply.
+        torch.set_num_threads(1)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
         if backend == "nccl":
             torch.cuda.set_device(rank)
