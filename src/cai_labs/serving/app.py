@@ -153,7 +153,7 @@ def create_app(checkpoint: str | Path | None = None, config: ServeConfig | None 
 
     def job_for(req: GenerateRequest, ids: list[int], on_token=None) -> GenerationJob:
         return GenerationJob(ids, req.max_new_tokens, req.temperature, req.top_k, req.seed,
-                             on_token)
+                             on_token, req.ignore_eos)
 
     def response(result: Completion, n_prompt: int, cached: bool, arrived: float,
                  queue_s: float) -> GenerateResponse:

@@ -42,6 +42,7 @@ class GenerationJob:
     top_k: int | None = None
     seed: int | None = None
     on_token: Callable[[int, str], None] | None = None
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -81,6 +82,9 @@ class RowSampler:
 
     def _pick(self, i: int, row: torch.Tensor) -> int:
         job = self.jobs[i]
+        if job.ignore_eos:  # benchmarking: always produce max_new_tokens tokens
+            row = row.clone()
+            row[self.eos_id] = float("-inf")
         if job.temperature == 0:
             return int(row.argmax())
         logits = row.float() / job.temperature
@@ -136,6 +140,8 @@ class GenerationEngine:
         self.eos_id = int(eos)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_id
+        bos = tokenizer.bos_token_id
+        self.bos_id = int(bos) if bos is not None else None
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048))
 
     @classmethod
@@ -156,8 +162,15 @@ class GenerationEngine:
         return cls(model, tokenizer, torch_threads=torch_threads)
 
     def encode(self, prompt: str) -> list[int]:
-        """Token ids of ``prompt`` as the model was trained on (with the tokenizer's BOS)."""
-        return list(self.tokenizer(prompt)["input_ids"])
+        """Token ids of ``prompt``, starting with the beginning-of-text token.
+
+        OPT was trained on texts that start with ``</s>`` (its BOS); facebook/opt tokenizers add
+        it themselves, small locally trained ones may not, so it is added here when missing.
+        """
+        ids = list(self.tokenizer(prompt)["input_ids"])
+        if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -186,6 +199,7 @@ class GenerationEngine:
                 logits_processor=[sampler],
                 do_sample=False,
                 num_beams=1,
+                use_cache=True,  # keys/values of earlier positions are kept, not recomputed
                 max_new_tokens=max(job.max_new_tokens for job in jobs),
                 pad_token_id=self.pad_id,
                 eos_token_id=self.eos_id,

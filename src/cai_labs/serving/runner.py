@@ -15,6 +15,7 @@ server starts, so two servers never race for a port.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import socket
@@ -110,18 +111,27 @@ class ServerProcess:
                     "--port", "0", *(args or [])]
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
+        self.log_path: Path | None = None
         self.url = ""
 
     def __enter__(self) -> str:
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        return self.start()
+
+    def start(self) -> str:
+        """Start the process, wait until ``/health`` answers, return the base URL. The process
+        is also stopped when this interpreter exits, should :meth:`stop` never be called."""
+        fd, name = tempfile.mkstemp(suffix=".log", prefix="cai_labs_serving_")
+        self.log_path = Path(name)
+        atexit.register(self.stop)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # same cai_labs as ours
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=env, stdin=subprocess.DEVNULL)
+        with os.fdopen(fd, "w") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env=env, stdin=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + self.startup_timeout
             while not self.url:
-                text = Path(self.log.name).read_text()
+                text = self.log_path.read_text()
                 found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", text)
                 if found:
                     self.url = found.group(1)
@@ -138,9 +148,11 @@ class ServerProcess:
 
     def output(self) -> str:
         """What the server printed so far."""
-        return Path(self.log.name).read_text()
+        return self.log_path.read_text() if self.log_path else ""
 
     def stop(self) -> None:
+        """Terminate the server (SIGTERM, then SIGKILL after 15 s); safe to call twice."""
+        atexit.unregister(self.stop)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()  # uvicorn shuts down gracefully on SIGTERM
             try:
@@ -148,8 +160,9 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+            self.log_path = None
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -34,6 +34,10 @@ class GenerateRequest(BaseModel):
         "is reproducible (and cacheable), whatever batch it is decoded in.",
     )
     use_cache: bool = Field(True, description="Allow an answer from the result cache.")
+    ignore_eos: bool = Field(
+        False, description="Never stop at end-of-text: always generate max_new_tokens tokens "
+        "(for benchmarks, as in vLLM's sampling parameters)."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -49,7 +53,8 @@ class GenerateRequest(BaseModel):
 
     def cache_key(self) -> tuple:
         """Everything that determines the output (``use_cache`` does not)."""
-        return (self.prompt, self.max_new_tokens, self.temperature, self.top_k, self.seed)
+        return (self.prompt, self.max_new_tokens, self.temperature, self.top_k, self.seed,
+                self.ignore_eos)
 
 
 class GenerateResponse(BaseModel):
