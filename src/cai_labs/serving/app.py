@@ -5,7 +5,8 @@ Endpoints (interactive OpenAPI docs at ``/docs``, the schema at ``/openapi.json`
 * ``POST /generate`` — JSON in (:class:`~cai_labs.serving.schemas.GenerateRequest`), JSON out
   (:class:`~cai_labs.serving.schemas.GenerateResponse`).
 * ``POST /generate/stream`` — same body; answers with server-sent events, one ``token`` event per
-  new token as it is decoded, then one ``done`` event carrying the full response.
+  new token as it is decoded (its id and the text it adds; ``""`` while a multi-byte character
+  is incomplete), then one ``done`` event carrying the full response.
 * ``GET /health`` — liveness, the checkpoint and the settings in force.
 * ``GET /metrics`` — counters, observed batch sizes, queue depth, cache hits, latency.
 * ``POST /metrics/reset`` and ``POST /cache/clear`` — between load-test phases.
@@ -260,9 +261,9 @@ def create_app(checkpoint: str | Path | None = None, config: ServeConfig | None 
                 if item is None:
                     break
                 token_id, text = item
-                if text.endswith("\ufffd"):
-                    continue  # half of a multi-byte character: wait for the rest
-                delta, sent = text[len(sent):], text
+                delta = ""
+                if not text.endswith("\ufffd"):  # else: half a character, send it with the rest
+                    delta, sent = text[len(sent):], text
                 yield f"event: token\ndata: {json.dumps({'token_id': token_id, 'text': delta})}\n\n"
             exc = pending.future.exception()
             if exc is not None:
