@@ -61,7 +61,7 @@ def main() -> None:
         for name, batch in (("batching on", args.concurrency), ("batching off", 1)):
             server = ServerProcess(checkpoint, ["--threads", "1", "--cache-size", "0",
                                                 "--max-batch-size", str(batch),
-                                                "--max-wait-ms", "20",
+                                                "--max-wait-ms", "50",
                                                 "--queue-size", str(4 * args.concurrency)])
             with server as url:
                 load_test(url, work[:8], concurrency=4, max_requests=8)  # warm-up

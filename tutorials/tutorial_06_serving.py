@@ -48,7 +48,7 @@ REQUESTS_PER_RUN = 96  # bound on requests per run
 TIME_LIMIT_S = 30.0  # bound on seconds per run
 NEW_TOKENS = 24  # tokens generated per load-test request
 MAX_BATCH = 16  # dynamic batching: most requests per generate call
-MAX_WAIT_MS = 20.0  # dynamic batching: longest wait for a batch to fill
+MAX_WAIT_MS = 50.0  # dynamic batching: longest wait for a batch to fill
 QUEUE_SIZE = 64  # bounded queue in front of the batcher
 CACHE_SIZE = 256  # LRU result cache entries
 THREADS = 1  # torch threads of each server process
@@ -247,7 +247,8 @@ def measure(name: str, concurrency: int, payloads: list[dict]) -> dict:
             "rejected (503)": r.rejected, "throughput (req/s)": r.throughput_rps,
             "tokens/s": r.tokens_per_s, "p50 (ms)": r.p50_ms, "p99 (ms)": r.p99_ms,
             "mean (ms)": r.mean_ms, "Little N/X (ms)": 1e3 * concurrency / r.throughput_rps,
-            "mean batch": m["mean_batch_size"], "cache hits": m["cache"]["hits"]}
+            "mean batch": m["mean_batch_size"], "cache hits": m["cache"]["hits"],
+            "batch sizes": m["batch_sizes"]}
 
 
 for name in urls:  # warm both servers up
@@ -266,13 +267,23 @@ httpx.post(f"{url}/cache/clear")
 rows.append({**measure("batching on", 16, repeated), "server": "batching on + cache"})
 rows.append({**measure("batching on", 16, load[:16]), "server": "batching on, cache off"})
 table = pd.DataFrame(rows).set_index(["server", "concurrency"])
+histograms = table.pop("batch sizes")
 table.style.format({c: "{:.1f}" for c in table.columns if table[c].dtype.kind == "f"})
 
 # %%
 # Reading the table. Without batching, the server decodes one request at a time: throughput stays
-# flat as clients are added and every extra client only waits longer (latency grows like
+# roughly flat as clients are added and every extra client only waits longer (latency grows like
 # :math:`N / X`). With batching, more clients fill bigger batches ("mean batch", read from the
-# server's ``/metrics``), so throughput grows with concurrency while latency grows much less.
+# server's ``/metrics``), so throughput grows with concurrency and latency grows much less.
+# Batches often stay below ``MAX_BATCH`` even with 16 clients (the histogram printed below
+# shows every batch size the server ran): when a batch is answered, its clients need some time
+# to read their answers and send the next requests, and a request that arrived during the
+# previous batch starts the wait clock at once; whoever is not back within ``MAX_WAIT_MS``
+# rides in a later, smaller batch. A longer wait makes fuller batches at the price of latency
+# for a lone request, which is why one client is served faster with batching off. The served gain is
+# also below the engine-level ideal above because HTTP parsing, JSON and the load generator
+# itself share the same two CPU cores with the model (timings on a shared machine are noisy,
+# too: compare the columns within one build, not across builds).
 # With a single client, batching cannot help: the batch is always 1, and the ``max_wait_ms``
 # bound is what a lone request pays for the chance of company. The cache removes the model from
 # repeated requests altogether.
@@ -284,14 +295,17 @@ print(f"concurrency 16: batching gives {gain:.2f}x the throughput of one-at-a-ti
       f"(goal >= 3x; engine-level ideal b·T(1)/T(b) at b={MAX_BATCH}: "
       f"{engine_table.loc[MAX_BATCH, 'ideal gain b·T(1)/T(b)']:.1f}x); "
       f"p99 {on16['p99 (ms)']:.0f} ms vs {off16['p99 (ms)']:.0f} ms")
+print("batch sizes the batching server ran at 16 clients (size: count):",
+      histograms[("batching on", 16)])
 assert on16["mean batch"] > 1, "no batching happened under concurrent load"
 
 fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.8))
-for name, style in (("batching on", "o-"), ("batching off", "s--")):
+for name, marker, color in (("batching on", "o", "C0"), ("batching off", "s", "C1")):
     part = table.loc[name]
-    ax1.plot(part.index, part["throughput (req/s)"], style, label=name)
-    ax2.plot(part.index, part["p50 (ms)"], style, label=f"{name}, p50")
-    ax2.plot(part.index, part["p99 (ms)"], style, alpha=0.45, label=f"{name}, p99")
+    ax1.plot(part.index, part["throughput (req/s)"], marker=marker, color=color, label=name)
+    ax2.plot(part.index, part["p50 (ms)"], marker=marker, color=color, label=f"{name}, p50")
+    ax2.plot(part.index, part["p99 (ms)"], marker=marker, color=color, ls=":", alpha=0.6,
+             label=f"{name}, p99")
 ax1.set(xlabel="concurrent clients", ylabel="requests/s", xscale="log", xticks=CONCURRENCIES,
         xticklabels=CONCURRENCIES, title="Throughput")
 ax2.set(xlabel="concurrent clients", ylabel="latency (ms)", xscale="log", xticks=CONCURRENCIES,
