@@ -124,7 +124,8 @@ class ServerProcess:
         self.log_path = Path(name)
         atexit.register(self.stop)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # same cai_labs as ours
+        here = str(Path(__file__).resolve().parents[2])  # the child imports this cai_labs
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         with os.fdopen(fd, "w") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
                                          env=env, stdin=subprocess.DEVNULL)
