@@ -5,7 +5,8 @@ Serves the fine-tuned OPT checkpoint of the fine-tuning recipe (made here in a f
 ``python -m cai_labs.serving`` process on a free loopback port: once with ``--max-batch-size 16``,
 once with ``--max-batch-size 1`` (batching off). The result cache is off in both, so every request
 reaches the model. A bounded closed-loop load of ``--requests`` requests from 16 concurrent
-clients measures throughput and p50/p99 latency. Prints the measured ratio next to the goal;
+clients measures throughput and p50/p99 latency; the two servers take turns ``--repeats`` times
+and each keeps its best run. Prints the measured ratio next to the goal;
 never asserts on wall-clock time (this machine's cores may be shared).
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+
+import httpx
 
 from cai_labs.serving import ServerProcess, load_test
 
@@ -41,7 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="save_pretrained dir (default: make)")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=320, help="requests per run (bound)")
+    parser.add_argument("--requests", type=int, default=160, help="requests per run (bound)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per setting, best kept")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per run (bound)")
     args = parser.parse_args()
 
@@ -57,30 +61,40 @@ def main() -> None:
             checkpoint = make_finetuned_checkpoint(tmp)
             print(f"fine-tuned OPT checkpoint made in {time.perf_counter() - start:.1f} s")
         work = payloads(checkpoint)
-        results = {}
-        for name, batch in (("batching on", args.concurrency), ("batching off", 1)):
-            server = ServerProcess(checkpoint, ["--threads", "1", "--cache-size", "0",
-                                                "--max-batch-size", str(batch),
-                                                "--max-wait-ms", "50",
-                                                "--queue-size", str(4 * args.concurrency)])
-            with server as url:
+        settings = {"batching on": args.concurrency, "batching off": 1}
+        servers = {name: ServerProcess(checkpoint, [
+            "--threads", "1", "--cache-size", "0", "--max-batch-size", str(batch),
+            "--max-wait-ms", "50", "--queue-size", str(4 * args.concurrency)])
+            for name, batch in settings.items()}
+        best: dict = {}
+        try:
+            urls = {name: server.start() for name, server in servers.items()}
+            for url in urls.values():
                 load_test(url, work[:8], concurrency=4, max_requests=8)  # warm-up
-                results[name] = load_test(url, work, concurrency=args.concurrency,
-                                          max_requests=args.requests,
-                                          time_limit_s=args.time_limit)
-                import httpx
-
-                seen = httpx.get(f"{url}/metrics").json()["mean_batch_size"]
-            r = results[name]
-            print(f"serving {name:12s} (max batch {batch:2d}) concurrency {r.concurrency}: "
-                  f"{r.ok}/{r.sent} ok in {r.seconds:.2f} s, {r.throughput_rps:7.1f} req/s, "
-                  f"p50 {r.p50_ms:7.1f} ms, p99 {r.p99_ms:7.1f} ms, mean batch {seen:.1f}")
-        ratio = results["batching on"].throughput_rps / results["batching off"].throughput_rps
-        print(f"serving throughput batching-on / batching-off at concurrency {args.concurrency}: "
-              f"{ratio:.2f}x (goal >= {GOAL:.0f}x: {'met' if ratio >= GOAL else 'NOT met'}); "
-              f"p99 latency on {results['batching on'].p99_ms:.1f} ms vs off "
-              f"{results['batching off'].p99_ms:.1f} ms")
-
+            # Alternate the two servers so that a disturbance of the machine hits both alike;
+            # keep each one's best run (the least disturbed).
+            for rep in range(args.repeats):
+                for name, url in urls.items():
+                    httpx.post(f"{url}/metrics/reset")
+                    r = load_test(url, work, concurrency=args.concurrency,
+                                  max_requests=args.requests, time_limit_s=args.time_limit)
+                    seen = httpx.get(f"{url}/metrics").json()["mean_batch_size"]
+                    print(f"serving {name:12s} (max batch {settings[name]:2d}) run {rep + 1}: "
+                          f"concurrency {r.concurrency}, {r.ok}/{r.sent} ok in {r.seconds:.2f} s, "
+                          f"{r.throughput_rps:7.1f} req/s, p50 {r.p50_ms:7.1f} ms, "
+                          f"p99 {r.p99_ms:7.1f} ms, mean batch {seen:.1f}")
+                    if name not in best or r.throughput_rps > best[name].throughput_rps:
+                        best[name] = r
+        finally:
+            for server in servers.values():
+                server.stop()
+        on, off = best["batching on"], best["batching off"]
+        ratio = on.throughput_rps / off.throughput_rps
+        print(f"serving throughput batching-on / batching-off at concurrency {args.concurrency} "
+              f"(best of {args.repeats}): {on.throughput_rps:.1f} / {off.throughput_rps:.1f} "
+              f"req/s = {ratio:.2f}x (goal >= {GOAL:.0f}x: "
+              f"{'met' if ratio >= GOAL else 'NOT met'}); p99 latency {on.p99_ms:.0f} ms "
+              f"(on) vs {off.p99_ms:.0f} ms (off)")
 
 if __name__ == "__main__":
     main()

@@ -197,3 +197,12 @@ def test_command_line_server_starts_answers_and_stops(checkpoint):
         r = httpx.post(f"{url}/generate", json={"prompt": "hello", "max_new_tokens": 3})
         assert r.status_code == 200 and r.json()["completion_tokens"] == 3
     assert server.proc.poll() is not None  # stopped
+
+
+def test_command_line_rejects_a_bad_checkpoint_or_setting(tmp_path):
+    from cai_labs.serving.__main__ import main
+
+    with pytest.raises(SystemExit, match="not a save_pretrained checkpoint directory"):
+        main(["--checkpoint", str(tmp_path)])
+    with pytest.raises(SystemExit, match="queue_size"):
+        main(["--checkpoint", str(tmp_path), "--queue-size", "0"])
