@@ -364,8 +364,9 @@ print("server processes ended:", [s.proc.poll() is not None for s in servers.val
 # longest request ends: *continuous batching* admits new requests into the running batch at
 # every decoding step, and a *paged* key/value cache stores each request's keys and values in
 # fixed-size blocks so that batches of very different lengths share GPU memory. Colossal-AI's
-# inference engine does both; its use looks like this (**not executed on CPU**: it requires
-# CUDA)::
+# inference engine does both, for the model families in its support matrix (Llama-style models
+# among them; check the matrix of your Colossal-AI version for yours). Its use looks like this
+# (**not executed on CPU**: it requires CUDA)::
 #
 #     import colossalai
 #     import torch
@@ -373,11 +374,11 @@ print("server processes ended:", [s.proc.poll() is not None for s in servers.val
 #     from colossalai.inference import InferenceConfig, InferenceEngine
 #
 #     colossalai.launch_from_torch()
-#     model = transformers.OPTForCausalLM.from_pretrained(CHECKPOINT_DIR).cuda()
+#     model = transformers.AutoModelForCausalLM.from_pretrained(CHECKPOINT_DIR).cuda()
 #     tokenizer = transformers.AutoTokenizer.from_pretrained(CHECKPOINT_DIR)
 #     config = InferenceConfig(dtype=torch.float16, max_batch_size=16,
 #                              max_input_len=256, max_output_len=64)
 #     engine = InferenceEngine(model, tokenizer, config, verbose=True)
-#     print(engine.generate(prompts=["reverse abcd =>"]))
+#     print(engine.generate(prompts=["Who trained this model?"]))
 #
 # Only the CPU runs on this page were executed for this build.
