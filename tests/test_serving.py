@@ -206,3 +206,10 @@ def test_command_line_rejects_a_bad_checkpoint_or_setting(tmp_path):
         main(["--checkpoint", str(tmp_path)])
     with pytest.raises(SystemExit, match="queue_size"):
         main(["--checkpoint", str(tmp_path), "--queue-size", "0"])
+
+
+def test_request_timeout_answers_504_and_server_survives(engine):
+    with serve(engine, request_timeout_s=0.005, max_wait_ms=20, cache_size=0) as url:
+        r = httpx.post(f"{url}/generate", json={"prompt": "hello", "max_new_tokens": 32})
+        assert r.status_code == 504 and "not answered within" in r.json()["error"]
+        assert httpx.get(f"{url}/health").status_code == 200

@@ -214,7 +214,7 @@ def create_app(checkpoint: str | Path | None = None, config: ServeConfig | None 
         try:
             result = await asyncio.wait_for(asyncio.shield(pending.future),
                                             config.request_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # (an alias of TimeoutError from Python 3.11)
             return error(504, f"not answered within {config.request_timeout_s} s; the server "
                               "is overloaded: retry later or ask for fewer tokens")
         except Exception as exc:
@@ -254,7 +254,7 @@ def create_app(checkpoint: str | Path | None = None, config: ServeConfig | None 
                 try:
                     item = await asyncio.wait_for(tokens.get(),
                                                   max(0.0, deadline - time.perf_counter()))
-                except TimeoutError:
+                except asyncio.TimeoutError:  # (an alias of TimeoutError from Python 3.11)
                     metrics.record("timeout")
                     yield f"event: error\ndata: {json.dumps({'error': 'timed out'})}\n\n"
                     return
