@@ -26,7 +26,8 @@ CPU whose cores the load generator and the server share.
 # ------
 # The constants size the run; raise them on your own machine. ``CONCURRENCIES`` are the numbers of
 # clients that each send a request and wait for its answer before sending the next;
-# ``REQUESTS_PER_RUN`` and ``TIME_LIMIT_S`` bound every load-test run.
+# ``REQUESTS_PER_RUN`` and ``TIME_LIMIT_S`` bound every load-test run, ``REPEATS`` runs of each
+# setting are made and the best is kept.
 
 import json
 import tempfile
@@ -44,7 +45,8 @@ from cai_labs.recipes.opt_finetune import FinetuneConfig, make_finetuned_checkpo
 from cai_labs.serving import GenerationEngine, GenerationJob, ServerProcess, load_test
 
 CONCURRENCIES = (1, 4, 16)  # closed-loop clients per load-test run
-REQUESTS_PER_RUN = 96  # bound on requests per run
+REQUESTS_PER_RUN = 64  # bound on requests per run
+REPEATS = 2  # runs per setting (servers take turns); the best is kept
 TIME_LIMIT_S = 30.0  # bound on seconds per run
 NEW_TOKENS = 24  # tokens generated per load-test request
 MAX_BATCH = 16  # dynamic batching: most requests per generate call
@@ -253,7 +255,17 @@ def measure(name: str, concurrency: int, payloads: list[dict]) -> dict:
 
 for name in urls:  # warm both servers up
     load_test(urls[name], load[:4], concurrency=2, max_requests=4)
-rows = [measure(name, c, load) for name in urls for c in CONCURRENCIES]
+# Other processes on the machine disturb single runs; the two servers take turns REPEATS times
+# and each setting keeps its best (least disturbed) run.
+best: dict = {}
+for c in CONCURRENCIES:
+    for _ in range(REPEATS):
+        for name in urls:
+            run = measure(name, c, load)
+            key = (name, c)
+            if key not in best or run["throughput (req/s)"] > best[key]["throughput (req/s)"]:
+                best[key] = run
+rows = [best[(name, c)] for name in urls for c in CONCURRENCIES]
 
 # %%
 # Cache on vs off
@@ -275,8 +287,9 @@ table.style.format({c: "{:.1f}" for c in table.columns if table[c].dtype.kind ==
 # cannot grow as clients are added, so every extra client only waits longer (latency grows like
 # :math:`N / X`). With batching, more clients fill bigger batches ("mean batch", read from the
 # server's ``/metrics``), so throughput can grow with concurrency and the mean latency grows
-# less. Individual runs on a shared machine are disturbed by whatever else runs on it, which shows
-# most in p99 (with ``REQUESTS_PER_RUN`` requests, p99 is close to the single slowest one).
+# less. Runs on a shared machine are disturbed by whatever else runs on it (hence the best of
+# ``REPEATS``), which shows most in p99: with ``REQUESTS_PER_RUN`` requests, p99 is close to the
+# single slowest one.
 # Batches often stay below ``MAX_BATCH`` even with 16 clients (the histogram printed below
 # shows every batch size the server ran): when a batch is answered, its clients need some time
 # to read their answers and send the next requests, and a request that arrived during the
