@@ -108,7 +108,7 @@ print(f"... {len(jobs)} requests decoded in one batch, identical to one at a tim
 # ideal serving gain of batch size :math:`b` is :math:`b\,T(1)/T(b)`.
 
 
-def time_batch(b: int, repeats: int = 3) -> float:
+def time_batch(b: int, repeats: int = 5) -> float:
     jobs = [GenerationJob(engine.encode(task.prompt(w)), NEW_TOKENS, ignore_eos=True)
             for w in task.test_words[:b]]
     engine.generate_batch(jobs)  # warm-up
