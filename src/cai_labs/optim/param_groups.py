@@ -1,0 +1,79 @@
+"""Split a model's parameters into the groups large-batch optimizers expect.
+
+LARS and LAMB scale each layer's step by a *trust ratio* built from the norm of that layer's
+weights. For a bias or a normalisation layer's scale and shift, that ratio means little: those
+tensors are small, often start at exactly zero or one, and their norm says nothing about the scale
+of a useful update. Decaying them towards zero also hurts (a LayerNorm gain of zero switches the
+layer off). So the usual recipe (You et al. 2017 and 2019; Goyal et al. 2017; the reference LARS
+ImageNet code) is: biases and normalisation parameters get **no weight decay and no trust
+ratio**; every other tensor gets both.
+
+:func:`param_groups` returns two ``torch.optim`` parameter groups that encode exactly that:
+
+* ``{"params": weights, "weight_decay": wd, "adapt": True, "names": [...]}``
+* ``{"params": biases_and_norms, "weight_decay": 0.0, "adapt": False, "names": [...]}``
+
+The ``adapt`` key is read by :class:`~cai_labs.optim.LARS` and :class:`~cai_labs.optim.LAMB`
+(ordinary optimizers ignore it); ``names`` lets an optimizer report trust ratios per layer name.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["NORM_TYPES", "is_excluded", "param_groups"]
+
+#: Module types whose parameters are normalisation scales and shifts.
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+)
+if hasattr(nn, "RMSNorm"):
+    NORM_TYPES = (*NORM_TYPES, nn.RMSNorm)
+
+
+def is_excluded(module: nn.Module, param_name: str) -> bool:
+    """True if the parameter ``param_name`` of ``module`` (its direct owner) is a bias or belongs
+    to a normalisation layer, i.e. should get neither weight decay nor a trust ratio."""
+    return isinstance(module, NORM_TYPES) or param_name == "bias" or param_name.endswith(".bias")
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float = 0.0, exclude_bias_and_norm: bool = True
+) -> list[dict]:
+    """Parameter groups for LARS/LAMB: decayed and adapted weights, then excluded tensors.
+
+    Args:
+        model: any module; every parameter with ``requires_grad`` lands in exactly one group.
+        weight_decay: the decay of the adapted group (the excluded group always has 0).
+        exclude_bias_and_norm: if False, everything goes in the first group (one group is
+            returned), which is what an optimizer given ``model.parameters()`` would do.
+
+    Returns:
+        A list of one or two dicts to pass as the optimizer's ``params``. Empty groups are
+        dropped.
+    """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
+    adapted: list[tuple[str, nn.Parameter]] = []
+    excluded: list[tuple[str, nn.Parameter]] = []
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            target = excluded if exclude_bias_and_norm and is_excluded(module, p_name) else adapted
+            target.append((full, p))
+    groups = []
+    if adapted:
+        groups.append({"params": [p for _, p in adapted], "names": [n for n, _ in adapted],
+                       "weight_decay": weight_decay, "adapt": True})
+    if excluded:
+        groups.append({"params": [p for _, p in excluded], "names": [n for n, _ in excluded],
+                       "weight_decay": 0.0, "adapt": False})
+    return groups
