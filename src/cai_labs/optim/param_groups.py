@@ -13,6 +13,10 @@ ratio**; every other tensor gets both.
 * ``{"params": weights, "weight_decay": wd, "adapt": True, "names": [...]}``
 * ``{"params": biases_and_norms, "weight_decay": 0.0, "adapt": False, "names": [...]}``
 
+Each exclusion can be switched off on its own: excluded tensors that keep no trust ratio move
+with the raw global rate, and LARS's global rate is large (its steps are ``lr * eta * ||w||``
+with ``eta ~ 1e-3``); some recipes therefore exclude them from decay only.
+
 The ``adapt`` key is read by :class:`~cai_labs.optim.LARS` and :class:`~cai_labs.optim.LAMB`
 (ordinary optimizers ignore it); ``names`` lets an optimizer report trust ratios per layer name.
 """
@@ -42,24 +46,30 @@ def is_excluded(module: nn.Module, param_name: str) -> bool:
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float = 0.0, exclude_bias_and_norm: bool = True
+    model: nn.Module,
+    weight_decay: float = 0.0,
+    exclude_from_decay: bool = True,
+    exclude_from_adaptation: bool = True,
 ) -> list[dict]:
-    """Parameter groups for LARS/LAMB: decayed and adapted weights, then excluded tensors.
+    """Parameter groups for LARS/LAMB: weights first, then biases and normalisation tensors.
 
     Args:
         model: any module; every parameter with ``requires_grad`` lands in exactly one group.
-        weight_decay: the decay of the adapted group (the excluded group always has 0).
-        exclude_bias_and_norm: if False, everything goes in the first group (one group is
-            returned), which is what an optimizer given ``model.parameters()`` would do.
+        weight_decay: the decay of the weights (and of the excluded tensors if
+            ``exclude_from_decay`` is False).
+        exclude_from_decay: biases and norm parameters get ``weight_decay=0``.
+        exclude_from_adaptation: biases and norm parameters get ``adapt=False`` (trust ratio 1,
+            so they move with the *global* rate: with LARS, whose global rate is often 10-100x
+            SGD's, that can be too large; the tutorial measures it).
 
     Returns:
-        A list of one or two dicts to pass as the optimizer's ``params``. Empty groups are
-        dropped.
+        A list of one or two dicts to pass as the optimizer's ``params`` (each with ``params``,
+        ``names``, ``weight_decay`` and ``adapt``). With both exclusions off, one group.
     """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
-    adapted: list[tuple[str, nn.Parameter]] = []
-    excluded: list[tuple[str, nn.Parameter]] = []
+    regular: list[tuple[str, nn.Parameter]] = []
+    special: list[tuple[str, nn.Parameter]] = []
     seen: set[int] = set()
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
@@ -67,13 +77,15 @@ def param_groups(
                 continue
             seen.add(id(p))
             full = f"{mod_name}.{p_name}" if mod_name else p_name
-            target = excluded if exclude_bias_and_norm and is_excluded(module, p_name) else adapted
-            target.append((full, p))
+            (special if is_excluded(module, p_name) else regular).append((full, p))
+    if not (exclude_from_decay or exclude_from_adaptation):
+        regular, special = regular + special, []
     groups = []
-    if adapted:
-        groups.append({"params": [p for _, p in adapted], "names": [n for n, _ in adapted],
+    if regular:
+        groups.append({"params": [p for _, p in regular], "names": [n for n, _ in regular],
                        "weight_decay": weight_decay, "adapt": True})
-    if excluded:
-        groups.append({"params": [p for _, p in excluded], "names": [n for n, _ in excluded],
-                       "weight_decay": 0.0, "adapt": False})
+    if special:
+        groups.append({"params": [p for _, p in special], "names": [n for n, _ in special],
+                       "weight_decay": 0.0 if exclude_from_decay else weight_decay,
+                       "adapt": not exclude_from_adaptation})
     return groups
