@@ -164,6 +164,8 @@ def test_param_groups_exclude_biases_and_norms():
     decay_only = param_groups(_Net(), 0.1, exclude_from_adaptation=False)
     assert decay_only[1]["weight_decay"] == 0.0 and decay_only[1]["adapt"]
     assert len(param_groups(_Net(), 0.1, False, False)) == 1
+    own_lr = param_groups(_Net(), 0.1, excluded_lr=0.05)
+    assert own_lr[1]["lr"] == 0.05 and "lr" not in own_lr[0]
     with pytest.raises(ValueError, match="weight_decay"):
         param_groups(_Net(), -1.0)
 

@@ -50,6 +50,7 @@ def param_groups(
     weight_decay: float = 0.0,
     exclude_from_decay: bool = True,
     exclude_from_adaptation: bool = True,
+    excluded_lr: float | None = None,
 ) -> list[dict]:
     """Parameter groups for LARS/LAMB: weights first, then biases and normalisation tensors.
 
@@ -61,6 +62,9 @@ def param_groups(
         exclude_from_adaptation: biases and norm parameters get ``adapt=False`` (trust ratio 1,
             so they move with the *global* rate: with LARS, whose global rate is often 10-100x
             SGD's, that can be too large; the tutorial measures it).
+        excluded_lr: if given, the excluded group gets its own ``lr`` (for LARS: an SGD rate
+            for the tensors that take plain SGD steps). Schedules such as ``LambdaLR`` scale
+            each group's own rate, so the two stay in proportion.
 
     Returns:
         A list of one or two dicts to pass as the optimizer's ``params`` (each with ``params``,
@@ -68,6 +72,8 @@ def param_groups(
     """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
+    if excluded_lr is not None and excluded_lr < 0:
+        raise ValueError(f"excluded_lr must be >= 0 or None; got {excluded_lr}")
     regular: list[tuple[str, nn.Parameter]] = []
     special: list[tuple[str, nn.Parameter]] = []
     seen: set[int] = set()
@@ -88,4 +94,6 @@ def param_groups(
         groups.append({"params": [p for _, p in special], "names": [n for n, _ in special],
                        "weight_decay": 0.0 if exclude_from_decay else weight_decay,
                        "adapt": not exclude_from_adaptation})
+        if excluded_lr is not None:
+            groups[-1]["lr"] = excluded_lr
     return groups
