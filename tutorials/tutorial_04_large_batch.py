@@ -286,8 +286,8 @@ ablation = runs.pop()
 # (:math:`\text{EPOCHS}\cdot N/B`); test accuracy after the last epoch and the best over epochs;
 # measured training time per epoch and samples per second (rank 0's clock, so including waits
 # for the slowest rank); the measured time until the test accuracy first reached
-# ``TARGET_ACCURACY`` (checked after each epoch, so it is a multiple of epoch times; empty if never
-# reached); and the all-reduced gradient bytes per training sample, from the ledger, next to the
+# ``TARGET_ACCURACY`` (checked after each epoch, so it is a sum of epoch times; "not reached"
+# if never); and the all-reduced gradient bytes per training sample, from the ledger, next to the
 # formula :math:`P/B` (one all-reduce of all :math:`P` gradient bytes per step of :math:`B`
 # samples).
 
