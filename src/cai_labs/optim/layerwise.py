@@ -3,7 +3,7 @@
 With a large batch, the linear scaling rule (learning rate proportional to batch size) makes the
 learning rate large, and a single global rate is then too large for some layers and too small
 for others: the ratio :math:`\\|w\\| / \\|\\text{update}\\|` differs by orders of magnitude between
-layers (You et al. 2017 measured 0.2 to 10^4 in AlexNet). Layer-wise adaptation multiplies each
+layers (You et al. 2017 show it layer by layer for AlexNet). Layer-wise adaptation multiplies each
 tensor's step by a trust ratio proportional to :math:`\\|w\\| / \\|\\text{update}\\|`, so that every
 layer moves by about the same *relative* amount, whatever its gradient scale.
 
