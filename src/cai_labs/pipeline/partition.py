@@ -12,6 +12,8 @@ no block would do nothing useful, so more stages than blocks is an error.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -51,8 +53,10 @@ class GPTStage(nn.Module):
     * first stage: input token ids ``(b, s)`` int64, else activations ``(b, s, d)``;
     * last stage: output logits ``(b, s, V)``, else activations ``(b, s, d)``.
 
-    The attributes ``blocks``, ``tok_emb``/``pos_emb`` and ``ln_f``/``head`` may be replaced by
-    tensor-parallel versions after construction (the hybrid layouts do that).
+    Tensor-parallel layouts replace ``blocks`` by their parallel twins after construction and
+    set ``enter_blocks`` / ``leave_blocks``: the functions that turn the whole activation
+    ``(b, s, d)`` into this rank's part of it after the embeddings (first stage), and back
+    before the final norm (last stage). Between stages the partitioned activation travels.
     """
 
     def __init__(self, gpt: GPT, stage: int, n_stages: int):
@@ -69,13 +73,20 @@ class GPTStage(nn.Module):
             self.tok_emb, self.pos_emb = gpt.tok_emb, gpt.pos_emb
         if self.is_last:
             self.ln_f, self.head = gpt.ln_f, gpt.head
+        self.enter_blocks: Callable[[torch.Tensor], torch.Tensor] = _identity
+        self.leave_blocks: Callable[[torch.Tensor], torch.Tensor] = _identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_first:
             s = x.shape[1]
             x = self.tok_emb(x) + self.pos_emb(torch.arange(s, device=x.device))
+            x = self.enter_blocks(x)
         for block in self.blocks:
             x = block(x)
         if self.is_last:
-            x = self.head(self.ln_f(x))
+            x = self.head(self.ln_f(self.leave_blocks(x)))
         return x
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
