@@ -1,0 +1,17 @@
+"""Tensor parallelism in four modes, each checked against the serial GPT block.
+
+* :mod:`~cai_labs.tensor_parallel.grid` — process grids and their groups (1D, 2D, 2.5D, 3D).
+* :mod:`~cai_labs.tensor_parallel.mappings` — collectives as autograd functions.
+* :mod:`~cai_labs.tensor_parallel.layers_1d` — Megatron column/row-parallel linears.
+* :mod:`~cai_labs.tensor_parallel.layers_2d` — SUMMA on a ``q x q`` grid.
+* :mod:`~cai_labs.tensor_parallel.layers_2p5d` — Tesseract: ``d`` SUMMA layers, ``q x q x d``.
+* :mod:`~cai_labs.tensor_parallel.layers_3d` — ``q x q x q`` cube.
+* :mod:`~cai_labs.tensor_parallel.formulas` — per-rank memory and communication per mode.
+
+Every mode offers the same entry points: ``parallelize_block(block, grid)``,
+``split_input(x, grid)``, ``gather_output(y, grid)`` and ``gather_full(module, grads=False)``.
+"""
+
+from cai_labs.tensor_parallel.grid import MODES, Grid, build_grids, grid_shape, make_grid
+
+__all__ = ["MODES", "Grid", "build_grids", "grid_shape", "make_grid"]

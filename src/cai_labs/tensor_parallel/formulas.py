@@ -1,0 +1,185 @@
+"""Per-rank cost of a linear layer and of a transformer block in each tensor-parallel mode.
+
+Colossal-AI's documentation gives the costs of its four modes as orders of growth
+(:data:`COLOSSALAI_TABLE`). Here they are written out *exactly* for the layers in this package,
+so that a test can check that the bytes the :class:`cai_labs.Ledger` measures equal the formula.
+
+Conventions (the ledger's): communication is counted in *buffer bytes* per call, summed over
+the calls one rank takes part in during one forward + backward: the tensor of an
+``all_reduce``/``broadcast``/``reduce``, the gathered output of an ``all_gather``, the unreduced
+input of a ``reduce_scatter``. Parameters are this rank's parameter bytes. Activations are the
+bytes a linear layer saves for backward (its input shard). Elements are fp32 (4 bytes) unless
+``elem`` says otherwise.
+
+Symbols: ``M`` rows (tokens, ``b*s``), ``K`` in features, ``N`` out features, ``P`` ranks of 1D,
+``q`` grid side, ``d`` depth of 2.5D, ``h`` model width, ``r`` MLP ratio.
+
+==========  =====================  ============  ===============================================
+mode        parameters (elements)  saved input   communication per forward+backward (elements)
+==========  =====================  ============  ===============================================
+1D column   ``KN/P + N/P``         ``MK``        ``MK`` (all-reduce of dX in backward)
+1D row      ``KN/P + N``           ``MK/P``      ``MN`` (all-reduce of Y in forward)
+2D          ``KN/q² + N/q``        ``MK/q²``     ``3q(MK/q² + KN/q²) + N/q``
+2.5D        ``KN/q² + N/q``        ``MK/(dq²)``  ``3q(MK/(dq²) + KN/q²) + N/q + KN/q² + N/q``
+3D          ``KN/q³ + N/q``        ``MK/q³``     ``(3MK + 3KN + 2MN)/q² + 2N/q``
+==========  =====================  ============  ===============================================
+
+2D (SUMMA): forward broadcasts ``q`` blocks of ``X`` along rows and ``q`` blocks of ``A`` along
+columns; backward does it again for ``dX = dY A^T`` (broadcast ``A``, reduce ``dX`` along rows)
+and ``dA = X^T dY`` (broadcast ``X``, reduce ``dA`` along columns): ``3q`` block transfers of
+each. The bias, replicated down a column, has its gradient all-reduced there (``N/q``).
+2.5D adds the sum of the weight and bias gradients across the ``d`` depth layers.
+3D: forward all-gathers ``X`` and ``A`` and reduce-scatters ``Y``; backward all-gathers ``dY``,
+re-gathers ``X`` and ``A`` (only shards are kept: activation memory ``1/q³``) and
+reduce-scatters ``dX`` and ``dA``; the bias gradient is summed over two axes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cai_labs.tensor_parallel.grid import grid_shape
+
+__all__ = ["COLOSSALAI_TABLE", "Cost", "linear_cost", "block_cost", "serial_block_params"]
+
+#: Colossal-AI documentation, "Efficiency" table of each mode (``P`` ranks, ring algorithms).
+COLOSSALAI_TABLE: dict[str, dict[str, str]] = {
+    "1d": {"computation": "O(1/P)", "memory (parameters)": "O(1/P)",
+           "memory (activations)": "O(1)", "communication (bandwidth)": "O(2(P-1)/P)",
+           "communication (latency)": "O(2(P-1))"},
+    "2d": {"computation": "O(1/q^2)", "memory (parameters)": "O(1/q^2)",
+           "memory (activations)": "O(1/q^2)", "communication (bandwidth)": "O(6(q-1)/q)",
+           "communication (latency)": "O(6(q-1))"},
+    "2.5d": {"computation": "O(1/(dq^2))", "memory (parameters)": "O(1/q^2)",
+             "memory (activations)": "O(1/(dq^2))",
+             "communication (bandwidth)": "O(3(q-1)(d+1)/(dq))",
+             "communication (latency)": "O(6(q-1))"},
+    "3d": {"computation": "O(1/q^3)", "memory (parameters)": "O(1/q^3)",
+           "memory (activations)": "O(1/q^3)", "communication (bandwidth)": "O(6(q-1)/q^3)",
+           "communication (latency)": "O(6(q-1))"},
+}
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Bytes on one rank: parameters, activations saved for backward, communication per
+    forward+backward (buffer bytes), and the number of collective calls."""
+
+    param_bytes: int
+    activation_bytes: int
+    comm_bytes: int
+    comm_calls: int
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(*(a + b for a, b in zip(self._t(), other._t())))
+
+    def _t(self) -> tuple[int, int, int, int]:
+        return (self.param_bytes, self.activation_bytes, self.comm_bytes, self.comm_calls)
+
+
+def _dims(mode: str, size: int, depth: int) -> tuple[int, int]:
+    shape = grid_shape(mode, size, depth)
+    return shape[-1], (shape[0] if mode == "2.5d" else 1)
+
+
+def linear_cost(
+    mode: str,
+    size: int,
+    rows: int,
+    in_features: int,
+    out_features: int,
+    *,
+    depth: int = 1,
+    bias: bool = True,
+    kind: str = "column",
+    elem: int = 4,
+) -> Cost:
+    """Cost of one linear layer ``(rows, K) -> (rows, N)`` on one rank of a ``size``-rank grid.
+
+    ``kind`` chooses ``"column"`` or ``"row"`` for 1D (ignored by the other modes).
+    """
+    M, K, N = rows, in_features, out_features
+    q, d = _dims(mode, size, depth)
+    nb = N if bias else 0
+    if mode == "1d":
+        P = size
+        if kind == "column":
+            # backward: all-reduce of dX (skipped for a group of one)
+            return Cost((K * N + nb) // P * elem, M * K * elem, M * K * elem * (P > 1), int(P > 1))
+        if kind == "row":
+            return Cost((K * N // P + nb) * elem, M * K // P * elem, M * N * elem * (P > 1),
+                        int(P > 1))
+        raise ValueError(f"kind must be 'column' or 'row'; got {kind!r}")
+    if mode in ("2d", "2.5d"):
+        xb, ab = M * K // (d * q * q), K * N // (q * q)
+        comm = 3 * q * (xb + ab) * (q > 1)
+        calls = 6 * q * (q > 1)
+        if bias and q > 1:
+            comm, calls = comm + N // q, calls + 1
+        if d > 1:
+            comm, calls = comm + ab, calls + 1
+            if bias:
+                comm, calls = comm + N // q, calls + 1
+        return Cost((ab + nb // q) * elem, xb * elem, comm * elem, calls)
+    if mode == "3d":
+        comm = (3 * M * K + 3 * K * N + 2 * M * N) // (q * q) * (q > 1)
+        calls = 8 * (q > 1)
+        if bias and q > 1:
+            comm, calls = comm + 2 * N // q, calls + 2
+        return Cost((K * N // q**3 + nb // q) * elem, M * K // q**3 * elem, comm * elem, calls)
+    raise ValueError(f"unknown tensor parallel mode {mode!r}")
+
+
+def _layernorm_cost(mode: str, size: int, rows: int, h: int, depth: int, elem: int) -> Cost:
+    """A layer norm: replicated in 1D; in the other modes its features are split, so the mean
+    and the variance are all-reduced (forward and backward: 4 calls of ``rows`` elements) and
+    the replicated ``weight``/``bias`` shards get their gradients summed over the other axes."""
+    q, d = _dims(mode, size, depth)
+    if mode == "1d":
+        return Cost(2 * h * elem, 0, 0, 0)
+    if mode in ("2d", "2.5d"):
+        local_rows = rows // (d * q)
+        stats = 4 * local_rows * (q > 1)
+        params = 2 * (h // q) * ((q > 1) + (d > 1))
+        calls = 4 * (q > 1) + 2 * ((q > 1) + (d > 1))
+        return Cost(2 * h // q * elem, 0, (stats + params) * elem, calls)
+    local_rows = rows // (q * q)
+    stats = 4 * local_rows * (q > 1)
+    params = 2 * 2 * (h // q) * (q > 1)
+    return Cost(2 * h // q * elem, 0, (stats + params) * elem, 8 * (q > 1))
+
+
+def block_cost(
+    mode: str,
+    size: int,
+    batch: int,
+    seq: int,
+    d_model: int,
+    mlp_ratio: int = 4,
+    *,
+    depth: int = 1,
+    elem: int = 4,
+) -> Cost:
+    """Parameters and communication of one GPT :class:`~cai_labs.models.gpt.Block` per rank.
+
+    The block is ``ln1 -> qkv -> attention -> proj`` and ``ln2 -> fc1 -> GELU -> fc2`` with
+    residuals. Attention itself needs no communication in any mode (each rank holds whole heads
+    for whole sequences), so the block's cost is its four linears and two layer norms.
+    ``activation_bytes`` is left at 0 here (the saved activations of the whole block are
+    measured by the ledger, not modelled).
+    """
+    M, h, r = batch * seq, d_model, mlp_ratio
+    lin = [(h, 3 * h, "column"), (h, h, "row"), (h, r * h, "column"), (r * h, h, "row")]
+    total = Cost(0, 0, 0, 0)
+    for k, n, kind in lin:
+        c = linear_cost(mode, size, M, k, n, depth=depth, kind=kind, elem=elem)
+        total = total + Cost(c.param_bytes, 0, c.comm_bytes, c.comm_calls)
+    ln = _layernorm_cost(mode, size, M, h, depth, elem)
+    return total + ln + ln
+
+
+def serial_block_params(d_model: int, mlp_ratio: int = 4, elem: int = 4) -> int:
+    """Parameter bytes of the serial block (for the ratio parallel / serial)."""
+    h, r = d_model, mlp_ratio
+    n = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (r * h * h + r * h) + (r * h * h + h)
+    return n * elem
