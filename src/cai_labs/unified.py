@@ -51,6 +51,40 @@ def tensor_parallel_api(mode: str):
     return importlib.import_module(f"cai_labs.tensor_parallel.{_TP_MODULES[mode]}")
 
 
+class _EnterGrid(torch.autograd.Function):
+    """Replicated ``(b, s, d)`` -> this rank's part (the mode's ``split_input``).
+
+    Backward: the embeddings before it are replicated, so each copy needs the gradient of the
+    whole activation, i.e. every rank's part put together (the mode's ``gather_output``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, api, grid):
+        ctx.api, ctx.grid = api, grid
+        return api.split_input(x, grid)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.api.gather_output(g.contiguous(), ctx.grid), None, None
+
+
+class _LeaveGrid(torch.autograd.Function):
+    """This rank's part -> the whole ``(b, s, d)`` on every rank (the mode's ``gather_output``).
+
+    Backward: every rank computes the same loss from the same whole activation, so the gradient
+    of the whole activation is the same everywhere; each rank keeps its part (``split_input``).
+    """
+
+    @staticmethod
+    def forward(ctx, y, api, grid):
+        ctx.api, ctx.grid = api, grid
+        return api.gather_output(y, grid)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.api.split_input(g, ctx.grid), None, None
+
+
 class ParallelGPT(nn.Module):
     """This rank's part of a GPT laid out by ``layout``. Collective: every rank constructs it.
 
@@ -96,8 +130,8 @@ class ParallelGPT(nn.Module):
             api = tensor_parallel_api(layout.tp_mode)
             grid = self.grid
             stage.blocks = nn.ModuleList(api.parallelize_block(b, grid) for b in stage.blocks)
-            stage.enter_blocks = lambda x: api.split_input(x, grid)
-            stage.leave_blocks = lambda y: api.gather_output(y, grid)
+            stage.enter_blocks = lambda x: _EnterGrid.apply(x, api, grid)
+            stage.leave_blocks = lambda y: _LeaveGrid.apply(y, api, grid)
         self.stage = stage
         prev = layout.rank_of(d, s - 1, t) if s > 0 else None
         nxt = layout.rank_of(d, s + 1, t) if s < layout.pp - 1 else None

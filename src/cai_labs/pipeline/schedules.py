@@ -127,6 +127,11 @@ def pipeline_step(
             with event("B", i):
                 out.backward(grad)
             if not first:
+                if x.grad is None:
+                    raise RuntimeError(
+                        f"stage {stage}: its input got no gradient; the stage's output does not "
+                        "depend on its input through autograd"
+                    )
                 links.send_backward(x.grad, key)
     links.wait()
     return torch.stack(losses).sum() if last else None
