@@ -3,9 +3,11 @@ impossible layouts fail with a message saying what to change."""
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from cai_labs import RankFailed, launch
+from cai_labs import Ledger, RankFailed, launch
 from cai_labs.data.docstrings import load_char_corpus
+from cai_labs.layout_costs import classify_comm, predicted_cost
 from cai_labs.layouts import Layout
 from cai_labs.models import GPT, GPTConfig
 from cai_labs.unified import ParallelGPT, lm_loss
@@ -29,25 +31,50 @@ def serial_losses() -> list[float]:
     return out
 
 
-def train_worker(layout: Layout) -> list[float]:
+def train_worker(layout: Layout) -> tuple[list[float], list]:
+    """Train STEPS steps; also return, per rank, the last step's measured bytes and the formula."""
     model = ParallelGPT(CFG, layout, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    return [
-        model.train_step(*CORPUS.batch(step, BATCH, CFG.seq_len), opt, step=step)
-        for step in range(STEPS)
-    ]
+    losses = []
+    with Ledger(model=model, track_activations=False) as ledger:
+        for step in range(STEPS):
+            start = len(ledger.comm)
+            x, y = CORPUS.batch(step, BATCH, CFG.seq_len)
+            losses.append(model.train_step(x, y, opt, ledger=ledger, step=step))
+        measured = classify_comm(ledger.comm[start:], layout)
+        measured["params"] = ledger.memory()["params"]
+    pred = predicted_cost(CFG, layout, BATCH, dist.get_rank())
+    formula = {"tp": pred.tp_bytes, "pp": pred.pp_bytes, "dp": pred.dp_bytes,
+               "params": pred.param_bytes}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (measured, formula))
+    return losses, everyone
 
 
 @pytest.mark.parametrize(
     "layout",
-    [Layout(dp=2, pp=2, n_micro=2), Layout(dp=2, pp=2, tp=2, tp_mode="1d", n_micro=2)],
+    [
+        Layout(dp=2, pp=2, n_micro=2),
+        Layout(dp=2, pp=2, tp=2, tp_mode="1d", n_micro=2),
+        Layout(pp=2, tp=4, tp_mode="2d", n_micro=2, schedule="gpipe"),
+    ],
     ids=lambda lay: lay.name,
 )
-def test_layout_losses_equal_serial(layout):
+def test_layout_losses_and_bytes_equal_serial_and_formula(layout):
     ref = serial_losses()
-    got = launch(train_worker, layout.world_size, layout)
+    got, per_rank = launch(train_worker, layout.world_size, layout)
     assert got == pytest.approx(ref, abs=1e-5)
     assert got[-1] < got[0]  # it learns
+    for rank, (measured, formula) in enumerate(per_rank):
+        assert measured == formula, f"rank {rank}: measured {measured} != formula {formula}"
+    assert any(m["tp"] for m, _ in per_rank) == (layout.tp > 1)
+
+
+def test_formula_catches_a_wrong_count():
+    # The check above can fail: the formula of another layout does not match the measurement.
+    a = predicted_cost(CFG, Layout(pp=2, tp=4, tp_mode="2d", n_micro=2), BATCH, 0)
+    b = predicted_cost(CFG, Layout(pp=2, tp=4, tp_mode="1d", n_micro=2), BATCH, 0)
+    assert a != b
 
 
 def broken_worker(layout: Layout) -> list[float]:
