@@ -6,10 +6,13 @@
 * :mod:`~cai_labs.tensor_parallel.layers_2d` — SUMMA on a ``q x q`` grid.
 * :mod:`~cai_labs.tensor_parallel.layers_2p5d` — Tesseract: ``d`` SUMMA layers, ``q x q x d``.
 * :mod:`~cai_labs.tensor_parallel.layers_3d` — ``q x q x q`` cube.
+* :mod:`~cai_labs.tensor_parallel.model` — the whole GPT (embeddings, head, loss) in any mode.
 * :mod:`~cai_labs.tensor_parallel.formulas` — per-rank memory and communication per mode.
+* :mod:`~cai_labs.tensor_parallel.check` — compare with the serial twin and measure.
 
 Every mode offers the same entry points: ``parallelize_block(block, grid)``,
-``split_input(x, grid)``, ``gather_output(y, grid)`` and ``gather_full(module, grads=False)``.
+``split_input(x, grid)``, ``gather_output(y, grid)`` and ``gather_full(module, grads=False)``;
+:func:`~cai_labs.tensor_parallel.check.mode_module` picks the module of a mode.
 """
 
 from cai_labs.tensor_parallel.grid import MODES, Grid, build_grids, grid_shape, make_grid

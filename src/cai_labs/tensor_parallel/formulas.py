@@ -40,7 +40,15 @@ from dataclasses import dataclass
 
 from cai_labs.tensor_parallel.grid import grid_shape
 
-__all__ = ["COLOSSALAI_TABLE", "Cost", "linear_cost", "block_cost", "serial_block_params"]
+__all__ = [
+    "COLOSSALAI_TABLE",
+    "colossalai_bandwidth_factor",
+    "Cost",
+    "linear_cost",
+    "block_cost",
+    "block_activation_bytes",
+    "serial_block_params",
+]
 
 #: Colossal-AI documentation, "Efficiency" table of each mode (``P`` ranks, ring algorithms).
 COLOSSALAI_TABLE: dict[str, dict[str, str]] = {
@@ -58,6 +66,22 @@ COLOSSALAI_TABLE: dict[str, dict[str, str]] = {
            "memory (activations)": "O(1/q^3)", "communication (bandwidth)": "O(6(q-1)/q^3)",
            "communication (latency)": "O(6(q-1))"},
 }
+
+
+def colossalai_bandwidth_factor(mode: str, size: int, depth: int = 1) -> float:
+    """The number inside the docs' "Communication (bandwidth)" ``O(...)`` for this grid:
+    ``2(P-1)/P`` (1D), ``6(q-1)/q`` (2D), ``3(q-1)(d+1)/(dq)`` (2.5D), ``6(q-1)/q³`` (3D).
+
+    An order of growth per unit of activation/weight size, not bytes: put it next to the
+    measured bytes to see the trend across grid sizes, not to predict the bytes."""
+    q, d = _dims(mode, size, depth)
+    if mode == "1d":
+        return 2 * (size - 1) / size
+    if mode == "2d":
+        return 6 * (q - 1) / q
+    if mode == "2.5d":
+        return 3 * (q - 1) * (d + 1) / (d * q)
+    return 6 * (q - 1) / q**3
 
 
 @dataclass(frozen=True)
@@ -149,6 +173,53 @@ def _layernorm_cost(mode: str, size: int, rows: int, h: int, depth: int, elem: i
     return Cost(2 * h // q * elem, 0, (stats + params) * elem, 8 * (q > 1))
 
 
+def block_activation_bytes(
+    mode: str,
+    size: int,
+    batch: int,
+    seq: int,
+    d_model: int,
+    n_heads: int,
+    mlp_ratio: int = 4,
+    *,
+    depth: int = 1,
+    seq_len: int | None = None,
+    elem: int = 4,
+) -> int:
+    """Bytes one rank saves for backward in one block's forward (what the ledger measures).
+
+    With ``m`` local tokens, ``hl`` local features, ``bl`` local sequences and ``nl`` local heads
+    (1D: ``m = b*s``, ``hl = d/P`` inside attention/MLP; 2D: ``m = b*s/q``, ``hl = d/q``;
+    2.5D: ``m = b*s/(dq)``; 3D: ``m = b*s/q²``):
+
+    * each layer norm: 1D (replicated, PyTorch's fused kernel) its input, output, mean and
+      1/std: ``2*m*d + 2*m``; the split norms of the other modes keep ``x - mean``,
+      the normalised ``y``, the output, and 1/std: ``3*m*hl + m``;
+    * attention: contiguous copies of q, k, v for the batched matmuls ``3*m*hl``, the softmax
+      output ``bl*nl*s²``, the merged heads ``m*hl`` and the causal mask (``seq_len²`` bools);
+    * MLP: the ``fc1`` output (GELU's input) and GELU's output: ``2*m*r*hl``.
+
+    Counted per storage, as the ledger does. Depends on which tensors PyTorch's kernels save
+    (checked against the ledger for torch 2.x in the tests).
+    """
+    q, d = _dims(mode, size, depth)
+    h, r, s = d_model, mlp_ratio, seq
+    if mode == "1d":
+        rows_split, feat_split = 1, size
+        m = batch * seq
+        ln = 2 * m * h + 2 * m
+    else:
+        rows_split = d * q if mode in ("2d", "2.5d") else q * q
+        feat_split = q
+        m = batch * seq // rows_split
+        ln = 3 * m * (h // q) + m
+    hl, bl, nl = h // feat_split, batch // rows_split, n_heads // feat_split
+    attn = 3 * m * hl + bl * nl * s * s + m * hl
+    mlp = 2 * m * r * hl
+    mask = (seq_len or seq) ** 2  # bytes (bool)
+    return (2 * ln + attn + mlp) * elem + mask
+
+
 def block_cost(
     mode: str,
     size: int,
@@ -157,16 +228,19 @@ def block_cost(
     d_model: int,
     mlp_ratio: int = 4,
     *,
+    n_heads: int | None = None,
     depth: int = 1,
+    seq_len: int | None = None,
     elem: int = 4,
 ) -> Cost:
-    """Parameters and communication of one GPT :class:`~cai_labs.models.gpt.Block` per rank.
+    """Parameters, activations and communication of one GPT
+    :class:`~cai_labs.models.gpt.Block` per rank (forward + backward).
 
     The block is ``ln1 -> qkv -> attention -> proj`` and ``ln2 -> fc1 -> GELU -> fc2`` with
     residuals. Attention itself needs no communication in any mode (each rank holds whole heads
-    for whole sequences), so the block's cost is its four linears and two layer norms.
-    ``activation_bytes`` is left at 0 here (the saved activations of the whole block are
-    measured by the ledger, not modelled).
+    for whole sequences), so the block's communication is that of its four linears and two
+    layer norms. ``activation_bytes`` is :func:`block_activation_bytes` when ``n_heads`` is
+    given, else 0.
     """
     M, h, r = batch * seq, d_model, mlp_ratio
     lin = [(h, 3 * h, "column"), (h, h, "row"), (h, r * h, "column"), (r * h, h, "row")]
@@ -175,7 +249,11 @@ def block_cost(
         c = linear_cost(mode, size, M, k, n, depth=depth, kind=kind, elem=elem)
         total = total + Cost(c.param_bytes, 0, c.comm_bytes, c.comm_calls)
     ln = _layernorm_cost(mode, size, M, h, depth, elem)
-    return total + ln + ln
+    act = 0
+    if n_heads is not None:
+        act = block_activation_bytes(mode, size, batch, seq, h, n_heads, r, depth=depth,
+                                     seq_len=seq_len, elem=elem)
+    return total + ln + ln + Cost(0, act, 0, 0)
 
 
 def serial_block_params(d_model: int, mlp_ratio: int = 4, elem: int = 4) -> int:

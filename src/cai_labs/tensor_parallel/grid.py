@@ -2,14 +2,14 @@
 
 Every tensor-parallel mode arranges its ranks on a grid and communicates along the grid's axes:
 
-======  ===============  ============  =================================================
-mode    ranks            grid shape    coordinate of grid position ``p``
-======  ===============  ============  =================================================
-1D      ``N``            ``(N,)``      ``(p,)``
-2D      ``q*q``          ``(q, q)``    ``(i, j) = (p // q, p % q)``  (row ``i``, column ``j``)
-2.5D    ``q*q*d``        ``(d, q, q)`` ``(k, i, j)``: depth layer ``k``, then a 2D grid
-3D      ``q*q*q``        ``(q, q, q)`` ``(i, j, l)`` with ``p = i*q*q + j*q + l``
-======  ===============  ============  =================================================
+======  ===========  =============  ===========================================
+mode    ranks        grid shape     coordinate of grid position ``p``
+======  ===========  =============  ===========================================
+1D      ``N``        ``(N,)``       ``(p,)``
+2D      ``q*q``      ``(q, q)``     ``(i, j) = (p // q, p % q)``: row, column
+2.5D    ``q*q*d``    ``(d, q, q)``  ``(k, i, j)``: depth layer ``k``, then 2D
+3D      ``q*q*q``    ``(q, q, q)``  ``(i, j, l)``, ``p = i*q*q + j*q + l``
+======  ===========  =============  ===========================================
 
 For each axis of the grid there is one process group per *line* along that axis (all ranks that
 share every other coordinate). In 2D the group along axis 1 (``j`` varies, ``i`` fixed) is the

@@ -36,7 +36,12 @@ from cai_labs.tensor_parallel.mappings import (
     reduce_from_group,
     scatter_to_group,
 )
-from cai_labs.tensor_parallel.sharding import gather_by_position, join_chunks, split_chunks
+from cai_labs.tensor_parallel.sharding import (
+    gather_by_position,
+    init_like_linear,
+    join_chunks,
+    split_chunks,
+)
 
 __all__ = [
     "ColumnParallelLinear",
@@ -85,6 +90,7 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features // grid.size, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features // grid.size)) if bias else None
+        init_like_linear(self.weight, self.bias, in_features)
 
     @classmethod
     def from_serial(
@@ -139,6 +145,7 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features // grid.size))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        init_like_linear(self.weight, self.bias, in_features)
 
     @classmethod
     def from_serial(
@@ -275,3 +282,38 @@ def gather_full(module: nn.Module, grads: bool = False) -> dict[str, torch.Tenso
     Collective over the module's grid: every rank of the grid must call it.
     """
     return module.serial_state(grads)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with the vocabulary split over the grid (Megatron): rank ``r`` holds rows
+    ``[r*V/N, (r+1)*V/N)`` of the table, ``(V/N, d)``.
+
+    Each rank looks up the ids it owns and writes zeros for the others; the all-reduce of the
+    ``(b, s, d)`` result (forward only) fills in every id. Backward needs no communication: the
+    gradient ``(b, s, d)`` is whole on every rank and each rank scatters it into its own rows.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, grid: Grid):
+        super().__init__()
+        check_divisible("the vocabulary", num_embeddings, grid.size, "1D")
+        self.grid, self.num_embeddings = grid, num_embeddings
+        self.per_rank = num_embeddings // grid.size
+        self.start = grid.position * self.per_rank
+        self.weight = nn.Parameter(torch.randn(self.per_rank, embedding_dim))  # as nn.Embedding
+
+    @classmethod
+    def from_serial(cls, emb: nn.Embedding, grid: Grid) -> VocabParallelEmbedding:
+        m = cls(emb.num_embeddings, emb.embedding_dim, grid)
+        with torch.no_grad():
+            m.weight.copy_(split_chunks(emb.weight, grid.size, grid.position, 0))
+        return m
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        local = idx - self.start
+        mine = (local >= 0) & (local < self.per_rank)
+        out = F.embedding(local.clamp(0, self.per_rank - 1), self.weight)
+        out = out * mine.unsqueeze(-1)
+        return reduce_from_group(out, self.grid.group)
+
+    def serial_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
+        return {"weight": _unshard(self.weight.grad if grads else self.weight, self.grid, 0)}

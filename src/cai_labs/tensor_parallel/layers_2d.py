@@ -34,12 +34,18 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
 from cai_labs.tensor_parallel.grid import Grid, check_divisible
 from cai_labs.tensor_parallel.mappings import all_reduce, all_reduce_both, copy_to_group
-from cai_labs.tensor_parallel.sharding import gather_by_position, join_chunks, split_chunks
+from cai_labs.tensor_parallel.sharding import (
+    gather_by_position,
+    init_like_linear,
+    join_chunks,
+    split_chunks,
+)
 
 __all__ = [
     "summa_linear",
@@ -48,6 +54,8 @@ __all__ = [
     "Attention2D",
     "MLP2D",
     "Block2D",
+    "Embedding2D",
+    "split_ids",
     "parallelize_block",
     "split_input",
     "gather_output",
@@ -81,8 +89,8 @@ class _Summa(torch.autograd.Function):
         rows, cols = grid.axis_ranks[-1], grid.axis_ranks[-2]  # (i, .) and (., j) lines
         out = None
         for t in range(q):
-            xt = x.detach().clone() if grid.coord[-1] == t else torch.empty_like(x)
-            wt = weight.detach().clone() if grid.coord[-2] == t else torch.empty_like(weight)
+            xt = x.detach() if grid.coord[-1] == t else torch.empty_like(x)
+            wt = weight.detach() if grid.coord[-2] == t else torch.empty_like(weight)
             if q > 1:
                 dist.broadcast(xt, src=rows[t], group=grid.row_group)
                 dist.broadcast(wt, src=cols[t], group=grid.col_group)
@@ -100,7 +108,7 @@ class _Summa(torch.autograd.Function):
         dx = dw = None
         for t in range(q):
             # dX_it = sum_j dY_ij A_tj^T: A_tj comes down column j, partials meet at (i, t).
-            wt = weight.detach().clone() if i == t else torch.empty_like(weight)
+            wt = weight.detach() if i == t else torch.empty_like(weight)
             if q > 1:
                 dist.broadcast(wt, src=cols[t], group=grid.col_group)
             part = dy @ wt
@@ -109,7 +117,7 @@ class _Summa(torch.autograd.Function):
                 dx = dx_t
         for t in range(q):
             # dA_tj = sum_i X_it^T dY_ij: X_it comes along row i, partials meet at (t, j).
-            xt = x.detach().clone() if j == t else torch.empty_like(x)
+            xt = x.detach() if j == t else torch.empty_like(x)
             if q > 1:
                 dist.broadcast(xt, src=rows[t], group=grid.row_group)
             part = dy.reshape(-1, dy.shape[-1]).t() @ xt.reshape(-1, xt.shape[-1])
@@ -149,6 +157,7 @@ class Linear2D(nn.Module):
         q = grid.q
         self.weight = nn.Parameter(torch.empty(out_features // q, in_features // q))
         self.bias = nn.Parameter(torch.zeros(out_features // q)) if bias else None
+        init_like_linear(self.weight, self.bias, in_features)
         self.chunks = 1
 
     @classmethod
@@ -292,6 +301,34 @@ class Block2D(nn.Module):
         """Every parameter (or gradient) at full shape under the serial Block's names."""
         return _prefixed({"ln1": self.ln1, "attn": self.attn, "ln2": self.ln2, "mlp": self.mlp},
                          grads)
+
+
+class Embedding2D(nn.Module):
+    """An embedding table ``(V, d)`` split by feature columns: rank ``(i, j)`` holds
+    ``(V, d/q)`` block ``j``, replicated down the column (and across depth), so a local lookup
+    of its batch block's ids gives exactly its activation block ``(b/q, s, d/q)``.
+    The table's gradient is summed over the ranks sharing it (one all-reduce per step)."""
+
+    def __init__(self, emb: nn.Embedding, grid: Grid):
+        super().__init__()
+        check_divisible("d_model", emb.embedding_dim, grid.q, _MODE_NAME[grid.mode])
+        self.grid = grid
+        _, j, _ = _ijk(grid)
+        self.weight = nn.Parameter(split_chunks(emb.weight.detach(), grid.q, j, 1))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, _replicated(self.weight, self.grid))
+
+    def serial_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
+        parts = gather_by_position(self.weight.grad if grads else self.weight, self.grid)
+        return {"weight": torch.cat(parts[: self.grid.q], dim=1)}
+
+
+def split_ids(idx: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """This rank's batch block of token ids ``(b, s) -> (b/(dq), s)``."""
+    q, (i, _, k) = grid.q, _ijk(grid)
+    check_divisible("the batch", idx.shape[0], grid.depth * q, _MODE_NAME[grid.mode])
+    return idx.chunk(grid.depth * q, dim=0)[k * q + i]
 
 
 def _check_mode(grid: Grid) -> None:

@@ -30,6 +30,7 @@ gradients over ``a`` and ``b``. Attention is local: after ``qkv`` a rank holds w
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
@@ -41,7 +42,12 @@ from cai_labs.tensor_parallel.mappings import (
     copy_to_group,
     reduce_scatter,
 )
-from cai_labs.tensor_parallel.sharding import gather_by_position, join_chunks, split_chunks
+from cai_labs.tensor_parallel.sharding import (
+    gather_by_position,
+    init_like_linear,
+    join_chunks,
+    split_chunks,
+)
 
 __all__ = [
     "EVEN",
@@ -52,6 +58,8 @@ __all__ = [
     "Attention3D",
     "MLP3D",
     "Block3D",
+    "Embedding3D",
+    "split_ids",
     "parallelize_block",
     "split_input",
     "gather_output",
@@ -111,6 +119,7 @@ class Linear3D(nn.Module):
         self.in_features, self.out_features, self.chunks = in_features, out_features, 1
         self.weight = nn.Parameter(torch.empty(out_features // (q * q), in_features // q))
         self.bias = nn.Parameter(torch.zeros(out_features // q)) if bias else None
+        init_like_linear(self.weight, self.bias, in_features)
 
     @classmethod
     def from_serial(cls, linear: nn.Linear, grid: Grid, axes=EVEN, chunks: int = 1) -> Linear3D:
@@ -254,6 +263,33 @@ class Block3D(nn.Module):
         """Every parameter (or gradient) at full shape under the serial Block's names."""
         return _prefixed({"ln1": self.ln1, "attn": self.attn, "ln2": self.ln2, "mlp": self.mlp},
                          grads)
+
+
+class Embedding3D(nn.Module):
+    """An embedding table ``(V, d)`` split by feature columns for layout EVEN: rank
+    ``(i, j, l)`` holds ``(V, d/q)`` block ``l``, replicated over axes 0 and 1 (gradient
+    summed there); a local lookup of batch block ``i*q + j`` gives its activation block."""
+
+    def __init__(self, emb: nn.Embedding, grid: Grid):
+        super().__init__()
+        check_divisible("d_model", emb.embedding_dim, grid.q, "3D")
+        self.grid = grid
+        self.weight = nn.Parameter(split_chunks(emb.weight.detach(), grid.q, grid.coord[2], 1))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        g = self.grid.axis_groups
+        return F.embedding(idx, copy_to_group(copy_to_group(self.weight, g[0]), g[1]))
+
+    def serial_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
+        parts = gather_by_position(self.weight.grad if grads else self.weight, self.grid)
+        return {"weight": torch.cat(parts[: self.grid.q], dim=1)}  # positions (0, 0, l)
+
+
+def split_ids(idx: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """This rank's batch block of token ids for layout EVEN: ``(b, s) -> (b/q², s)``."""
+    q = grid.q
+    check_divisible("the batch", idx.shape[0], q * q, "3D")
+    return idx.chunk(q * q, dim=0)[grid.coord[0] * q + grid.coord[1]]
 
 
 def parallelize_block(block: Block, grid: Grid) -> Block3D:

@@ -16,7 +16,7 @@ import torch
 from cai_labs.tensor_parallel.grid import Grid
 from cai_labs.tensor_parallel.mappings import all_gather
 
-__all__ = ["split_chunks", "join_chunks", "gather_by_position"]
+__all__ = ["split_chunks", "join_chunks", "gather_by_position", "init_like_linear"]
 
 
 def split_chunks(t: torch.Tensor, n: int, r: int, dim: int, chunks: int = 1) -> torch.Tensor:
@@ -41,3 +41,17 @@ def join_chunks(parts: list[torch.Tensor], dim: int, chunks: int = 1) -> torch.T
 def gather_by_position(t: torch.Tensor, grid: Grid) -> list[torch.Tensor]:
     """Every rank's ``t`` (same shape on all ranks), listed by grid position. Collective."""
     return list(all_gather(t.detach().unsqueeze(0), grid.group, 0).unbind(0))
+
+
+def init_like_linear(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int) -> None:
+    """Initialise a shard as ``nn.Linear`` initialises the whole matrix: uniform in
+    ``±1/sqrt(fan_in)`` with the *full* layer's ``fan_in`` (bias zero).
+
+    For layers built directly rather than with ``from_serial``; each rank draws its own shard,
+    so the layer is not the twin of any one serial layer. Use ``from_serial`` to compare.
+    """
+    bound = 1.0 / fan_in**0.5
+    with torch.no_grad():
+        weight.uniform_(-bound, bound)
+        if bias is not None:
+            bias.zero_()
