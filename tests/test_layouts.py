@@ -122,3 +122,10 @@ def test_layout_coordinates():
     assert lay.tp_rank_lists() == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert lay.dp_rank_lists() == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert lay.name == "DP2 x PP2 x TP2-1D"
+
+
+def test_corpus_is_deterministic_and_learnable():
+    assert CORPUS.vocab_size == CFG.vocab_size
+    assert CORPUS.unigram_entropy < torch.log(torch.tensor(float(CFG.vocab_size))).item()
+    x, y = CORPUS.batch(5, 4, CFG.seq_len)
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(x, CORPUS.batch(5, 4, CFG.seq_len)[0])

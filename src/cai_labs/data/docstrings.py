@@ -25,13 +25,15 @@ import torch
 __all__ = ["DOC_MODULES", "CharCorpus", "gather_docstrings", "load_char_corpus"]
 
 #: Standard-library modules whose docstrings form the corpus (pure Python, always installed).
+#: ``warnings`` is left out on purpose: tools such as Sphinx replace ``warnings.showwarning``,
+#: which would make the text depend on the process that gathers it.
 DOC_MODULES: tuple[str, ...] = (
     "abc", "argparse", "base64", "bisect", "calendar", "collections", "contextlib", "copy",
     "csv", "dataclasses", "datetime", "decimal", "difflib", "enum", "fractions", "functools",
     "glob", "gzip", "heapq", "inspect", "ipaddress", "itertools", "json", "logging", "operator",
     "os", "pathlib", "pickle", "pprint", "queue", "random", "re", "shlex", "shutil",
     "statistics", "string", "subprocess", "tempfile", "textwrap", "threading", "typing",
-    "unittest", "urllib.parse", "uuid", "warnings", "weakref", "zipfile",
+    "unittest", "urllib.parse", "uuid", "weakref", "zipfile",
 )
 
 
