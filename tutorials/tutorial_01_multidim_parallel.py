@@ -254,7 +254,7 @@ rows = [{
     "layout": "serial", "ranks": 1,
     "params (B)": serial_snapshot["params"], "params formula": serial_snapshot["params"],
     "TP bytes/step": 0, "TP formula": 0, "PP bytes/step": 0, "PP formula": 0,
-    "DP bytes/step": 0, "DP formula": 0, "all ranks = formula": True,
+    "DP bytes/step": 0, "DP formula": 0, "all ranks = formula": "yes",
     "activations / serial": 1.0, "Colossal-AI: params": "", "Colossal-AI: activations": "",
 }]
 for name, r in results.items():
@@ -275,7 +275,7 @@ for name, r in results.items():
         "TP bytes/step": r0["tp bytes"], "TP formula": f0.tp_bytes,
         "PP bytes/step": r0["pp bytes"], "PP formula": f0.pp_bytes,
         "DP bytes/step": r0["dp bytes"], "DP formula": f0.dp_bytes,
-        "all ranks = formula": exact,
+        "all ranks = formula": "yes" if exact else "NO",
         "activations / serial": r0["peak_activations"] / serial_ledger.peak_activations,
         "Colossal-AI: params": mode.get("memory (parameters)", ""),
         "Colossal-AI: activations": mode.get("memory (activations)", ""),
@@ -328,7 +328,7 @@ per_rank.style.format({c: "{:,.0f}" for c in per_rank.columns if c != "(replica,
 
 PP_STAGES = 4
 N_MICRO = 8
-PIPE_BATCH = 32
+PIPE_BATCH = 128  # 8 micro-batches of 16 sequences
 PIPE_STEPS = 3
 
 
@@ -397,10 +397,13 @@ pd.DataFrame(mem_rows).set_index("stage").style.format(
 # %%
 # The activation ratio follows the formula (the last stage also keeps the logits and the loss,
 # which both schedules free at the same moment). The measured bubble is an honest measurement
-# of a machine that does not match the formula's assumptions: the ranks share two CPU cores, so
-# when all stages are busy in 1F1B's steady state each computes at a fraction of a core and its
-# events stretch, while a stage waiting on ``recv`` gives its core away. On one device per
-# stage the measured bubble approaches :math:`(p-1)/(m+p-1)`; raise ``N_MICRO`` to shrink it.
+# of a machine that does not match the formula's assumptions: the formula counts only compute
+# slots, while here each forward or backward of a micro-batch lasts a few milliseconds, so
+# gloo's per-message latency and the operating system's scheduling of ``PP_STAGES`` processes
+# on shared CPU cores fill much of each step (the gaps in the chart). When all stages are busy,
+# each computes at a fraction of a core and its events stretch. With one device per stage and
+# micro-batches that take far longer than a message, the measured bubble approaches
+# :math:`(p-1)/(m+p-1)`; raise ``N_MICRO`` to shrink it, ``PIPE_BATCH`` to lengthen the events.
 #
 # PyTorch side by side
 # --------------------
