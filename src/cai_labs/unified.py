@@ -144,13 +144,16 @@ class ParallelGPT(nn.Module):
         optimizer: torch.optim.Optimizer,
         ledger: Ledger | None = None,
         step: int = 0,
-    ) -> float:
+        report_loss: bool = True,
+    ) -> float | torch.Tensor | None:
         """One optimizer step on the global batch ``x``, ``y`` (both ``(B, s)`` int64).
 
         Returns the loss of the whole global batch (the same number the serial model gets), on
         every rank. Reporting it takes one all-reduce of one number, made through
         ``torch.distributed.distributed_c10d`` so the ledger does not count it as training
-        traffic.
+        traffic. With ``report_loss=False`` that all-reduce is skipped (it synchronises all
+        ranks, which a timing loop may not want) and the local loss of this rank's replica is
+        returned on the last stage (None elsewhere); :meth:`global_loss` combines them later.
         """
         lay = self.layout
         lay.validate(self.cfg, batch_size=x.shape[0])
@@ -165,9 +168,10 @@ class ParallelGPT(nn.Module):
         if self.dp_group is not None:
             allreduce_gradients(self.stage, group=self.dp_group)
         optimizer.step()
-        return self._report_loss(loss)
+        return self.global_loss(loss) if report_loss else loss
 
-    def _report_loss(self, loss: torch.Tensor | None) -> float:
+    def global_loss(self, loss: torch.Tensor | None) -> float:
+        """The global batch loss on every rank, from each rank's ``train_step`` local loss."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return float(loss)
         d, s, t = self.coords
