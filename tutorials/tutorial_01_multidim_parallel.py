@@ -289,8 +289,10 @@ table.style.format({c: "{:,.0f}" for c in byte_columns} | {"activations / serial
 # %%
 # Reading the table. Parameters fall as ``1/tp`` in 1D and ``1/q^2``, ``1/q^2`` (2.5D keeps
 # ``d`` copies of a ``q x q`` split) and ``1/q^3`` in 2D, 2.5D and 3D, on top of the replicated
-# embeddings and head (large here: the model is tiny). 1D keeps activations whole between
-# layers, so its activation memory barely drops; 2D/2.5D/3D split activations too. They pay
+# embeddings and head (large here: the model is tiny). 1D splits the activations inside
+# attention and the MLP (each rank has its own heads and its slice of the hidden layer) but keeps
+# the block inputs and layer-norm outputs whole on every rank, which is why Colossal-AI lists its
+# activation memory as O(1); 2D/2.5D/3D split every activation over the grid. They pay
 # for it in traffic: at this small width, SUMMA's ``3q`` broadcasts of weight blocks per layer
 # send more than 1D's four all-reduces of activations; their advantage is that their volume per
 # rank shrinks as ``q`` grows while 1D's stays constant (the Colossal-AI table's bandwidth
@@ -448,11 +450,12 @@ pd.DataFrame(race_rows).set_index("comparison").style.format({
 
 # %%
 # Same losses. The step-time ratio is measured in this build on shared CPU cores, so it moves
-# from run to run; ``benchmarks/bench_tensor_parallel.py`` (``nox -s bench``) measures it
-# longer and on a wider model. Where the small cai_labs modules keep up, it is because at this
-# size both engines are dominated by the same gloo calls and PyTorch's extra machinery (DTensor
-# dispatch, shape inference, schedule bookkeeping) is overhead; on GPUs at scale the production
-# engines' fused kernels and communication overlap win.
+# from run to run (the goal is a ratio of at most 1: the small cai_labs modules should not be
+# slower than PyTorch's); ``benchmarks/bench_tensor_parallel.py`` (``nox -s bench``) measures it
+# over more steps on a wider model. At this size both engines spend most of a step in the same
+# gloo calls, and PyTorch's extra machinery (DTensor dispatch, pipeline shape inference and
+# schedule bookkeeping) is overhead; on GPUs at scale the production engines' fused kernels and
+# overlap of communication with compute are what matter.
 #
 # Step times of the layouts
 # -------------------------
