@@ -282,8 +282,8 @@ for name, r in results.items():
     })
 table = pd.DataFrame(rows).set_index("layout")
 pd.set_option("display.width", 250)
-byte_columns = [c for c in table.columns if "bytes" in c or c.startswith("params") or
-                c.endswith(" formula")]
+byte_columns = [c for c in table.columns if c != "all ranks = formula" and (
+    "bytes" in c or c.startswith("params") or c.endswith(" formula"))]
 table.style.format({c: "{:,.0f}" for c in byte_columns} | {"activations / serial": "{:.2f}"})
 
 # %%
