@@ -20,8 +20,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["DEFAULT_MODULES", "SPECIAL_TOKENS", "stdlib_docstrings", "train_wordpiece",
-           "token_stream"]
+__all__ = ["DEFAULT_MODULES", "SPECIAL_TOKENS", "stdlib_docstrings", "stdlib_text",
+           "train_wordpiece", "token_stream"]
 
 DEFAULT_MODULES: tuple[str, ...] = (
     "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "collections",
@@ -82,6 +82,16 @@ def stdlib_docstrings(modules: Sequence[str] = DEFAULT_MODULES, min_chars: int =
                     if own and (inspect.isfunction(attr) or inspect.ismethoddescriptor(attr)):
                         add(attr)
     return out
+
+
+def stdlib_text(
+    modules: Sequence[str] = DEFAULT_MODULES, max_chars: int | None = None
+) -> str:
+    """The paragraphs of :func:`stdlib_docstrings` as one text, cut at ``max_chars``."""
+    if max_chars is not None and max_chars <= 0:
+        raise ValueError(f"max_chars must be positive or None; got {max_chars}")
+    text = "\n\n".join(stdlib_docstrings(modules))
+    return text if max_chars is None else text[:max_chars]
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 2000):

@@ -8,7 +8,7 @@ copy of facebook/opt-125m) runs the same fine-tuning on it.
 Three steps, each a function:
 
 * :func:`pretrain_base` — train a character tokenizer on standard-library docstrings
-  (:mod:`cai_labs.data.docstrings`), build a tiny ``OPTForCausalLM``, pre-train it for a few
+  (:mod:`cai_labs.data.stdlib_text`), build a tiny ``OPTForCausalLM``, pre-train it for a few
   hundred steps of next-character prediction, ``save_pretrained`` both;
 * :func:`finetune` — load a checkpoint, train it on the reverse task
   (:mod:`cai_labs.data.reverse_task`) with the loss on the answer characters only;
@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, OPTForCausalLM, PreTrainedTokenizerBase
 
-from cai_labs.data.docstrings import docstring_corpus
 from cai_labs.data.reverse_task import ReverseTask, make_reverse_task
+from cai_labs.data.stdlib_text import stdlib_text
 from cai_labs.models.opt import tiny_opt, train_char_tokenizer
 
 __all__ = [
@@ -121,7 +121,7 @@ def pretrain_base(out_dir: str | Path, config: PretrainConfig | None = None) -> 
 
 
 def _pretrain(out: Path, cfg: PretrainConfig) -> Path:
-    text = docstring_corpus(max_chars=cfg.corpus_chars)
+    text = stdlib_text(max_chars=cfg.corpus_chars)
     tokenizer = train_char_tokenizer(text, extra_chars="abcdefghijklmnopqrstuvwxyz =>.")
     model = tiny_opt(
         tokenizer,

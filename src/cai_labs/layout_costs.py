@@ -1,0 +1,94 @@
+"""What one rank of a layout should hold and send per training step: the formulas.
+
+For a :class:`~cai_labs.layouts.Layout` on a GPT of width ``d``, ``L`` blocks, vocabulary ``V``,
+sequence ``s`` and global batch ``B``, rank ``(replica, stage, grid position)`` holds and sends:
+
+* **parameters**: its stage's blocks, each at the per-rank size of the tensor-parallel mode
+  (:func:`cai_labs.tensor_parallel.formulas.block_cost`), plus the replicated embeddings
+  ``(V + s) d`` on the first stage and the final norm and head ``2d + dV + V`` on the last;
+* **tensor-parallel traffic** (buffer bytes of the grid's collectives): per micro-batch of
+  ``B / (dp * m)`` samples, the block formula times the stage's blocks, plus for 2D/2.5D/3D
+  the all-gather that assembles the whole activation before the final norm (forward) and the
+  one that assembles the embeddings' gradient (backward): ``(B/dp) s d`` elements each;
+* **pipeline traffic** (bytes this rank sends): ``(B/dp) s d / t`` elements forward (not on the
+  last stage) and as many back (not on the first), with ``t = 1`` in 1D (activations between
+  blocks are whole) and ``t = tp`` in 2D/2.5D/3D (every rank holds ``1/tp`` of them);
+* **data-parallel traffic**: one all-reduce of this rank's gradients, as many bytes as its
+  parameters (the ring makes each rank send ``2 (dp-1)/dp`` of that).
+
+Everything is in fp32 bytes. The first step also carries a 64-byte shape header per pipeline
+link and direction, not counted here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cai_labs.layouts import Layout
+from cai_labs.models.gpt import GPTConfig
+from cai_labs.pipeline.partition import partition_layers
+
+__all__ = ["RankCost", "predicted_cost", "classify_comm"]
+
+ELEM = 4
+
+
+@dataclass(frozen=True)
+class RankCost:
+    """Bytes for one rank per step: parameters and the traffic of each parallel dimension."""
+
+    param_bytes: int
+    tp_bytes: int
+    pp_bytes: int
+    dp_bytes: int
+
+
+def predicted_cost(cfg: GPTConfig, layout: Layout, batch: int, rank: int) -> RankCost:
+    """The formulas of the module docstring for global ``rank`` with global batch ``batch``."""
+    from cai_labs.tensor_parallel.formulas import block_cost, serial_block_params
+
+    layout.validate(cfg, batch_size=batch)
+    _, s, _ = layout.coords(rank)
+    n_blocks = len(partition_layers(cfg.n_layers, layout.pp)[s])
+    first, last = s == 0, s == layout.pp - 1
+    local = batch // layout.dp
+    micro = local // layout.n_micro
+    h, seq, V = cfg.d_model, cfg.seq_len, cfg.vocab_size
+    act = local * seq * h * ELEM  # the whole activation of this replica's samples
+
+    if layout.tp > 1:
+        per_micro = block_cost(layout.tp_mode, layout.tp, micro, seq, h, cfg.mlp_ratio,
+                               depth=layout.tp_depth)
+        block_params = per_micro.param_bytes
+        tp = n_blocks * layout.n_micro * per_micro.comm_bytes
+        split = layout.tp_mode != "1d"
+        tp += act * (int(first) + int(last)) if split else 0
+        shard = layout.tp if split else 1
+    else:
+        block_params, tp, shard = serial_block_params(h, cfg.mlp_ratio), 0, 1
+    params = n_blocks * block_params
+    params += (V + seq) * h * ELEM if first else 0
+    params += (2 * h + h * V + V) * ELEM if last else 0
+    pp = (int(not last) + int(not first)) * act // shard if layout.pp > 1 else 0
+    dp = params if layout.dp > 1 else 0
+    return RankCost(params, tp, pp, dp)
+
+
+def classify_comm(records: list[dict], layout: Layout) -> dict[str, int]:
+    """Split ledger records into ``tp``/``pp``/``dp`` bytes (buffer bytes; sends for ``pp``).
+
+    Point-to-point calls are the pipeline's (only the sender's ``isend``/``send`` is counted);
+    collectives over a data-parallel group are ``dp``; every other collective is ``tp``.
+    """
+    dp_groups = {tuple(g) for g in layout.dp_rank_lists()} if layout.dp > 1 else set()
+    out = {"tp": 0, "pp": 0, "dp": 0}
+    for r in records:
+        if r["op"] in ("isend", "send"):
+            out["pp"] += r["bytes"]
+        elif r["op"] in ("irecv", "recv"):
+            continue
+        elif tuple(r["group"]) in dp_groups:
+            out["dp"] += r["bytes"]
+        else:
+            out["tp"] += r["bytes"]
+    return out

@@ -1,0 +1,103 @@
+"""cai_labs against PyTorch's engines on the same model, step by step, on the same ranks.
+
+Each function runs *both* engines inside one launch, on the same batches, alternating their
+steps (a cai_labs step, then a PyTorch step, ...) so that whatever else the machine is doing
+slows both alike. It returns both loss curves (they must agree: same weights, same data) and
+the median step time of each, from which the step-time ratio cai_labs / PyTorch follows.
+Call them inside a worker started by :func:`cai_labs.launch`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from cai_labs.layouts import Layout
+from cai_labs.models.gpt import GPTConfig
+from cai_labs.peers.dtensor_tp import dtensor_tp_gpt
+from cai_labs.peers.torch_pipelining import TorchPipeline
+from cai_labs.unified import ParallelGPT, lm_loss
+
+__all__ = ["race_tensor_parallel", "race_pipeline"]
+
+Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _summary(losses: list[float], times: list[float], warmup: int) -> dict:
+    return {"losses": losses, "step_s": statistics.median(times[warmup:] or times)}
+
+
+def _global_loss(loss: torch.Tensor | None) -> float:
+    """The loss held by the last pipeline rank, on every rank (not part of the timed step)."""
+    buf = torch.zeros(())
+    if loss is not None:
+        buf += float(loss)
+    dist.all_reduce(buf)
+    return float(buf)
+
+
+def race_tensor_parallel(
+    cfg: GPTConfig, batches: Batches, steps: int, lr: float, seed: int = 0, warmup: int = 1
+) -> dict[str, dict]:
+    """cai_labs 1D tensor parallel vs DTensor ``ColwiseParallel``/``RowwiseParallel`` over all
+    ranks. Returns ``{"cai_labs": {...}, "pytorch": {...}}`` with ``losses`` and ``step_s``."""
+    ours = ParallelGPT(cfg, Layout(tp=dist.get_world_size(), tp_mode="1d"), seed=seed)
+    theirs = dtensor_tp_gpt(cfg, seed=seed)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=lr)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=lr)
+    rec = {"cai_labs": ([], []), "pytorch": ([], [])}
+    for step in range(steps):
+        x, y = batches(step)
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = ours.train_step(x, y, opt_ours, report_loss=False)
+        rec["cai_labs"][1].append(time.perf_counter() - t0)
+        rec["cai_labs"][0].append(ours.global_loss(loss))
+        dist.barrier()
+        t0 = time.perf_counter()
+        opt_theirs.zero_grad(set_to_none=True)
+        out = lm_loss(theirs(x), y)
+        out.backward()
+        opt_theirs.step()
+        rec["pytorch"][1].append(time.perf_counter() - t0)
+        rec["pytorch"][0].append(out.item())
+    return {k: _summary(v[0], v[1], warmup) for k, v in rec.items()}
+
+
+def race_pipeline(
+    cfg: GPTConfig,
+    batches: Batches,
+    steps: int,
+    lr: float,
+    n_micro: int,
+    schedule: str = "1f1b",
+    seed: int = 0,
+    warmup: int = 1,
+) -> dict[str, dict]:
+    """cai_labs pipeline vs ``torch.distributed.pipelining``, one stage per rank, same schedule.
+    Returns ``{"cai_labs": {...}, "pytorch": {...}}`` with ``losses`` and ``step_s``."""
+    n = dist.get_world_size()
+    ours = ParallelGPT(cfg, Layout(pp=n, n_micro=n_micro, schedule=schedule), seed=seed)
+    theirs = TorchPipeline(cfg, n_micro, schedule, lm_loss, seed=seed)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=lr)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=lr)
+    rec = {"cai_labs": ([], []), "pytorch": ([], [])}
+    for step in range(steps):
+        x, y = batches(step)
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = ours.train_step(x, y, opt_ours, report_loss=False)
+        rec["cai_labs"][1].append(time.perf_counter() - t0)
+        rec["cai_labs"][0].append(ours.global_loss(loss))
+        dist.barrier()
+        t0 = time.perf_counter()
+        opt_theirs.zero_grad(set_to_none=True)
+        out = theirs.step(x, y)
+        opt_theirs.step()
+        rec["pytorch"][1].append(time.perf_counter() - t0)
+        rec["pytorch"][0].append(_global_loss(out))
+    return {k: _summary(v[0], v[1], warmup) for k, v in rec.items()}

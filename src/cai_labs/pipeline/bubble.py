@@ -1,0 +1,51 @@
+"""The pipeline bubble, predicted and measured from the ledger's timeline.
+
+**Formula.** With ``p`` stages and ``m`` micro-batches, if every stage takes the same time ``t``
+for a micro-batch's forward plus backward, a step lasts ``(m + p - 1) t`` (the last micro-batch
+enters stage ``p-1`` after ``p-1`` slots) while each stage computes for ``m t``. The idle fraction
+is ``(p - 1) / (m + p - 1)`` for GPipe and 1F1B alike.
+
+**Measurement.** Take each stage's ``F``/``B`` events of one step. The step's span runs from the
+earliest start to the latest end over all stages; a stage's busy time is the sum of its event
+durations; its bubble is ``1 - busy / span``; the pipeline's is the mean over stages.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+__all__ = ["bubble_formula", "measured_bubble", "step_events"]
+
+
+def bubble_formula(n_stages: int, n_micro: int) -> float:
+    """``(p - 1) / (m + p - 1)``."""
+    return (n_stages - 1) / (n_micro + n_stages - 1)
+
+
+def step_events(timelines: Iterable[list[dict]], step: int) -> list[dict]:
+    """The ``F``/``B`` events tagged ``step=step`` from every rank's timeline."""
+    return [
+        e for tl in timelines for e in tl if e.get("step") == step and e["name"] in ("F", "B")
+    ]
+
+
+def measured_bubble(events: list[dict]) -> dict[str, float]:
+    """Bubble fraction of one step from its events (each with ``stage``, ``start``, ``end``).
+
+    Returns ``{"bubble": mean over stages, "span": seconds, "stage<s>": that stage's bubble}``.
+    Events of several ranks of the same stage (data or tensor parallel copies) are averaged.
+    """
+    if not events:
+        raise ValueError("no F/B events given: record the step with a Ledger")
+    span = max(e["end"] for e in events) - min(e["start"] for e in events)
+    busy: dict[tuple[int, int], float] = defaultdict(float)
+    for e in events:
+        busy[(e["stage"], e.get("rank", 0))] += e["end"] - e["start"]
+    per_stage: dict[int, list[float]] = defaultdict(list)
+    for (stage, _), b in busy.items():
+        per_stage[stage].append(1.0 - b / span)
+    out = {f"stage{s}": sum(v) / len(v) for s, v in sorted(per_stage.items())}
+    out["bubble"] = sum(out.values()) / len(out)
+    out["span"] = span
+    return out
