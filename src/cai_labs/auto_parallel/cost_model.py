@@ -5,10 +5,17 @@ Hockney model: a fixed latency per call plus bytes over bandwidth); ``alpha`` an
 fitted per op (all-reduce, all-gather) and per group (axis 0, axis 1, both axes) from timed
 collectives on the real ranks. A node's compute costs
 
-    t = 2 * overhead + 3 * flops / flop_rate + 3 * bytes / mem_bw
+    t = 2 * overhead + 3 * flops / flop_rate[kind] + 3 * bytes / mem_bw
 
-(forward + backward: backward is about twice the forward work; ``overhead`` is the measured cost
-of launching one small op, which dominates tiny CPU models). The predicted step time of a plan is
+(forward + backward: backward is about twice the forward work). ``flop_rate`` is measured
+separately for convolutions and for matrix products, each as forward + backward of a mid-sized
+layer, because a CPU runs small convolutions far below its matmul peak; ``overhead`` is the
+measured cost of launching one small op, which dominates tiny CPU models. Small CPU models also
+spend much of their time in memory-bound ops (batch norm backward, ReLU, adds) and in allocating
+fresh buffers, which micro-benchmarks miss; :func:`fit_compute_scale` therefore scales the
+compute part by one factor so that the all-replicated plan predicts the measured serial step of
+*this* model on one rank (measured while every rank computes). One number per model, fitted on
+one plan, then used unchanged for every other plan. The predicted step time of a plan is
 the sum over nodes of compute and of collectives (nothing overlaps in the runtime, so sums are
 the right model).
 
@@ -43,8 +50,8 @@ from cai_labs.auto_parallel.strategies import (
     reshard_comm,
 )
 
-__all__ = ["MachineModel", "calibrate", "PlanCost", "plan_cost", "node_time", "edge_time",
-           "node_memory", "edge_memory", "comm_time"]
+__all__ = ["MachineModel", "calibrate", "fit_compute_scale", "replicated_plan", "PlanCost",
+           "plan_cost", "node_time", "edge_time", "node_memory", "edge_memory", "comm_time"]
 
 GROUPS = ((0,), (1,), (0, 1))
 
@@ -55,9 +62,10 @@ class MachineModel:
 
     alpha: dict[tuple[str, tuple[int, ...]], float]
     beta: dict[tuple[str, tuple[int, ...]], float]
-    flop_rate: float  # FLOP/s of one rank while all ranks compute
+    flop_rate: dict[str, float]  # FLOP/s of one rank while all ranks compute, per op kind
     mem_bw: float  # bytes/s of an element-wise op on one rank
     overhead: float  # seconds to launch one small op (forward or backward)
+    compute_scale: float = 1.0  # fitted by fit_compute_scale
     samples: dict[str, list] = field(default_factory=dict)  # raw timings, for the page
 
 
@@ -101,8 +109,13 @@ def calibrate(mesh_groups, sizes=(1 << 10, 1 << 14, 1 << 17), reps: int = 7) -> 
             alpha[(op, axes)], beta[(op, axes)] = max(float(a), 1e-6), max(float(b), 1e-12)
             samples[f"{op} {axes}"] = pts
     dist.barrier()
-    a = torch.randn(256, 256)
-    flop_rate = 2 * 256**3 / _median_time(lambda: a @ a, reps)
+    flop_rate = {}
+    lin, xs = torch.nn.Linear(256, 256), torch.randn(512, 256)
+    flop_rate["matmul"] = 3 * 2 * 512 * 256 * 256 / _median_time(
+        lambda: lin(xs).sum().backward(), reps)
+    conv, xc = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False), torch.randn(8, 32, 8, 8)
+    flop_rate["conv"] = 3 * 2 * xc.numel() * 32 * 9 / _median_time(
+        lambda: conv(xc).sum().backward(), reps)
     big = torch.randn(1 << 20)
     mem_bw = 3 * big.numel() * FLOAT_BYTES / _median_time(lambda: big + big, reps)
     lin = torch.nn.Linear(4, 4)
@@ -123,7 +136,8 @@ def node_time(s: Strategy, m: MachineModel, op: str = "") -> dict[str, float]:
     """Predicted seconds of one node per step: ``{"compute": ..., "comm": ...}``."""
     if op in ("placeholder", "output"):
         return {"compute": 0.0, "comm": 0.0}
-    compute = 2 * m.overhead + 3 * s.flops / m.flop_rate + 3 * s.bytes_moved / m.mem_bw
+    compute = m.compute_scale * (2 * m.overhead + 3 * s.flops / m.flop_rate[s.kind]
+                                 + 3 * s.bytes_moved / m.mem_bw)
     return {"compute": compute, "comm": sum(comm_time(c, m) for c in s.comm)}
 
 
@@ -182,3 +196,18 @@ def plan_cost(sg: StrategyGraph, m: MachineModel, plan: dict[str, int]) -> PlanC
         comm += edge_time(sg, e, src, dst, m)
         acts += edge_memory(sg, e, src, dst)
     return PlanCost(compute + comm, compute, comm, params + acts, params, acts, rows)
+
+
+def replicated_plan(sg: StrategyGraph) -> dict[str, int]:
+    """Every node replicated on every rank: the serial program run four times."""
+    plan = {}
+    for name, info in sg.nodes.items():
+        plan[name] = next(i for i, s in enumerate(info.strategies) if set(s.roles) == {"R"})
+    return plan
+
+
+def fit_compute_scale(sg: StrategyGraph, m: MachineModel, serial_seconds: float) -> MachineModel:
+    """A copy of ``m`` whose compute prices make the replicated plan cost ``serial_seconds``."""
+    base = MachineModel(**{**m.__dict__, "compute_scale": 1.0})
+    predicted = plan_cost(sg, base, replicated_plan(sg)).compute
+    return MachineModel(**{**m.__dict__, "compute_scale": serial_seconds / predicted})

@@ -30,6 +30,7 @@ g (row output)              all-reduce                  identity
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 import torch.distributed as dist
@@ -45,7 +46,7 @@ from cai_labs.auto_parallel.strategies import (
 from cai_labs.models.gpt import CausalSelfAttention
 
 __all__ = ["MeshGroups", "reshard", "Reshard", "parallelize", "SPMDModule", "ShardedLinear",
-           "ShardedConv2d", "ShardedBatchNorm2d", "ShardedAttention"]
+           "ShardedConv2d", "ShardedBatchNorm2d", "ShardedAttention", "measure_step"]
 
 
 class MeshGroups:
@@ -439,3 +440,32 @@ def _sync_grad(p: nn.Parameter, mg: MeshGroups, axes: tuple[int, ...]) -> None:
         dist.all_reduce(param.grad, group=group)
 
     p.register_post_accumulate_grad_hook(hook)
+
+
+def measure_step(pm: SPMDModule, x: torch.Tensor, steps: int = 3) -> dict:
+    """Time forward + backward of ``pm`` on ``x`` and measure this rank's memory with a ledger.
+
+    The first step creates the gradients; the ledger's snapshot after it records parameters
+    and gradients, so ``peak_total`` of the later steps is parameters + gradients + the peak of
+    activations saved for backward (what :func:`~cai_labs.auto_parallel.cost_model.plan_cost`
+    predicts). Returns the fastest step's seconds (the least disturbed by other processes).
+    """
+    from cai_labs.ledger import Ledger, comm_totals
+
+    pm(x).square().mean().backward()
+    times = []
+    with Ledger(model=pm) as ledger:
+        ledger.snapshot("params and grads")
+        for _ in range(steps):
+            for p in pm.parameters():
+                p.grad.zero_()
+            dist.barrier()
+            start = time.perf_counter()
+            pm(x).square().mean().backward()
+            times.append(time.perf_counter() - start)
+    report = ledger.report()
+    comm = comm_totals({"comm": [c for c in report["comm"] if c["op"] != "barrier"]})
+    return {"seconds": min(times), "peak_total": report["memory"]["peak_total"],
+            "peak_activations": report["memory"]["peak_activations"],
+            "static": report["memory"]["snapshots"][0]["total"],
+            "comm_calls": sum(v["calls"] for v in comm.values()) / steps}

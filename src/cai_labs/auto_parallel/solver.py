@@ -138,7 +138,8 @@ def solve(
     machine: MachineModel,
     memory_budget: float | None = None,
     allowed: Allowed | None = None,
-    time_limit: float = 60.0,
+    time_limit: float = 20.0,
+    mip_gap: float = 1e-2,
 ) -> Solution:
     """The plan of least predicted step time whose predicted per-rank memory fits the budget.
 
@@ -149,6 +150,8 @@ def solve(
             limit.
         allowed: optional filter ``(node, strategy) -> bool``, e.g. to ask for the best pure
             data-parallel plan.
+        time_limit, mip_gap: HiGHS stops at ``time_limit`` seconds or once the plan is provably
+            within ``mip_gap`` (relative) of the optimum.
 
     Raises:
         MemoryBudgetError: (a ``ValueError``) no plan fits; it says the smallest budget that
@@ -161,7 +164,7 @@ def solve(
     constraints = [eq]
     if memory_budget is not None:
         constraints.append(LinearConstraint(mem[None, :], -np.inf, memory_budget))
-    options = {"time_limit": time_limit, "mip_rel_gap": 1e-6}
+    options = {"time_limit": time_limit, "mip_rel_gap": mip_gap}
     res = milp(cost, constraints=constraints, integrality=integrality, bounds=bounds,
                options=options)
     if res.x is None:

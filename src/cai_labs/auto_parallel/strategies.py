@@ -177,6 +177,7 @@ class Strategy:
     param_bytes: int = 0  # parameter bytes on one rank
     comm: tuple[Comm, ...] = ()
     split: int = 1  # how many ways the node's work is divided
+    kind: str = "matmul"  # which measured FLOP rate prices ``flops``: "conv" or "matmul"
 
     @property
     def name(self) -> str:
@@ -298,7 +299,8 @@ def _matmul_strategies(mod: nn.Module, in_shape, out_shape, mesh: Mesh, needs_gr
         comm += _grad_sync(b_ax, [wb] + ([bb] if has_bias else []))
         out.append(Strategy(roles, (in_l,), out_l, flops=full_flops / split,
                             bytes_moved=numel(out_shape) * FLOAT_BYTES / split,
-                            param_bytes=wb + bb, comm=tuple(comm), split=split))
+                            param_bytes=wb + bb, comm=tuple(comm), split=split,
+                            kind="conv" if isinstance(mod, nn.Conv2d) else "matmul"))
     return out
 
 
@@ -430,6 +432,9 @@ def build_strategy_graph(
             value_saved=bool(profile and profile.value_saved.get(node.name)),
             internal_saved=profile.internal_bytes.get(node.name, 0) if profile else 0,
         )
+        if node.op == "output":  # the loss keeps the model's output for its backward
+            for a in tensor_args:
+                nodes[a.name].value_saved = True
         for pos, a in enumerate(tensor_args):
             edges.append(Edge(a.name, node.name, pos, node_shape(a), a.name in grad_values))
     return StrategyGraph(gm, mesh, nodes, edges)
