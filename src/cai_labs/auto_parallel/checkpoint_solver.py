@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from cai_labs.ledger import Ledger
 
 __all__ = ["StageProfile", "profile_chain", "CheckpointPlan", "solve_checkpoint",
-           "CheckpointedChain", "measure_peak"]
+           "CheckpointedChain", "measure_peak", "minimum_budget", "predicted_peak"]
 
 
 @dataclass
@@ -133,16 +133,22 @@ def solve_checkpoint(
         raise ValueError(f"budget must be a positive number of bytes; got {budget}")
     choice = _dp(profiles, budget, grain)
     if choice is None:
-        lo, hi = 0.0, float(sum(p.saved_bytes for p in profiles)) * 2 + 1
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if _dp(profiles, mid, grain) is not None else (mid, hi)
         raise ValueError(
             f"no checkpointing plan keeps activations under {budget / 2**20:.2f} MiB: the chain "
-            f"needs at least about {hi / 2**20:.2f} MiB. Raise the budget or lower the batch."
+            f"needs at least about {minimum_budget(profiles, grain) / 2**20:.2f} MiB. Raise "
+            "the budget or lower the batch."
         )
     return CheckpointPlan(choice, predicted_peak(profiles, choice),
                           sum(p.fwd_seconds for p, c in zip(profiles, choice) if c), budget)
+
+
+def minimum_budget(profiles: list[StageProfile], grain: int = 400) -> float:
+    """The smallest budget (within 0.1 %) for which :func:`solve_checkpoint` finds a plan."""
+    lo, hi = 0.0, float(sum(p.saved_bytes for p in profiles)) * 2 + 1
+    while hi - lo > 1e-3 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if _dp(profiles, mid, grain) is not None else (mid, hi)
+    return hi
 
 
 class CheckpointedChain(nn.Module):
