@@ -195,7 +195,9 @@ for name in MAKERS:
 # destination layout) tied to them by transport constraints; minimise predicted time subject to
 # predicted memory per rank <= budget, solved exactly by ``scipy.optimize.milp`` (details in
 # :mod:`cai_labs.auto_parallel.solver`). The budget: ``MEMORY_FRACTION`` of what the replicated
-# plan (every rank runs the whole serial model) needs.
+# plan (every rank runs the whole serial model) needs. (A budget near the smallest feasible one
+# makes the integer program slow; past a time limit the solver falls back to a Lagrangian search
+# whose plan fits but is not proven optimal, and says so.)
 
 solutions, budgets = {}, {}
 for name in MAKERS:
@@ -206,7 +208,7 @@ for name in MAKERS:
     s = solutions[name]
     print(f"{name}: budget {budgets[name] / 2**20:.2f} MiB/rank (replicated plan needs "
           f"{rep.memory / 2**20:.2f}); plan predicts {s.cost.memory / 2**20:.2f} MiB and "
-          f"{1e3 * s.cost.time:.1f} ms; solved in {s.seconds:.2f} s")
+          f"{1e3 * s.cost.time:.1f} ms; solved in {s.seconds:.2f} s ({s.method})")
 try:  # a budget no plan can meet is an error that says what would fit
     solve(graphs["GPT block"], machines["GPT block"], memory_budget=0.1 * budgets["GPT block"])
 except MemoryBudgetError as err:

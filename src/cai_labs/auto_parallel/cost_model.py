@@ -20,12 +20,17 @@ the sum over nodes of compute and of collectives (nothing overlaps in the runtim
 the right model).
 
 Memory per rank. Parameters and their gradients (2x the local parameter bytes; the optimizer is
-not part of a forward-backward step), plus activations kept for backward: every value that the
-serial profile saw saved, at its local size under the plan, plus resharded copies that a consumer
-keeps, plus each op's internal saved tensors divided by the op's split. This counts what
-:class:`cai_labs.Ledger` measures as ``peak_total`` (parameters + gradients + saved activations).
-It over-counts slightly (a value whose only saver receives a resharded copy is counted twice), so
-a plan that fits the predicted budget fits the measured one.
+not part of a forward-backward step), plus activations kept for backward, from the serial
+profile of who keeps what (:func:`~cai_labs.auto_parallel.trace.profile_saved`): a value at its
+local size if any op keeps it; a resharded copy at its new size if the consumer that receives it
+keeps its input; each op's internal saved
+tensors divided by the op's split; and the model output, which the loss keeps. This is what
+:class:`cai_labs.Ledger` measures as ``peak_total`` (parameters + gradients + saved
+activations; the ledger counts a storage once, however many ops keep it). It errs on the safe
+side: a value kept only by consumers that each receive a resharded copy is counted as well,
+so the solver stays a plain linear program in its variables. Not modelled:
+transient buffers that are not kept for backward (they are freed before the peak of saved
+activations at the end of forward, but an allocator sees them).
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ from cai_labs.auto_parallel.strategies import (
 )
 
 __all__ = ["MachineModel", "calibrate", "fit_compute_scale", "replicated_plan", "PlanCost",
-           "plan_cost", "node_time", "edge_time", "node_memory", "edge_memory", "comm_time"]
+           "plan_cost", "node_time", "edge_time", "node_memory", "edge_memory", "value_memory",
+           "comm_time"]
 
 GROUPS = ((0,), (1,), (0, 1))
 
@@ -121,7 +127,7 @@ def calibrate(mesh_groups, sizes=(1 << 10, 1 << 14, 1 << 17), reps: int = 7) -> 
     lin = torch.nn.Linear(4, 4)
     xs = torch.randn(2, 4)
     overhead = _median_time(lambda: lin(xs).sum().backward(), reps) / 6  # 3 ops, fwd + bwd
-    model = MachineModel(alpha, beta, flop_rate, mem_bw, overhead, samples)
+    model = MachineModel(alpha, beta, flop_rate, mem_bw, overhead, samples=samples)
     box = [model]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -150,16 +156,22 @@ def _bytes(shape, layout: Layout, sg: StrategyGraph) -> int:
 
 
 def node_memory(info: NodeInfo, s: Strategy, sg: StrategyGraph) -> dict[str, float]:
-    """Predicted bytes per rank that node ``info`` holds under ``s``: params+grads, activations."""
+    """Bytes per rank of node ``info`` under ``s``: params+grads, saved activations (its internal
+    ones, and its output at local size if any op keeps it)."""
     act = info.internal_saved / s.split
-    if info.value_saved and info.shape is not None:
-        act += _bytes(info.shape, s.out_layout, sg)
-    return {"params": 2.0 * s.param_bytes, "activations": float(act)}
+    if info.value_saved:
+        act += value_memory(info, s, sg)
+    return {"params": 2.0 * s.param_bytes, "activations": act}
+
+
+def value_memory(info: NodeInfo, s: Strategy, sg: StrategyGraph) -> float:
+    """Bytes of the node's output at its local size (counted once if anyone keeps it as is)."""
+    return float(_bytes(info.shape, s.out_layout, sg)) if info.shape is not None else 0.0
 
 
 def edge_memory(sg: StrategyGraph, e: Edge, src: Layout, dst: Layout) -> float:
-    """A resharded copy is kept for backward if its value is saved at all (conservative)."""
-    if src == dst or not sg.nodes[e.src].value_saved:
+    """A resharded copy kept by its consumer (an unchanged value is counted by its producer)."""
+    if src == dst or not e.consumer_saves:
         return 0.0
     return float(_bytes(e.shape, dst, sg))
 

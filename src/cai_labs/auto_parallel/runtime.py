@@ -90,7 +90,9 @@ def _all_gather(x: torch.Tensor, dim: int, mg: MeshGroups, axes) -> torch.Tensor
 
 
 def _chunk(x: torch.Tensor, dim: int, mg: MeshGroups, axes) -> torch.Tensor:
-    return x.chunk(mg.ways(axes), dim=dim)[mg.chunk(axes)].contiguous()
+    # a copy, not a view: a view would keep the whole tensor alive for as long as the chunk
+    return x.chunk(mg.ways(axes), dim=dim)[mg.chunk(axes)].clone(
+        memory_format=torch.contiguous_format)
 
 
 class _Gather(torch.autograd.Function):

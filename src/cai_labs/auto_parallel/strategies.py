@@ -196,6 +196,7 @@ class Edge:
     pos: int
     shape: tuple[int, ...] | None
     needs_grad: bool
+    consumer_saves: bool = False  # ``dst`` keeps this input for its backward
 
 
 @dataclass
@@ -205,8 +206,9 @@ class NodeInfo:
     node: fx.Node
     strategies: list[Strategy]
     shape: tuple[int, ...] | None
-    value_saved: bool = False
+    value_saved: bool = False  # kept by anyone (serial profile)
     internal_saved: int = 0
+    self_saved: bool = False  # kept by the node itself (e.g. ReLU keeps its result)
 
 
 @dataclass
@@ -431,10 +433,14 @@ def build_strategy_graph(
             node.name, _kind(node, mod), node, strategies, shape,
             value_saved=bool(profile and profile.value_saved.get(node.name)),
             internal_saved=profile.internal_bytes.get(node.name, 0) if profile else 0,
+            self_saved=bool(profile and node.name in profile.saved_by.get(node.name, ())),
         )
         if node.op == "output":  # the loss keeps the model's output for its backward
             for a in tensor_args:
                 nodes[a.name].value_saved = True
         for pos, a in enumerate(tensor_args):
-            edges.append(Edge(a.name, node.name, pos, node_shape(a), a.name in grad_values))
+            keeps = node.op == "output" or bool(
+                profile and node.name in profile.saved_by.get(a.name, ()))
+            edges.append(Edge(a.name, node.name, pos, node_shape(a), a.name in grad_values,
+                              consumer_saves=keeps))
     return StrategyGraph(gm, mesh, nodes, edges)

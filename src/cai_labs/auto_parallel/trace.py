@@ -75,11 +75,14 @@ class SavedProfile:
     ``value_saved[n]``: node ``n``'s output tensor was kept (by ``n`` itself, e.g. ReLU keeps its
     result, or by a consumer, e.g. a conv keeps its input). ``internal_bytes[n]``: bytes of other
     tensors ``n`` saved (batch-norm statistics, attention scores, ...). Parameters are excluded:
-    they are accounted as parameters.
+    they are accounted as parameters. ``saved_by[n]``: the nodes that kept ``n``'s output (``n``
+    itself included when it keeps its own result); a sharding plan may hand each consumer a
+    different copy, so who keeps what matters.
     """
 
     value_saved: dict[str, bool]
     internal_bytes: dict[str, int]
+    saved_by: dict[str, set[str]]
 
 
 class _SaveRecorder(fx.Interpreter):
@@ -113,11 +116,13 @@ def profile_saved(gm: fx.GraphModule, *inputs: torch.Tensor) -> SavedProfile:
     rec.run(*inputs)
     value_saved = {n.name: False for n in gm.graph.nodes}
     internal = {n.name: 0 for n in gm.graph.nodes}
+    saved_by: dict[str, set[str]] = {n.name: set() for n in gm.graph.nodes}
     for name, record in rec.saved.items():
         for ptr, nbytes in record.items():
             producer = rec.out_ptr.get(ptr)
             if producer is not None:
                 value_saved[producer] = True
+                saved_by[producer].add(name)
             else:
                 internal[name] += nbytes
-    return SavedProfile(value_saved, internal)
+    return SavedProfile(value_saved, internal, saved_by)
