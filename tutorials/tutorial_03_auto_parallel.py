@@ -74,7 +74,7 @@ IMAGE = 32  # input resolution
 BATCH = 8  # images per step (must divide by 4 for a 4-way batch split)
 GPT_CFG = GPTConfig(d_model=128, seq_len=64, n_heads=4)
 GPT_BATCH = 8
-MEMORY_FRACTION = 0.6  # the auto plan's budget: this fraction of the replicated plan's memory
+MEMORY_FRACTION = 0.45  # the auto plan's budget: this fraction of the replicated plan's memory
 TIMED_STEPS = 4  # timed steps per plan (the fastest one is reported)
 CKPT_BATCH = 16  # batch for the activation-checkpointing sweep (one process)
 CKPT_POINTS = 6  # budgets from the un-checkpointed activations down to the smallest feasible
