@@ -12,12 +12,13 @@ automatic activation checkpointing.
 
 from cai_labs.auto_parallel.cost_model import MachineModel, PlanCost, calibrate, plan_cost
 from cai_labs.auto_parallel.runtime import MeshGroups, SPMDModule, parallelize
-from cai_labs.auto_parallel.solver import MemoryBudgetError, Solution, solve
+from cai_labs.auto_parallel.solver import MemoryBudgetError, Solution, minimum_memory, solve
 from cai_labs.auto_parallel.strategies import Mesh, StrategyGraph, build_strategy_graph
 from cai_labs.auto_parallel.trace import profile_saved, trace
 
 __all__ = [
     "trace", "profile_saved", "Mesh", "StrategyGraph", "build_strategy_graph", "MachineModel",
     "PlanCost", "calibrate", "plan_cost", "solve", "Solution", "MemoryBudgetError",
+    "minimum_memory",
     "MeshGroups", "SPMDModule", "parallelize",
 ]

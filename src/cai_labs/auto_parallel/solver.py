@@ -18,9 +18,10 @@ strategies produced them:
 This is the formulation of Alpa's intra-op pass and Colossal-AI's auto-parallel solver, solved
 exactly by HiGHS through :func:`scipy.optimize.milp`.
 
-Without a budget, or with a loose one, HiGHS proves the optimum in about a second for ResNet-50's
-177 nodes. A budget close to the smallest feasible one turns the memory row into a hard knapsack;
-if HiGHS has found no plan within ``time_limit``, :func:`solve` falls back to a Lagrangian
+The fastest plan is solved first, without the budget row; if it fits, it is the answer. Without
+the budget row HiGHS proves the optimum in about a second for ResNet-50's 177 nodes. A budget
+close to the smallest feasible one turns the memory row into a hard knapsack;
+if HiGHS reaches ``time_limit`` before proving the optimum, :func:`solve` also tries a Lagrangian
 relaxation: it minimises ``time + lam * memory`` without the budget row (fast, like the
 unconstrained problem) and bisects ``lam`` on a log scale for the smallest price whose plan fits.
 The better of that plan and HiGHS's best so far is returned; it fits the budget but is not proven
@@ -48,7 +49,7 @@ from cai_labs.auto_parallel.cost_model import (
 )
 from cai_labs.auto_parallel.strategies import NodeInfo, Strategy, StrategyGraph
 
-__all__ = ["Solution", "solve", "MemoryBudgetError"]
+__all__ = ["Solution", "solve", "MemoryBudgetError", "minimum_memory"]
 
 
 class MemoryBudgetError(ValueError):
@@ -170,28 +171,29 @@ def solve(
         raise ValueError(f"memory_budget must be a positive number of bytes; got {memory_budget}")
     start = time.perf_counter()
     cost, mem, eq, bounds, integrality, xcol = _build(sg, machine, allowed)
-    constraints = list(eq)
-    if memory_budget is not None:
-        constraints.append(LinearConstraint(mem[None, :], -np.inf, memory_budget))
     options = {"time_limit": time_limit, "mip_rel_gap": mip_gap}
-    res = milp(cost, constraints=constraints, integrality=integrality, bounds=bounds,
-               options=options)
+    res = milp(cost, constraints=eq, integrality=integrality, bounds=bounds, options=options)
     method = "exact"
-    if memory_budget is not None and res.status == 1:  # time limit: not proven optimal
-        found = [(res.x, "exact (time limit: best found)")] if res.x is not None else []
-        x = _lagrangian(cost, mem, eq, integrality, bounds, memory_budget, options)
-        if x is not None:
-            found.append((x, "lagrangian"))
-        if found:
-            x, method = min(found, key=lambda f: f[0] @ cost)
-            res = type("Result", (), {"x": x})()
-    if res.x is None:
-        if memory_budget is not None:
+    if res.x is not None and memory_budget is not None and res.x @ mem > memory_budget:
+        # The fastest plan does not fit: solve again with the budget row.
+        budget_row = LinearConstraint(mem[None, :], -np.inf, memory_budget)
+        res = milp(cost, constraints=[*eq, budget_row], integrality=integrality,
+                   bounds=bounds, options=options)
+        if res.status == 1:  # time limit: not proven optimal
+            found = [(res.x, "exact (time limit: best found)")] if res.x is not None else []
+            x = _lagrangian(cost, mem, eq, integrality, bounds, memory_budget, options)
+            if x is not None:
+                found.append((x, "lagrangian"))
+            if found:
+                x, method = min(found, key=lambda f: f[0] @ cost)
+                res = type("Result", (), {"x": x})()
+        if res.x is None:
             low = milp(mem, constraints=eq, integrality=integrality, bounds=bounds,
                        options=options)
             if low.x is not None and low.fun > memory_budget:
                 raise MemoryBudgetError(memory_budget, float(low.fun))
-        raise RuntimeError(f"the solver found no plan: {res.message}")
+    if res.x is None:
+        raise RuntimeError(f"the solver found no plan: {getattr(res, 'message', '')}")
     plan = {}
     for (name, i), c in xcol.items():
         if res.x[c] > 0.5:
@@ -199,7 +201,15 @@ def solve(
     return Solution(plan, plan_cost(sg, machine, plan), time.perf_counter() - start, method)
 
 
-def _lagrangian(cost, mem, eq, integrality, bounds, budget, options, iters: int = 12):
+def minimum_memory(sg: StrategyGraph, machine: MachineModel) -> float:
+    """Predicted per-rank bytes of the plan that needs the least memory (any time)."""
+    cost, mem, eq, bounds, integrality, _ = _build(sg, machine, None)
+    res = milp(mem, constraints=eq, integrality=integrality, bounds=bounds,
+               options={"time_limit": 60.0})
+    return float(res.fun)
+
+
+def _lagrangian(cost, mem, eq, integrality, bounds, budget, options, iters: int = 8):
     """Bisect the memory price ``lam`` (log scale) for the cheapest plan of ``cost + lam*mem``
     that fits ``budget``; None if even the memory-only objective does not fit."""
     def plan_at(lam):
