@@ -212,7 +212,8 @@ for name in MAKERS:
     solutions[name] = solve(sgn, mach, memory_budget=budgets[name])
     s = solutions[name]
     print(f"{name}: replicated plan {rep.memory / 2**20:.2f} MiB/rank, fastest plan "
-          f"{fastest[name].cost.memory / 2**20:.2f} MiB ({1e3 * fastest[name].cost.time:.1f} ms), "
+          f"{fastest[name].cost.memory / 2**20:.2f} MiB ({1e3 * fastest[name].cost.time:.1f} ms, "
+          f"{fastest[name].method}), "
           f"smallest {least / 2**20:.2f} MiB. Budget {budgets[name] / 2**20:.2f} MiB: plan "
           f"predicts {s.cost.memory / 2**20:.2f} MiB and {1e3 * s.cost.time:.1f} ms; solved in "
           f"{s.seconds:.2f} s ({s.method})")

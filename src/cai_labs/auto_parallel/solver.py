@@ -173,7 +173,7 @@ def solve(
     cost, mem, eq, bounds, integrality, xcol = _build(sg, machine, allowed)
     options = {"time_limit": time_limit, "mip_rel_gap": mip_gap}
     res = milp(cost, constraints=eq, integrality=integrality, bounds=bounds, options=options)
-    method = "exact"
+    method = "exact (time limit: best found)" if res.status == 1 else "exact"
     if res.x is not None and memory_budget is not None and res.x @ mem > memory_budget:
         # The fastest plan does not fit: solve again with the budget row.
         budget_row = LinearConstraint(mem[None, :], -np.inf, memory_budget)
