@@ -120,7 +120,8 @@ pd.DataFrame([{"node": n, "op": i.op, "output shape": i.shape,
 # %%
 # The attention module is one node: its reshapes between ``(b, s, d)`` and ``(b, h, s, d/h)``
 # are not modelled, so it gets its own strategies (batch, heads, replicate). The MLP is traced
-# op by op, and the solver has to *discover* Megatron's column-then-row pattern on its own.
+# op by op: if the plan below pairs a column-parallel ``fc1`` with a row-parallel ``fc2``
+# (Megatron's pattern), the solver found it on its own, because it avoids a reshard in between.
 #
 # 2. Strategies
 # -------------
@@ -199,7 +200,8 @@ for name in MAKERS:
 # budget ``MEMORY_SQUEEZE`` of the way from the fastest plan's memory down to the smallest
 # memory any plan reaches, so that the budget really binds. (A budget near the smallest feasible one
 # makes the integer program slow; past a time limit the solver falls back to a Lagrangian search
-# whose plan fits but is not proven optimal, and says so.)
+# whose plan fits but is not proven optimal, and says so. On a busy machine even the ResNet
+# problem without a budget can reach the limit; the method printed says when.)
 
 solutions, budgets, fastest = {}, {}, {}
 for name in MAKERS:
@@ -457,7 +459,10 @@ ckpt.style.format(precision=2)
 
 # %%
 # The predicted relative time assumes backward costs twice the forward, so a step is ``3 sum
-# t_i`` and recomputing stage ``i`` adds ``t_i``.
+# t_i`` and recomputing stage ``i`` adds ``t_i``. The measured peak stays under the predicted
+# one, which stays under the budget: the model counts a tensor kept by two stages twice. The
+# measured relative times come from single steps on shared cores and are noisy; the trend, more
+# recomputation for less memory, is the point.
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
 ax1.plot(ckpt["budget (MiB)"], ckpt["budget (MiB)"], "k:", lw=1, label="budget")
