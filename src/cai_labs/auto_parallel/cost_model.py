@@ -1,0 +1,230 @@
+"""Step 3: a cost model calibrated on this machine, predicting step time and memory of a plan.
+
+Time. A collective of ``n`` bytes along a mesh axis costs ``alpha + beta * n`` (the alpha-beta or
+Hockney model: a fixed latency per call plus bytes over bandwidth); ``alpha`` and ``beta`` are
+fitted per op (all-reduce, all-gather) and per group (axis 0, axis 1, both axes) from timed
+collectives on the real ranks. A node's compute costs
+
+    t = 2 * overhead + 3 * flops / flop_rate[kind] + 3 * bytes / mem_bw
+
+(forward + backward: backward is about twice the forward work). ``flop_rate`` is measured
+separately for convolutions and for matrix products, each as forward + backward of a mid-sized
+layer, because a CPU runs small convolutions far below its matmul peak; ``overhead`` is the
+measured cost of launching one small op, which dominates tiny CPU models. Small CPU models also
+spend much of their time in memory-bound ops (batch norm backward, ReLU, adds) and in allocating
+fresh buffers, which micro-benchmarks miss; :func:`fit_compute_scale` therefore scales the
+compute part by one factor so that the all-replicated plan predicts the measured serial step of
+*this* model on one rank (measured while every rank computes). One number per model, fitted on
+one plan, then used unchanged for every other plan. The predicted step time of a plan is
+the sum over nodes of compute and of collectives (nothing overlaps in the runtime, so sums are
+the right model).
+
+Memory per rank. Parameters and their gradients (2x the local parameter bytes; the optimizer is
+not part of a forward-backward step), plus activations kept for backward, from the serial
+profile of who keeps what (:func:`~cai_labs.auto_parallel.trace.profile_saved`): a value at its
+local size if any op keeps it; a resharded copy at its new size if the consumer that receives it
+keeps its input; each op's internal saved
+tensors divided by the op's split; and the model output, which the loss keeps. This is what
+:class:`cai_labs.Ledger` measures as ``peak_total`` (parameters + gradients + saved
+activations; the ledger counts a storage once, however many ops keep it). It errs on the safe
+side: a value kept only by consumers that each receive a resharded copy is counted as well,
+so the solver stays a plain linear program in its variables. Not modelled:
+transient buffers that are not kept for backward (they are freed before the peak of saved
+activations at the end of forward, but an allocator sees them).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cai_labs.auto_parallel.strategies import (
+    FLOAT_BYTES,
+    Comm,
+    Edge,
+    Layout,
+    NodeInfo,
+    Strategy,
+    StrategyGraph,
+    local_shape,
+    numel,
+    reshard_comm,
+)
+
+__all__ = ["MachineModel", "calibrate", "fit_compute_scale", "replicated_plan", "PlanCost",
+           "plan_cost", "node_time", "edge_time", "node_memory", "edge_memory", "value_memory",
+           "comm_time"]
+
+GROUPS = ((0,), (1,), (0, 1))
+
+
+@dataclass
+class MachineModel:
+    """Measured prices. ``alpha[(op, axes)]`` seconds, ``beta[(op, axes)]`` seconds per byte."""
+
+    alpha: dict[tuple[str, tuple[int, ...]], float]
+    beta: dict[tuple[str, tuple[int, ...]], float]
+    flop_rate: dict[str, float]  # FLOP/s of one rank while all ranks compute, per op kind
+    mem_bw: float  # bytes/s of an element-wise op on one rank
+    overhead: float  # seconds to launch one small op (forward or backward)
+    compute_scale: float = 1.0  # fitted by fit_compute_scale
+    samples: dict[str, list] = field(default_factory=dict)  # raw timings, for the page
+
+
+def _best_time(fn, reps: int) -> float:
+    """Fastest of ``reps`` calls: the least disturbed by other processes on shared cores."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(min(times))
+
+
+def calibrate(
+    mesh_groups, sizes=(1 << 8, 1 << 12, 1 << 16, 1 << 18), reps: int = 7
+) -> MachineModel:
+    """Measure the machine on every rank (call inside ``launch``); all ranks get rank 0's model.
+
+    ``mesh_groups`` is a :class:`~cai_labs.auto_parallel.runtime.MeshGroups`. Collectives are
+    timed for ``sizes`` float32 elements on each mesh group, each after a barrier, keeping the
+    fastest of ``reps`` calls, and ``alpha + beta * n`` is fitted by least squares (``beta`` is
+    floored at 1e-12 s/byte if noise makes the fitted slope negative); compute rates are timed
+    while every rank computes at once, as it will during training.
+    """
+    alpha, beta, samples = {}, {}, {}
+    for axes in GROUPS:
+        group = mesh_groups.group(axes)
+        n = len(mesh_groups.ranks(axes))
+        for op in ("all_reduce", "all_gather"):
+            pts = []
+            for size in sizes:
+                x = torch.randn(size)
+                outs = [torch.empty(size) for _ in range(n)]
+
+                def call(x=x, outs=outs, op=op, group=group):
+                    if op == "all_reduce":
+                        dist.all_reduce(x, group=group)
+                    else:
+                        dist.all_gather(outs, x, group=group)
+
+                dist.barrier()
+                call()
+                nbytes = size * FLOAT_BYTES * (n if op == "all_gather" else 1)
+                pts.append((nbytes, _best_time(call, reps)))
+            b, a = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)
+            alpha[(op, axes)], beta[(op, axes)] = max(float(a), 1e-6), max(float(b), 1e-12)
+            samples[f"{op} {axes}"] = pts
+    dist.barrier()
+    flop_rate = {}
+    lin, xs = torch.nn.Linear(256, 256), torch.randn(512, 256)
+    flop_rate["matmul"] = 3 * 2 * 512 * 256 * 256 / _best_time(
+        lambda: lin(xs).sum().backward(), reps)
+    conv, xc = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False), torch.randn(8, 32, 8, 8)
+    flop_rate["conv"] = 3 * 2 * xc.numel() * 32 * 9 / _best_time(
+        lambda: conv(xc).sum().backward(), reps)
+    big = torch.randn(1 << 20)
+    mem_bw = 3 * big.numel() * FLOAT_BYTES / _best_time(lambda: big + big, reps)
+    lin = torch.nn.Linear(4, 4)
+    xs = torch.randn(2, 4)
+    overhead = _best_time(lambda: lin(xs).sum().backward(), reps) / 6  # 3 ops, fwd + bwd
+    model = MachineModel(alpha, beta, flop_rate, mem_bw, overhead, samples=samples)
+    box = [model]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def comm_time(c: Comm, m: MachineModel) -> float:
+    key = (c.op, c.axes)
+    return m.alpha[key] + m.beta[key] * c.nbytes
+
+
+def node_time(s: Strategy, m: MachineModel, op: str = "") -> dict[str, float]:
+    """Predicted seconds of one node per step: ``{"compute": ..., "comm": ...}``."""
+    if op in ("placeholder", "output"):
+        return {"compute": 0.0, "comm": 0.0}
+    compute = m.compute_scale * (2 * m.overhead + 3 * s.flops / m.flop_rate[s.kind]
+                                 + 3 * s.bytes_moved / m.mem_bw)
+    return {"compute": compute, "comm": sum(comm_time(c, m) for c in s.comm)}
+
+
+def edge_time(sg: StrategyGraph, e: Edge, src: Layout, dst: Layout, m: MachineModel) -> float:
+    return sum(comm_time(c, m) for c in reshard_comm(e.shape, src, dst, sg.mesh, e.needs_grad))
+
+
+def _bytes(shape, layout: Layout, sg: StrategyGraph) -> int:
+    return numel(local_shape(shape, layout, sg.mesh)) * FLOAT_BYTES if shape else 0
+
+
+def node_memory(info: NodeInfo, s: Strategy, sg: StrategyGraph) -> dict[str, float]:
+    """Bytes per rank of node ``info`` under ``s``: params+grads, saved activations (its internal
+    ones, and its output at local size if any op keeps it)."""
+    act = info.internal_saved / s.split
+    if info.value_saved:
+        act += value_memory(info, s, sg)
+    return {"params": 2.0 * s.param_bytes, "activations": act}
+
+
+def value_memory(info: NodeInfo, s: Strategy, sg: StrategyGraph) -> float:
+    """Bytes of the node's output at its local size (counted once if anyone keeps it as is)."""
+    return float(_bytes(info.shape, s.out_layout, sg)) if info.shape is not None else 0.0
+
+
+def edge_memory(sg: StrategyGraph, e: Edge, src: Layout, dst: Layout) -> float:
+    """A resharded copy kept by its consumer (an unchanged value is counted by its producer)."""
+    if src == dst or not e.consumer_saves:
+        return 0.0
+    return float(_bytes(e.shape, dst, sg))
+
+
+@dataclass
+class PlanCost:
+    """Predicted per-step seconds and per-rank bytes of one plan, with a per-node breakdown."""
+
+    time: float
+    compute: float
+    comm: float
+    memory: float
+    params: float
+    activations: float
+    rows: list[dict] = field(default_factory=list)
+
+
+def plan_cost(sg: StrategyGraph, m: MachineModel, plan: dict[str, int]) -> PlanCost:
+    """Predict a plan (``{node name: strategy index}``) with the model above."""
+    compute = comm = params = acts = 0.0
+    rows = []
+    for name, info in sg.nodes.items():
+        s = info.strategies[plan[name]]
+        t = node_time(s, m, info.op)
+        mem = node_memory(info, s, sg)
+        compute += t["compute"]
+        comm += t["comm"]
+        params += mem["params"]
+        acts += mem["activations"]
+        rows.append({"node": name, "op": info.op, "strategy": s.name, **t, **mem})
+    for e in sg.edges:
+        src = sg.strategy(plan, e.src).out_layout
+        dst = sg.strategy(plan, e.dst).in_layouts[e.pos]
+        comm += edge_time(sg, e, src, dst, m)
+        acts += edge_memory(sg, e, src, dst)
+    return PlanCost(compute + comm, compute, comm, params + acts, params, acts, rows)
+
+
+def replicated_plan(sg: StrategyGraph) -> dict[str, int]:
+    """Every node replicated on every rank: the serial program run four times."""
+    plan = {}
+    for name, info in sg.nodes.items():
+        plan[name] = next(i for i, s in enumerate(info.strategies) if set(s.roles) == {"R"})
+    return plan
+
+
+def fit_compute_scale(sg: StrategyGraph, m: MachineModel, serial_seconds: float) -> MachineModel:
+    """A copy of ``m`` whose compute prices make the replicated plan cost ``serial_seconds``."""
+    base = MachineModel(**{**m.__dict__, "compute_scale": 1.0})
+    predicted = plan_cost(sg, base, replicated_plan(sg)).compute
+    return MachineModel(**{**m.__dict__, "compute_scale": serial_seconds / predicted})
