@@ -68,18 +68,16 @@ def _twin_runs(make_ours, make_theirs, schedule=None, check_grads=False):
 
 
 def test_lamb_matches_colossalai_step_by_step():
-    gaps, ours, theirs = _twin_runs(
+    gaps, ours, _ = _twin_runs(
         lambda m: LAMB(param_groups(m, 0.01, exclude_from_adaptation=False), lr=0.01,
                        eps=1e-6, bias_correction=False),
         lambda m: Lamb(param_groups(m, 0.01, exclude_from_adaptation=False), lr=0.01, eps=1e-6,
                        weight_decay=0.01),
     )
+    # Colossal-AI 0.5.0 keeps no trust ratio in its state (it is a local of its step), so the
+    # ratios are compared through what they produce: the same parameters after every step.
     assert max(gaps) < 1e-5, gaps
-    # Same trust ratios: Colossal-AI keeps them in state["trust_ratio"].
-    weights = theirs.param_groups[0]["params"]
-    theirs_ratios = [float(theirs.state[p]["trust_ratio"]) for p in weights]
-    ours_ratios = list(ours.trust_ratios().values())[: len(theirs_ratios)]
-    assert ours_ratios == pytest.approx(theirs_ratios, rel=1e-4)
+    assert all(r > 0 for r in ours.trust_ratios().values())
 
 
 def test_lamb_bias_correction_is_a_real_difference():
