@@ -6,6 +6,16 @@ Each module holds one technique and is checked against its serial twin in ``test
   or in place under ``torchrun``) and get rank 0's result back.
 * :mod:`cai_labs.ledger` — per-rank record of communication bytes, memory and a timeline.
 * :mod:`cai_labs.data_parallel` — gradient all-reduce, then bucketed and overlapped.
+* :mod:`cai_labs.tensor_parallel` — 1D, 2D (SUMMA), 2.5D and 3D tensor-parallel layers.
+* :mod:`cai_labs.pipeline` — stages, micro-batches, GPipe and 1F1B schedules.
+* :mod:`cai_labs.layouts` and :mod:`cai_labs.unified` — one GPT built in any DP x PP x TP layout.
+* :mod:`cai_labs.sequence_parallel` — ring and all-to-all self-attention, BERT on sequence chunks.
+* :mod:`cai_labs.auto_parallel` — trace, sharding strategies, cost model, solver, runtime, and
+  automatic activation checkpointing.
+* :mod:`cai_labs.optim` — LARS, LAMB and their learning-rate schedules.
+* :mod:`cai_labs.zero` and :mod:`cai_labs.offload` — ZeRO stages 1-3 and chunk-based offload.
+* :mod:`cai_labs.serving` — an HTTP service with dynamic batching, and its load generator.
+* :mod:`cai_labs.peers` — PyTorch's own engines (DTensor, pipelining), run side by side.
 """
 
 from cai_labs.launcher import LaunchTimeout, RankFailed, launch, rank_info

@@ -19,8 +19,9 @@ bytes* and its wall time. Buffer bytes are the size of the collective's full buf
 output for ``all_gather``; the unreduced input for ``reduce_scatter``; the input for
 ``all_to_all``. Each record also carries ``sent_bytes``: what this rank puts on the wire under the
 bandwidth-optimal ring algorithms (all-reduce ``2(N-1)/N * S``, all-gather and reduce-scatter
-``(N-1)/N * S``, all-to-all ``(N-1)/N * S``). Calls made inside PyTorch's C++ (DDP's reducer,
-FSDP) are not visible here: measure those engines by their results, not by this ledger.
+``(N-1)/N * S``, all-to-all ``(N-1)/N * S``). Calls made inside PyTorch's C++ (DDP's reducer)
+are not visible here; engines that call ``torch.distributed`` from Python (FSDP2 in torch 2.13)
+are recorded like any other code.
 
 **Memory.** Bytes of parameters, gradients and optimizer state of the watched model/optimizer at
 each :meth:`Ledger.snapshot`, and the bytes of activations saved for backward, counted through
