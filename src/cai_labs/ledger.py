@@ -56,6 +56,8 @@ _RING = {
     "all_gather_into_tensor": lambda n: (n - 1) / n,
     "reduce_scatter": lambda n: (n - 1) / n,
     "reduce_scatter_tensor": lambda n: (n - 1) / n,
+    "reduce_scatter_single": lambda n: (n - 1) / n,
+    "all_gather_single": lambda n: (n - 1) / n,
     "all_to_all": lambda n: (n - 1) / n,
     "all_to_all_single": lambda n: (n - 1) / n,
     "broadcast": lambda n: 1.0 if n > 1 else 0.0,
@@ -107,11 +109,11 @@ def _buffer_bytes(op: str, args: tuple, kwargs: dict) -> int:
         return _nbytes(arg(0, "tensor"))
     if op == "all_gather":
         return _nbytes(arg(0, "tensor_list"))
-    if op == "all_gather_into_tensor":
+    if op in ("all_gather_into_tensor", "all_gather_single"):
         return _nbytes(arg(0, "output_tensor"))
     if op == "reduce_scatter":
         return _nbytes(arg(1, "input_list"))
-    if op == "reduce_scatter_tensor":
+    if op in ("reduce_scatter_tensor", "reduce_scatter_single"):
         return _nbytes(arg(1, "input"))
     if op == "all_to_all":
         return _nbytes(arg(1, "input_tensor_list"))

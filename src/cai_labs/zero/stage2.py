@@ -1,0 +1,86 @@
+"""ZeRO stage 2: partition the gradients as well.
+
+Stage 1 keeps the full gradient on every rank until the step. Stage 2 reduce-scatters each
+unit's gradient *during backward*, the moment its last parameter's gradient is complete (a
+``post_accumulate_grad`` hook counts them), keeps only this rank's averaged slice ``(S,)`` in a
+persistent shard buffer, and drops the full ``p.grad`` tensors at once. So between steps a rank
+holds ``Ψ/N`` gradient elements instead of ``Ψ``; while backward runs, at most the units whose
+gradients are still being produced are held in full. Reduce-scatters of later layers overlap the
+backward of earlier ones in an asynchronous implementation; this one is synchronous for clarity.
+
+Gradient accumulation over micro-batches works: each backward adds into the shard buffer, which
+:meth:`zero_grad` clears. A unit whose parameters got no gradient in a backward (unused branch)
+is reduced with zeros at the end of that backward, so every rank makes the same calls.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cai_labs.zero.base import ZeroModel
+from cai_labs.zero.collectives import reduce_scatter_flat
+from cai_labs.zero.flat import FlatParamUnit
+
+__all__ = ["Zero2"]
+
+
+class Zero2(ZeroModel):
+    """ZeRO-2: optimizer state and gradients sharded; parameters full on every rank."""
+
+    stage = 2
+
+    def __init__(self, module: nn.Module, units=None, group=None):
+        super().__init__(module, units=units, group=group)
+        self._unit_of: dict[int, FlatParamUnit] = {}
+        for u in self.units:
+            u.grad_shard = u.full.new_zeros(u.shard_numel)
+            u.shard.grad = u.grad_shard
+            for p in u.params:
+                self._unit_of[id(p)] = u
+                p.register_post_accumulate_grad_hook(self._grad_ready)
+        self._queued = False
+
+    def _grad_ready(self, p: nn.Parameter) -> None:
+        if not self._queued:  # once per backward: finish whatever is left at its very end
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self._queued = True
+        u = self._unit_of[id(p)]
+        u.ready += 1
+        if u.ready == len(u.params):
+            self._reduce_unit(u)
+
+    def _reduce_unit(self, u: FlatParamUnit) -> None:
+        with torch.no_grad():
+            out = u.full.new_empty(u.shard_numel)
+            reduce_scatter_flat(out, u.flat_grad(), self.group)
+            u.grad_shard.add_(self._average(out))
+            for p in u.params:
+                p.grad = None
+        u.reduced = True
+        self._unit_reduced(u)
+
+    def _unit_reduced(self, u: FlatParamUnit) -> None:
+        """Hook for ZeRO-3 (free the unit's gathered parameters)."""
+
+    def _end_of_backward(self) -> None:
+        for u in self.units:
+            if not u.reduced:
+                self._reduce_unit(u)
+        for u in self.units:
+            u.ready, u.reduced = 0, False
+        self._queued = False
+
+    def reduce_gradients(self) -> None:
+        """Nothing left to do: backward already reduce-scattered every unit."""
+        for u in self.units:
+            u.shard.grad = u.grad_shard
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.module.zero_grad(set_to_none=True)
+        for u in self.units:
+            u.grad_shard.zero_()
+            u.shard.grad = u.grad_shard
+
+    def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
+        return {"grad_shards": [u.grad_shard for u in self.units]}
