@@ -109,6 +109,13 @@ class DiffusionModule(pl.LightningModule):
         self.loss_history.append(loss.item())
         return loss
 
+    def zero_units(self) -> list[torch.nn.Module]:
+        """Flat units for ZeRO (:class:`~cai_labs.lightning.zero_strategy.ZeroStrategy`): each
+        UNet down/up block, its middle block, each text-encoder layer; the rest is the root unit."""
+        unet = self.unet
+        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+        return [m for m in (*blocks, *self.text_encoder.encoder.layers) if m is not None]
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
