@@ -72,8 +72,10 @@ class CaptionedDigits(torch.utils.data.Dataset):
         return self.images[i], caption(label, (i * 7) // 3), label
 
 
-def load_captioned_digits(size: int = 16, seed: int = 0) -> tuple[CaptionedDigits, CaptionedDigits]:
-    """Train and test sets of captioned, upscaled digits (the split of :func:`load_digits_split`)."""
+def load_captioned_digits(size: int = 16,
+                          seed: int = 0) -> tuple[CaptionedDigits, CaptionedDigits]:
+    """Train and test sets of captioned, upscaled digits (the split of
+    :func:`~cai_labs.data.digits.load_digits_split`)."""
     split = load_digits_split(seed=seed)
     return (CaptionedDigits(upscale(split.images_train, size), split.y_train),
             CaptionedDigits(upscale(split.images_test, size), split.y_test))

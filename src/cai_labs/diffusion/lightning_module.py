@@ -27,7 +27,9 @@ from cai_labs.diffusion.model import DiffusionComponents, TinyDiffusionConfig, b
 __all__ = ["DiffusionModule", "collate"]
 
 
-def collate(batch: list[tuple[torch.Tensor, str, int]]) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+def collate(
+    batch: list[tuple[torch.Tensor, str, int]],
+) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Stack images, keep captions as a list of strings, stack labels."""
     images, captions, labels = zip(*batch)
     return torch.stack(images), list(captions), torch.tensor(labels)
@@ -89,7 +91,8 @@ class DiffusionModule(pl.LightningModule):
         b = images.shape[0]
         drop = torch.rand(b, generator=generator) < self.uncond_prob
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        tokens = self.tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")
+        tokens = self.tokenizer(captions, padding="max_length", truncation=True,
+                                return_tensors="pt")
         text = self.text_encoder(tokens.input_ids.to(images.device),
                                  attention_mask=tokens.attention_mask.to(images.device))
         x0 = images

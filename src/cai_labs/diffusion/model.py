@@ -42,7 +42,8 @@ class TinyDiffusionConfig:
     Diffusion: 512x512x3 = 786,432 numbers -> 64x64x4 = 16,384, 48x fewer, so the UNet's cost falls
     by about as much). For a 16x16x1 digit a 2x-downsampling autoencoder gives 8x8x4 = 256 numbers:
     exactly as many as the pixels, so it saves nothing and costs a training stage. Hence
-    ``latent_channels=0`` (pixel space) by default; set it to 4 to put an ``AutoencoderKL`` in front.
+    ``latent_channels=0`` (pixel space) by default; set it to 4 to put an ``AutoencoderKL`` in
+    front.
     """
 
     image_size: int = 16

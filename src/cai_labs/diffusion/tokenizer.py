@@ -38,7 +38,8 @@ def build_tokenizer(max_length: int = 8) -> PreTrainedTokenizerFast:
     tokens (start and end included) are truncated, as CLIP truncates at 77.
     """
     if max_length < 3:
-        raise ValueError(f"max_length must leave room for start, one word and end; got {max_length}")
+        raise ValueError(
+            f"max_length must leave room for start, one word and end; got {max_length}")
     vocab = {word: i for i, word in enumerate(VOCABULARY)}
     core = Tokenizer(WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk"]))
     core.normalizer = normalizers.Lowercase()
