@@ -39,9 +39,9 @@ def _fit(strategy: str, steps: int, **kw) -> DiffusionModule:
     return module
 
 
-def _compare_strategies(broken: bool) -> dict:
+def _compare_strategies(names: tuple[str, ...], broken: bool) -> dict:
     out = {}
-    for name in ("ddp", "zero1", "zero2"):
+    for name in names:
         if broken and name == "zero2":
             # A broken ZeRO: forget to divide the reduce-scattered gradient sum by N.
             from cai_labs.zero.base import ZeroModel
@@ -59,7 +59,7 @@ def _max_diff(a, b) -> float:
 
 
 def test_zero_strategy_trains_three_steps_equal_to_lightning_ddp():
-    out = launch(_compare_strategies, 2, False)
+    out = launch(_compare_strategies, 2, ("ddp", "zero1", "zero2"), False)
     ref = out["ddp"]
     assert len(ref["losses"]) == 3
     for name in ("zero1", "zero2"):
@@ -68,9 +68,8 @@ def test_zero_strategy_trains_three_steps_equal_to_lightning_ddp():
 
 
 def test_broken_gradient_averaging_is_caught():
-    out = launch(_compare_strategies, 2, True)
-    assert _max_diff(out["zero1"]["params"], out["ddp"]["params"]) < 1e-5  # unbroken: equal
-    assert _max_diff(out["zero2"]["params"], out["ddp"]["params"]) > 1e-4  # broken: caught
+    out = launch(_compare_strategies, 2, ("ddp", "zero2"), True)
+    assert _max_diff(out["zero2"]["params"], out["ddp"]["params"]) > 1e-4
 
 
 def _resume(path: str) -> dict:
