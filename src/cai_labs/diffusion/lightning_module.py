@@ -107,6 +107,7 @@ class DiffusionModule(pl.LightningModule):
         return F.mse_loss(pred.float(), noise)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """The diffusion loss of ``batch = (images, captions, labels)``; records it."""
         images, captions, _ = batch
         loss = self.diffusion_loss(images, captions, self.step_generator())
         self.loss_history.append(loss.item())
@@ -120,11 +121,14 @@ class DiffusionModule(pl.LightningModule):
         return [m for m in (*blocks, *self.text_encoder.encoder.layers) if m is not None]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters (a ZeRO strategy shards it later)."""
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the loss history in the checkpoint, so a resumed run continues the curve."""
         checkpoint["loss_history"] = list(self.loss_history)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the loss history saved by :meth:`on_save_checkpoint`."""
         self.loss_history = list(checkpoint.get("loss_history", []))

@@ -29,24 +29,30 @@ class ProcessGroupEnvironment(ClusterEnvironment):
 
     @property
     def creates_processes_externally(self) -> bool:
+        """True: the ranks exist already."""
         return True
 
     @property
     def main_address(self) -> str:
+        """Unused: the process group exists."""
         return "127.0.0.1"  # unused: the process group exists already
 
     @property
     def main_port(self) -> int:
+        """Unused: the process group exists."""
         return 0
 
     @staticmethod
     def detect() -> bool:
+        """True when a default process group is initialised."""
         return dist.is_available() and dist.is_initialized()
 
     def world_size(self) -> int:
+        """Ranks in the default process group."""
         return dist.get_world_size()
 
     def set_world_size(self, size: int) -> None:
+        """Check Lightning's count against the process group."""
         if size != dist.get_world_size():
             raise ValueError(
                 f"the Trainer asks for {size} processes but the process group has "
@@ -54,15 +60,19 @@ class ProcessGroupEnvironment(ClusterEnvironment):
             )
 
     def global_rank(self) -> int:
+        """This process's rank in the default group."""
         return dist.get_rank()
 
     def set_global_rank(self, rank: int) -> None:
+        """Check Lightning's rank against the process group."""
         if rank != dist.get_rank():
             raise ValueError(f"Lightning computed rank {rank}, the process group says "
                              f"{dist.get_rank()}: use devices=1, num_nodes=world_size")
 
     def local_rank(self) -> int:
+        """0: one device per rank."""
         return 0
 
     def node_rank(self) -> int:
+        """The global rank: each rank is its own node."""
         return dist.get_rank()

@@ -33,6 +33,7 @@ class LedgerCallback(pl.Callback):
         self._start = 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Open the ledger on what the strategy now holds."""
         ledger = Ledger(track_activations=self.track_activations)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         strategy = trainer.strategy
@@ -43,20 +44,24 @@ class LedgerCallback(pl.Callback):
         self.ledger = ledger.__enter__()  # after watch: parameters are not counted as activations
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Close the ledger."""
         if self.ledger is not None:
             self.ledger.__exit__(None, None, None)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
+        """Start the step clock."""
         self._start = time.perf_counter()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Any) -> None:
+        """Snapshot memory with gradients complete."""
         if self.ledger is not None:
             self.ledger.snapshot(f"step {trainer.global_step}: gradients ready")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Snapshot memory after the step; stop the clock."""
         if self.ledger is not None:
             self.ledger.snapshot(f"step {trainer.global_step}: after step")
         self.step_times.append(time.perf_counter() - self._start)

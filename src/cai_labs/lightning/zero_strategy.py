@@ -68,11 +68,13 @@ class ZeroStrategy(DDPStrategy):
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
+        """True: checkpoints are loaded after ``setup`` has sharded the optimizer."""
         # The optimizer must be sharded before its state is loaded into it.
         return True
 
     @property
     def handles_gradient_clipping(self) -> bool:
+        """False: clipping is refused in :meth:`setup` (each rank holds a gradient shard)."""
         return False
 
     def _units(self, module: pl.LightningModule) -> list[nn.Module] | None:
@@ -83,6 +85,7 @@ class ZeroStrategy(DDPStrategy):
         return None
 
     def setup(self, trainer: pl.Trainer) -> None:
+        """Wrap the module in the ZeRO stage and its optimizer in a ``ZeroOptimizer``."""
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
@@ -112,6 +115,7 @@ class ZeroStrategy(DDPStrategy):
         return self.zero_model.full_state_dict()
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        """Load full weights into the flat buffers (ZeRO-3: gathered, then re-sharded)."""
         zm = self.zero_model
         if zm is None:
             return super().load_model_state_dict(checkpoint, strict=strict)
