@@ -214,7 +214,8 @@ for name, r in measured.items():
     row["final loss"] = r["losses"][-1]
     rows.append(row)
 table = pd.DataFrame(rows).set_index("variant")
-table.style.format("{:.2f}").format({"final loss": "{:.4f}", "step time (ms)": "{:.0f}"})
+table.style.format({c: "{:.2f}" for c in table.columns} | {"final loss": "{:.4f}",
+                                                        "step time (ms)": "{:.0f}"})
 
 # %%
 # How to read it. With :math:`\Psi` parameters in fp32 and Adam's two moments, data parallel
