@@ -1,0 +1,63 @@
+"""Build a Lightning ``Trainer`` for the rank this process is, by strategy name.
+
+Inside a worker started by :func:`cai_labs.launch` (or under ``torchrun``), every rank builds the
+same Trainer with ``devices=1, num_nodes=world_size`` and a
+:class:`~cai_labs.lightning.environment.ProcessGroupEnvironment`, so Lightning joins the existing
+process group instead of starting processes of its own.
+
+Strategy names: ``"ddp"`` (Lightning's ``DDPStrategy``: PyTorch ``DistributedDataParallel``),
+``"zero1"``, ``"zero2"``, ``"zero3"`` (:class:`~cai_labs.lightning.zero_strategy.ZeroStrategy`).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+
+from cai_labs.lightning.environment import ProcessGroupEnvironment
+from cai_labs.lightning.zero_strategy import ZeroStrategy
+
+__all__ = ["STRATEGIES", "make_strategy", "rank_trainer"]
+
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
+
+
+def make_strategy(name: str) -> DDPStrategy:
+    """The strategy called ``name`` (see the module docstring), on the existing process group."""
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}; got {name!r}")
+    backend = dist.get_backend() if dist.is_initialized() else "gloo"
+    common = {"cluster_environment": ProcessGroupEnvironment(), "process_group_backend": backend}
+    if name == "ddp":
+        return DDPStrategy(**common)
+    return ZeroStrategy(stage=int(name[-1]), **common)
+
+
+def rank_trainer(strategy: str = "ddp", quiet: bool = True, **trainer_kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer for this rank: no logger, checkpoint callback, progress bar or summary
+    (tutorial output stays readable); ``trainer_kwargs`` override (``max_steps``, ``precision``,
+    ``callbacks``, ...)."""
+    if quiet:
+        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+        logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module="lightning")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    kwargs: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "num_nodes": world,
+        "strategy": make_strategy(strategy),
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    kwargs.update(trainer_kwargs)
+    return pl.Trainer(**kwargs)

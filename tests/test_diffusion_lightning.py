@@ -1,0 +1,148 @@
+"""Stable-Diffusion-style training with Lightning: the cai_labs ZeRO strategy equals Lightning
+DDP, checkpoints resume exactly, sampling is reproducible, bad input is refused."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from cai_labs import launch
+from cai_labs.diffusion.data import load_captioned_digits
+from cai_labs.diffusion.lightning_module import DiffusionModule, collate
+from cai_labs.diffusion.model import (
+    TinyDiffusionConfig,
+    build_components,
+    load_components,
+    save_components,
+)
+from cai_labs.diffusion.sampling import generate
+from cai_labs.lightning.trainer import rank_trainer
+from cai_labs.lightning.zero_strategy import ZeroStrategy
+
+TINY = TinyDiffusionConfig(block_channels=(16, 32), text_dim=16, text_layers=1)
+BATCH = 8  # per rank
+
+
+def _loader():
+    train, _ = load_captioned_digits()
+    subset = torch.utils.data.Subset(train, range(64))
+    return torch.utils.data.DataLoader(subset, batch_size=BATCH, shuffle=True, collate_fn=collate)
+
+
+def _fit(strategy: str, steps: int, **kw) -> DiffusionModule:
+    module = DiffusionModule(TINY, lr=1e-3)
+    rank_trainer(strategy, max_steps=steps, **kw).fit(module, _loader())
+    return module
+
+
+def _compare_strategies(names: tuple[str, ...], broken: bool) -> dict:
+    out = {}
+    for name in names:
+        if broken and name == "zero2":
+            # A broken ZeRO: forget to divide the reduce-scattered gradient sum by N.
+            from cai_labs.zero.base import ZeroModel
+            ZeroModel._average = lambda self, reduced: reduced
+        module = _fit(name, 3)
+        losses = torch.tensor(module.loss_history)
+        dist.all_reduce(losses)
+        out[name] = {"losses": (losses / dist.get_world_size()).tolist(),
+                     "params": [p.detach().clone() for p in module.parameters()]}
+    return out
+
+
+def _max_diff(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def test_zero_strategy_trains_three_steps_equal_to_lightning_ddp():
+    out = launch(_compare_strategies, 2, ("ddp", "zero1", "zero2"), False)
+    ref = out["ddp"]
+    assert len(ref["losses"]) == 3
+    for name in ("zero1", "zero2"):
+        assert _max_diff(out[name]["params"], ref["params"]) < 1e-5, name
+        assert max(abs(a - b) for a, b in zip(out[name]["losses"], ref["losses"])) < 1e-5
+
+
+def test_broken_gradient_averaging_is_caught():
+    out = launch(_compare_strategies, 2, ("ddp", "zero2"), True)
+    assert _max_diff(out["zero2"]["params"], out["ddp"]["params"]) > 1e-4
+
+
+def _resume(path: str, strategy: str = "zero2") -> dict:
+    straight = _fit(strategy, 4, limit_train_batches=2)
+    first = DiffusionModule(TINY, lr=1e-3)
+    trainer = rank_trainer(strategy, max_steps=2, limit_train_batches=2)
+    trainer.fit(first, _loader())
+    trainer.save_checkpoint(path)  # collective: gathers the optimizer shards to rank 0
+    dist.barrier()
+    resumed = DiffusionModule(TINY, lr=1e-3)
+    rank_trainer(strategy, max_steps=4, limit_train_batches=2).fit(resumed, _loader(),
+                                                                  ckpt_path=path)
+    fresh = DiffusionModule(TINY, lr=1e-3)  # resume *without* optimizer state: must differ
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["optimizer_states"][0]["state"] = {}
+    if dist.get_rank() == 0:
+        torch.save(ckpt, path + ".noopt")
+    dist.barrier()
+    rank_trainer(strategy, max_steps=4, limit_train_batches=2).fit(fresh, _loader(),
+                                                                  ckpt_path=path + ".noopt")
+    return {"straight": straight.loss_history, "resumed": resumed.loss_history,
+            "no_optimizer_state": fresh.loss_history,
+            "params": [[p.detach().clone() for p in m.parameters()] for m in (straight, resumed)]}
+
+
+def _resume_both(directory: str) -> dict:
+    return {name: _resume(os.path.join(directory, f"{name}.ckpt"), name)
+            for name in ("zero2", "ddp")}
+
+
+def test_checkpoint_resume_gives_the_same_loss():
+    with tempfile.TemporaryDirectory() as d:
+        out = launch(_resume_both, 2, d)
+    zero, ddp = out["zero2"], out["ddp"]
+    assert len(zero["straight"]) == 4 and len(zero["resumed"]) == 4  # history travels along
+    # The first step after reloading sees exactly the weights the uninterrupted run had.
+    assert zero["resumed"][2] == zero["straight"][2]
+    # The ZeRO checkpoint (optimizer shards gathered on save, re-sliced on load) resumes exactly
+    # as Lightning DDP resumes from its ordinary checkpoint, step for step.
+    assert zero["resumed"] == pytest.approx(ddp["resumed"], abs=1e-6)
+    assert zero["straight"] == pytest.approx(ddp["straight"], abs=1e-6)
+    # Both continue the uninterrupted run closely (Lightning's own resume is not bit-exact
+    # from the second step on: measured 2e-3 here for DDP as for ZeRO) ...
+    assert abs(zero["resumed"][3] - zero["straight"][3]) < 5e-3
+    # ... and resuming *without* the optimizer state is caught: it lands much further away.
+    assert abs(zero["no_optimizer_state"][3] - zero["straight"][3]) > 1e-2
+
+
+def test_sampling_is_reproducible_with_a_seed_and_survives_save_pretrained():
+    parts = build_components(TINY, seed=0)
+    prompts = ["digit 3", "digit 8"]
+    a = generate(parts, prompts, steps=4, seed=7)
+    b = generate(parts, prompts, steps=4, seed=7)
+    c = generate(parts, prompts, steps=4, seed=8)
+    assert a.shape == (2, 1, 16, 16)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    with tempfile.TemporaryDirectory() as d:
+        save_components(parts, d)
+        again = generate(load_components(d), prompts, steps=4, seed=7)
+    assert torch.equal(a, again)
+
+
+def test_bad_input_is_refused_with_a_clear_message():
+    parts = build_components(TINY, seed=0)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        generate(parts, [])
+    with pytest.raises(ValueError, match="steps"):
+        generate(parts, ["digit 1"], steps=0)
+    with pytest.raises(ValueError, match="stage"):
+        ZeroStrategy(stage=4)
+    with pytest.raises(ValueError, match="divisible"):
+        TinyDiffusionConfig(image_size=18, block_channels=(8, 16, 32))
+    from cai_labs.lightning.environment import ProcessGroupEnvironment
+    with pytest.raises(ValueError, match="process group"):
+        ProcessGroupEnvironment()
