@@ -155,12 +155,15 @@ def load_components(path: str | os.PathLike) -> DiffusionComponents:
     noise = DDPMScheduler.from_pretrained(os.path.join(path, "scheduler"))
     vae_dir = os.path.join(path, "vae")
     return DiffusionComponents(
-        unet=UNet2DConditionModel.from_pretrained(os.path.join(path, "unet")),
+        # low_cpu_mem_usage=False: the default path wants `accelerate`, and says so at length.
+        unet=UNet2DConditionModel.from_pretrained(os.path.join(path, "unet"),
+                                                  low_cpu_mem_usage=False),
         text_encoder=CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder")),
         tokenizer=AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
         noise_scheduler=noise,
         sample_scheduler=DDIMScheduler.from_config(noise.config),
-        vae=AutoencoderKL.from_pretrained(vae_dir) if os.path.isdir(vae_dir) else None,
+        vae=(AutoencoderKL.from_pretrained(vae_dir, low_cpu_mem_usage=False)
+             if os.path.isdir(vae_dir) else None),
     )
 
 
