@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.browser
-sync_api = pytest.importorskip("playwright.sync_api")
 
 SITE = Path(os.environ.get("CAI_LABS_SITE", "docs/_build/html"))
 CHROMIUM = os.environ.get("CAI_LABS_CHROMIUM", "/usr/bin/chromium")
@@ -59,6 +58,7 @@ def browser():
     if not Path(CHROMIUM).exists():
         pytest.fail(f"no Chromium at {CHROMIUM}: `apt-get install chromium` (or set "
                     "CAI_LABS_CHROMIUM)")
+    sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield b
