@@ -13,11 +13,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _check_build():
-    spec = importlib.util.spec_from_file_location("check_build", ROOT / "docs" / "check_build.py")
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _check_build():
+    return _load(ROOT / "docs" / "check_build.py")
 
 
 def test_internal_link_check_catches_broken_links_and_anchors(tmp_path):
@@ -43,8 +47,12 @@ def test_tutorial_00_notebook_executes_end_to_end(tmp_path):
     pytest.importorskip("sphinx_gallery")
     src = tmp_path / "tutorial_00_data_parallel.py"
     shutil.copy(ROOT / "tutorials" / src.name, src)
-    convert = "from sphinx_gallery.notebook import python_to_jupyter_cli as c; c()"
-    subprocess.run([sys.executable, "-c", convert, str(src)], check=True, cwd=tmp_path)
+    # The site's own first cell ("%matplotlib inline"), so figures show whatever MPLBACKEND says.
+    first_cell = _load(ROOT / "docs" / "conf.py").sphinx_gallery_conf["first_notebook_cell"]
+    convert = ("import sys; from sphinx_gallery.notebook import python_to_jupyter_cli as c; "
+               "c(sys.argv[2:], sphinx_gallery_conf={'first_notebook_cell': sys.argv[1]})")
+    subprocess.run([sys.executable, "-c", convert, first_cell, str(src)], check=True,
+                   cwd=tmp_path)
     nb = nbformat.read(src.with_suffix(".ipynb"), as_version=4)
     nbformat.validate(nb)
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
