@@ -121,7 +121,11 @@ def test_search_finds_pipeline(browser):
     with serve(SITE) as base:
         page = browser.new_page()
         page.goto(f"{base}/search.html?q=pipeline")
-        page.wait_for_selector("#search-results ul li", timeout=15_000)
+        # Results appear one by one; the summary line ("... found N pages ...") comes last.
+        page.wait_for_function(
+            "document.querySelector('#search-results')?.innerText.includes('found')",
+            timeout=30_000,
+        )
         text = page.inner_text("#search-results")
         page.close()
     assert "found" in text and "pipeline" in text.lower()
