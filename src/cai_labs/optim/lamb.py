@@ -30,7 +30,7 @@ tensor (it has no ``adapt`` flag; a group with ``weight_decay=0`` still gets a r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -77,43 +77,29 @@ class LAMB(LayerwiseOptimizer):
                         adapt=True, names=None)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse:
-                    raise ValueError("LAMB does not support sparse gradients")
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                if group["bias_correction"]:
-                    m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
-                else:
-                    m_hat, v_hat = m, v
-                r = m_hat / (v_hat.sqrt() + group["eps"])
-                if wd != 0:
-                    r.add_(p, alpha=wd)
-                if group["adapt"]:
-                    ratio = trust_ratio(torch.linalg.vector_norm(p), torch.linalg.vector_norm(r),
-                                        1.0, group["max_trust_ratio"])
-                    state["trust_ratio"] = ratio.item()
-                    p.add_(r, alpha=-lr * state["trust_ratio"])
-                else:
-                    p.add_(r, alpha=-lr)
-        return loss
+    def update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> None:
+        b1, b2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = state["step"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(b1).add_(grad, alpha=1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        if group["bias_correction"]:
+            m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
+        else:
+            m_hat, v_hat = m, v
+        r = m_hat / (v_hat.sqrt() + group["eps"])
+        if wd != 0:
+            r.add_(p, alpha=wd)
+        if group["adapt"]:
+            ratio = trust_ratio(torch.linalg.vector_norm(p), torch.linalg.vector_norm(r),
+                                1.0, group["max_trust_ratio"])
+            state["trust_ratio"] = ratio.item()
+            p.add_(r, alpha=-lr * state["trust_ratio"])
+        else:
+            p.add_(r, alpha=-lr)

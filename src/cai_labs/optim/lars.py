@@ -33,7 +33,7 @@ not done here (it never binds for gradients below 10, which the cross-check asse
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -89,48 +89,32 @@ class LARS(LayerwiseOptimizer):
                         adapt=True, names=None)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse:
-                    raise ValueError("LARS does not support sparse gradients")
-                state = self.state[p]
-                if group["adapt"]:
-                    w_norm = torch.linalg.vector_norm(p)
-                    g_norm = torch.linalg.vector_norm(g)
-                    ratio = trust_ratio(w_norm, g_norm + wd * w_norm + group["eps"],
-                                        group["trust_coefficient"], group["max_trust_ratio"])
-                    state["trust_ratio"] = ratio.item()
-                    local_lr = lr * state["trust_ratio"]
-                else:
-                    local_lr = lr
-                d = g.add(p, alpha=wd) if wd != 0 else g.clone()
-                if group["lr_in_momentum"]:
-                    d.mul_(local_lr)  # gamma * lambda * (g + beta w)
-                    if m != 0:
-                        buf = state.get("momentum_buffer")
-                        if buf is None:
-                            buf = state["momentum_buffer"] = d
-                        else:
-                            buf.mul_(m).add_(d)
-                        d = buf
-                    p.sub_(d)
-                else:
-                    if m != 0:
-                        buf = state.get("momentum_buffer")
-                        if buf is None:
-                            buf = state["momentum_buffer"] = d
-                        else:
-                            buf.mul_(m).add_(d)
-                        d = buf
-                    p.add_(d, alpha=-local_lr)
-        return loss
+    def update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> None:
+        lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+        if group["adapt"]:
+            w_norm = torch.linalg.vector_norm(p)
+            g_norm = torch.linalg.vector_norm(grad)
+            ratio = trust_ratio(w_norm, g_norm + wd * w_norm + group["eps"],
+                                group["trust_coefficient"], group["max_trust_ratio"])
+            state["trust_ratio"] = ratio.item()
+            local_lr = lr * state["trust_ratio"]
+        else:
+            local_lr = lr
+        d = grad.add(p, alpha=wd) if wd != 0 else grad.clone()
+        if group["lr_in_momentum"]:
+            d.mul_(local_lr)  # gamma * lambda * (g + beta w), accumulated in the buffer
+            p.sub_(_momentum(state, d, m))
+        else:
+            p.add_(_momentum(state, d, m), alpha=-local_lr)  # buffer of g + beta w, scaled last
+
+
+def _momentum(state: dict, d: torch.Tensor, m: float) -> torch.Tensor:
+    """``v <- m v + d`` (``v = d`` on the first step); returns ``v``, or ``d`` if ``m == 0``."""
+    if m == 0:
+        return d
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        buf = state["momentum_buffer"] = d
+    else:
+        buf.mul_(m).add_(d)
+    return buf

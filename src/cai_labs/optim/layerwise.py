@@ -17,6 +17,8 @@ and :meth:`LayerwiseOptimizer.trust_ratios` returns them by name, so that a page
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.optim import Optimizer
 
@@ -45,7 +47,31 @@ def trust_ratio(
 
 
 class LayerwiseOptimizer(Optimizer):
-    """Base class: parameter groups may carry ``adapt`` (bool) and ``names`` (list of str)."""
+    """Base class: parameter groups may carry ``adapt`` (bool) and ``names`` (list of str).
+
+    :meth:`step` walks the groups and the tensors that have a (dense) gradient and hands each one
+    to :meth:`update`, which a subclass writes: the per-tensor rule is all that differs between
+    LARS and LAMB.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+                self.update(p, p.grad, group, self.state[p])
+        return loss
+
+    def update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> None:
+        """Change ``p`` in place from its gradient, its group's settings and its ``state``."""
+        raise NotImplementedError
 
     def trust_ratios(self) -> dict[str, float]:
         """The trust ratio each adapted tensor used in the last step, keyed by parameter name.
