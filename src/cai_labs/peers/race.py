@@ -40,6 +40,30 @@ def _global_loss(loss: torch.Tensor | None) -> float:
     return float(buf)
 
 
+Engine = tuple[Callable[[torch.Tensor, torch.Tensor], object], Callable[[object], float]]
+
+
+def _race(engines: dict[str, Engine], batches: Batches, steps: int, warmup: int) -> dict[str, dict]:
+    """Alternate one timed step of each engine per batch. An engine is ``(step, loss_of)``:
+    ``step(x, y)`` trains one step (timed, behind a barrier so no rank starts early) and
+    ``loss_of(result)`` turns what it returned into the global loss (not timed)."""
+    rec: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in engines}
+    for i in range(steps):
+        x, y = batches(i)
+        for name, (step, loss_of) in engines.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            out = step(x, y)
+            rec[name][1].append(time.perf_counter() - t0)
+            rec[name][0].append(loss_of(out))
+    return {name: _summary(losses, times, warmup) for name, (losses, times) in rec.items()}
+
+
+def _ours(model: ParallelGPT, lr: float) -> Engine:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    return (lambda x, y: model.train_step(x, y, opt, report_loss=False)), model.global_loss
+
+
 def race_tensor_parallel(
     cfg: GPTConfig, batches: Batches, steps: int, lr: float, seed: int = 0, warmup: int = 1
 ) -> dict[str, dict]:
@@ -47,25 +71,17 @@ def race_tensor_parallel(
     ranks. Returns ``{"cai_labs": {...}, "pytorch": {...}}`` with ``losses`` and ``step_s``."""
     ours = ParallelGPT(cfg, Layout(tp=dist.get_world_size(), tp_mode="1d"), seed=seed)
     theirs = dtensor_tp_gpt(cfg, seed=seed)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=lr)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=lr)
-    rec = {"cai_labs": ([], []), "pytorch": ([], [])}
-    for step in range(steps):
-        x, y = batches(step)
-        dist.barrier()
-        t0 = time.perf_counter()
-        loss = ours.train_step(x, y, opt_ours, report_loss=False)
-        rec["cai_labs"][1].append(time.perf_counter() - t0)
-        rec["cai_labs"][0].append(ours.global_loss(loss))
-        dist.barrier()
-        t0 = time.perf_counter()
+
+    def step_theirs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         opt_theirs.zero_grad(set_to_none=True)
         out = lm_loss(theirs(x), y)
         out.backward()
         opt_theirs.step()
-        rec["pytorch"][1].append(time.perf_counter() - t0)
-        rec["pytorch"][0].append(out.item())
-    return {k: _summary(v[0], v[1], warmup) for k, v in rec.items()}
+        return out
+
+    return _race({"cai_labs": _ours(ours, lr), "pytorch": (step_theirs, lambda out: out.item())},
+                 batches, steps, warmup)
 
 
 def race_pipeline(
@@ -83,21 +99,13 @@ def race_pipeline(
     n = dist.get_world_size()
     ours = ParallelGPT(cfg, Layout(pp=n, n_micro=n_micro, schedule=schedule), seed=seed)
     theirs = TorchPipeline(cfg, n_micro, schedule, lm_loss, seed=seed)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=lr)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=lr)
-    rec = {"cai_labs": ([], []), "pytorch": ([], [])}
-    for step in range(steps):
-        x, y = batches(step)
-        dist.barrier()
-        t0 = time.perf_counter()
-        loss = ours.train_step(x, y, opt_ours, report_loss=False)
-        rec["cai_labs"][1].append(time.perf_counter() - t0)
-        rec["cai_labs"][0].append(ours.global_loss(loss))
-        dist.barrier()
-        t0 = time.perf_counter()
+
+    def step_theirs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         opt_theirs.zero_grad(set_to_none=True)
         out = theirs.step(x, y)
         opt_theirs.step()
-        rec["pytorch"][1].append(time.perf_counter() - t0)
-        rec["pytorch"][0].append(_global_loss(out))
-    return {k: _summary(v[0], v[1], warmup) for k, v in rec.items()}
+        return out
+
+    return _race({"cai_labs": _ours(ours, lr), "pytorch": (step_theirs, _global_loss)},
+                 batches, steps, warmup)
