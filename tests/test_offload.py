@@ -5,11 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from test_zero import LR, SIZES, _batches, _flat, _setup
+from _opt_cases import LR, batches, data_parallel_reference, flat_state, model
 
 from cai_labs import Ledger, comm_totals, launch
-from cai_labs.data_parallel import allreduce_gradients
-from cai_labs.models.opt import tiny_opt
 from cai_labs.offload import ChunkedAdam, ChunkedModel, PoolBudgetExceeded
 from cai_labs.offload.chunk import Chunk
 from cai_labs.offload.manager import ChunkManager
@@ -19,29 +17,21 @@ CHUNK = 2048  # elements: 8 KiB chunks; the largest tensor of the test model has
 
 def _worker(budget_chunks: int, prefetch: int = 2) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    tok, _ = _setup()
-    ref = tiny_opt(tok, seed=0, **SIZES).train()
-    ref_opt = torch.optim.Adam(ref.parameters(), lr=LR)
-    for x, y in _batches(rank, world):
-        ref_opt.zero_grad()
-        ref(input_ids=x, labels=y).loss.backward()
-        allreduce_gradients(ref)
-        ref_opt.step()
+    ref, _, _ = data_parallel_reference(rank, world)
     budget = budget_chunks * CHUNK * 4
-    model = ChunkedModel(tiny_opt(tok, seed=rank, **SIZES).train(), CHUNK, budget,
-                         prefetch=prefetch)
-    opt = ChunkedAdam(model, lr=LR)
+    chunked = ChunkedModel(model(seed=rank), CHUNK, budget, prefetch=prefetch)
+    opt = ChunkedAdam(chunked, lr=LR)
     with Ledger(track_activations=False) as ledger:
-        for x, y in _batches(rank, world):
+        for x, y in batches(rank, world):
             opt.zero_grad()
-            model(input_ids=x, labels=y).loss.backward()
+            chunked(input_ids=x, labels=y).loss.backward()
             opt.step()
-    full = model.full_state_dict()
-    flat = torch.cat([full[k].reshape(-1) for k in ref.state_dict()])
+    full = chunked.full_state_dict()
+    got = torch.cat([full[k].reshape(-1) for k in ref.state_dict()])
     every = [None] * world
-    dist.all_gather_object(every, flat)
-    return {"ref": _flat(ref), "chunked": every, "stats": model.manager.stats(),
-            "states": sum(model.state_bytes().values()), "budget": budget,
+    dist.all_gather_object(every, got)
+    return {"ref": flat_state(ref), "chunked": every, "stats": chunked.manager.stats(),
+            "states": sum(chunked.state_bytes().values()), "budget": budget,
             "comm": comm_totals(ledger.report())}
 
 
@@ -64,13 +54,12 @@ def test_prefetch_hits_when_room():
 
 
 def test_budget_too_small_is_a_clear_error():
-    tok, _ = _setup()
     with pytest.raises(ValueError, match="cannot hold even one chunk"):
-        ChunkedModel(tiny_opt(tok, **SIZES), CHUNK, device_budget=CHUNK * 4 - 1)
+        ChunkedModel(model(seed=0), CHUNK, device_budget=CHUNK * 4 - 1)
     with pytest.raises(ValueError, match="fewer than 4 chunks"):
-        ChunkedModel(tiny_opt(tok, **SIZES), CHUNK, device_budget=CHUNK * 4 * 3)
+        ChunkedModel(model(seed=0), CHUNK, device_budget=CHUNK * 4 * 3)
     with pytest.raises(ValueError, match="smaller than the largest parameter"):
-        ChunkedModel(tiny_opt(tok, **SIZES), 100, device_budget=None)
+        ChunkedModel(model(seed=0), 100, device_budget=None)
 
 
 def test_manager_refuses_when_everything_is_pinned():

@@ -2,39 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import torch.distributed as dist
+from _opt_cases import LR, STEPS, batches, data_parallel_reference, flat_state, model
 
 from cai_labs import Ledger, comm_totals, launch
-from cai_labs.data.reverse_task import make_reverse_task
-from cai_labs.data_parallel import allreduce_gradients, shard_batch
-from cai_labs.models.opt import tiny_opt, train_char_tokenizer
-from cai_labs.recipes.opt_finetune import sample_words, task_batch
 from cai_labs.zero import Zero2, memory_by_kind, zero_memory_formula, zero_wrap
-
-STEPS, BATCH, LR = 3, 8, 1e-2
-SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
-             max_position_embeddings=32)
-
-
-@functools.lru_cache(maxsize=1)
-def _setup():
-    tok = train_char_tokenizer("reverse abcdefgh => . the quick brown fox")
-    return tok, make_reverse_task(n_test=8)
-
-
-def _batches(rank: int, world: int):
-    tok, task = _setup()
-    for step in range(STEPS):
-        x, y = task_batch(tok, task, sample_words(task, BATCH, step))
-        yield shard_batch(x, y, rank=rank, world_size=world)
-
-
-def _flat(model) -> torch.Tensor:
-    return torch.cat([v.reshape(-1) for v in model.state_dict().values()])
 
 
 def _optimizer(kind: str):
@@ -45,22 +19,15 @@ def _optimizer(kind: str):
 
 def _worker(stage: int, broken: bool = False, optim: str = "adam") -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    tok, _ = _setup()
     cls, kwargs = _optimizer(optim)
     # Reference: plain data parallel (all-reduce of gradients, full Adam on every rank).
-    ref = tiny_opt(tok, seed=0, **SIZES).train()
-    ref_opt = cls(ref.parameters(), **kwargs)
-    for x, y in _batches(rank, world):
-        ref_opt.zero_grad()
-        ref(input_ids=x, labels=y).loss.backward()
-        allreduce_gradients(ref)
-        ref_opt.step()
-    ref_flat = _flat(ref)
+    ref, ref_opt, _ = data_parallel_reference(rank, world, cls, **kwargs)
+    ref_flat = flat_state(ref)
     numel = sum(p.numel() for p in ref.parameters())
     ddp_mem = Ledger(model=ref, optimizer=ref_opt).memory()
 
     # ZeRO: every rank starts from different weights; the wrapper must broadcast rank 0's.
-    module = tiny_opt(tok, seed=rank, **SIZES).train()
+    module = model(seed=rank)
     if broken:  # a variant that never reduces: each rank steps on its own local gradient slice
         from cai_labs.zero import ZeroOptimizer
 
@@ -72,22 +39,22 @@ def _worker(stage: int, broken: bool = False, optim: str = "adam") -> dict:
                         p.grad = None
                 u.reduced = True
 
-        model = Broken(module)
-        opt = ZeroOptimizer(model, cls, **kwargs)
+        wrapped = Broken(module)
+        opt = ZeroOptimizer(wrapped, cls, **kwargs)
     else:
-        model, opt = zero_wrap(module, cls, stage=stage, **kwargs)
+        wrapped, opt = zero_wrap(module, cls, stage=stage, **kwargs)
     with Ledger(track_activations=False) as ledger:
-        model.watch(ledger, opt)
-        for x, y in _batches(rank, world):
+        wrapped.watch(ledger, opt)
+        for x, y in batches(rank, world):
             opt.zero_grad()
-            model(input_ids=x, labels=y).loss.backward()
+            wrapped(input_ids=x, labels=y).loss.backward()
             opt.step()
         mem = ledger.snapshot("after step")
     report = ledger.report()
     with torch.no_grad():  # evaluation through the wrapper (ZeRO-3 gathers and frees per call)
-        x, _ = next(_batches(rank, world))
-        eval_gap = (model(input_ids=x).logits - ref(input_ids=x).logits).abs().max().item()
-    full = model.full_state_dict()
+        x, _ = next(batches(rank, world))
+        eval_gap = (wrapped(input_ids=x).logits - ref(input_ids=x).logits).abs().max().item()
+    full = wrapped.full_state_dict()
     zero_flat = torch.cat([v.reshape(-1) for v in full.values()])
     every = [None] * world
     dist.all_gather_object(every, zero_flat)
@@ -156,22 +123,15 @@ def _fsdp2_worker() -> dict:
     from cai_labs.zero.fsdp2 import fsdp2_memory, fsdp2_wrap
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    tok, _ = _setup()
-    ref = tiny_opt(tok, seed=0, **SIZES).train()
-    ref_opt = torch.optim.Adam(ref.parameters(), lr=LR)
-    for x, y in _batches(rank, world):
-        ref_opt.zero_grad()
-        ref(input_ids=x, labels=y).loss.backward()
-        allreduce_gradients(ref)
-        ref_opt.step()
-    model = fsdp2_wrap(tiny_opt(tok, seed=rank, **SIZES).train())
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    for x, y in _batches(rank, world):
+    ref, _, _ = data_parallel_reference(rank, world)
+    wrapped = fsdp2_wrap(model(seed=rank))
+    opt = torch.optim.Adam(wrapped.parameters(), lr=LR)
+    for x, y in batches(rank, world):
         opt.zero_grad()
-        model(input_ids=x, labels=y).loss.backward()
+        wrapped(input_ids=x, labels=y).loss.backward()
         opt.step()
-    mem = fsdp2_memory(model, opt)
-    full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    mem = fsdp2_memory(wrapped, opt)
+    full = {k: v.full_tensor() for k, v in wrapped.state_dict().items()}
     err = max((full[k] - v).abs().max().item() for k, v in ref.state_dict().items())
     return {"err": err, "mem": mem, "numel": sum(p.numel() for p in ref.parameters())}
 
@@ -186,28 +146,20 @@ def test_fsdp2_side_by_side_matches_data_parallel_and_stage3_formula():
 
 def _clip_worker(stage: int, max_norm: float) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    tok, _ = _setup()
-    ref = tiny_opt(tok, seed=0, **SIZES).train()
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
-    ref_norms = []
-    for x, y in _batches(rank, world):
-        ref_opt.zero_grad()
-        ref(input_ids=x, labels=y).loss.backward()
-        allreduce_gradients(ref)
-        ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm).item())
-        ref_opt.step()
+    ref, _, ref_norms = data_parallel_reference(rank, world, torch.optim.SGD, max_norm=max_norm,
+                                                lr=0.1, momentum=0.9)
     # The optimizer passed as an instance: its class and hyper-parameters are reused.
-    module = tiny_opt(tok, seed=0, **SIZES).train()
-    model, opt = zero_wrap(module, torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9),
-                           stage=stage)
+    module = model(seed=0)
+    wrapped, opt = zero_wrap(module, torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9),
+                             stage=stage)
     norms = []
-    for x, y in _batches(rank, world):
+    for x, y in batches(rank, world):
         opt.zero_grad()
-        model(input_ids=x, labels=y).loss.backward()
+        wrapped(input_ids=x, labels=y).loss.backward()
         norms.append(opt.clip_grad_norm_(max_norm).item())
         opt.step()
-    flat = torch.cat([v.reshape(-1) for v in model.full_state_dict().values()])
-    return {"err": (flat - _flat(ref)).abs().max().item(), "norms": norms,
+    got = torch.cat([v.reshape(-1) for v in wrapped.full_state_dict().values()])
+    return {"err": (got - flat_state(ref)).abs().max().item(), "norms": norms,
             "ref_norms": ref_norms, "inner": type(opt.inner).__name__}
 
 
