@@ -89,9 +89,14 @@ def test_overall_timeout_stops_every_rank():
     def sleepy():
         time.sleep(60)
 
-    with pytest.raises(LaunchTimeout, match="did not finish within 1 s"):
+    with pytest.raises(LaunchTimeout, match="did not finish within 1 s") as caught:
         launch(sleepy, 2, timeout=1)
     assert not _children()
+    # The message shows where each rank was waiting: in this test's sleepy(), on both ranks.
+    message = str(caught.value)
+    for rank in (0, 1):
+        stack = message.split(f"--- rank {rank} ---")[1].split("--- rank")[0]
+        assert "in sleepy" in stack, message
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.0])

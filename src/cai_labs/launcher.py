@@ -15,7 +15,9 @@ What the parent guarantees:
 * if any rank raises, every rank is ended and :class:`RankFailed` is raised in the parent with that
   rank's traceback, within about a second;
 * a collective that waits for a peer that never comes raises after ``collective_timeout`` seconds,
-  and the whole call is bounded by ``timeout``;
+  and the whole call is bounded by ``timeout``; when it runs out, :class:`LaunchTimeout` shows
+  the Python stack of every thread of every unfinished rank (dumped by :mod:`faulthandler`), so
+  a hang in a build log says where each rank was waiting;
 * no child process outlives the call, whatever happened;
 * each forked rank computes on one intra-op thread: OpenMP's thread pool does not survive a
   fork (a child asking for more threads after the parent used its pool can hang), and ranks
@@ -30,9 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import io
 import os
 import pickle
+import shutil
 import signal
 import sys
 import tempfile
@@ -116,6 +120,7 @@ def _worker(
     store_path: str,
     collective_timeout: float,
     conn: connection.Connection,
+    stack_path: str,
     fn: Callable[..., Any],
     args: tuple,
     kwargs: dict,
@@ -128,6 +133,9 @@ def _worker(
         # the child must die on SIGTERM and never run the parent's exit handlers.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # On the parent's SIGUSR1 (sent when the launch times out), write every thread's stack.
+        stack_file = open(stack_path, "w")  # noqa: SIM115 - open until os._exit
+        faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
         # OpenMP is not fork-safe: once the parent has used its thread pool (any sizeable torch
         # op), a forked child that asks OpenMP for more than one thread can hang for ever. So a
         # forked rank computes on one thread; under torchrun (no fork) this does not apply.
@@ -220,33 +228,32 @@ def launch(
 
     backend = _pick_backend(world_size, backend)
     ctx = get_context("fork")
-    fd, store_path = tempfile.mkstemp(prefix="cai_labs_store_")
-    os.close(fd)
-    os.unlink(store_path)  # the FileStore creates it; an empty leftover file would confuse it
+    workdir = tempfile.mkdtemp(prefix="cai_labs_launch_")
+    store_path = os.path.join(workdir, "store")  # the FileStore creates it
+    stack_paths = [os.path.join(workdir, f"stacks.rank{rank}") for rank in range(world_size)]
     procs, conns = [], []
     try:
         for rank in range(world_size):
             parent_end, child_end = ctx.Pipe(duplex=True)
             p = ctx.Process(
                 target=_worker,
-                args=(rank, world_size, backend, store_path, collective_timeout, child_end, fn,
-                      args, kwargs),
+                args=(rank, world_size, backend, store_path, collective_timeout, child_end,
+                      stack_paths[rank], fn, args, kwargs),
                 name=f"cai_labs-rank{rank}",
             )
             p.start()
             child_end.close()
             procs.append(p)
             conns.append(parent_end)
-        return _collect(procs, conns, timeout)
+        return _collect(procs, conns, timeout, stack_paths)
     finally:
         for c in conns:  # EOF tells finished ranks to exit
             c.close()
         _stop_all(procs)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(store_path)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _collect(procs: list, conns: list, timeout: float) -> Any:
+def _collect(procs: list, conns: list, timeout: float, stack_paths: list[str]) -> Any:
     """Wait for every rank's report; fail fast on the first error, death, or the deadline."""
     deadline = time.monotonic() + timeout
     pending = {c: rank for rank, c in enumerate(conns)}
@@ -259,7 +266,8 @@ def _collect(procs: list, conns: list, timeout: float) -> Any:
             raise LaunchTimeout(
                 f"ranks {waiting} did not finish within {timeout:g} s and were stopped; "
                 "raise `timeout=` if the work is just long, or look for a rank stuck in a "
-                "collective its peers never call"
+                "collective its peers never call. Where each rank was:\n"
+                + _stacks({r: procs[r] for r in waiting}, stack_paths)
             )
         ready = connection.wait(list(pending) + list(sentinels), timeout=min(left, 1.0))
         for obj in ready:
@@ -307,6 +315,24 @@ def _root_cause(rank: int, tb: str, pending: dict) -> tuple[int, str]:
         if not any(marker in t for marker in _PEER_LOSS):
             return r, t
     return errors[0]
+
+
+def _stacks(procs: dict[int, Any], stack_paths: list[str], wait: float = 1.0) -> str:
+    """Ask each rank's faulthandler for its threads' stacks (SIGUSR1) and read what it wrote."""
+    for p in procs.values():
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(p.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + wait
+    out = {}
+    while time.monotonic() < deadline:
+        for rank in procs:
+            with contextlib.suppress(OSError), open(stack_paths[rank]) as f:
+                out[rank] = f.read()
+        if all(out.get(rank) for rank in procs):
+            break
+        time.sleep(0.05)
+    silent = "(no stack: the rank did not answer)"
+    return "\n".join(f"--- rank {rank} ---\n{out.get(rank) or silent}" for rank in procs)
 
 
 def _death_note(proc) -> str:
