@@ -142,3 +142,23 @@ def test_forked_ranks_compute_after_the_parent_used_its_thread_pool():
 
     for n in (1, 2):
         assert launch(matmul, n, timeout=60) == 1
+
+
+def _threads_after_lightning() -> tuple[int, str]:
+    from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+
+    _set_num_threads_if_needed(num_processes=1)  # what Lightning's launcher does in every rank
+    return torch.get_num_threads(), os.environ["OMP_NUM_THREADS"]
+
+
+def test_forked_ranks_stay_on_one_thread():
+    # The parent uses its OpenMP pool first: that is what makes more threads in a child hang.
+    torch.ones(512, 512) @ torch.ones(512, 512)
+    assert launch(_threads_after_lightning, 2, timeout=60) == (1, "1")
+
+    def greedy():
+        torch.set_num_threads(2)
+
+    with pytest.raises(RankFailed, match="computes on one thread"):
+        launch(greedy, 2, timeout=60)
+    assert not _children()

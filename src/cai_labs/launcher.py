@@ -136,10 +136,7 @@ def _worker(
         # On the parent's SIGUSR1 (sent when the launch times out), write every thread's stack.
         stack_file = open(stack_path, "w")  # noqa: SIM115 - open until os._exit
         faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
-        # OpenMP is not fork-safe: once the parent has used its thread pool (any sizeable torch
-        # op), a forked child that asks OpenMP for more than one thread can hang for ever. So a
-        # forked rank computes on one thread; under torchrun (no fork) this does not apply.
-        torch.set_num_threads(1)
+        _one_thread()
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
         if backend == "nccl":
             torch.cuda.set_device(rank)
@@ -173,6 +170,33 @@ def _worker(
             conn.close()
         sys.stdout.flush() if sys.stdout else None
         os._exit(status)
+
+
+def _one_thread() -> None:
+    """Pin this forked rank to one intra-op thread, and keep it there.
+
+    OpenMP is not fork-safe: once the parent has used its thread pool (any sizeable torch op), a
+    forked child that asks OpenMP for more than one thread hangs in its next parallel op (a
+    matmul after ``torch.set_num_threads(2)`` never returns). Libraries raise the count on their
+    own: Lightning's launcher calls ``torch.set_num_threads(cpus // processes)`` unless
+    ``OMP_NUM_THREADS`` is set. So the variable is set to 1, and ``torch.set_num_threads`` with
+    more than one thread raises a clear error in a forked rank instead of hanging. Under
+    ``torchrun`` (no fork) none of this applies.
+    """
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    allowed = torch.set_num_threads
+
+    def set_num_threads(n: int) -> None:
+        if n != 1:
+            raise RuntimeError(
+                f"torch.set_num_threads({n}) in a rank forked by cai_labs.launch: a forked rank "
+                "computes on one thread (OpenMP's pool does not survive fork and would hang). "
+                "Use more ranks, or run the script under torchrun for multi-threaded ranks."
+            )
+        allowed(1)
+
+    torch.set_num_threads = set_num_threads
 
 
 def _send(conn: connection.Connection, message: tuple) -> None:
