@@ -25,6 +25,8 @@ All collectives are called as ``dist.<op>(..., group=...)`` so :class:`cai_labs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
@@ -90,114 +92,63 @@ def split_along(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
     return x.chunk(n, dim=dim)[_rank(group)].contiguous()
 
 
-class _CopyToGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+# The conjugate pairs of the table above, each op written as ``op(x, group, dim)``.
+Op = Callable[[torch.Tensor, ProcessGroup, int], torch.Tensor]
+
+
+def _identity(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+    return x
+
+
+def _sum(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+    return all_reduce(x, group)
+
+
+class _Mapping(torch.autograd.Function):
+    """``forward_op`` in forward, ``backward_op`` on the gradient in backward."""
 
     @staticmethod
-    def backward(ctx, g):
-        return all_reduce(g, ctx.group), None
-
-
-class _ReduceFromGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
-class _AllReduceBoth(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_reduce(x, group)
+    def forward(ctx, x, group: ProcessGroup, dim: int, forward_op: Op, backward_op: Op):
+        ctx.group, ctx.dim, ctx.backward_op = group, dim, backward_op
+        return forward_op(x, group, dim)
 
     @staticmethod
     def backward(ctx, g):
-        return all_reduce(g, ctx.group), None
-
-
-class _GatherFromGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return all_gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return split_along(g, ctx.group, ctx.dim), None, None
-
-
-class _ScatterToGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return split_along(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_gather(g, ctx.group, ctx.dim), None, None
-
-
-class _GatherRS(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return all_gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return reduce_scatter(g, ctx.group, ctx.dim), None, None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return reduce_scatter(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_gather(g, ctx.group, ctx.dim), None, None
+        return ctx.backward_op(g, ctx.group, ctx.dim), None, None, None, None
 
 
 def copy_to_group(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Forward: identity. Backward: all-reduce the gradient over ``group``."""
-    return _CopyToGroup.apply(x, group)
+    return _Mapping.apply(x, group, 0, _identity, _sum)
 
 
 def reduce_from_group(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Forward: all-reduce (sum) over ``group``. Backward: identity."""
-    return _ReduceFromGroup.apply(x, group)
+    return _Mapping.apply(x, group, 0, _sum, _identity)
 
 
 def all_reduce_both(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """All-reduce in forward and in backward: for a sum whose result every rank then uses
     (e.g. the mean and variance of a layer norm whose features are split across ranks)."""
-    return _AllReduceBoth.apply(x, group)
+    return _Mapping.apply(x, group, 0, _sum, _sum)
 
 
 def gather_from_group(x: torch.Tensor, group: ProcessGroup, dim: int = -1) -> torch.Tensor:
     """Forward: all-gather along ``dim``. Backward: keep this rank's slice of the gradient."""
-    return _GatherFromGroup.apply(x, group, dim)
+    return _Mapping.apply(x, group, dim, all_gather, split_along)
 
 
 def scatter_to_group(x: torch.Tensor, group: ProcessGroup, dim: int = -1) -> torch.Tensor:
     """Forward: keep this rank's slice along ``dim``. Backward: all-gather the gradient."""
-    return _ScatterToGroup.apply(x, group, dim)
+    return _Mapping.apply(x, group, dim, split_along, all_gather)
 
 
 def gather_rs_group(x: torch.Tensor, group: ProcessGroup, dim: int = 0) -> torch.Tensor:
     """Forward: all-gather along ``dim``. Backward: reduce-scatter the gradient along ``dim``
     (every rank used the gathered tensor, so each slice's gradient is a sum over ranks)."""
-    return _GatherRS.apply(x, group, dim)
+    return _Mapping.apply(x, group, dim, all_gather, reduce_scatter)
 
 
 def reduce_scatter_group(x: torch.Tensor, group: ProcessGroup, dim: int = 0) -> torch.Tensor:
     """Forward: reduce-scatter along ``dim``. Backward: all-gather the gradient."""
-    return _ReduceScatter.apply(x, group, dim)
+    return _Mapping.apply(x, group, dim, reduce_scatter, all_gather)
