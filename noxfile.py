@@ -39,7 +39,9 @@ def tests(session: nox.Session) -> None:
 
 
 def _sphinx(session: nox.Session, execute: bool) -> None:
-    env = dict(ENV)
+    # A page must run in under 3 minutes: a launch still running after 400 s is a hang, and the
+    # launcher then stops it and prints every rank's stack instead of stalling the build.
+    env = dict(ENV, CAI_LABS_LAUNCH_TIMEOUT="400")
     if not execute:
         env["CAI_LABS_PLOT_GALLERY"] = "0"
     session.run(

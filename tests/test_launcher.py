@@ -99,6 +99,16 @@ def test_overall_timeout_stops_every_rank():
         assert "in sleepy" in stack, message
 
 
+def test_environment_caps_the_timeout(monkeypatch):
+    def sleepy():
+        time.sleep(60)
+
+    monkeypatch.setenv("CAI_LABS_LAUNCH_TIMEOUT", "1")
+    with pytest.raises(LaunchTimeout, match="did not finish within 1 s"):
+        launch(sleepy, 1, timeout=600)
+    assert not _children()
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.0])
 def test_bad_world_size_is_rejected(bad):
     with pytest.raises(ValueError, match="world_size must be a positive integer"):

@@ -14,7 +14,7 @@ by a *trust ratio*, and were how ResNet-50 and BERT were trained with batches of
 
 1. write down the LARS and LAMB updates and see the trust ratios of a real network;
 2. check that a data-parallel large-batch step on 4 ranks equals the serial step;
-3. train a small CNN on MNIST-1D on 4 CPU ranks with batches from 32 to 4,096, with
+3. train a small CNN on MNIST-1D on 4 CPU ranks with batches from 64 to 4,096, with
    SGD+momentum, LARS, LAMB and AdamW, under linear LR scaling, warm-up and cosine decay and a
    fixed epoch budget, and measure test accuracy, samples/s, time per epoch and time to a
    target accuracy;
@@ -50,7 +50,7 @@ from cai_labs.optim import LAMB, LARS, linear_scaled_lr, param_groups, warmup_co
 
 WORLD_SIZE = 4  # data-parallel ranks
 N_TRAIN, N_TEST = 8192, 2048  # MNIST-1D samples generated for this page
-BATCH_SIZES = (32, 128, 256, 512, 1024, 2048, 4096)  # global batches (divisible by 4)
+BATCH_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # global batches (divisible by 4)
 EPOCHS = 4  # the fixed budget, the same for every batch size
 BASE_BATCH = 256  # batch size at which the base learning rates below hold
 BASE_LR = {  # peak rate at BASE_BATCH; at batch B the peak is BASE_LR * B / BASE_BATCH
@@ -412,7 +412,7 @@ print(f"largest spread between optimizers at one batch size: {spread:.1f}x")
 # %%
 # The throughput printed above is the "acceleration from a larger batch": the same epoch of
 # data, processed in fewer, larger steps. Here it comes from amortising per-step overheads
-# over more samples (the CNN is tiny, so at :math:`B=32` each rank computes only 8 samples per
+# over more samples (the CNN is tiny, so at :math:`B=64` each rank computes only 16 samples per
 # step), and from fewer all-reduces.
 #
 # At one batch size the optimizers do the same forward, backward and all-reduce; what differs

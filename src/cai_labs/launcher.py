@@ -237,7 +237,9 @@ def launch(
         fn: the worker. Defined anywhere (a page, a notebook, a module): the children are forked.
         world_size: number of ranks, 1 or more. More ranks than cores works (gloo), just slower.
         backend: ``"gloo"`` or ``"nccl"``; by default NCCL when ``world_size`` GPUs are visible.
-        timeout: seconds for the whole call before every rank is stopped.
+        timeout: seconds for the whole call before every rank is stopped. The environment
+            variable ``CAI_LABS_LAUNCH_TIMEOUT`` caps it (the docs build sets it, so that a page
+            that hangs fails within minutes whatever its own ``timeout=``).
         collective_timeout: seconds one collective may wait for its peers.
 
     Raises:
@@ -251,6 +253,9 @@ def launch(
         return _run_in_place(fn, world_size, args, kwargs, backend, collective_timeout)
 
     backend = _pick_backend(world_size, backend)
+    cap = os.environ.get("CAI_LABS_LAUNCH_TIMEOUT")
+    if cap:
+        timeout = min(timeout, float(cap))
     ctx = get_context("fork")
     workdir = tempfile.mkdtemp(prefix="cai_labs_launch_")
     store_path = os.path.join(workdir, "store")  # the FileStore creates it
