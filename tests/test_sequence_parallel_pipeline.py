@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cai_labs import launch
+from cai_labs import Ledger, launch
 from cai_labs.data.mlm import mlm_batch
 from cai_labs.pipeline import StageLinks
 from cai_labs.sequence_parallel import pipelined
 from cai_labs.sequence_parallel.bert import tiny_bert_config
 from cai_labs.sequence_parallel.groups import make_sequence_groups, sequence_layout
-from cai_labs.sequence_parallel.pipelined import PipelinedSequenceBert
+from cai_labs.sequence_parallel.pipelined import PipelinedSequenceBert, traffic_by_kind
 
 VOCAB, SEQ, BATCH, LAYERS = 200, 32, 4, 4
 STEPS, LR = 3, 1e-2
@@ -52,9 +52,13 @@ def _step_worker(attention: str, schedule: str, swap_chunks: bool = False) -> di
         def other(r):
             return None if r is None else r ^ 1
         pipe.links = StageLinks(other(groups.prev_stage), other(groups.next_stage))
-    loss = pipe.forward_backward(_batch(0))
-    pipe.sum_gradients()
-    return {"loss": pipe.global_loss(loss), "grads": _gather_named(pipe, "grad")}
+    with Ledger(track_activations=False) as ledger:
+        loss = pipe.forward_backward(_batch(0))
+        pipe.sum_gradients()
+    traffic = [None] * dist.get_world_size()
+    dist.all_gather_object(traffic, traffic_by_kind(ledger.report(), groups))
+    return {"loss": pipe.global_loss(loss), "grads": _gather_named(pipe, "grad"),
+            "traffic": traffic}
 
 
 @pytest.mark.parametrize("attention,schedule", [("ring", "1f1b"), ("all_to_all", "gpipe")])
@@ -72,6 +76,14 @@ def test_sp2_x_pp2_step_equals_serial_loss_and_gradients(attention, schedule):
                 name, (g - want[name]).abs().max())
             seen.add(name)
     assert seen == set(want), set(want) - seen  # the stages together hold the whole model
+    act = BATCH * (SEQ // 2) * 32 * 8  # the whole batch's activation chunk, float64
+    header = 8 * 8  # StageLinks' one-time shape header (8 int64) on each link
+    for rank, t in enumerate(got["traffic"]):
+        assert t["PP p2p"] == act + header  # stage 0: activations; stage 1: their gradients
+        if attention == "ring":  # 6 (N-1) chunks per layer, 2 layers per stage, + masks
+            assert t["SP attention"] == 2 * (6 * act + BATCH * SEQ // 2), rank
+        assert t["SP grad all-reduce"] > 0 and t["DP grad all-reduce"] == 0
+        assert t["tied embedding all-reduce"] == VOCAB * 32 * 8
 
 
 def test_wrong_stage_chunk_is_caught():

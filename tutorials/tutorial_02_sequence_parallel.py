@@ -462,7 +462,7 @@ assert gap < 1e-3, "SP x DP drifted from the serial loss curve"
 # Pipeline parallelism cuts the *model* into stages; sequence parallelism cuts the *tokens*;
 # data parallelism cuts the *batch*. They compose on a 3D grid of ``dp x pp x sp`` ranks
 # (:func:`~cai_labs.sequence_parallel.groups.make_sequence_groups`, the rank order of the GPT
-# layouts with the SP group innermost, where the tensor grid sits there)::
+# layouts with the SP group innermost, in the place of the tensor grid)::
 #
 #     rank = dp_rank * (pp * sp) + stage * sp + sp_rank
 #
@@ -519,7 +519,7 @@ for name in LAYOUTS:
     loss_table.loc["max |Δ| vs serial", name] = gap
     assert gap < 1e-5, f"{name} does not give the serial loss"
 loss_table.style.format("{:.6f}", na_rep="").format(
-    "{:.1e}", subset=pd.IndexSlice["max |Δ| vs serial", :])
+    "{:.1e}", na_rep="", subset=pd.IndexSlice["max |Δ| vs serial", :])
 
 # %%
 # Same losses, step for step, to float32 rounding. Now what each rank sent in one step, next to
@@ -555,14 +555,17 @@ rows = []
 for name, (sp, dp, pp, _) in LAYOUTS.items():
     for r in hybrid[name]["ranks"]:
         formula = traffic_formula(r, sp, dp, pp)
-        for kind in KINDS:
-            assert abs(r[kind] - formula[kind]) <= 1, (name, r["rank"], kind, r[kind], formula)
+        worst = max(abs(r[kind] - formula[kind]) for kind in KINDS)
+        assert worst <= 1, (name, r["rank"], {k: (r[k], formula[k]) for k in KINDS})
         rows.append({"layout": name, "rank": r["rank"],
                      "(replica, stage, sp)": f"({r['replica']}, {r['stage']}, {r['sp rank']})",
                      **{kind: r[kind] / 1e3 for kind in KINDS},
-                     "total (kB)": sum(r[kind] for kind in KINDS) / 1e3})
+                     "total (kB)": sum(r[kind] for kind in KINDS) / 1e3,
+                     "formula total (kB)": sum(formula.values()) / 1e3,
+                     "max |measured - formula| per kind (B)": worst})
 traffic = pd.DataFrame(rows).set_index(["layout", "rank"])
-traffic.style.format("{:,.1f}", subset=KINDS + ["total (kB)"])
+traffic.style.format("{:,.1f}", subset=KINDS + ["total (kB)", "formula total (kB)"]).format(
+    "{:.0f}", subset=["max |measured - formula| per kind (B)"])
 
 # %%
 # Every cell (kB sent by that rank in one step) equals its formula to the byte; the page
