@@ -69,6 +69,7 @@ def pipeline_step(
     schedule: str = "1f1b",
     ledger: Ledger | None = None,
     step: int = 0,
+    extra_inputs: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Run forward and backward of one batch through this rank's stage; gradients accumulate.
 
@@ -84,6 +85,10 @@ def pipeline_step(
         ledger: if given, each forward/backward is recorded as a timeline event ``F``/``B``
             with ``microbatch``, ``stage``, ``step`` and ``rank``.
         step: the step number written on the events.
+        extra_inputs: optional per-sample data ``(B, ...)`` that *every* stage needs besides the
+            activation, e.g. BERT's attention mask (each encoder layer masks the padded keys).
+            It is cut into the same micro-batches and each stage is called as
+            ``stage_module(x, extra)``; every rank has it, so it is never sent between stages.
 
     Returns:
         On the last stage the batch loss (mean of the micro-batch losses, detached); else None.
@@ -98,6 +103,7 @@ def pipeline_step(
         )
     in_mbs = split_microbatches(inputs, n_micro)
     tgt_mbs = split_microbatches(targets, n_micro)
+    extra_mbs = None if extra_inputs is None else split_microbatches(extra_inputs, n_micro)
     key = in_mbs[0].shape[0]  # the micro-batch size: both ends of a link know it
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -114,7 +120,7 @@ def pipeline_step(
         if kind == "F":
             x = in_mbs[i] if first else links.recv_forward(key)
             with event("F", i):
-                out = stage_module(x)
+                out = stage_module(x) if extra_mbs is None else stage_module(x, extra_mbs[i])
                 if last:
                     out = loss_fn(out, tgt_mbs[i]) / n_micro
                     losses.append(out.detach())

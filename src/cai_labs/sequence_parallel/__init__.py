@@ -10,7 +10,10 @@ one place where tokens meet; two ways to do it across ranks live here:
   all-to-alls swap "all heads, my tokens" for "my heads, all tokens" and back.
 
 :mod:`~cai_labs.sequence_parallel.chunking` holds how a sequence is cut and the serial twin;
-:mod:`~cai_labs.sequence_parallel.bert` runs a transformers ``BertForMaskedLM`` on local chunks.
+:mod:`~cai_labs.sequence_parallel.bert` runs a transformers ``BertForMaskedLM`` on local chunks;
+:mod:`~cai_labs.sequence_parallel.groups` lays ranks out as SP x DP x PP and
+:mod:`~cai_labs.sequence_parallel.pipelined` cuts the BERT into pipeline stages whose layers run
+sequence-parallel.
 
 The attention functions are imported from their modules
 (``from cai_labs.sequence_parallel.ring_attention import ring_attention``); the package does not

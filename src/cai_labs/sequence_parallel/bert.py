@@ -34,7 +34,7 @@ from cai_labs.sequence_parallel.chunking import serial_attention
 from cai_labs.sequence_parallel.ring_attention import ring_attention
 
 __all__ = ["tiny_bert_config", "sequence_parallel_mlm_loss", "allreduce_sum_gradients",
-           "ATTENTION"]
+           "ATTENTION", "chunk_attention", "embed_chunk", "layer_on_chunk", "mlm_loss_sum"]
 
 ATTENTION: dict[str, Callable[..., torch.Tensor]] = {
     "ring": ring_attention,
@@ -99,35 +99,81 @@ def sequence_parallel_mlm_loss(
     """
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {sorted(ATTENTION)}; got {attention!r}")
-    rank, n = _group(group)
-    b, c = input_ids.shape
-    bert = model.bert
-    positions = torch.arange(rank * c, (rank + 1) * c, device=input_ids.device).expand(b, c)
-    if rank * c + c > bert.config.max_position_embeddings:
-        raise ValueError(f"sequence length {n * c} exceeds max_position_embeddings="
-                         f"{bert.config.max_position_embeddings}")
-    h = bert.embeddings(input_ids=input_ids, position_ids=positions,
-                        token_type_ids=torch.zeros_like(input_ids))  # [B, C, hidden]
-    attend = serial_attention if n == 1 else ATTENTION[attention]
-    kwargs = {} if n == 1 else {"group": group}
-    for layer in bert.encoder.layer:
-        sa = layer.attention.self
-        heads, d = sa.num_attention_heads, sa.attention_head_size
-        q, k, v = (proj(h).view(b, c, heads, d).transpose(1, 2)  # [B, H, C, D]
-                   for proj in (sa.query, sa.key, sa.value))
-        ctx = attend(q, k, v, attention_mask, scale=sa.scaling, **kwargs)  # [B, H, C, D]
-        ctx = ctx.transpose(1, 2).reshape(b, c, heads * d)
-        a = layer.attention.output(ctx, h)  # output projection, residual, LayerNorm
-        h = layer.output(layer.intermediate(a), a)  # MLP, residual, LayerNorm
-    logits = model.cls(h)  # [B, C, vocab]
-    loss_sum = nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-        reduction="sum",
-    )
-    count = (labels != -100).sum().to(logits.dtype)
+    rank = _group(group)[0]
+    attend = chunk_attention(attention, group)
+    offset = rank * input_ids.shape[1]
+    h = embed_chunk(model.bert.embeddings, input_ids, offset=offset)  # [B, C, hidden]
+    for layer in model.bert.encoder.layer:
+        h = layer_on_chunk(layer, h, attention_mask, attend)
+    loss_sum = mlm_loss_sum(model.cls(h), labels)  # logits [B, C, vocab]
+    count = (labels != -100).sum().to(loss_sum.dtype)
     if dist.is_initialized() and dist.get_world_size(loss_group or group) > 1:
         dist.all_reduce(count, group=loss_group or group)
     return loss_sum / count
+
+
+def chunk_attention(
+    attention: str, group: dist.ProcessGroup | None
+) -> Callable[..., torch.Tensor]:
+    """``attend(q, k, v, key_mask, scale=)`` over ``group``: the ring or all-to-all variant, or
+    plain serial attention when the group has one rank."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {sorted(ATTENTION)}; got {attention!r}")
+    if _group(group)[1] == 1:
+        return serial_attention
+    fn = ATTENTION[attention]
+    return lambda q, k, v, key_mask, scale=None: fn(q, k, v, key_mask, group=group, scale=scale)
+
+
+def embed_chunk(embeddings: nn.Module, input_ids: torch.Tensor, offset: int) -> torch.Tensor:
+    """``BertEmbeddings`` of a chunk of tokens ``[B, C]`` that starts at position ``offset``.
+
+    Returns ``[B, C, hidden]``. The embeddings are per token, so a chunk is embedded alone; only
+    the position ids must be the chunk's place in the whole sequence, not ``0 .. C-1``.
+    """
+    b, c = input_ids.shape
+    max_positions = embeddings.position_embeddings.num_embeddings
+    if offset + c > max_positions:
+        raise ValueError(f"sequence length {offset + c} exceeds max_position_embeddings="
+                         f"{max_positions}; build the model with more positions")
+    positions = torch.arange(offset, offset + c, device=input_ids.device).expand(b, c)
+    return embeddings(input_ids=input_ids, position_ids=positions,
+                      token_type_ids=torch.zeros_like(input_ids))
+
+
+def layer_on_chunk(
+    layer: nn.Module,
+    h: torch.Tensor,
+    attention_mask: torch.Tensor,
+    attend: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """One ``BertLayer`` on this rank's chunk ``h`` ``[B, C, hidden]`` -> ``[B, C, hidden]``.
+
+    The q/k/v projections, output projection, residuals, LayerNorms and MLP are the layer's own
+    sub-modules applied to the local tokens; only ``attend`` (from :func:`chunk_attention`)
+    looks at the other ranks' chunks. ``attention_mask`` ``[B, C]`` is this chunk's padding.
+    """
+    b, c, _ = h.shape
+    sa = layer.attention.self
+    heads, d = sa.num_attention_heads, sa.attention_head_size
+    q, k, v = (proj(h).view(b, c, heads, d).transpose(1, 2)  # [B, H, C, D]
+               for proj in (sa.query, sa.key, sa.value))
+    ctx = attend(q, k, v, attention_mask, scale=sa.scaling)  # [B, H, C, D]
+    ctx = ctx.transpose(1, 2).reshape(b, c, heads * d)
+    a = layer.attention.output(ctx, h)  # output projection, residual, LayerNorm
+    return layer.output(layer.intermediate(a), a)  # MLP, residual, LayerNorm
+
+
+def mlm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of the cross-entropy over the target tokens (labels != -100).
+
+    ``logits`` ``[B, C, vocab]``, ``labels`` ``[B, C]``. A sum, so that shares computed on
+    different ranks (or micro-batches) can be divided by one global target count.
+    """
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+        reduction="sum",
+    )
 
 
 def allreduce_sum_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:

@@ -1,0 +1,251 @@
+"""BERT masked-language modelling with sequence, data and pipeline parallelism at once.
+
+The three dimensions of :mod:`cai_labs.sequence_parallel.groups` (``dp x pp x sp`` ranks):
+
+* **pipeline**: ``BertForMaskedLM`` is cut into ``pp`` stages with
+  :func:`~cai_labs.pipeline.partition.partition_layers`: the embeddings join stage 0, the
+  encoder layers are split into contiguous runs, the MLM head and the loss join the last stage.
+  The batch runs as ``n_micro`` micro-batches under the GPipe or 1F1B schedule of
+  :func:`~cai_labs.pipeline.schedules.pipeline_step`, over its
+  :class:`~cai_labs.pipeline.p2p.StageLinks`;
+* **sequence**: inside a stage, each of the ``sp`` ranks holds ``C = L / sp`` consecutive tokens
+  of every micro-batch; the layers run on that chunk and attention uses the ring (or all-to-all)
+  over the stage's SP group. What travels between stages is the *local chunk*
+  ``[b, C, hidden]`` (``b = B / (dp * n_micro)``), from SP rank ``t`` of stage ``s`` to SP rank
+  ``t`` of stage ``s+1``, which holds the same tokens; the padding mask ``[b, C]`` of the chunk
+  is known to every rank and passed to every stage (``extra_inputs`` of ``pipeline_step``);
+* **data**: replica ``d`` takes rows ``d*B/dp .. (d+1)*B/dp - 1`` of the global batch.
+
+**Loss and gradients.** The serial loss is the mean over the ``M`` target tokens of the global
+batch. Every rank builds the same global batch, so ``M`` is known everywhere without
+communication. The last stage scores a micro-batch's chunk as (sum of its target losses) / ``M``:
+these shares add up, over micro-batches, SP ranks and replicas, to the serial loss, and their
+gradients to the serial gradient. So after the pipeline step the gradients are **summed**
+(:func:`~cai_labs.sequence_parallel.bert.allreduce_sum_gradients`):
+
+1. over the SP group (the ranks of a stage hold the same weights, each saw its own tokens);
+2. over the DP group (the replicas);
+3. over the embedding group, for the word-embedding matrix only: stage 0 uses it to embed, the
+   last stage (tied) to decode; each copy gets part of the gradient.
+
+Bytes sent per rank and step (``P`` parameter bytes of the stage, ``A = (B/dp) C h * itemsize``
+the activation of the replica's batch chunk, ``l`` layers on the stage, ``N = sp``):
+ring ``6 (N-1) A l``; pipeline ``A`` (activations forward from every stage but the last, their
+gradients back from every stage but the first); SP gradient sum ``2 (N-1)/N P``; DP gradient
+sum ``2 (dp-1)/dp P``; tied embedding ``V h * itemsize`` on the first and last stages
+(two ranks: ``2 (2-1)/2``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+from torch import nn
+
+from cai_labs.data.mlm import MLMBatch
+from cai_labs.launcher import device
+from cai_labs.ledger import Ledger
+from cai_labs.pipeline import StageLinks, partition_layers, pipeline_step
+from cai_labs.sequence_parallel.bert import (
+    allreduce_sum_gradients,
+    chunk_attention,
+    embed_chunk,
+    layer_on_chunk,
+    mlm_loss_sum,
+)
+from cai_labs.sequence_parallel.chunking import check_sequence_split, split_sequence
+from cai_labs.sequence_parallel.groups import SequenceDataGroups
+
+__all__ = ["BertStage", "PipelinedSequenceBert", "traffic_by_kind"]
+
+
+class BertStage(nn.Module):
+    """Stage ``stage`` of ``n_stages`` of a ``BertForMaskedLM``, run on one sequence chunk.
+
+    Keeps references to the sub-modules of its slice of ``model`` (every rank builds the whole
+    model from the same weights, then keeps its part):
+
+    * first stage: ``forward(input_ids [b, C], mask [b, C])`` embeds the chunk (positions start
+      at ``sp_rank * C``);
+    * other stages: ``forward(h [b, C, hidden], mask)``, ``h`` received from the previous stage;
+    * last stage: returns the MLM logits ``[b, C, vocab]``; the others ``[b, C, hidden]``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stage: int,
+        n_stages: int,
+        *,
+        sp_rank: int = 0,
+        sp_group: dist.ProcessGroup | None = None,
+        attention: str = "ring",
+    ):
+        super().__init__()
+        if not 0 <= stage < n_stages:
+            raise ValueError(f"stage must be in [0, {n_stages}); got {stage}")
+        bert = model.bert
+        self.layer_ids = partition_layers(len(bert.encoder.layer), n_stages)[stage]
+        self.is_first, self.is_last = stage == 0, stage == n_stages - 1
+        self.sp_rank = sp_rank
+        self.attend = chunk_attention(attention, sp_group)
+        self.layers = nn.ModuleList(bert.encoder.layer[i] for i in self.layer_ids)
+        if self.is_first:
+            self.embeddings = bert.embeddings
+        if self.is_last:
+            self.cls = model.cls
+        # Names in the whole model, so gradients and weights can be compared with the serial
+        # model's (a tied weight is named once, by its first name, as named_parameters does).
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.model_names = [names[id(p)] for p in self.parameters()]
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.is_first:
+            x = embed_chunk(self.embeddings, x, offset=self.sp_rank * x.shape[1])
+        for layer in self.layers:
+            x = layer_on_chunk(layer, x, attention_mask, self.attend)
+        if self.is_last:
+            x = self.cls(x)
+        return x
+
+    def named_model_parameters(self) -> dict[str, nn.Parameter]:
+        """This stage's parameters by their name in the whole ``BertForMaskedLM``."""
+        return dict(zip(self.model_names, self.parameters()))
+
+
+class PipelinedSequenceBert(nn.Module):
+    """This rank's part of a ``BertForMaskedLM`` laid out as ``dp x pp x sp`` (module docstring).
+
+    Args:
+        model: the whole ``BertForMaskedLM``, the same weights on every rank.
+        groups: from :func:`~cai_labs.sequence_parallel.groups.make_sequence_groups`.
+        attention: ``"ring"`` or ``"all_to_all"`` inside each stage's SP group.
+        n_micro: micro-batches per step on each pipeline.
+        schedule: ``"gpipe"`` or ``"1f1b"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: SequenceDataGroups,
+        *,
+        attention: str = "ring",
+        n_micro: int = 1,
+        schedule: str = "1f1b",
+    ):
+        super().__init__()
+        self.groups, self.n_micro, self.schedule = groups, n_micro, schedule
+        g = groups
+        self.stage = BertStage(model, g.pp_rank, g.pp_size, sp_rank=g.sp_rank,
+                               sp_group=g.sp_group, attention=attention)
+        self.links = StageLinks(g.prev_stage, g.next_stage)
+        tied = model.get_input_embeddings().weight
+        mine = {id(p) for p in self.stage.parameters()}
+        # The word-embedding matrix, if this stage holds it and another stage holds it too.
+        self.tied = [tied] if g.embedding_group is not None and id(tied) in mine else []
+
+    def local_batch(self, batch: MLMBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's rows (replica) and columns (sequence chunk) of the global batch:
+        ``input_ids, attention_mask, labels``, each ``[B / dp, L / sp]``."""
+        g = self.groups
+        b, length = batch.input_ids.shape
+        if b % (g.dp_size * self.n_micro):
+            raise ValueError(
+                f"a batch of {b} sequences does not split over dp={g.dp_size} replicas x "
+                f"n_micro={self.n_micro} micro-batches; use a batch size divisible by "
+                f"{g.dp_size * self.n_micro}"
+            )
+        check_sequence_split(length, g.sp_size)
+        rows = slice(g.dp_rank * b // g.dp_size, (g.dp_rank + 1) * b // g.dp_size)
+        return tuple(split_sequence(t[rows], g.sp_rank, g.sp_size)
+                     for t in (batch.input_ids, batch.attention_mask, batch.labels))
+
+    def forward_backward(
+        self, batch: MLMBatch, ledger: Ledger | None = None, step: int = 0
+    ) -> torch.Tensor | None:
+        """Pipeline forward and backward of the global ``batch``; gradients accumulate, not yet
+        summed over ranks. Returns this rank's share of the loss on the last stage, else None."""
+        ids, mask, labels = self.local_batch(batch)
+        total_targets = (batch.labels != -100).sum().item()  # M of the global batch
+        n_micro = self.n_micro
+
+        def loss_fn(logits: torch.Tensor, mb_labels: torch.Tensor) -> torch.Tensor:
+            # pipeline_step divides by n_micro (right for a mean over equal micro-batches);
+            # the MLM share is a sum over targets / M, so undo that division.
+            return mlm_loss_sum(logits, mb_labels) * (n_micro / total_targets)
+
+        g = self.groups
+        return pipeline_step(
+            self.stage, self.links, stage=g.pp_rank, n_stages=g.pp_size, inputs=ids,
+            targets=labels, extra_inputs=mask, n_micro=n_micro, loss_fn=loss_fn,
+            schedule=self.schedule, ledger=ledger, step=step,
+        )
+
+    def sum_gradients(self) -> None:
+        """Sum the gradient shares: over the SP group, the DP group, then the tied embedding."""
+        g = self.groups
+        allreduce_sum_gradients(self.stage, group=g.sp_group)
+        allreduce_sum_gradients(self.stage, group=g.dp_group)
+        for w in self.tied:
+            if w.grad is not None:
+                dist.all_reduce(w.grad, group=g.embedding_group)
+
+    def train_step(
+        self,
+        batch: MLMBatch,
+        optimizer: torch.optim.Optimizer,
+        ledger: Ledger | None = None,
+        step: int = 0,
+    ) -> torch.Tensor | None:
+        """One optimizer step on the global ``batch``; returns this rank's loss share (last
+        stage) or None. :meth:`global_loss` adds the shares up."""
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_backward(batch, ledger=ledger, step=step)
+        self.sum_gradients()
+        optimizer.step()
+        return loss
+
+    @staticmethod
+    def global_loss(loss: torch.Tensor | None) -> float:
+        """The global batch loss on every rank: the sum of the last stage's shares. Reduced with
+        ``distributed_c10d.all_reduce`` so a ledger does not count it as training traffic."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return float(loss)
+        buf = torch.zeros((), dtype=torch.float64, device=device())
+        if loss is not None:
+            buf += float(loss)
+        c10d.all_reduce(buf)
+        return float(buf)
+
+
+def traffic_by_kind(report: dict[str, Any], groups: SequenceDataGroups) -> dict[str, int]:
+    """Bytes this rank sent, from a :class:`~cai_labs.ledger.Ledger` report, by purpose.
+
+    The purpose is read off each call's op and group: point-to-point and all-gathers inside the
+    SP group are attention (``"SP attention"``: ring chunks or all-to-all, padding masks);
+    point-to-point on the default group is the pipeline (``"PP p2p"``); all-reduces are the
+    gradient sums over the SP group, the DP group and the embedding group.
+    """
+    def ranks(group: dist.ProcessGroup | None) -> tuple[int, ...] | None:
+        return None if group is None else tuple(dist.get_process_group_ranks(group))
+
+    sp, dp, emb = ranks(groups.sp_group), ranks(groups.dp_group), ranks(groups.embedding_group)
+    out = {"SP attention": 0, "PP p2p": 0, "SP grad all-reduce": 0, "DP grad all-reduce": 0,
+           "tied embedding all-reduce": 0}
+    world = tuple(range(report["world_size"]))
+    for rec in report["comm"]:
+        op, grp, sent = rec["op"], tuple(rec["group"]), rec["sent_bytes"]
+        if op == "all_reduce":
+            kind = ("SP grad all-reduce" if grp == sp else "DP grad all-reduce" if grp == dp
+                    else "tied embedding all-reduce" if grp == emb else None)
+        elif groups.pp_size > 1 and grp == world:  # StageLinks talk on the default group
+            kind = "PP p2p"
+        else:
+            kind = "SP attention" if grp == sp else None
+        if kind is None:
+            raise ValueError(f"traffic_by_kind: unexpected {op} on ranks {grp}")
+        out[kind] += sent
+    return out
