@@ -3,15 +3,17 @@
 :func:`parallelize_opt` takes a transformers ``OPTForCausalLM`` (or ``OPTModel``), identical on
 every rank, and in each ``OPTDecoderLayer`` replaces, in place:
 
-==================================  ==================  ==========================================
-serial module                       becomes             this rank holds (``N`` ranks, ``d`` width)
-==================================  ==================  ==========================================
-``self_attn`` (``OPTAttention``)    ParallelOPTAttention  ``num_heads/N`` whole heads
-``q_proj``, ``k_proj``, ``v_proj``  column-parallel     weight ``(d/N, d)``, bias ``(d/N,)``
-``out_proj``                        row-parallel        weight ``(d, d/N)``, bias ``(d,)``
-``fc1``                             column-parallel     weight ``(f/N, d)``, bias ``(f/N,)``
-``fc2``                             row-parallel        weight ``(d, f/N)``, bias ``(d,)``
-==================================  ==================  ==========================================
+==================================  ========================  ===================================
+serial module                       becomes                   this rank holds (``N`` ranks)
+==================================  ========================  ===================================
+``self_attn`` (``OPTAttention``)    ParallelOPTAttention      ``num_heads/N`` whole heads
+``q_proj``, ``k_proj``, ``v_proj``  column-parallel           weight ``(d/N, d)``, bias ``(d/N,)``
+``out_proj``                        row-parallel              weight ``(d, d/N)``, bias ``(d,)``
+``fc1``                             column-parallel           weight ``(f/N, d)``, bias ``(f/N,)``
+``fc2``                             row-parallel              weight ``(d, f/N)``, bias ``(d,)``
+==================================  ========================  ===================================
+
+(``d`` = ``hidden_size``, ``f`` = ``ffn_dim``.)
 
 **Replicated** (a full copy on every rank, untouched): the token and position embeddings, every
 layer norm, the final layer norm and ``lm_head`` (tied to the token embedding in OPT). This is
