@@ -37,8 +37,16 @@ class Zero3(Zero2):
 
     stage = 3
 
-    def __init__(self, module: nn.Module, units=None, group=None):
-        super().__init__(module, units=units, group=group)
+    def __init__(
+        self,
+        module: nn.Module,
+        units=None,
+        group=None,
+        overlap_comm: bool = True,
+        max_in_flight: int = 2,
+    ):
+        super().__init__(module, units=units, group=group, overlap_comm=overlap_comm,
+                         max_in_flight=max_in_flight)
         self.root = self.units[-1] if self.unit_modules[-1] is module else None
         for u, m in zip(self.units, self.unit_modules):
             m.register_forward_pre_hook(self._pre_forward(u))
