@@ -381,6 +381,9 @@ comm_table.style.format({"sent elements/rank/step": "{:,.0f}", "formula": "{:,.0
 # shared by 4 ranks step times mostly show the cost of extra Python work and messages, not of
 # bandwidth: on GPUs with a fast interconnect ZeRO-1/2 cost the same time as DDP, and ZeRO-3
 # about 1.5 times its communication, mostly hidden behind compute by prefetching the next layer.
+# (``cai_labs.zero`` stages 2 and 3 start each layer's reduce-scatter asynchronously during
+# backward, ``overlap_comm=True``; on CPU ``gloo`` sums on the same few cores that compute, so
+# little can be hidden here.)
 #
 # Beyond the budget: a Gemini-style chunk manager
 # ------------------------------------------------
