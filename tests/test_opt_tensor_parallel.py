@@ -66,9 +66,22 @@ def _worker(broken: bool = False) -> dict:
         opt_p.zero_grad()
     ref = {n: p.detach() for n, p in serial.named_parameters()}
     out["param_err"] = _max_err(opt_full_state(par), ref)
-    if not broken:  # generation with the key/value cache, on the trained weights
+    if not broken:
         serial.eval()
         par.eval()
+        # A padding mask (left padding), with the SDPA and the eager attention masks of HF.
+        x = _batch(7)
+        mask = torch.ones_like(x)
+        mask[0, :3] = 0
+        out["masked_err"] = []
+        for impl in ("sdpa", "eager"):
+            serial.config._attn_implementation = par.config._attn_implementation = impl
+            with torch.no_grad():
+                a = serial(input_ids=x, attention_mask=mask).logits
+                b = par(input_ids=x, attention_mask=mask).logits
+            out["masked_err"].append((a - b)[mask.bool()].abs().max().item())
+        serial.config._attn_implementation = par.config._attn_implementation = "sdpa"
+        # Generation with the key/value cache, on the trained weights.
         prompt = _batch(99)[:2, :5]
         kw = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
         out["generate_equal"] = torch.equal(serial.generate(prompt, **kw),
@@ -83,6 +96,7 @@ def test_opt_1d_equals_serial_and_formula(n):
     assert out["grad_err"] < TOL, out["grad_err"]  # every parameter, shards gathered
     assert out["param_err"] < TOL, out["param_err"]  # after 3 AdamW steps
     assert out["generate_equal"]
+    assert max(out["masked_err"]) < 1e-8, out["masked_err"]
     config = tiny_opt_config(_tok(), **SIZES)
     cost = opt_1d_cost(config, n, BATCH * SEQ, elem=8)
     assert out["comm"]["all_reduce"]["bytes"] == cost.comm_bytes

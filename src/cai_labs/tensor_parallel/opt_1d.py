@@ -72,8 +72,8 @@ def _divisors(n: int) -> list[int]:
 
 
 def _join(xs: list[int]) -> str:
-    xs = [str(x) for x in xs]
-    return xs[0] if len(xs) == 1 else ", ".join(xs[:-1]) + " or " + xs[-1]
+    words = [str(x) for x in xs]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
 def check_opt_tp_size(config, size: int) -> None:
