@@ -592,6 +592,11 @@ for n, r in tp_runs.items():
         "largest loss gap vs DDP": tp_gap,
     })
 tp_table = pd.DataFrame(tp_rows).set_index("run")
+serial_param_bytes = opt_1d_cost(config, 1, 0).param_bytes
+replicated = 2 * opt_1d_cost(config, 2, 0).param_bytes - serial_param_bytes  # R = 2 p(2) - p(1)
+print(f"replicated parameters (embeddings, layer norms, out_proj/fc2 biases): {replicated:,} of "
+      f"{serial_param_bytes:,} bytes ({replicated / serial_param_bytes:.0%}); they do not "
+      "shrink with N")
 tp_table.style.format({c: "{:,.0f}" for c in tp_table.columns} | {
     "median step (ms)": "{:.1f}", "largest loss gap vs DDP": "{:.1e}"})
 
@@ -605,8 +610,10 @@ tp_table.style.format({c: "{:,.0f}" for c in tp_table.columns} | {
 # of the model's size but proportional to the tokens of the batch, and it does so four times per
 # layer, in the middle of forward and backward, where it cannot be hidden behind other work.
 # That is why Megatron keeps tensor parallelism inside a node, on its fastest links, and uses
-# data (or ZeRO) parallelism across nodes. On this page's tiny model the embeddings are a small
-# share of :math:`\Psi`, so the parameters per rank fall almost as :math:`1/N`.
+# data (or ZeRO) parallelism across nodes. The replicated parameters (printed above the table)
+# do not shrink with :math:`N`, so the parameters per rank fall a little slower than
+# :math:`1/N`. The step times say little about GPUs: 4 ranks on 2 shared cores wait for each
+# other at each of the :math:`4L` all-reduces of a step.
 #
 # The loss curves of the three runs: tensor parallelism trains the same model as data
 # parallelism, step for step.
