@@ -1,6 +1,6 @@
 """
-Fine-tune OPT with ZeRO and chunk-based offload
-===============================================
+Fine-tune OPT with ZeRO, chunk-based offload and tensor parallelism
+===================================================================
 
 Data parallelism (tutorial 00) keeps a full copy of everything on every rank: parameters,
 gradients and optimizer state. For a model of :math:`\\Psi` parameters trained with Adam that is
@@ -9,7 +9,8 @@ larger model fit. **ZeRO** (Zero Redundancy Optimizer) removes that redundancy i
 each partitioning one more kind of model state over the :math:`N` ranks; **Gemini** (Colossal-AI's
 heterogeneous memory manager) goes further and moves the states, in fixed-size chunks, between a
 small fast memory (the GPU) and a large slow one (the CPU), so the states need not fit on the
-device at all.
+device at all. **Tensor parallelism** (Megatron-LM) splits the computation of each layer
+instead: every rank holds and multiplies a slice of each attention and MLP weight matrix.
 
 **In this tutorial** you will
 
