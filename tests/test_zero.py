@@ -171,3 +171,35 @@ def test_gradient_clipping_matches_data_parallel(stage):
     for a, b in zip(out["norms"], out["ref_norms"]):
         assert abs(a - b) <= 1e-5 * b
     assert out["err"] < 1e-5
+
+
+def _overlap_worker(stage: int) -> dict:
+    from cai_labs.zero import STAGES, ZeroOptimizer
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tok, _ = _setup()
+    flats, records = [], None
+    for overlap in (False, True):
+        model = STAGES[stage](tiny_opt(tok, seed=0, **SIZES).train(), overlap_comm=overlap,
+                              max_in_flight=1)
+        opt = ZeroOptimizer(model, torch.optim.SGD, lr=0.1, momentum=0.9)
+        with Ledger(track_activations=False) as ledger:
+            for x, y in _batches(rank, world):
+                opt.zero_grad()
+                model(input_ids=x, labels=y).loss.backward()
+                assert not model._pending  # all waited for at the end of backward
+                opt.step()
+        if overlap:
+            records = [r for r in ledger.report()["comm"] if r["op"].startswith("reduce_scatter")]
+        flats.append(torch.cat([v.reshape(-1) for v in model.full_state_dict().values()]))
+    return {"diff": (flats[0] - flats[1]).abs().max().item(),
+            "async": [r["async"] for r in records], "units": len(model.units)}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_overlapped_reduce_scatter_equals_synchronous(stage):
+    """ZeRO-2/3 start each unit's reduce-scatter asynchronously during backward; the result is
+    exactly that of waiting for each one."""
+    out = launch(_overlap_worker, 2, stage)
+    assert out["diff"] == 0.0
+    assert len(out["async"]) == STEPS * out["units"] and all(out["async"])

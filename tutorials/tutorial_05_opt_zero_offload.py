@@ -1,6 +1,6 @@
 """
-Fine-tune OPT with ZeRO and chunk-based offload
-===============================================
+Fine-tune OPT with ZeRO, chunk-based offload and tensor parallelism
+===================================================================
 
 Data parallelism (tutorial 00) keeps a full copy of everything on every rank: parameters,
 gradients and optimizer state. For a model of :math:`\\Psi` parameters trained with Adam that is
@@ -9,7 +9,8 @@ larger model fit. **ZeRO** (Zero Redundancy Optimizer) removes that redundancy i
 each partitioning one more kind of model state over the :math:`N` ranks; **Gemini** (Colossal-AI's
 heterogeneous memory manager) goes further and moves the states, in fixed-size chunks, between a
 small fast memory (the GPU) and a large slow one (the CPU), so the states need not fit on the
-device at all.
+device at all. **Tensor parallelism** (Megatron-LM) splits the computation of each layer
+instead: every rank holds and multiplies a slice of each attention and MLP weight matrix.
 
 **In this tutorial** you will
 
@@ -22,7 +23,9 @@ device at all.
 4. train under a *device budget smaller than the model's states* with a Gemini-style chunk
    manager, and measure the traffic between the two memory pools;
 5. fine-tune with ZeRO-3, save the result with ``save_pretrained``, reload it with
-   ``from_pretrained`` and measure exact-match accuracy before and after.
+   ``from_pretrained`` and measure exact-match accuracy before and after;
+6. split OPT's attention heads and MLP over 2 and 4 ranks with 1D (Megatron) tensor
+   parallelism, check it against the serial model, and measure its memory and communication.
 
 Everything runs on CPU processes talking through ``gloo``. The "device" memory of step 4 is an
 accounted, enforced byte budget on ordinary RAM, not separate hardware: the page says so where
@@ -37,6 +40,7 @@ it matters. The Colossal-AI code for GPUs is at the end, labelled as not execute
 # tokenizer): the page then skips pre-training and fine-tunes that model instead (the word task
 # would then need a larger ``FINETUNE_STEPS`` and more time than this page's budget).
 
+import copy
 import os
 import tempfile
 import time
@@ -63,6 +67,9 @@ from cai_labs.recipes.opt_finetune import (
     sample_words,
     task_batch,
 )
+from cai_labs.tensor_parallel import make_grid
+from cai_labs.tensor_parallel.formulas import opt_1d_cost
+from cai_labs.tensor_parallel.opt_1d import check_opt_tp_size, opt_full_state, parallelize_opt
 from cai_labs.zero import memory_by_kind, zero_memory_formula, zero_wrap
 from cai_labs.zero.fsdp2 import fsdp2_memory, fsdp2_wrap
 
@@ -78,8 +85,10 @@ MEASURE_STEPS = 8  # steps of each memory technique in the side-by-side comparis
 FINETUNE_STEPS = 150  # steps of the ZeRO-3 fine-tuning run
 CHUNK_ELEMENTS = 16 * 1024  # elements per chunk of the Gemini-style manager (64 KiB in fp32)
 BUDGET_CHUNKS = 6  # device budget of the chunk manager, in chunks
+TP_SIZES = (2, 4)  # tensor-parallel sizes; each must divide HEADS and FFN
 BASE_CHECKPOINT = os.environ.get("CAI_LABS_OPT_CHECKPOINT")  # an OPT directory, or None
-WORK_DIR = Path(tempfile.mkdtemp(prefix="cai_labs_opt_"))
+work_dir = tempfile.TemporaryDirectory(prefix="cai_labs_opt_")  # removed at the end of the page
+WORK_DIR = Path(work_dir.name)
 
 # Models this small run faster on one thread than on two contending for shared cores; the
 # ranks launched below get one thread each anyway. (Restored at the end of the page.)
@@ -206,6 +215,9 @@ def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
         model = ChunkedModel(model, CHUNK_ELEMENTS, BUDGET_CHUNKS * CHUNK_ELEMENTS * 4)
         optimizer = ChunkedAdam(model, lr=LR)
         watch_model = None
+    elif method == "TP":  # 1D tensor parallel over all ranks (last section of the page)
+        model = parallelize_opt(model, make_grid("1d"))
+        optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     losses, times, memory = [], [], None
     with Ledger(model=watch_model, track_activations=False) as ledger:
         if method.startswith("ZeRO-"):
@@ -216,7 +228,8 @@ def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
             ledger.watch(optimizer=optimizer)
         for step in range(steps):
             x, y = task_batch(tok, task, sample_words(task, GLOBAL_BATCH, step))
-            x, y = shard_batch(x, y, rank=rank, world_size=world)
+            if method != "TP":  # tensor-parallel ranks all work on the whole batch
+                x, y = shard_batch(x, y, rank=rank, world_size=world)
             start = time.perf_counter()
             loss = model(input_ids=x, labels=y).loss
             loss.backward()
@@ -236,7 +249,7 @@ def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
     dist.all_gather_object(every_rank, memory)
     out = {"losses": (mean_losses / world).tolist(), "step_time": float(np.median(times[1:])),
            "memory": memory, "memory_all": every_rank, "comm": comm_totals(ledger.report()),
-           "steps": steps}
+           "steps": steps, "tokens_per_rank": x.numel()}
     if method == "chunks":
         out["chunks"] = model.manager.stats()
         out["trace"] = model.manager.trace
@@ -369,6 +382,9 @@ comm_table.style.format({"sent elements/rank/step": "{:,.0f}", "formula": "{:,.0
 # shared by 4 ranks step times mostly show the cost of extra Python work and messages, not of
 # bandwidth: on GPUs with a fast interconnect ZeRO-1/2 cost the same time as DDP, and ZeRO-3
 # about 1.5 times its communication, mostly hidden behind compute by prefetching the next layer.
+# (``cai_labs.zero`` stages 2 and 3 start each layer's reduce-scatter asynchronously during
+# backward, ``overlap_comm=True``; on CPU ``gloo`` sums on the same few cores that compute, so
+# little can be hidden here.)
 #
 # Beyond the budget: a Gemini-style chunk manager
 # ------------------------------------------------
@@ -463,6 +479,159 @@ ax.set(xlabel="step", ylabel="training loss (answer characters)", yscale="log",
        title="Fine-tuning OPT with ZeRO-3 on 4 CPU ranks")
 fig.tight_layout()
 
+# %%
+# Tensor parallelism on OPT's attention and MLP
+# ---------------------------------------------
+# ZeRO and the chunk manager partition *states* but every rank still runs the whole model on
+# its part of the batch: a layer's full weights are gathered (ZeRO-3) or brought in (chunks)
+# before it computes. **Tensor parallelism** (Megatron-LM, Shoeybi et al., 2019) splits the
+# *computation* of each layer instead. In every ``OPTDecoderLayer``:
+#
+# * ``q_proj``, ``k_proj`` and ``v_proj`` become **column-parallel** linears: rank :math:`r` keeps
+#   the output columns of its ``num_heads/N`` heads, weight :math:`(d/N, d)`. A head's attention
+#   needs only that head's queries, keys and values, so each rank runs attention on its own
+#   heads with no communication;
+# * ``out_proj`` becomes **row-parallel**: its weight rows :math:`(d, d/N)` multiply the local
+#   heads' output, and an **all-reduce** sums the partial products into the whole
+#   :math:`(b, s, d)` result;
+# * the MLP is the same pair: ``fc1`` column-parallel (the activation is elementwise, so it runs
+#   on the local columns), ``fc2`` row-parallel with an all-reduce;
+# * token and position embeddings, the layer norms and the tied ``lm_head`` stay **replicated**
+#   (a full copy on every rank).
+#
+# In backward, the conjugate collectives run: the gradient of the attention input (``q``, ``k``
+# and ``v`` read the same hidden states, so their partial gradients are summed locally and
+# all-reduced once) and of ``fc1``'s input is all-reduced. That makes four all-reduces of the
+# :math:`(b, s, d)` hidden states per layer and step, whatever :math:`N`; in exchange every rank
+# holds :math:`1/N` of each layer's matrices. All ranks of a tensor-parallel group see the *same*
+# batch (here: the whole global batch), unlike data parallelism.
+#
+# ``cai_labs.tensor_parallel.opt_1d.parallelize_opt(model, grid)`` does these replacements in
+# place on the Hugging Face model, reusing the column- and row-parallel layers of
+# ``cai_labs.tensor_parallel.layers_1d``; a size that does not split the heads or ``ffn_dim`` is
+# refused before any rank is launched:
+
+for n in TP_SIZES:
+    check_opt_tp_size(base_model.config, n)
+try:
+    check_opt_tp_size(base_model.config, 3)
+except ValueError as err:
+    print("tensor-parallel size 3:", err)
+
+# %%
+# First the check that it is the same model. Each rank loads the base checkpoint, keeps a serial
+# copy, splits the other, and runs both on the same batch; the split layers' weight gradients are
+# all-gathered back to full shape and compared with the serial gradients of *every* parameter
+# (fp32, so differences are rounding of different summation orders).
+
+
+def tp_check_worker() -> dict:
+    serial, tok = load_checkpoint(base_dir)
+    serial.train()
+    par = parallelize_opt(copy.deepcopy(serial), make_grid("1d"))
+    x, y = task_batch(tok, task, sample_words(task, GLOBAL_BATCH, 0))
+    out_s = serial(input_ids=x, labels=y)
+    out_s.loss.backward()
+    out_p = par(input_ids=x, labels=y)
+    out_p.loss.backward()
+    ref = {n: p.grad for n, p in serial.named_parameters()}
+    full = opt_full_state(par, grads=True)  # collective: gathers the shards on every rank
+    return {
+        "logits": (out_s.logits - out_p.logits).abs().max().item(),
+        "loss": abs(out_s.loss.item() - out_p.loss.item()),
+        "grads": max((full[n] - g).abs().max().item() for n, g in ref.items()),
+        "grad_scale": max(g.abs().max().item() for g in ref.values()),
+        "compared": len(ref),
+    }
+
+
+tp_checks = {n: launch(tp_check_worker, n) for n in TP_SIZES}
+for n, c in tp_checks.items():
+    print(f"N={n}: largest |logits diff| {c['logits']:.1e}, |loss diff| {c['loss']:.1e}, "
+          f"largest |grad diff| over {c['compared']} parameters {c['grads']:.1e} "
+          f"(largest gradient {c['grad_scale']:.2f})")
+    assert c["logits"] < 1e-4 and c["loss"] < 1e-5, f"TP on {n} ranks differs from serial"
+    assert c["grads"] < 1e-5 * max(1.0, c["grad_scale"]), f"TP gradients on {n} ranks differ"
+
+# %%
+# Then the same ``train_worker`` as above, with ``method="TP"``: Adam on each rank's shards and
+# replicated parameters, every rank on the whole batch of ``GLOBAL_BATCH`` words, for
+# ``MEASURE_STEPS`` steps. Replicated parameters get the same full gradient on every rank (the
+# backward all-reduces made the hidden states' gradient whole), so they stay identical without
+# any communication of their own.
+
+tp_runs = {n: launch(train_worker, n, "TP", MEASURE_STEPS) for n in TP_SIZES}
+config = base_model.config
+ddp = runs["DDP"]
+tp_rows = [{
+    "run": f"DDP, N={WORLD_SIZE}",
+    "params/rank measured": ddp["memory"]["params"],
+    "params/rank formula": 4 * PSI,
+    "states/rank (params+grads+Adam)": ddp["memory"]["total"],
+    "all-reduce bytes/step measured": ddp["comm"]["all_reduce"]["bytes"] / ddp["steps"],
+    "all-reduce bytes/step formula": 4 * PSI,
+    "all-reduces/step": ddp["comm"]["all_reduce"]["calls"] / ddp["steps"],
+    "median step (ms)": 1e3 * ddp["step_time"],
+    "largest loss gap vs DDP": 0.0,
+}]
+for n, r in tp_runs.items():
+    cost = opt_1d_cost(config, n, r["tokens_per_rank"])
+    measured_comm = r["comm"]["all_reduce"]["bytes"] / r["steps"]
+    assert r["memory"]["params"] == cost.param_bytes, (n, r["memory"]["params"], cost)
+    assert measured_comm == cost.comm_bytes, (n, measured_comm, cost)
+    tp_gap = max(abs(a - b) for a, b in zip(r["losses"], ddp["losses"]))
+    assert tp_gap < 1e-3, f"TP on {n} ranks does not follow data parallel's loss (gap {tp_gap})"
+    tp_rows.append({
+        "run": f"TP, N={n}",
+        "params/rank measured": r["memory"]["params"],
+        "params/rank formula": cost.param_bytes,
+        "states/rank (params+grads+Adam)": r["memory"]["total"],
+        "all-reduce bytes/step measured": measured_comm,
+        "all-reduce bytes/step formula": cost.comm_bytes,
+        "all-reduces/step": r["comm"]["all_reduce"]["calls"] / r["steps"],
+        "median step (ms)": 1e3 * r["step_time"],
+        "largest loss gap vs DDP": tp_gap,
+    })
+tp_table = pd.DataFrame(tp_rows).set_index("run")
+serial_param_bytes = opt_1d_cost(config, 1, 0).param_bytes
+replicated = 2 * opt_1d_cost(config, 2, 0).param_bytes - serial_param_bytes  # R = 2 p(2) - p(1)
+print(f"replicated parameters (embeddings, layer norms, out_proj/fc2 biases): {replicated:,} of "
+      f"{serial_param_bytes:,} bytes ({replicated / serial_param_bytes:.0%}); they do not "
+      "shrink with N")
+tp_table.style.format({c: "{:,.0f}" for c in tp_table.columns} | {
+    "median step (ms)": "{:.1f}", "largest loss gap vs DDP": "{:.1e}"})
+
+# %%
+# The formulas (``cai_labs.tensor_parallel.formulas.opt_1d_cost``): per rank, parameters
+# :math:`V d + (P+2) d + 2d + L\,(4d + 2d) + L\,(4d^2 + 2df + 3d + f)/N` elements, the last term
+# being the split matrices and their split biases (``out_proj`` and ``fc2`` keep whole biases,
+# added once after the all-reduce); communication :math:`4 L \cdot b s \cdot d` elements per
+# step in :math:`4L` all-reduces. Data parallel all-reduces the *gradients*, :math:`\Psi`
+# elements, however large the batch; tensor parallelism all-reduces *activations*, independent
+# of the model's size but proportional to the tokens of the batch, and it does so four times per
+# layer, in the middle of forward and backward, where it cannot be hidden behind other work.
+# That is why Megatron keeps tensor parallelism inside a node, on its fastest links, and uses
+# data (or ZeRO) parallelism across nodes. The replicated parameters (printed above the table)
+# do not shrink with :math:`N`, so the parameters per rank fall a little slower than
+# :math:`1/N`. The step times say little about GPUs: 4 ranks on 2 shared cores wait for each
+# other at each of the :math:`4L` all-reduces of a step.
+#
+# The loss curves of the three runs: tensor parallelism trains the same model as data
+# parallelism, step for step.
+
+fig, ax = plt.subplots(figsize=(8, 3))
+ax.plot(ddp["losses"], "k-", lw=3, alpha=0.3, label=f"DDP, N={WORLD_SIZE}")
+for n, r in tp_runs.items():
+    ax.plot(r["losses"], marker="o", ms=3, label=f"tensor parallel, N={n}")
+ax.set(xlabel="step", ylabel="training loss", title="Fine-tuning OPT: DDP vs 1D tensor parallel")
+ax.legend()
+fig.tight_layout()
+
+# %%
+# Clean up: the checkpoints written to the temporary directory are deleted (the serving
+# tutorial makes its own), and the thread count is restored.
+
+work_dir.cleanup()
 torch.set_num_threads(threads_before)
 
 # %%
@@ -503,6 +672,15 @@ torch.set_num_threads(threads_before)
 # above on CPU, are FSDP2 ``fully_shard`` (ZeRO-3) and ``ZeroRedundancyOptimizer`` (ZeRO-1);
 # FSDP2's ``CPUOffloadPolicy`` (whole-model offload) needs CUDA.
 #
-# **Not on this page:** 1D tensor parallelism of OPT's attention and MLP. It splits each layer's
-# weight matrices over ranks instead of sharding flat buffers, and belongs with the
-# tensor-parallel tutorial's layers.
+# Tensor parallelism in Colossal-AI is the ``HybridParallelPlugin`` (it shards Hugging Face
+# models such as OPT with its built-in policies: the same column/row split of attention and MLP
+# as above), also CUDA only and **not executed on CPU**::
+#
+#     from colossalai.booster.plugin import HybridParallelPlugin
+#
+#     plugin = HybridParallelPlugin(tp_size=2, pp_size=1, zero_stage=1, precision="bf16")
+#     booster = Booster(plugin=plugin)
+#     model, optimizer, _, dataloader, _ = booster.boost(model, optimizer, dataloader=dataloader)
+#
+# On 8 GPUs this is 2-way tensor parallel inside each pair of GPUs and 4-way data parallel
+# (with ZeRO-1) across the pairs.

@@ -48,6 +48,7 @@ __all__ = [
     "block_cost",
     "block_activation_bytes",
     "serial_block_params",
+    "opt_1d_cost",
 ]
 
 #: Colossal-AI documentation, "Efficiency" table of each mode (``P`` ranks, ring algorithms).
@@ -261,3 +262,39 @@ def serial_block_params(d_model: int, mlp_ratio: int = 4, elem: int = 4) -> int:
     h, r = d_model, mlp_ratio
     n = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (r * h * h + r * h) + (r * h * h + h)
     return n * elem
+
+
+def opt_1d_cost(config, size: int, tokens: int, elem: int = 4) -> Cost:
+    """Parameter bytes per rank and communication per forward+backward of an
+    ``OPTForCausalLM`` split by :func:`~cai_labs.tensor_parallel.opt_1d.parallelize_opt` over
+    ``size`` ranks, for a batch of ``tokens = b*s`` tokens (activations not counted: 0).
+
+    With width ``d``, ``f = ffn_dim``, ``L`` layers, vocabulary ``V``, ``P`` positions and ``N``
+    ranks, per rank (biases and layer-norm weights as the config has them):
+
+    * replicated: token embedding ``V d`` (shared with ``lm_head`` when tied), positions
+      ``(P + 2) d`` (OPT offsets positions by 2), final layer norm ``2d``, and per layer two
+      layer norms ``4d`` and the biases of the row-parallel ``out_proj`` and ``fc2``, ``2d``;
+    * split: per layer ``q, k, v, out_proj`` ``4 d^2 / N`` + ``3d/N`` of ``q, k, v`` biases, and
+      the MLP ``2 d f / N`` + ``f/N`` of ``fc1``'s bias.
+
+    Communication: per layer four all-reduces of the ``(tokens, d)`` hidden states (forward:
+    ``out_proj`` and ``fc2``; backward: the input gradient of attention and of ``fc1``), so
+    ``4 L tokens d`` elements in ``4 L`` calls; none for one rank.
+    """
+    d, f, L = config.hidden_size, config.ffn_dim, config.num_hidden_layers
+    N = size
+    w = getattr(config, "word_embed_proj_dim", d) or d
+    bias = int(getattr(config, "enable_bias", True))
+    affine = int(getattr(config, "layer_norm_elementwise_affine", True))
+    ln = 2 * d * affine
+    replicated = config.vocab_size * w + (config.max_position_embeddings + 2) * d
+    if w != d:
+        replicated += 2 * d * w  # project_in and project_out
+    if not getattr(config, "tie_word_embeddings", True):
+        replicated += config.vocab_size * w
+    if config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False):
+        replicated += ln
+    per_layer = 2 * ln + 2 * d * bias + (4 * d * d + 2 * d * f + (3 * d + f) * bias) // N
+    calls = 4 * L * (N > 1)
+    return Cost((replicated + L * per_layer) * elem, 0, calls * tokens * d * elem, calls)

@@ -73,6 +73,12 @@ class ColumnParallelLinear(nn.Module):
 
     ``chunks`` > 1 treats the output as ``chunks`` stacked matrices split separately (a fused
     ``qkv`` is ``[q | k | v]``: each rank gets ``[q_r | k_r | v_r]``, so its heads are complete).
+
+    ``reduce_input_grad=False`` leaves out the backward all-reduce of ``dX``: for several
+    column-parallel layers reading the *same* input (separate ``q``, ``k``, ``v`` projections,
+    as in Hugging Face models) the caller applies
+    :func:`~cai_labs.tensor_parallel.mappings.copy_to_group` once to that input, so the three
+    partial ``dX`` are summed locally and all-reduced in one call, as with a fused ``qkv``.
     """
 
     def __init__(
@@ -83,10 +89,12 @@ class ColumnParallelLinear(nn.Module):
         bias: bool = True,
         gather_output: bool = False,
         chunks: int = 1,
+        reduce_input_grad: bool = True,
     ):
         super().__init__()
         check_divisible("out_features", out_features, grid.size * chunks, "1D")
         self.grid, self.gather_output, self.chunks = grid, gather_output, chunks
+        self.reduce_input_grad = reduce_input_grad
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features // grid.size, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features // grid.size)) if bias else None
@@ -94,11 +102,17 @@ class ColumnParallelLinear(nn.Module):
 
     @classmethod
     def from_serial(
-        cls, linear: nn.Linear, grid: Grid, gather_output: bool = False, chunks: int = 1
+        cls,
+        linear: nn.Linear,
+        grid: Grid,
+        gather_output: bool = False,
+        chunks: int = 1,
+        reduce_input_grad: bool = True,
     ) -> ColumnParallelLinear:
         """This rank's column slice of ``linear``'s weights (same initial values as serial)."""
         out_f, in_f = linear.weight.shape
-        m = cls(in_f, out_f, grid, linear.bias is not None, gather_output, chunks)
+        m = cls(in_f, out_f, grid, linear.bias is not None, gather_output, chunks,
+                reduce_input_grad).to(linear.weight.dtype)
         n, r = grid.size, grid.position
         with torch.no_grad():
             m.weight.copy_(_shard(linear.weight, n, r, 0, chunks))
@@ -107,7 +121,8 @@ class ColumnParallelLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_group(x, self.grid.group)  # backward: all-reduce dX
+        if self.reduce_input_grad:
+            x = copy_to_group(x, self.grid.group)  # backward: all-reduce dX
         y = F.linear(x, self.weight, self.bias)
         return gather_from_group(y, self.grid.group, -1) if self.gather_output else y
 
@@ -153,7 +168,9 @@ class RowParallelLinear(nn.Module):
     ) -> RowParallelLinear:
         """This rank's row slice of ``linear`` (same initial values as serial)."""
         out_f, in_f = linear.weight.shape
-        m = cls(in_f, out_f, grid, linear.bias is not None, input_is_parallel)
+        m = cls(in_f, out_f, grid, linear.bias is not None, input_is_parallel).to(
+            linear.weight.dtype
+        )
         with torch.no_grad():
             m.weight.copy_(_shard(linear.weight, grid.size, grid.position, 1))
             if linear.bias is not None:

@@ -15,14 +15,19 @@ __all__ = ["reduce_scatter_flat", "all_gather_flat"]
 
 
 def reduce_scatter_flat(
-    output: torch.Tensor, flat: torch.Tensor, group: dist.ProcessGroup | None = None
-) -> None:
+    output: torch.Tensor,
+    flat: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    async_op: bool = False,
+) -> dist.Work | None:
     """Sum ``flat`` ``(N * S,)`` over the group; rank ``r`` receives elements ``[r S, (r+1) S)``.
 
-    ``output`` is ``(S,)``. Ring cost: each rank sends ``(N-1)/N`` of ``flat``'s bytes.
+    ``output`` is ``(S,)``. Ring cost: each rank sends ``(N-1)/N`` of ``flat``'s bytes. With
+    ``async_op=True`` the call returns at once with a work handle; ``output`` is valid (and
+    ``flat`` may be dropped) only after ``work.wait()``.
     """
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    fn(output, flat, group=group)
+    return fn(output, flat, group=group, async_op=async_op)
 
 
 def all_gather_flat(

@@ -5,8 +5,15 @@ unit's gradient *during backward*, the moment its last parameter's gradient is c
 ``post_accumulate_grad`` hook counts them), keeps only this rank's averaged slice ``(S,)`` in a
 persistent shard buffer, and drops the full ``p.grad`` tensors at once. So between steps a rank
 holds ``Ψ/N`` gradient elements instead of ``Ψ``; while backward runs, at most the units whose
-gradients are still being produced are held in full. Reduce-scatters of later layers overlap the
-backward of earlier ones in an asynchronous implementation; this one is synchronous for clarity.
+gradients are still being produced are held in full.
+
+**Overlap** (``overlap_comm=True``, the default): the reduce-scatter of a unit is started
+asynchronously (``async_op=True``) and backward goes on computing the gradients of earlier
+layers while it runs; the result is added to the shard buffer when the work is waited for: the
+oldest pending unit as soon as more than ``max_in_flight`` are pending (so at most that many
+flattened gradients ``(N S,)`` wait in memory), and all of them at the end of backward, before
+the optimizer can read the shards. ``overlap_comm=False`` waits for each reduce-scatter at once.
+The arithmetic, and so the result, is the same either way.
 
 Gradient accumulation over micro-batches works: each backward adds into the shard buffer, which
 :meth:`zero_grad` clears. A unit whose parameters got no gradient in a backward (unused branch)
@@ -14,6 +21,8 @@ is reduced with zeros at the end of that backward, so every rank makes the same 
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,8 +39,20 @@ class Zero2(ZeroModel):
 
     stage = 2
 
-    def __init__(self, module: nn.Module, units=None, group=None):
+    def __init__(
+        self,
+        module: nn.Module,
+        units=None,
+        group=None,
+        overlap_comm: bool = True,
+        max_in_flight: int = 2,
+    ):
         super().__init__(module, units=units, group=group)
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1; got {max_in_flight}")
+        self.overlap_comm, self.max_in_flight = overlap_comm, max_in_flight
+        # started reduce-scatters: (unit, output (S,), flat gradient (N S,), work)
+        self._pending: list[tuple[FlatParamUnit, torch.Tensor, torch.Tensor, Any]] = []
         self._unit_of: dict[int, FlatParamUnit] = {}
         for u in self.units:
             u.grad_shard = u.full.new_zeros(u.shard_numel)
@@ -52,13 +73,27 @@ class Zero2(ZeroModel):
 
     def _reduce_unit(self, u: FlatParamUnit) -> None:
         with torch.no_grad():
-            out = u.full.new_empty(u.shard_numel)
-            reduce_scatter_flat(out, u.flat_grad(), self.group)
-            u.grad_shard.add_(self._average(out))
+            flat = u.flat_grad()  # a copy: the parameters' own gradients can go now
             for p in u.params:
                 p.grad = None
+            out = u.full.new_empty(u.shard_numel)
+            if self.overlap_comm:
+                work = reduce_scatter_flat(out, flat, self.group, async_op=True)
+                self._pending.append((u, out, flat, work))
+                while len(self._pending) > self.max_in_flight:
+                    self._finish_oldest()
+            else:
+                reduce_scatter_flat(out, flat, self.group)
+                u.grad_shard.add_(self._average(out))
         u.reduced = True
         self._unit_reduced(u)
+
+    def _finish_oldest(self) -> None:
+        """Wait for the oldest pending reduce-scatter and add its slice to the shard buffer."""
+        u, out, _flat, work = self._pending.pop(0)
+        work.wait()
+        with torch.no_grad():
+            u.grad_shard.add_(self._average(out))
 
     def _unit_reduced(self, u: FlatParamUnit) -> None:
         """Hook for ZeRO-3 (free the unit's gathered parameters)."""
@@ -67,6 +102,8 @@ class Zero2(ZeroModel):
         for u in self.units:
             if not u.reduced:
                 self._reduce_unit(u)
+        while self._pending:  # every shard gradient complete before the optimizer reads it
+            self._finish_oldest()
         for u in self.units:
             u.ready, u.reduced = 0, False
         self._queued = False

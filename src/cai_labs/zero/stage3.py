@@ -7,13 +7,17 @@ full buffer's storage is released. A unit's parameters exist in full only while 
   root unit, which spans the whole forward and is needed first thing in backward);
 * **backward**: a hook on the unit's outputs fires when their gradient is ready, i.e. just before
   the unit's own backward runs, and all-gathers the unit again; when the unit's last parameter
-  gradient is complete the gradient is reduce-scattered (as in ZeRO-2) and the unit is freed;
+  gradient is complete the gradient is reduce-scattered (as in ZeRO-2, asynchronously with
+  ``overlap_comm=True``) and the unit is freed;
 * **step**: the optimizer updates the shard (its own storage now); no all-gather is needed, the
   next forward gathers.
 
 Communication per step: all-gather in forward ``(N-1)/N Ψ``, again in backward ``(N-1)/N Ψ``,
 reduce-scatter ``(N-1)/N Ψ``: ``3(N-1)/N Ψ``, 1.5 times data parallel, for parameter memory
 ``Ψ/N`` instead of ``Ψ``.
+
+The all-gathers are synchronous (no prefetch of the next unit): a unit's parameters are needed
+the moment its hook runs.
 
 Because the parameter views point into a storage that is resized rather than replaced, tensors
 autograd saved for backward (the weights of ``linear``, of ``layer_norm``) see the re-gathered
@@ -37,8 +41,16 @@ class Zero3(Zero2):
 
     stage = 3
 
-    def __init__(self, module: nn.Module, units=None, group=None):
-        super().__init__(module, units=units, group=group)
+    def __init__(
+        self,
+        module: nn.Module,
+        units=None,
+        group=None,
+        overlap_comm: bool = True,
+        max_in_flight: int = 2,
+    ):
+        super().__init__(module, units=units, group=group, overlap_comm=overlap_comm,
+                         max_in_flight=max_in_flight)
         self.root = self.units[-1] if self.unit_modules[-1] is module else None
         for u, m in zip(self.units, self.unit_modules):
             m.register_forward_pre_hook(self._pre_forward(u))

@@ -1,0 +1,206 @@
+"""1D (Megatron) tensor parallelism for Hugging Face's ``OPTForCausalLM``: attention and MLP split.
+
+:func:`parallelize_opt` takes a transformers ``OPTForCausalLM`` (or ``OPTModel``), identical on
+every rank, and in each ``OPTDecoderLayer`` replaces, in place:
+
+==================================  ========================  ===================================
+serial module                       becomes                   this rank holds (``N`` ranks)
+==================================  ========================  ===================================
+``self_attn`` (``OPTAttention``)    ParallelOPTAttention      ``num_heads/N`` whole heads
+``q_proj``, ``k_proj``, ``v_proj``  column-parallel           weight ``(d/N, d)``, bias ``(d/N,)``
+``out_proj``                        row-parallel              weight ``(d, d/N)``, bias ``(d,)``
+``fc1``                             column-parallel           weight ``(f/N, d)``, bias ``(f/N,)``
+``fc2``                             row-parallel              weight ``(d, f/N)``, bias ``(d,)``
+==================================  ========================  ===================================
+
+(``d`` = ``hidden_size``, ``f`` = ``ffn_dim``.)
+
+**Replicated** (a full copy on every rank, untouched): the token and position embeddings, every
+layer norm, the final layer norm and ``lm_head`` (tied to the token embedding in OPT). This is
+Megatron's split of a transformer layer; the vocabulary could be split too
+(:class:`~cai_labs.tensor_parallel.layers_1d.VocabParallelEmbedding`) but for OPT's small
+vocabularies the replicated embedding costs no communication.
+
+Why it is exact: the hidden states ``(b, s, d)`` are whole on every rank between layers. The
+column-parallel ``q``, ``k``, ``v`` projections produce this rank's heads only; attention of a
+head needs only that head's ``q``, ``k``, ``v``, so each rank runs attention on its
+``num_heads/N`` heads with no communication; the row-parallel ``out_proj`` multiplies the
+concatenated local heads ``(b, s, d/N)`` by its rows of the weight, and the all-reduce of these
+partial products is the serial output. The MLP is the same with ``fc1`` split by columns (the
+activation is elementwise, so it runs on the local columns) and ``fc2`` by rows.
+
+Communication per decoder layer and forward+backward, each an all-reduce of a ``(b, s, d)``
+tensor: forward ``out_proj`` and ``fc2`` (the partial sums); backward the gradient of the
+attention's input (``q``, ``k``, ``v`` share one all-reduce: their three partial ``dX`` are summed
+locally first, as with Megatron's fused ``qkv``) and of ``fc1``'s input. Four per layer; see
+:func:`~cai_labs.tensor_parallel.formulas.opt_1d_cost`. Replicated layer norms and embeddings get
+the same, full gradient on every rank because those all-reduces made ``dX`` whole, so every
+rank's optimizer keeps them identical without communicating.
+
+Attention heads: transformers' ``OPTAttention`` reshapes ``q``, ``k``, ``v`` with
+``self.num_heads`` (the *global* count from the config). Rather than patching its attributes,
+:class:`ParallelOPTAttention` is a small module with the same projection names
+(``self_attn.q_proj.weight`` keeps its state-dict key) that knows its *local* head count and calls
+``torch.nn.functional.scaled_dot_product_attention`` with the mask transformers prepares (a
+boolean or additive mask, or ``None`` for plain causal attention), and supports the key/value
+cache for generation.
+
+Dropout must be 0 for a comparison with serial (each rank would draw its own masks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cai_labs.tensor_parallel.grid import Grid
+from cai_labs.tensor_parallel.layers_1d import ColumnParallelLinear, RowParallelLinear
+from cai_labs.tensor_parallel.mappings import copy_to_group
+
+__all__ = [
+    "check_opt_tp_size",
+    "ParallelOPTAttention",
+    "parallelize_opt",
+    "opt_full_state",
+    "is_sharded",
+]
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def _join(xs: list[int]) -> str:
+    words = [str(x) for x in xs]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def check_opt_tp_size(config, size: int) -> None:
+    """Raise a ValueError saying which sizes work unless ``size`` ranks can split this OPT.
+
+    Heads are split whole (``num_attention_heads % size == 0``) and so are the MLP's columns
+    (``ffn_dim % size == 0``). Needs no process group: call it before launching ranks.
+    """
+    heads, ffn = config.num_attention_heads, config.ffn_dim
+    ok = [k for k in _divisors(heads) if ffn % k == 0]
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"tensor-parallel size must be a positive integer; got {size!r}")
+    if heads % size:
+        raise ValueError(
+            f"OPT has {heads} attention heads; tensor-parallel size {size} does not divide "
+            f"them: use {_join(ok)}"
+        )
+    if ffn % size:
+        raise ValueError(
+            f"OPT has ffn_dim={ffn}; tensor-parallel size {size} does not divide it: "
+            f"use {_join(ok)}"
+        )
+
+
+class ParallelOPTAttention(nn.Module):
+    """OPT self-attention on ``num_heads/N`` heads of this rank (drop-in for ``OPTAttention``).
+
+    Shapes on each rank: ``hidden_states (b, s, d)`` whole -> ``q_proj``/``k_proj``/``v_proj``
+    column-parallel, each ``(b, s, d/N)`` -> ``(b, h/N, s, d/h)`` -> attention ->
+    ``(b, s, d/N)`` -> ``out_proj`` row-parallel (all-reduce) -> ``(b, s, d)`` whole.
+
+    As in ``OPTAttention``, ``q`` is scaled by ``1/sqrt(d/h)`` after its projection (bias
+    included) and attention is then called with scale 1.
+    """
+
+    def __init__(self, attn: nn.Module, grid: Grid):
+        super().__init__()
+        self.grid = grid
+        self.num_heads = attn.num_heads // grid.size  # local heads
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.dropout = attn.dropout
+        self.layer_idx = attn.layer_idx
+        self.is_causal = True
+        col = dict(reduce_input_grad=False)  # one all-reduce of dX for q, k and v together
+        self.k_proj = ColumnParallelLinear.from_serial(attn.k_proj, grid, **col)
+        self.v_proj = ColumnParallelLinear.from_serial(attn.v_proj, grid, **col)
+        self.q_proj = ColumnParallelLinear.from_serial(attn.q_proj, grid, **col)
+        self.out_proj = RowParallelLinear.from_serial(attn.out_proj, grid)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache=None,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """``(b, s, d)`` -> ``((b, s, d), None)``, as ``OPTAttention`` returns (no weights)."""
+        cache = cache if cache is not None else kwargs.get("past_key_values",
+                                                           kwargs.get("past_key_value"))
+        b, s, _ = hidden_states.shape
+        x = copy_to_group(hidden_states, self.grid.group)  # backward: all-reduce dX once
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (b, s, d/N) -> (b, h/N, s, d/h)
+            return t.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q = heads(self.q_proj(x) * self.scaling)
+        k, v = heads(self.k_proj(x)), heads(self.v_proj(x))
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        causal = attention_mask is None and s > 1
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, is_causal=causal, scale=1.0,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (b, h/N, s, d/h)
+        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        return self.out_proj(out), None
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    from transformers.models.opt.modeling_opt import OPTDecoderLayer
+
+    layers = [m for m in model.modules() if isinstance(m, OPTDecoderLayer)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no OPTDecoderLayer: pass an OPT model")
+    return layers
+
+
+def parallelize_opt(model: nn.Module, grid: Grid) -> nn.Module:
+    """Split ``model``'s attention and MLP over ``grid`` (1D) in place; returns ``model``.
+
+    ``model`` must hold the same weights on every rank of the grid (load the same checkpoint,
+    or seed the initialisation): each rank keeps its slice of every split layer. Every rank of
+    the grid must then run forward and backward on the *same* batch. Embeddings, layer norms and
+    ``lm_head`` stay replicated. Raises ValueError if the heads or ``ffn_dim`` do not split.
+    """
+    if grid.mode != "1d":
+        raise ValueError(f"parallelize_opt splits over a 1D grid; got a {grid.mode} grid")
+    check_opt_tp_size(model.config, grid.size)
+    for layer in _decoder_layers(model):
+        layer.self_attn = ParallelOPTAttention(layer.self_attn, grid)
+        layer.fc1 = ColumnParallelLinear.from_serial(layer.fc1, grid)
+        layer.fc2 = RowParallelLinear.from_serial(layer.fc2, grid)
+    return model
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` holds a slice (column- or row-parallel) rather than a full copy."""
+    return isinstance(module, ColumnParallelLinear | RowParallelLinear)
+
+
+def opt_full_state(model: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Every parameter (or its gradient) at full shape, under the serial model's names.
+
+    Split layers are all-gathered (a collective: every rank of the grid must call it);
+    replicated ones are copied. Tied weights appear once, as in ``named_parameters()``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
+    for name, mod in model.named_modules():
+        if is_sharded(mod):
+            for k, t in mod.serial_state(grads).items():
+                out[f"{name}.{k}"] = t
+                done.add(f"{name}.{k}")
+    for name, p in model.named_parameters():
+        if name not in done:
+            t = p.grad if grads else p
+            out[name] = None if t is None else t.detach().clone()
+    return out
