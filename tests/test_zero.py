@@ -177,23 +177,21 @@ def _overlap_worker(stage: int) -> dict:
     from cai_labs.zero import STAGES, ZeroOptimizer
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    tok, _ = _setup()
     flats, records = [], None
     for overlap in (False, True):
-        model = STAGES[stage](tiny_opt(tok, seed=0, **SIZES).train(), overlap_comm=overlap,
-                              max_in_flight=1)
-        opt = ZeroOptimizer(model, torch.optim.SGD, lr=0.1, momentum=0.9)
+        wrapped = STAGES[stage](model(seed=0), overlap_comm=overlap, max_in_flight=1)
+        opt = ZeroOptimizer(wrapped, torch.optim.SGD, lr=0.1, momentum=0.9)
         with Ledger(track_activations=False) as ledger:
-            for x, y in _batches(rank, world):
+            for x, y in batches(rank, world):
                 opt.zero_grad()
-                model(input_ids=x, labels=y).loss.backward()
-                assert not model._pending  # all waited for at the end of backward
+                wrapped(input_ids=x, labels=y).loss.backward()
+                assert not wrapped._pending  # all waited for at the end of backward
                 opt.step()
         if overlap:
             records = [r for r in ledger.report()["comm"] if r["op"].startswith("reduce_scatter")]
-        flats.append(torch.cat([v.reshape(-1) for v in model.full_state_dict().values()]))
+        flats.append(torch.cat([v.reshape(-1) for v in wrapped.full_state_dict().values()]))
     return {"diff": (flats[0] - flats[1]).abs().max().item(),
-            "async": [r["async"] for r in records], "units": len(model.units)}
+            "async": [r["async"] for r in records], "units": len(wrapped.units)}
 
 
 @pytest.mark.parametrize("stage", [2, 3])
