@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["GPTConfig", "CausalSelfAttention", "MLPBlock", "Block", "GPT"]
+__all__ = ["GPTConfig", "CausalSelfAttention", "causal_attention", "MLPBlock", "Block", "GPT"]
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,26 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("causal", mask, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=-1)
-        # (b, s, d) -> (b, h, s, d/h)
-        q, k, v = (t.view(b, s, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        scores = q @ k.transpose(-2, -1) / math.sqrt(d // self.n_heads)
-        scores = scores.masked_fill(~self.causal[:s, :s], float("-inf"))
-        out = scores.softmax(dim=-1) @ v  # (b, h, s, d/h)
-        return self.proj(out.transpose(1, 2).reshape(b, s, d))
+        return self.proj(causal_attention(self.qkv(x), self.n_heads, self.causal))
+
+
+def causal_attention(qkv: torch.Tensor, n_heads: int, causal: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention of ``n_heads`` heads from a fused projection.
+
+    ``qkv`` is ``(b, s, 3*w)``: ``[q | k | v]``, each ``w = n_heads * head_dim`` wide; returns
+    ``(b, s, w)``. The serial model calls it with all heads; every tensor-parallel mode calls it
+    on the heads its rank holds (heads are independent), which is why it stands alone.
+    """
+    b, s, _ = qkv.shape
+    q, k, v = qkv.chunk(3, dim=-1)
+    w = q.shape[-1]
+    hd = w // n_heads
+    # (b, s, w) -> (b, h, s, w/h)
+    q, k, v = (t.reshape(b, s, n_heads, hd).transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(hd)
+    scores = scores.masked_fill(~causal[:s, :s], float("-inf"))
+    out = scores.softmax(dim=-1) @ v  # (b, h, s, w/h)
+    return out.transpose(1, 2).reshape(b, s, w)
 
 
 class MLPBlock(nn.Module):

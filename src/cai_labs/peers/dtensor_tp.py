@@ -17,14 +17,11 @@ every rank because DTensor all-reduces the gradient of each block's replicated i
 
 from __future__ import annotations
 
-import math
-import types
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from cai_labs.models.gpt import GPT, CausalSelfAttention, GPTConfig
+from cai_labs.models.gpt import GPT, GPTConfig
 
 __all__ = ["dtensor_tp_gpt", "interleave_qkv_rows"]
 
@@ -36,19 +33,6 @@ def interleave_qkv_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat(
         [torch.cat([q.chunk(n)[r], k.chunk(n)[r], v.chunk(n)[r]]) for r in range(n)]
     )
-
-
-def _local_attention(self: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
-    """Attention on this rank's heads: local ``qkv`` output ``(b, s, 3d/N)``."""
-    b, s, _ = x.shape
-    q, k, v = self.qkv(x).chunk(3, dim=-1)  # each (b, s, d/N)
-    dl = q.shape[-1]
-    hd = dl // self.n_heads
-    q, k, v = (t.view(b, s, self.n_heads, hd).transpose(1, 2) for t in (q, k, v))
-    scores = q @ k.transpose(-2, -1) / math.sqrt(hd)
-    scores = scores.masked_fill(~self.causal[:s, :s], float("-inf"))
-    out = scores.softmax(dim=-1) @ v
-    return self.proj(out.transpose(1, 2).reshape(b, s, dl))
 
 
 def dtensor_tp_gpt(cfg: GPTConfig, seed: int = 0) -> nn.Module:
@@ -77,6 +61,7 @@ def dtensor_tp_gpt(cfg: GPTConfig, seed: int = 0) -> nn.Module:
             block.attn.qkv.weight.copy_(interleave_qkv_rows(block.attn.qkv.weight, n))
             block.attn.qkv.bias.copy_(interleave_qkv_rows(block.attn.qkv.bias, n))
         parallelize_module(block, mesh, plan)
+        # The serial attention runs unchanged on the local q, k, v of this rank's heads
+        # (models.gpt.causal_attention splits the fused output in three, whatever its width).
         block.attn.n_heads = cfg.n_heads // n
-        block.attn.forward = types.MethodType(_local_attention, block.attn)
     return model

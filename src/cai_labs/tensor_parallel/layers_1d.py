@@ -22,13 +22,13 @@ replicated; they get identical gradients on every rank because ``dX`` is all-red
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
+from cai_labs.tensor_parallel.block import ParallelAttention, ParallelBlock, ParallelMLP
 from cai_labs.tensor_parallel.grid import Grid, check_divisible
 from cai_labs.tensor_parallel.mappings import (
     copy_to_group,
@@ -192,7 +192,7 @@ class RowParallelLinear(nn.Module):
         return out
 
 
-class ParallelAttention1D(nn.Module):
+class ParallelAttention1D(ParallelAttention):
     """Causal self-attention with ``n_heads/N`` heads per rank.
 
     ``(b, s, d)`` whole -> qkv column-parallel ``(b, s, 3d/N)`` = this rank's heads' q, k, v ->
@@ -200,60 +200,22 @@ class ParallelAttention1D(nn.Module):
     """
 
     def __init__(self, attn: CausalSelfAttention, grid: Grid):
-        super().__init__()
         check_divisible("n_heads", attn.n_heads, grid.size, "1D")
-        self.n_heads = attn.n_heads // grid.size
-        self.qkv = ColumnParallelLinear.from_serial(attn.qkv, grid, chunks=3)
-        self.proj = RowParallelLinear.from_serial(attn.proj, grid)
-        self.register_buffer("causal", attn.causal.clone(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # each (b, s, d/N)
-        dl = q.shape[-1]
-        hd = dl // self.n_heads
-        q, k, v = (t.view(b, s, self.n_heads, hd).transpose(1, 2) for t in (q, k, v))
-        scores = q @ k.transpose(-2, -1) / math.sqrt(hd)
-        scores = scores.masked_fill(~self.causal[:s, :s], float("-inf"))
-        out = scores.softmax(dim=-1) @ v  # (b, h/N, s, d/h)
-        return self.proj(out.transpose(1, 2).reshape(b, s, dl))
-
-    def serial_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
-        return _prefixed({"qkv": self.qkv, "proj": self.proj}, grads)
+        super().__init__(ColumnParallelLinear.from_serial(attn.qkv, grid, chunks=3),
+                         RowParallelLinear.from_serial(attn.proj, grid),
+                         attn.n_heads // grid.size, attn.causal)
 
 
-class ParallelMLP1D(nn.Module):
+class ParallelMLP1D(ParallelMLP):
     """``fc1`` column-parallel ``(b, s, r*d/N)`` -> GELU (elementwise, local) -> ``fc2``
     row-parallel ``(b, s, d)``."""
 
     def __init__(self, mlp: MLPBlock, grid: Grid):
-        super().__init__()
-        self.fc1 = ColumnParallelLinear.from_serial(mlp.fc1, grid)
-        self.act = nn.GELU()
-        self.fc2 = RowParallelLinear.from_serial(mlp.fc2, grid)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-    def serial_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
-        return _prefixed({"fc1": self.fc1, "fc2": self.fc2}, grads)
+        super().__init__(ColumnParallelLinear.from_serial(mlp.fc1, grid),
+                         RowParallelLinear.from_serial(mlp.fc2, grid))
 
 
-def _ln_state(ln: nn.LayerNorm, grads: bool) -> dict[str, torch.Tensor]:
-    return {
-        n: (p.grad if grads else p).detach().clone() for n, p in ln.named_parameters()
-    }
-
-
-def _prefixed(children: dict[str, nn.Module], grads: bool) -> dict[str, torch.Tensor]:
-    out = {}
-    for prefix, mod in children.items():
-        state = _ln_state(mod, grads) if isinstance(mod, nn.LayerNorm) else mod.serial_state(grads)
-        out.update({f"{prefix}.{k}": v for k, v in state.items()})
-    return out
-
-
-class ParallelBlock1D(nn.Module):
+class ParallelBlock1D(ParallelBlock):
     """The serial :class:`~cai_labs.models.gpt.Block` with 1D-parallel attention and MLP.
 
     Input and output ``(b, s, d)`` whole on every rank; layer norms replicated.
@@ -261,21 +223,9 @@ class ParallelBlock1D(nn.Module):
     """
 
     def __init__(self, block: Block, grid: Grid):
-        super().__init__()
+        super().__init__(copy.deepcopy(block.ln1), ParallelAttention1D(block.attn, grid),
+                         copy.deepcopy(block.ln2), ParallelMLP1D(block.mlp, grid))
         self.grid = grid
-        self.ln1 = copy.deepcopy(block.ln1)
-        self.attn = ParallelAttention1D(block.attn, grid)
-        self.ln2 = copy.deepcopy(block.ln2)
-        self.mlp = ParallelMLP1D(block.mlp, grid)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-    def serial_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
-        """Every parameter (or gradient) at full shape under the serial Block's names."""
-        return _prefixed({"ln1": self.ln1, "attn": self.attn, "ln2": self.ln2, "mlp": self.mlp},
-                         grads)
 
 
 def parallelize_block(block: Block, grid: Grid) -> ParallelBlock1D:

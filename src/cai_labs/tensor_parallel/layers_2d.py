@@ -30,14 +30,13 @@ whose weight, bias and norm gradients are additionally summed over the depth axi
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
+from cai_labs.tensor_parallel.block import ParallelAttention, ParallelBlock, ParallelMLP
 from cai_labs.tensor_parallel.grid import Grid, check_divisible
 from cai_labs.tensor_parallel.mappings import all_reduce, all_reduce_both, copy_to_group
 from cai_labs.tensor_parallel.sharding import (
@@ -224,61 +223,25 @@ class LayerNorm2D(nn.Module):
         return out
 
 
-class Attention2D(nn.Module):
+class Attention2D(ParallelAttention):
     """Causal self-attention on head group ``j`` for batch block ``i``: no communication
     besides the two SUMMA linears. ``(b/q, s, d/q) -> (b/q, s, d/q)``."""
 
     def __init__(self, attn: CausalSelfAttention, grid: Grid):
-        super().__init__()
         check_divisible("n_heads", attn.n_heads, grid.q, _MODE_NAME[grid.mode])
-        self.n_heads = attn.n_heads // grid.q
-        self.qkv = Linear2D.from_serial(attn.qkv, grid, chunks=3)
-        self.proj = Linear2D.from_serial(attn.proj, grid)
-        self.register_buffer("causal", attn.causal.clone(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(_local_attention(self.qkv(x), self.n_heads, self.causal))
-
-    def serial_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
-        return _prefixed({"qkv": self.qkv, "proj": self.proj}, grads)
+        super().__init__(Linear2D.from_serial(attn.qkv, grid, chunks=3),
+                         Linear2D.from_serial(attn.proj, grid), attn.n_heads // grid.q,
+                         attn.causal)
 
 
-def _local_attention(qkv: torch.Tensor, n_heads: int, causal: torch.Tensor) -> torch.Tensor:
-    """Attention of ``n_heads`` whole heads: ``(b, s, 3*dl) -> (b, s, dl)``."""
-    b, s, _ = qkv.shape
-    q, k, v = qkv.chunk(3, dim=-1)
-    dl = q.shape[-1]
-    hd = dl // n_heads
-    q, k, v = (t.reshape(b, s, n_heads, hd).transpose(1, 2) for t in (q, k, v))
-    scores = q @ k.transpose(-2, -1) / math.sqrt(hd)
-    scores = scores.masked_fill(~causal[:s, :s], float("-inf"))
-    return (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, s, dl)
-
-
-class MLP2D(nn.Module):
+class MLP2D(ParallelMLP):
     """``fc1`` SUMMA ``(b/q, s, r*d/q)`` -> GELU -> ``fc2`` SUMMA ``(b/q, s, d/q)``."""
 
     def __init__(self, mlp: MLPBlock, grid: Grid):
-        super().__init__()
-        self.fc1 = Linear2D.from_serial(mlp.fc1, grid)
-        self.act = nn.GELU()
-        self.fc2 = Linear2D.from_serial(mlp.fc2, grid)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-    def serial_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
-        return _prefixed({"fc1": self.fc1, "fc2": self.fc2}, grads)
+        super().__init__(Linear2D.from_serial(mlp.fc1, grid), Linear2D.from_serial(mlp.fc2, grid))
 
 
-def _prefixed(children: dict[str, nn.Module], grads: bool) -> dict[str, torch.Tensor]:
-    out = {}
-    for prefix, mod in children.items():
-        out.update({f"{prefix}.{k}": v for k, v in mod.serial_state(grads).items()})
-    return out
-
-
-class Block2D(nn.Module):
+class Block2D(ParallelBlock):
     """The serial :class:`~cai_labs.models.gpt.Block` on a 2D (or 2.5D) grid.
 
     Input and output: block ``(i, j)`` of ``(b, s, d)``, shape ``(b/q, s, d/q)`` (2.5D:
@@ -286,21 +249,9 @@ class Block2D(nn.Module):
     """
 
     def __init__(self, block: Block, grid: Grid):
-        super().__init__()
+        super().__init__(LayerNorm2D(block.ln1, grid), Attention2D(block.attn, grid),
+                         LayerNorm2D(block.ln2, grid), MLP2D(block.mlp, grid))
         self.grid = grid
-        self.ln1 = LayerNorm2D(block.ln1, grid)
-        self.attn = Attention2D(block.attn, grid)
-        self.ln2 = LayerNorm2D(block.ln2, grid)
-        self.mlp = MLP2D(block.mlp, grid)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-    def serial_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
-        """Every parameter (or gradient) at full shape under the serial Block's names."""
-        return _prefixed({"ln1": self.ln1, "attn": self.attn, "ln2": self.ln2, "mlp": self.mlp},
-                         grads)
 
 
 class Embedding2D(nn.Module):

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
+from cai_labs.tensor_parallel.block import ParallelAttention, ParallelBlock, ParallelMLP
 from cai_labs.tensor_parallel.grid import Grid, check_divisible
-from cai_labs.tensor_parallel.layers_2d import _local_attention, _prefixed
 from cai_labs.tensor_parallel.mappings import (
     all_gather,
     all_reduce_both,
@@ -206,63 +206,35 @@ class LayerNorm3D(nn.Module):
         return out
 
 
-class Attention3D(nn.Module):
+class Attention3D(ParallelAttention):
     """``qkv`` (layout EVEN -> ODD), local attention on head group ``j`` for batch block
     ``(i, l)``, ``proj`` (ODD -> EVEN). ``(b/q², s, d/q)`` in and out."""
 
     def __init__(self, attn: CausalSelfAttention, grid: Grid):
-        super().__init__()
         check_divisible("n_heads", attn.n_heads, grid.q, "3D")
-        self.n_heads = attn.n_heads // grid.q
-        self.qkv = Linear3D.from_serial(attn.qkv, grid, EVEN, chunks=3)
-        self.proj = Linear3D.from_serial(attn.proj, grid, ODD)
-        self.register_buffer("causal", attn.causal.clone(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(_local_attention(self.qkv(x), self.n_heads, self.causal))
-
-    def serial_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
-        return _prefixed({"qkv": self.qkv, "proj": self.proj}, grads)
+        super().__init__(Linear3D.from_serial(attn.qkv, grid, EVEN, chunks=3),
+                         Linear3D.from_serial(attn.proj, grid, ODD), attn.n_heads // grid.q,
+                         attn.causal)
 
 
-class MLP3D(nn.Module):
+class MLP3D(ParallelMLP):
     """``fc1`` (EVEN -> ODD) -> GELU -> ``fc2`` (ODD -> EVEN)."""
 
     def __init__(self, mlp: MLPBlock, grid: Grid):
-        super().__init__()
-        self.fc1 = Linear3D.from_serial(mlp.fc1, grid, EVEN)
-        self.act = nn.GELU()
-        self.fc2 = Linear3D.from_serial(mlp.fc2, grid, ODD)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-    def serial_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
-        return _prefixed({"fc1": self.fc1, "fc2": self.fc2}, grads)
+        super().__init__(Linear3D.from_serial(mlp.fc1, grid, EVEN),
+                         Linear3D.from_serial(mlp.fc2, grid, ODD))
 
 
-class Block3D(nn.Module):
+class Block3D(ParallelBlock):
     """The serial :class:`~cai_labs.models.gpt.Block` on the cube; residual stream in layout
     EVEN: ``(b/q², s, d/q)`` with batch block ``i*q + j`` and feature block ``l``."""
 
     def __init__(self, block: Block, grid: Grid):
-        super().__init__()
         if grid.mode != "3d":
             raise ValueError(f"3D layers need a 3d grid (q x q x q); got a {grid.mode} grid")
+        super().__init__(LayerNorm3D(block.ln1, grid), Attention3D(block.attn, grid),
+                         LayerNorm3D(block.ln2, grid), MLP3D(block.mlp, grid))
         self.grid = grid
-        self.ln1 = LayerNorm3D(block.ln1, grid)
-        self.attn = Attention3D(block.attn, grid)
-        self.ln2 = LayerNorm3D(block.ln2, grid)
-        self.mlp = MLP3D(block.mlp, grid)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-    def serial_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
-        """Every parameter (or gradient) at full shape under the serial Block's names."""
-        return _prefixed({"ln1": self.ln1, "attn": self.attn, "ln2": self.ln2, "mlp": self.mlp},
-                         grads)
 
 
 class Embedding3D(nn.Module):
