@@ -59,10 +59,10 @@ def _max_diff(a, b) -> float:
 
 
 def test_zero_strategy_trains_three_steps_equal_to_lightning_ddp():
-    out = launch(_compare_strategies, 2, ("ddp", "zero1", "zero2"), False)
+    out = launch(_compare_strategies, 2, ("ddp", "zero1", "zero2", "zero3"), False)
     ref = out["ddp"]
     assert len(ref["losses"]) == 3
-    for name in ("zero1", "zero2"):
+    for name in ("zero1", "zero2", "zero3"):
         assert _max_diff(out[name]["params"], ref["params"]) < 1e-5, name
         assert max(abs(a - b) for a, b in zip(out[name]["losses"], ref["losses"])) < 1e-5
 
