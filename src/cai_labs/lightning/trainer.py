@@ -12,10 +12,12 @@ Strategy names: ``"ddp"`` (Lightning's ``DDPStrategy``: PyTorch ``DistributedDat
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 
@@ -47,6 +49,12 @@ def rank_trainer(strategy: str = "ddp", quiet: bool = True, **trainer_kwargs: An
         logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", module="lightning")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # Lightning's DDP launcher sets torch's intra-op threads to (cores / processes per node) unless
+    # OMP_NUM_THREADS is set. Each rank here is its own "node" of one process, so every rank
+    # would take all the machine's cores: oversubscribed, many times slower, and a forked rank
+    # that asks OpenMP for more threads than it started with can hang (see cai_labs.launcher).
+    # Pin Lightning to the thread count the rank already has.
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     world = dist.get_world_size() if dist.is_initialized() else 1
     kwargs: dict[str, Any] = {
         "accelerator": "cpu",
