@@ -190,6 +190,10 @@ def test_bad_input_is_refused_with_a_clear_message():
         generate(parts, ["digit 1"], steps=0)
     with pytest.raises(ValueError, match="stage"):
         ZeroStrategy(stage=4)
+    with pytest.raises(ValueError, match="prediction_type"):
+        TinyDiffusionConfig(prediction_type="sample")
+    with pytest.raises(ValueError, match="offload"):
+        ZeroStrategy(stage=2, device_budget=1024)
     with pytest.raises(ValueError, match="divisible"):
         TinyDiffusionConfig(image_size=18, block_channels=(8, 16, 32))
     from cai_labs.lightning.environment import ProcessGroupEnvironment
