@@ -15,8 +15,8 @@ data parallelism for its ZeRO and memory-management engine without touching the 
 2. train it on captioned handwritten digits with a Lightning ``Trainer`` on 2 CPU ranks, first with
    Lightning's own DDP, then with :class:`~cai_labs.lightning.zero_strategy.ZeroStrategy`, a
    Lightning strategy built on :mod:`cai_labs.zero` the way the Colossal-AI strategy was built;
-3. measure per-rank peak memory and step time for DDP, ZeRO-1/2/3, bf16 autocast and activation
-   checkpointing;
+3. measure per-rank peak memory and step time for DDP, ZeRO-1/2/3, ZeRO with the Adam moments
+   offloaded to host memory, bf16 autocast and activation checkpointing;
 4. generate digits for the prompts "digit 0" ... "digit 9" and have a classifier trained on real
    digits judge whether each sample shows the digit it was asked for.
 
