@@ -344,7 +344,7 @@ ax[0].plot(trained["losses"], color="0.7", lw=0.8, label="per step")
 k = min(10, len(trained["losses"]))
 smooth = np.convolve(trained["losses"], np.ones(k) / k, mode="valid")
 ax[0].plot(np.arange(k - 1, len(trained["losses"])), smooth, color="C0", label=f"mean of {k}")
-ax[0].set(xlabel="optimizer step", ylabel="noise-prediction MSE", yscale="log",
+ax[0].set(xlabel="optimizer step", ylabel="v-prediction MSE", yscale="log",
           title=f"Training run: ZeRO-2 on {WORLD_SIZE} ranks")
 ax[0].legend()
 for name, r in measured.items():
