@@ -8,7 +8,10 @@ One step, for a batch of images ``x_0`` ``(B, C, H, W)`` and their captions:
    ours starts from random weights, unlike Stable Diffusion's frozen pre-trained CLIP);
 3. draw a timestep ``t ~ U{0..T-1}`` and noise ``eps ~ N(0, I)`` per sample and form
    ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (:meth:`DDPMScheduler.add_noise`);
-4. the loss is ``|| eps - unet(x_t, t, text) ||^2``, the simplified DDPM objective.
+4. the loss is ``|| target - unet(x_t, t, text) ||^2`` with ``target = eps`` (the simplified DDPM
+   objective) or, for ``prediction_type="v_prediction"`` (the default, see
+   :class:`~cai_labs.diffusion.model.TinyDiffusionConfig`),
+   ``target = v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0`` (:meth:`DDPMScheduler.get_velocity`).
 
 The randomness of a step (dropped captions, ``t``, ``eps``) comes from a generator seeded by
 ``(seed, global_step, rank)``, not from the global RNG. So two strategies that see the same data see
@@ -104,7 +107,11 @@ class DiffusionModule(pl.LightningModule):
         noise = torch.randn(x0.shape, generator=generator).to(images.device)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         pred = self.unet(xt, t, encoder_hidden_states=text.last_hidden_state).sample
-        return F.mse_loss(pred.float(), noise)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(x0, noise, t)
+        else:
+            target = noise
+        return F.mse_loss(pred.float(), target)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         """The diffusion loss of ``batch = (images, captions, labels)``; records it."""

@@ -39,6 +39,9 @@ class LedgerCallback(pl.Callback):
         strategy = trainer.strategy
         if isinstance(strategy, ZeroStrategy) and strategy.zero_model is not None:
             strategy.zero_model.watch(ledger, optimizer)
+            inner = getattr(optimizer, "inner", None)
+            if hasattr(inner, "memory_tensors"):  # offloaded moments: count the resident part
+                ledger.watch(**inner.memory_tensors())
         else:
             ledger.watch(model=pl_module, optimizer=optimizer)
         self.ledger = ledger.__enter__()  # after watch: parameters are not counted as activations

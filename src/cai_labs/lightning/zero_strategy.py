@@ -25,6 +25,12 @@ CPU/GPU autocast while parameters, gradients and optimizer state stay fp32 in th
 
 Units (what becomes one flat buffer, one collective) come from ``units=`` or, if absent, from a
 ``zero_units()`` method of the LightningModule, else :func:`cai_labs.zero.default_units`.
+
+Offload (``offload=True``), the part of Colossal-AI's strategy that places model state between
+GPU and CPU memory: the sharded optimizer's Adam moments live in the host pool of a
+:class:`~cai_labs.offload.manager.ChunkManager` and visit a device pool of ``device_budget`` bytes
+only to be updated (:class:`~cai_labs.offload.offloaded_adamw.OffloadedAdamW`, ZeRO-Offload's
+placement of optimizer state). Parameters and gradients stay where the ZeRO stage puts them.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from cai_labs.offload.offloaded_adamw import OffloadedAdamW
 from cai_labs.zero import STAGES, ZeroModel, ZeroOptimizer
 
 __all__ = ["ZeroStrategy"]
@@ -51,6 +58,10 @@ class ZeroStrategy(DDPStrategy):
     Args:
         stage: 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters).
         units: ``fn(lightning_module) -> [modules]``, each module one flat unit.
+        offload: keep the optimizer's moments in host memory (needs ``AdamW``, or ``Adam`` without
+            weight decay, from ``configure_optimizers``).
+        device_budget: with ``offload``, bytes of moments that may be on the device at once
+            (``None``: no limit, the moments are still homed in host memory).
         **kwargs: passed to ``DDPStrategy`` (``cluster_environment``, ``process_group_backend``).
     """
 
@@ -58,11 +69,15 @@ class ZeroStrategy(DDPStrategy):
 
     def __init__(self, stage: int = 2,
                  units: Callable[[pl.LightningModule], list[nn.Module]] | None = None,
+                 offload: bool = False, device_budget: int | None = None,
                  **kwargs: Any):
         if stage not in STAGES:
             raise ValueError(f"stage must be 1, 2 or 3; got {stage!r}")
+        if device_budget is not None and not offload:
+            raise ValueError("device_budget only applies with offload=True")
         super().__init__(**kwargs)
         self.stage = stage
+        self.offload, self.device_budget = offload, device_budget
         self._units_fn = units
         self.zero_model: ZeroModel | None = None
 
@@ -104,8 +119,24 @@ class ZeroStrategy(DDPStrategy):
             assert module is not None
             self.zero_model = STAGES[self.stage](module, units=self._units(module))
             self.model = self.zero_model
-            self.optimizers = [ZeroOptimizer.from_optimizer(self.zero_model, self.optimizers[0])]
+            self.optimizers = [self._sharded_optimizer(self.optimizers[0])]
         self.setup_precision_plugin()
+
+    def _sharded_optimizer(self, optimizer: torch.optim.Optimizer) -> ZeroOptimizer:
+        """The user's optimizer over this rank's shards (moments offloaded if asked)."""
+        assert self.zero_model is not None
+        if not self.offload:
+            return ZeroOptimizer.from_optimizer(self.zero_model, optimizer)
+        group = optimizer.param_groups[0]
+        is_adamw = type(optimizer) is torch.optim.AdamW
+        plain_adam = type(optimizer) is torch.optim.Adam and group["weight_decay"] == 0
+        if not (is_adamw or plain_adam) or group.get("amsgrad") or group.get("maximize"):
+            raise ValueError("offload=True supports torch.optim.AdamW (or Adam without weight "
+                             f"decay), no amsgrad/maximize; configure_optimizers returned "
+                             f"{type(optimizer).__name__}")
+        return ZeroOptimizer(self.zero_model, OffloadedAdamW, device_budget=self.device_budget,
+                             lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                             weight_decay=group["weight_decay"])
 
     # -- checkpoints ---------------------------------------------------------------------------
     def lightning_module_state_dict(self) -> dict[str, Any]:
