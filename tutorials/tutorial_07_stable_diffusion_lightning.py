@@ -66,11 +66,10 @@ SAMPLES_PER_DIGIT = 8
 SEED = 0
 page_start = time.perf_counter()
 
-# One intra-op thread in this (parent) process. The ranks are forked from it, and a child forked
-# after the parent has run an OpenMP parallel region with several threads inherits a thread pool
-# whose threads do not exist in the child: its next parallel region (here inside DDP's first
-# parameter broadcast) waits for them forever. With one thread the parent never starts that pool.
-# Each forked rank still gets its own share of the cores (``cai_labs.launcher.threads_per_rank``).
+# One intra-op thread here too, like the ranks: the page's serial work (the digit judge, sampling)
+# is small, and the ranks forked from this process each compute on one thread (a forked child
+# that asked OpenMP for more threads than the parent's pool left it would hang: see the
+# docstring of cai_labs.launcher).
 torch.set_num_threads(1)
 
 train_set, test_set = load_captioned_digits(size=CONFIG.image_size, seed=SEED)
