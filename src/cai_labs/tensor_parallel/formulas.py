@@ -49,6 +49,7 @@ __all__ = [
     "block_activation_bytes",
     "serial_block_params",
     "opt_1d_cost",
+    "vocab_loss_cost",
 ]
 
 #: Colossal-AI documentation, "Efficiency" table of each mode (``P`` ranks, ring algorithms).
@@ -298,3 +299,29 @@ def opt_1d_cost(config, size: int, tokens: int, elem: int = 4) -> Cost:
     per_layer = 2 * ln + 2 * d * bias + (4 * d * d + 2 * d * f + (3 * d + f) * bias) // N
     calls = 4 * L * (N > 1)
     return Cost((replicated + L * per_layer) * elem, 0, calls * tokens * d * elem, calls)
+
+
+def vocab_loss_cost(size: int, tokens: int, vocab: int, parallel: bool = True,
+                    elem: int = 4) -> Cost:
+    """The cross-entropy of 1D logits split by vocabulary ``(tokens, V/P)`` on one rank, for
+    one forward+backward (parameters: none). Saved bytes are those of ``reduction="sum"`` or
+    ``"none"``; ``"mean"`` adds its divisor (8 bytes) in the parallel version.
+
+    * ``parallel=True`` —
+      :func:`~cai_labs.tensor_parallel.cross_entropy.vocab_parallel_cross_entropy`: 3
+      all-reduces of ``tokens`` elements (row max, target logit, sum of exponentials); saved:
+      the local softmax ``tokens*V/P`` elements and the local target column (int64,
+      ``8*tokens`` bytes).
+    * ``parallel=False`` — all-gather the logits, then ``F.cross_entropy``: one all-gather of
+      ``tokens*V`` elements; saved: PyTorch's ``log_softmax`` output ``tokens*V`` elements,
+      the targets (int64) and ``nll_loss``'s one-element total weight.
+
+    Communication counts vanish for one rank. The saved bytes depend on which tensors
+    PyTorch's kernels keep (checked against the ledger in the tests).
+    """
+    P, M, V = size, tokens, vocab
+    if V % P:
+        raise ValueError(f"the vocabulary V={V} does not split over {P} ranks; change V or P")
+    if parallel:
+        return Cost(0, M * V // P * elem + 8 * M, 3 * M * elem * (P > 1), 3 * (P > 1))
+    return Cost(0, M * V * elem + 8 * M + elem, M * V * elem * (P > 1), int(P > 1))

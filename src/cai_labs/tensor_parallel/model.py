@@ -8,9 +8,13 @@ weights) for any mode. Around the blocks:
   both tables by feature columns, so each rank's local lookup of its batch block is already its
   activation block (the tables' gradients are summed over the ranks that share a block);
 * **final layer norm** — the mode's norm (replicated in 1D);
-* **classifier head** ``d -> V`` — the mode's linear; its logits are split by vocabulary, and
-  are all-gathered along the vocabulary (backward: keep the own slice) so that each rank
-  computes the cross-entropy of its own batch block;
+* **classifier head** ``d -> V`` — the mode's linear; its logits are split by vocabulary. In
+  2D/2.5D/3D they are all-gathered along the vocabulary (backward: keep the own slice) so that
+  each rank computes the cross-entropy of its own batch block. In 1D the head is a
+  column-parallel linear that keeps its output split, ``(b, s, V/N)``, and the loss is
+  :func:`~cai_labs.tensor_parallel.cross_entropy.vocab_parallel_cross_entropy`: three
+  all-reduces of ``b*s`` numbers instead of an all-gather of ``b*s*V``, and no rank ever holds
+  the whole ``(b, s, V)`` (``forward`` still gathers, for users who want the logits);
 * **loss** — the sum of the local cross-entropies, all-reduced over the ranks holding different
   batch blocks, divided by the number of tokens: the same mean loss on every rank, and its
   backward gives every rank exactly its share of the gradient.
@@ -30,6 +34,7 @@ from torch import nn
 from cai_labs.models.gpt import GPT
 from cai_labs.tensor_parallel import layers_1d, layers_2d, layers_3d
 from cai_labs.tensor_parallel.check import mode_module
+from cai_labs.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from cai_labs.tensor_parallel.grid import Grid
 from cai_labs.tensor_parallel.mappings import gather_from_group, reduce_from_group
 
@@ -57,9 +62,8 @@ class TensorParallelGPT(nn.Module):
             self.tok_emb = layers_1d.VocabParallelEmbedding.from_serial(gpt.tok_emb, grid)
             self.pos_emb = copy.deepcopy(gpt.pos_emb)
             self.ln_f = copy.deepcopy(gpt.ln_f)
-            self.head = layers_1d.ColumnParallelLinear.from_serial(
-                gpt.head, grid, gather_output=True
-            )
+            # logits stay split by vocabulary: (b, s, V/N); see loss()
+            self.head = layers_1d.ColumnParallelLinear.from_serial(gpt.head, grid)
         elif self.mode in ("2d", "2.5d"):
             self.tok_emb = layers_2d.Embedding2D(gpt.tok_emb, grid)
             self.pos_emb = layers_2d.Embedding2D(gpt.pos_emb, grid)
@@ -89,6 +93,15 @@ class TensorParallelGPT(nn.Module):
         return self.split_ids(targets)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        logits = self.head_logits(idx)
+        if self.mode == "1d":
+            logits = gather_from_group(logits, self.grid.group, -1)
+        return logits
+
+    def head_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """The logits as the loss consumes them: in 1D this rank's vocabulary slice of every
+        token ``(b, s, V/N)``; in the other modes the whole vocabulary of the local batch block
+        ``(b_local, s, V)``."""
         b, s = idx.shape
         if s > self.cfg.seq_len:
             raise ValueError(f"sequence of {s} tokens is longer than seq_len={self.cfg.seq_len}")
@@ -114,9 +127,13 @@ class TensorParallelGPT(nn.Module):
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over all ``b*s`` tokens, the same value on every rank."""
-        logits = self(idx)
+        logits = self.head_logits(idx)
         t = self.split_targets(targets)
-        total = F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="sum")
+        if self.mode == "1d":
+            total = vocab_parallel_cross_entropy(logits, t, self.grid.group, reduction="sum",
+                                                 vocab_size=self.cfg.vocab_size)
+        else:
+            total = F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="sum")
         for group in self._batch_groups():
             total = reduce_from_group(total, group)
         return total / targets.numel()
