@@ -147,3 +147,40 @@ def test_gather_then_cross_entropy_formula():
     out = launch(work, 2)
     cost = vocab_loss_cost(2, B * S, V, parallel=False)
     assert (out["comm"], out["saved"]) == (cost.comm_bytes, cost.activation_bytes)
+
+
+def test_tensor_parallel_gpt_1d_never_gathers_the_logits():
+    """The whole 1D model's loss: equal to serial, and its traffic is the embedding's and the
+    blocks' all-reduces of (b, s, d), the head's dX all-reduce and the loss's 3 of (b, s)."""
+    from cai_labs.models.gpt import GPT, GPTConfig
+    from cai_labs.tensor_parallel import make_grid
+    from cai_labs.tensor_parallel.formulas import block_cost
+    from cai_labs.tensor_parallel.model import TensorParallelGPT
+
+    cfg = GPTConfig(vocab_size=V, seq_len=S, d_model=16, n_heads=4, n_layers=2)
+
+    def work() -> dict:
+        gen = torch.Generator().manual_seed(1)
+        idx, tgt = (torch.randint(V, (B, S), generator=gen) for _ in range(2))
+        serial = GPT(cfg, seed=0)
+        par = TensorParallelGPT(serial, make_grid("1d"))
+        ref = F.cross_entropy(serial(idx).flatten(0, 1), tgt.flatten())
+        with Ledger() as ledger:
+            loss = par.loss(idx, tgt)
+            loss.backward()
+        comm = ledger.report()["comm"]
+        return {"err": abs(loss.item() - ref.item()),
+                "ops": sorted({c["op"] for c in comm}),
+                "bytes": sum(c["bytes"] for c in comm),
+                "logits": tuple(par.head_logits(idx).shape),
+                "forward": tuple(par(idx).shape)}
+
+    n = 2
+    out = launch(work, n)
+    M = B * S
+    blocks = cfg.n_layers * block_cost("1d", n, B, S, cfg.d_model).comm_bytes
+    expected = 4 * M * cfg.d_model * 2 + blocks + vocab_loss_cost(n, M, V).comm_bytes
+    assert out["err"] < 1e-5
+    assert out["ops"] == ["all_reduce"]  # no all_gather of (b, s, V)
+    assert out["bytes"] == expected  # embedding + head dX + blocks + 3 * b*s
+    assert out["logits"] == (B, S, V // n) and out["forward"] == (B, S, V)
