@@ -22,11 +22,13 @@ stages are each split over two ranks, on 8 ranks.
    curve lies on the serial one;
 3. measure, per rank, the parameter memory, activation memory and communication of each layout
    and put them next to the formulas of each tensor-parallel mode;
-4. draw the measured timeline of the GPipe and 1F1B pipeline schedules as a Gantt chart and
+4. compute the loss of a vocabulary split over ranks without gathering the logits
+   (Megatron-LM's vocabulary-parallel cross-entropy), and measure what it saves;
+5. draw the measured timeline of the GPipe and 1F1B pipeline schedules as a Gantt chart and
    compare the bubble and the activation memory with their formulas;
-5. run PyTorch's own DTensor tensor parallelism and ``torch.distributed.pipelining`` on the same
+6. run PyTorch's own DTensor tensor parallelism and ``torch.distributed.pipelining`` on the same
    model, side by side;
-6. see the Colossal-AI code that does all of this on a GPU cluster.
+7. see the Colossal-AI code that does all of this on a GPU cluster.
 
 Every rank is a CPU process on the machine that built this page, talking through ``gloo``.
 """
@@ -311,6 +313,99 @@ per_rank = pd.DataFrame([{
     "peak activations (B)": x["peak_activations"],
 } for x in results[hybrid]["ranks"]]).set_index("rank")
 per_rank.style.format({c: "{:,.0f}" for c in per_rank.columns if c != "(replica, stage, tp)"})
+
+# %%
+# The loss without gathering the logits
+# -------------------------------------
+# The 1D head ``d -> V`` is column-parallel, so each rank ends with the logits of its slice of
+# the vocabulary, ``(b, s, V/N)``. The simple way to the loss all-gathers them and calls
+# ``F.cross_entropy``: every rank then holds all ``(b, s, V)`` logits, saves as much again
+# (the log-softmax) for backward, and receives ``b*s*V`` numbers. With a real vocabulary
+# (50k-250k words) that is often the largest tensor of the whole model.
+#
+# Megatron-LM never gathers them. The loss of a token is
+# :math:`\log \sum_j e^{z_j - m} - (z_t - m)` with :math:`m = \max_j z_j`, and each of the three
+# per-token numbers is a reduction over the vocabulary, so it is a reduction of per-rank
+# reductions: an all-reduce **MAX** of the local row maxima, an all-reduce **SUM** of the local
+# sums of exponentials, and an all-reduce **SUM** of the target logit (only the rank whose slice
+# holds the target contributes it; the others add 0). Three all-reduces of ``b*s`` numbers.
+# Backward is local: :math:`\partial L / \partial z_j = \mathrm{softmax}_j - [j = t]`, and each
+# rank has its own columns of the softmax (:mod:`cai_labs.tensor_parallel.cross_entropy`;
+# :class:`~cai_labs.tensor_parallel.model.TensorParallelGPT` uses it in 1D).
+#
+# Below, both ways run on the same logits split over ``N`` ranks, with a vocabulary
+# ``LOSS_VOCAB`` larger than the page's model has, so that the logits dominate. Measured per
+# rank by the ledger (forward + backward of the loss alone), next to
+# :func:`~cai_labs.tensor_parallel.formulas.vocab_loss_cost`:
+
+import torch.nn.functional as F  # noqa: E402
+
+from cai_labs.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
+from cai_labs.tensor_parallel.formulas import vocab_loss_cost  # noqa: E402
+from cai_labs.tensor_parallel.mappings import gather_from_group  # noqa: E402
+
+LOSS_BATCH = 8  # sequences of CFG.seq_len tokens
+LOSS_VOCAB = 8192  # raise it: the gap grows with V
+LOSS_RANKS = (2, 4)
+
+
+def loss_worker() -> dict:
+    n, r, group = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
+    gen = torch.Generator().manual_seed(SEED)
+    logits = torch.randn(LOSS_BATCH, CFG.seq_len, LOSS_VOCAB, generator=gen)
+    targets = torch.randint(LOSS_VOCAB, (LOSS_BATCH, CFG.seq_len), generator=gen)
+    serial = logits.clone().requires_grad_()
+    serial_loss = F.cross_entropy(serial.flatten(0, 1), targets.flatten(), reduction="sum")
+    serial_loss.backward()
+    out = {}
+    for way in ("gather, then F.cross_entropy", "vocab-parallel cross-entropy"):
+        local = logits.chunk(n, dim=-1)[r].clone().requires_grad_()
+        start = time.perf_counter()
+        with Ledger() as ledger:
+            if way.startswith("gather"):
+                held = gather_from_group(local, group, -1)  # (b, s, V) on every rank
+                loss = F.cross_entropy(held.flatten(0, 1), targets.flatten(), reduction="sum")
+            else:
+                held = local  # (b, s, V/N): the only logits this rank ever has
+                loss = vocab_parallel_cross_entropy(local, targets, group, reduction="sum")
+            loss.backward()
+        seconds = time.perf_counter() - start
+        report = ledger.report()
+        ops = [c["op"] for c in report["comm"]]
+        out[way] = {
+            "loss error": abs(loss.item() - serial_loss.item()) / serial_loss.item(),
+            "grad error": (local.grad - serial.grad.chunk(n, dim=-1)[r]).abs().max().item(),
+            "logits held (B)": held.numel() * held.element_size(),
+            "saved (B)": report["memory"]["peak_activations"],
+            "comm (B)": sum(c["bytes"] for c in report["comm"]),
+            "calls": ", ".join(f"{ops.count(o)} x {o}" for o in sorted(set(ops))) or "none",
+            "ms": 1e3 * seconds,
+        }
+    return out
+
+
+loss_rows = []
+for n in LOSS_RANKS:
+    for way, m in launch(loss_worker, n).items():
+        cost = vocab_loss_cost(n, LOSS_BATCH * CFG.seq_len, LOSS_VOCAB,
+                               parallel=way.startswith("vocab"))
+        assert m["loss error"] < 1e-6 and m["grad error"] < 1e-6, f"{way} != serial loss"
+        assert (m["saved (B)"], m["comm (B)"]) == (cost.activation_bytes, cost.comm_bytes), way
+        loss_rows.append({"N": n, "loss": way, **m, "saved formula": cost.activation_bytes,
+                          "comm formula": cost.comm_bytes})
+loss_table = pd.DataFrame(loss_rows).set_index(["N", "loss"])
+loss_table.style.format({"loss error": "{:.1e}", "grad error": "{:.1e}", "ms": "{:.1f}"}
+                        | {c: "{:,.0f}" for c in loss_table.columns if "B)" in c
+                           or "formula" in c})
+
+# %%
+# Both give the serial loss and gradient (asserted above: relative loss error and largest
+# gradient error under 1e-6). With ``M = b*s`` tokens and ``P`` ranks the formulas are: the
+# gather receives ``M V`` elements and saves ``M V`` (log-softmax) + the targets; the
+# vocab-parallel loss sends ``3 M`` and saves ``M V / P`` (its softmax columns) + the local
+# target column. So its communication is ``3/V`` of the gather's, its saved memory falls as
+# ``1/P``, and the whole ``(b, s, V)`` never exists on any rank. The wall times are of one
+# forward + backward on shared CPU cores, shown, not asserted.
 
 # %%
 # Pipeline schedules, measured
