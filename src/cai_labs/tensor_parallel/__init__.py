@@ -6,6 +6,7 @@
 * :mod:`~cai_labs.tensor_parallel.layers_2d` — SUMMA on a ``q x q`` grid.
 * :mod:`~cai_labs.tensor_parallel.layers_2p5d` — Tesseract: ``d`` SUMMA layers, ``q x q x d``.
 * :mod:`~cai_labs.tensor_parallel.layers_3d` — ``q x q x q`` cube.
+* :mod:`~cai_labs.tensor_parallel.cross_entropy` — the loss of vocabulary-split logits (1D).
 * :mod:`~cai_labs.tensor_parallel.opt_1d` — Hugging Face ``OPTForCausalLM`` split in 1D.
 * :mod:`~cai_labs.tensor_parallel.model` — the whole GPT (embeddings, head, loss) in any mode.
 * :mod:`~cai_labs.tensor_parallel.formulas` — per-rank memory and communication per mode.
