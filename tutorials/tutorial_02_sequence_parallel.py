@@ -685,7 +685,7 @@ memory_table.style.format({"peak activations (MiB)": "{:.2f}", "formula (MiB)": 
 # exceeds 5 %): what a rank keeps for backward is (micro-batches in flight) x (its local tokens
 # per micro-batch) x (bytes per token of the parts it holds). The SP=2 rows match by
 # construction (the fit comes from them). The small residual is larger where micro-batches are
-# smaller (one sequence per micro-batch with DP=2), the mark of a few saved tensors whose size
+# smaller (one sequence per micro-batch with DP=2), consistent with a few saved tensors whose size
 # does not scale with the local tokens. The fitted layer constant :math:`c` is larger than the
 # attention probabilities alone (projections, LayerNorm inputs and the MLP are saved as well),
 # and :math:`h` is close to the logits' :math:`V \cdot 4` bytes: one vocabulary-sized tensor
