@@ -56,9 +56,14 @@ def _step_worker(attention: str, schedule: str, swap_chunks: bool = False) -> di
         loss = pipe.forward_backward(_batch(0))
         pipe.sum_gradients()
     traffic = [None] * dist.get_world_size()
-    dist.all_gather_object(traffic, traffic_by_kind(ledger.report(), groups))
+    dist.all_gather_object(traffic, {**traffic_by_kind(ledger.report(), groups),
+                                     "P": _stage_bytes(pipe)})
     return {"loss": pipe.global_loss(loss), "grads": _gather_named(pipe, "grad"),
             "traffic": traffic}
+
+
+def _stage_bytes(pipe: PipelinedSequenceBert) -> int:
+    return sum(p.numel() * p.element_size() for p in pipe.stage.parameters())
 
 
 @pytest.mark.parametrize("attention,schedule", [("ring", "1f1b"), ("all_to_all", "gpipe")])
@@ -82,7 +87,8 @@ def test_sp2_x_pp2_step_equals_serial_loss_and_gradients(attention, schedule):
         assert t["PP p2p"] == act + header  # stage 0: activations; stage 1: their gradients
         if attention == "ring":  # 6 (N-1) chunks per layer, 2 layers per stage, + masks
             assert t["SP attention"] == 2 * (6 * act + BATCH * SEQ // 2), rank
-        assert t["SP grad all-reduce"] > 0 and t["DP grad all-reduce"] == 0
+        # dp = 1: the replica group is the SP group, one ring of 2: 2 (2-1)/2 P = P
+        assert t["grad all-reduce"] == t["P"], rank
         assert t["tied embedding all-reduce"] == VOCAB * 32 * 8
 
 
@@ -96,23 +102,30 @@ def test_wrong_stage_chunk_is_caught():
 def _train_worker() -> dict:
     groups = make_sequence_groups(sp=2, dp=2, pp=2)
     out = {}
-    for variant in ("correct", "no DP sum"):
-        if variant == "no DP sum":  # broken: replicas step on their own half-batch gradients
-            pipelined.allreduce_sum_gradients = _skip_group(groups.dp_group)
-        pipe = PipelinedSequenceBert(_model(), groups, n_micro=2)
+    for variant in ("replica", "sp_then_dp", "no DP sum"):
+        if variant == "no DP sum":  # broken: the stage's sum stops at its SP group
+            pipelined.allreduce_sum_gradients = _sp_only(groups)
+        pipe = PipelinedSequenceBert(_model(), groups, n_micro=2,
+                                     grad_sum="sp_then_dp" if variant == "sp_then_dp"
+                                     else "replica")
         opt = torch.optim.Adam(pipe.stage.parameters(), lr=LR)
-        losses = [pipe.global_loss(pipe.train_step(_batch(s), opt, step=s))
-                  for s in range(STEPS)]
-        out[variant] = {"losses": losses, "params": _gather_named(pipe, "param")}
+        losses = []
+        for s in range(STEPS):
+            with Ledger(track_activations=False) as ledger:  # the last step's traffic stays
+                losses.append(pipe.global_loss(pipe.train_step(_batch(s), opt, step=s)))
+        traffic = [None] * dist.get_world_size()
+        dist.all_gather_object(traffic, {**traffic_by_kind(ledger.report(), groups),
+                                         "P": _stage_bytes(pipe)})
+        out[variant] = {"losses": losses, "params": _gather_named(pipe, "param"),
+                        "traffic": traffic}
     return out
 
 
-def _skip_group(skipped):
+def _sp_only(groups):
     real = pipelined.allreduce_sum_gradients
 
     def reduce(module, group=None):
-        if group is not skipped:
-            real(module, group=group)
+        real(module, group=groups.sp_group if group is groups.replica_group else group)
 
     return reduce
 
@@ -129,13 +142,26 @@ def test_sp2_x_dp2_x_pp2_trains_to_serial_losses_and_weights():
         losses.append(loss.item())
     want = dict(model.named_parameters())
     got = launch(_train_worker, 8, timeout=300)
-    assert max(abs(a - b) for a, b in zip(got["correct"]["losses"], losses)) < 1e-10
-    for rank_params in got["correct"]["params"]:
-        for name, p in rank_params.items():
-            assert torch.allclose(p, want[name], atol=1e-10, rtol=0), name
+    for variant in ("replica", "sp_then_dp"):
+        assert max(abs(a - b) for a, b in zip(got[variant]["losses"], losses)) < 1e-10, variant
+        for rank_params in got[variant]["params"]:
+            for name, p in rank_params.items():
+                assert torch.allclose(p, want[name], atol=1e-10, rtol=0), (variant, name)
+    for one, two in zip(got["replica"]["traffic"], got["sp_then_dp"]["traffic"]):
+        p = one["P"]
+        assert one["grad all-reduce"] == round(2 * 3 / 4 * p)  # one ring over sp*dp = 4 ranks
+        assert two["grad all-reduce"] == 2 * p  # two rings of 2: 2 * 2 (2-1)/2 P
+        assert one["grad all-reduce"] < two["grad all-reduce"]
+        for kind in ("SP attention", "PP p2p", "tied embedding all-reduce"):
+            assert one[kind] == two[kind], kind
     broken = got["no DP sum"]
     gap = max((p - want[n]).abs().max().item() for rp in broken["params"] for n, p in rp.items())
     assert gap > 1e-4, "training without the DP gradient sum went unnoticed"
+
+
+def test_unknown_grad_sum_is_rejected():
+    with pytest.raises(ValueError, match="unknown grad_sum 'dp_only'; choose one of"):
+        PipelinedSequenceBert(_model(), None, grad_sum="dp_only")  # checked first
 
 
 def test_world_size_must_factor():

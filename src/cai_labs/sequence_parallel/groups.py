@@ -13,6 +13,14 @@ grid (the innermost dimension, because it talks most: a ring step in every atten
   to stage ``s+1`` *of the same sp_rank*, which holds the same tokens;
 * a **DP group** (fixed ``pp_rank``, ``sp_rank``): replicas holding the same layers and the same
   sequence chunk of different batch slices; they meet once per step to sum gradients;
+* a **replica group** (fixed ``pp_rank``): all ``sp * dp`` ranks of one pipeline stage. They
+  hold identical copies of the stage's parameters, and each computed a share of the global loss
+  (its tokens of its batch rows), so *one* sum all-reduce over this group gives every one of
+  them the serial gradient. It replaces the two sums over the SP group then the DP group: a
+  ring all-reduce over ``n`` ranks sends ``2 (n-1)/n P`` bytes per rank, so one ring over
+  ``sp * dp`` ranks sends less than two rings (``2 (sp-1)/sp P + 2 (dp-1)/dp P``), e.g. ``1.5 P``
+  instead of ``2 P`` for ``sp = dp = 2``. When ``dp == 1`` it *is* the SP group, when
+  ``sp == 1`` the DP group (no extra communicator);
 * an **embedding group** (fixed ``dp_rank``, ``sp_rank``, stages ``0`` and ``pp-1``): BERT ties
   its word embeddings to the MLM decoder, so the first and the last stage each hold a copy of that
   matrix and must add their gradient contributions (Megatron-LM's "embedding group").
@@ -24,6 +32,7 @@ grid (the innermost dimension, because it talks most: a ring step in every atten
       dp 0, stage 1         rank 2     rank 3       pipeline: 0 -> 2 and 1 -> 3
       dp 1, stage 0         rank 4     rank 5
       dp 1, stage 1         rank 6     rank 7       DP groups: {0, 4}, {1, 5}, {2, 6}, {3, 7}
+                                                    replica groups: {0, 1, 4, 5}, {2, 3, 6, 7}
 """
 
 from __future__ import annotations
@@ -42,8 +51,9 @@ class SequenceDataGroups:
     """This rank's place in the SP x DP (x PP) grid and the groups it belongs to.
 
     ``prev_stage`` / ``next_stage`` are the global ranks of the neighbouring pipeline stages
-    with the same ``dp_rank`` and ``sp_rank`` (None at the ends); ``embedding_group`` joins this
-    rank's first and last stage (None when ``pp == 1`` or the rank is on a middle stage).
+    with the same ``dp_rank`` and ``sp_rank`` (None at the ends); ``replica_group`` holds all
+    ``sp * dp`` ranks of this rank's stage; ``embedding_group`` joins this rank's first and last
+    stage (None when ``pp == 1`` or the rank is on a middle stage).
     """
 
     sp_rank: int
@@ -57,6 +67,7 @@ class SequenceDataGroups:
     prev_stage: int | None = None
     next_stage: int | None = None
     embedding_group: dist.ProcessGroup | None = None
+    replica_group: dist.ProcessGroup | None = None
 
 
 def sequence_layout(sp: int, dp: int = 1, pp: int = 1, world_size: int | None = None) -> Layout:
@@ -76,7 +87,8 @@ def sequence_layout(sp: int, dp: int = 1, pp: int = 1, world_size: int | None = 
 
 
 def make_sequence_groups(sp: int, dp: int = 1, pp: int = 1) -> SequenceDataGroups:
-    """Build the SP, DP and embedding groups of a ``dp x pp x sp`` grid (see module docstring).
+    """Build the SP, DP, replica and embedding groups of a ``dp x pp x sp`` grid (module
+    docstring).
 
     Collective: every rank calls it, and every rank creates every group in the same order, as
     ``torch.distributed.new_group`` requires.
@@ -84,12 +96,20 @@ def make_sequence_groups(sp: int, dp: int = 1, pp: int = 1) -> SequenceDataGroup
     world, rank = dist.get_world_size(), dist.get_rank()
     layout = sequence_layout(sp, dp, pp, world_size=world)
     d, s, t = layout.coords(rank)
-    mine: dict[str, dist.ProcessGroup | None] = {"sp": None, "dp": None, "emb": None}
-    for kind, lists in (("sp", layout.tp_rank_lists()), ("dp", layout.dp_rank_lists())):
+    mine: dict[str, dist.ProcessGroup | None] = {"sp": None, "dp": None, "emb": None,
+                                                 "replica": None}
+    # The replica group of stage s: every (replica, sp rank) pair of that stage. With dp == 1
+    # or sp == 1 it has the ranks of the SP or DP group and reuses that communicator.
+    replica_lists = [[layout.rank_of(dd, ss, tt) for dd in range(dp) for tt in range(sp)]
+                     for ss in range(pp)] if sp > 1 and dp > 1 else []
+    for kind, lists in (("sp", layout.tp_rank_lists()), ("dp", layout.dp_rank_lists()),
+                        ("replica", replica_lists)):
         for ranks in lists:
             g = dist.new_group(ranks)
             if rank in ranks:
                 mine[kind] = g
+    if not replica_lists:
+        mine["replica"] = mine["sp"] if dp == 1 else mine["dp"]
     if pp > 1:
         for dd in range(dp):
             for tt in range(sp):
@@ -102,7 +122,7 @@ def make_sequence_groups(sp: int, dp: int = 1, pp: int = 1) -> SequenceDataGroup
         pp_rank=s, pp_size=pp,
         prev_stage=layout.rank_of(d, s - 1, t) if s > 0 else None,
         next_stage=layout.rank_of(d, s + 1, t) if s < pp - 1 else None,
-        embedding_group=mine["emb"],
+        embedding_group=mine["emb"], replica_group=mine["replica"],
     )
 
 

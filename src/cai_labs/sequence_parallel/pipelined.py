@@ -23,17 +23,21 @@ these shares add up, over micro-batches, SP ranks and replicas, to the serial lo
 gradients to the serial gradient. So after the pipeline step the gradients are **summed**
 (:func:`~cai_labs.sequence_parallel.bert.allreduce_sum_gradients`):
 
-1. over the SP group (the ranks of a stage hold the same weights, each saw its own tokens);
-2. over the DP group (the replicas);
-3. over the embedding group, for the word-embedding matrix only: stage 0 uses it to embed, the
+1. over the stage's **replica group**, all ``sp * dp`` ranks of the stage: they hold the same
+   weights, and each saw its own tokens (SP) of its own rows (DP). One all-reduce over the
+   ``sp * dp`` ranks (``grad_sum="replica"``, the default) gives the same sum as two, over the
+   SP group then over the DP group (``grad_sum="sp_then_dp"``, kept to compare), for less
+   traffic;
+2. over the embedding group, for the word-embedding matrix only: stage 0 uses it to embed, the
    last stage (tied) to decode; each copy gets part of the gradient.
 
 Bytes sent per rank and step (``P`` parameter bytes of the stage, ``A = (B/dp) C h * itemsize``
 the activation of the replica's batch chunk, ``l`` layers on the stage, ``N = sp``):
 ring ``6 (N-1) A l``; pipeline ``A`` (activations forward from every stage but the last, their
-gradients back from every stage but the first); SP gradient sum ``2 (N-1)/N P``; DP gradient
-sum ``2 (dp-1)/dp P``; tied embedding ``V h * itemsize`` on the first and last stages
-(two ranks: ``2 (2-1)/2``).
+gradients back from every stage but the first); gradient sum ``2 (n-1)/n P`` with
+``n = N * dp`` (``"replica"``), or ``2 (N-1)/N P + 2 (dp-1)/dp P`` (``"sp_then_dp"``: more
+whenever both ``N`` and ``dp`` exceed 1); tied embedding ``V h * itemsize`` on the first and
+last stages (two ranks: ``2 (2-1)/2``).
 """
 
 from __future__ import annotations
@@ -59,7 +63,10 @@ from cai_labs.sequence_parallel.bert import (
 from cai_labs.sequence_parallel.chunking import check_sequence_split, split_sequence
 from cai_labs.sequence_parallel.groups import SequenceDataGroups
 
-__all__ = ["BertStage", "PipelinedSequenceBert", "traffic_by_kind"]
+__all__ = ["GRAD_SUMS", "BertStage", "PipelinedSequenceBert", "traffic_by_kind"]
+
+#: How :meth:`PipelinedSequenceBert.sum_gradients` sums a stage's gradients over its ranks.
+GRAD_SUMS = ("replica", "sp_then_dp")
 
 
 class BertStage(nn.Module):
@@ -125,6 +132,8 @@ class PipelinedSequenceBert(nn.Module):
         attention: ``"ring"`` or ``"all_to_all"`` inside each stage's SP group.
         n_micro: micro-batches per step on each pipeline.
         schedule: ``"gpipe"`` or ``"1f1b"``.
+        grad_sum: ``"replica"`` (one all-reduce over the stage's ``sp * dp`` ranks) or
+            ``"sp_then_dp"`` (over the SP group, then the DP group: same sum, more bytes).
     """
 
     def __init__(
@@ -135,9 +144,13 @@ class PipelinedSequenceBert(nn.Module):
         attention: str = "ring",
         n_micro: int = 1,
         schedule: str = "1f1b",
+        grad_sum: str = "replica",
     ):
         super().__init__()
+        if grad_sum not in GRAD_SUMS:
+            raise ValueError(f"unknown grad_sum {grad_sum!r}; choose one of {GRAD_SUMS}")
         self.groups, self.n_micro, self.schedule = groups, n_micro, schedule
+        self.grad_sum = grad_sum
         g = groups
         self.stage = BertStage(model, g.pp_rank, g.pp_size, sp_rank=g.sp_rank,
                                sp_group=g.sp_group, attention=attention)
@@ -185,10 +198,14 @@ class PipelinedSequenceBert(nn.Module):
         )
 
     def sum_gradients(self) -> None:
-        """Sum the gradient shares: over the SP group, the DP group, then the tied embedding."""
+        """Sum the gradient shares over the stage's ``sp * dp`` ranks (one all-reduce over the
+        replica group, or two: SP then DP), then the tied embedding over the embedding group."""
         g = self.groups
-        allreduce_sum_gradients(self.stage, group=g.sp_group)
-        allreduce_sum_gradients(self.stage, group=g.dp_group)
+        if self.grad_sum == "replica":
+            allreduce_sum_gradients(self.stage, group=g.replica_group)
+        else:
+            allreduce_sum_gradients(self.stage, group=g.sp_group)
+            allreduce_sum_gradients(self.stage, group=g.dp_group)
         for w in self.tied:
             if w.grad is not None:
                 dist.all_reduce(w.grad, group=g.embedding_group)
@@ -226,20 +243,23 @@ def traffic_by_kind(report: dict[str, Any], groups: SequenceDataGroups) -> dict[
 
     The purpose is read off each call's op and group: point-to-point and all-gathers inside the
     SP group are attention (``"SP attention"``: ring chunks or all-to-all, padding masks);
-    point-to-point on the default group is the pipeline (``"PP p2p"``); all-reduces are the
-    gradient sums over the SP group, the DP group and the embedding group.
+    point-to-point on the default group is the pipeline (``"PP p2p"``); all-reduces over the
+    replica, SP or DP group are the gradient sum (``"grad all-reduce"``, one call or two
+    depending on ``grad_sum``), over the embedding group the tied word embeddings.
     """
     def ranks(group: dist.ProcessGroup | None) -> tuple[int, ...] | None:
         return None if group is None else tuple(dist.get_process_group_ranks(group))
 
-    sp, dp, emb = ranks(groups.sp_group), ranks(groups.dp_group), ranks(groups.embedding_group)
-    out = {"SP attention": 0, "PP p2p": 0, "SP grad all-reduce": 0, "DP grad all-reduce": 0,
-           "tied embedding all-reduce": 0}
+    grad_groups = {ranks(g) for g in (groups.replica_group, groups.sp_group, groups.dp_group)}
+    grad_groups.discard(None)
+    emb = ranks(groups.embedding_group)
+    out = {"SP attention": 0, "PP p2p": 0, "grad all-reduce": 0, "tied embedding all-reduce": 0}
+    sp = ranks(groups.sp_group)
     world = tuple(range(report["world_size"]))
     for rec in report["comm"]:
         op, grp, sent = rec["op"], tuple(rec["group"]), rec["sent_bytes"]
         if op == "all_reduce":
-            kind = ("SP grad all-reduce" if grp == sp else "DP grad all-reduce" if grp == dp
+            kind = ("grad all-reduce" if grp in grad_groups
                     else "tied embedding all-reduce" if grp == emb else None)
         elif groups.pp_size > 1 and grp == world:  # StageLinks talk on the default group
             kind = "PP p2p"
