@@ -31,11 +31,16 @@ def reduce_scatter_flat(
 
 
 def all_gather_flat(
-    flat: torch.Tensor, shard: torch.Tensor, group: dist.ProcessGroup | None = None
-) -> None:
+    flat: torch.Tensor,
+    shard: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    async_op: bool = False,
+) -> dist.Work | None:
     """Concatenate every rank's ``shard`` ``(S,)`` into ``flat`` ``(N * S,)``, in rank order.
 
     ``shard`` must not be a view of ``flat``. Ring cost: ``(N-1)/N`` of ``flat``'s bytes per rank.
+    With ``async_op=True`` the call returns at once with a work handle (ZeRO-3's prefetch of the
+    next unit); ``flat`` is valid only after ``work.wait()``, and ``shard`` must not change before.
     """
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(flat, shard, group=group)
+    return fn(flat, shard, group=group, async_op=async_op)

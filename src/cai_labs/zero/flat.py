@@ -74,7 +74,8 @@ class FlatParamUnit:
                 offset += p.numel()
         self.full = full
         self.shard: nn.Parameter | None = None
-        self.gathered = True
+        self.gathered = True  # storage allocated (and filled, once ``_work`` is waited for)
+        self._work: dist.Work | None = None  # an all-gather started with ``async_op=True``
         self.reduced = False  # gradients of this backward already reduce-scattered
         self.ready = 0  # parameters whose gradient is complete in this backward
 
@@ -103,19 +104,41 @@ class FlatParamUnit:
 
     # -- ZeRO-3: free and re-gather the full buffer ------------------------------------------
     def free(self) -> None:
-        """Release the full buffer's memory; the parameter views stay, pointing at no data."""
+        """Release the full buffer's memory; the parameter views stay, pointing at no data.
+
+        A pending asynchronous all-gather is waited for first: its output is this storage."""
         if self.gathered:
+            self.wait()
             self.full.untyped_storage().resize_(0)
             self.gathered = False
 
-    def gather(self) -> None:
-        """Re-allocate the full buffer and all-gather every rank's shard into it."""
+    def gather(self, async_op: bool = False) -> None:
+        """Re-allocate the full buffer and all-gather every rank's shard into it.
+
+        ``async_op=True`` only *starts* the all-gather (a prefetch): the buffer is filled once
+        :meth:`wait` returns. A plain ``gather()`` of a unit whose prefetch is in flight waits for
+        it instead of communicating again, so every unit is gathered once per use either way.
+        """
         if self.gathered:
+            if not async_op:
+                self.wait()
             return
         assert self.shard is not None
         self.full.untyped_storage().resize_(self.padded_numel * self.full.element_size())
-        all_gather_flat(self.full, self.shard.detach(), self.group)
+        work = all_gather_flat(self.full, self.shard.detach(), self.group, async_op=async_op)
+        self._work = work if async_op else None
         self.gathered = True
+
+    def wait(self) -> None:
+        """Wait for a prefetch started by ``gather(async_op=True)`` (no-op if none is pending)."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+
+    @property
+    def gathered_bytes(self) -> int:
+        """Bytes of the full buffer ``(N * S,)`` while gathered."""
+        return self.padded_numel * self.full.element_size()
 
     def __repr__(self) -> str:
         return (f"FlatParamUnit({self.name!r}, params={len(self.params)}, numel={self.numel}, "

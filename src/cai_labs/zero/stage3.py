@@ -16,8 +16,17 @@ Communication per step: all-gather in forward ``(N-1)/N Ψ``, again in backward 
 reduce-scatter ``(N-1)/N Ψ``: ``3(N-1)/N Ψ``, 1.5 times data parallel, for parameter memory
 ``Ψ/N`` instead of ``Ψ``.
 
-The all-gathers are synchronous (no prefetch of the next unit): a unit's parameters are needed
-the moment its hook runs.
+**Prefetch** (``prefetch=True``, as PyTorch FSDP's forward/backward prefetch): a gathered unit
+is needed the moment its hook runs, so a synchronous all-gather leaves compute idle while it
+runs. The first training step records the order in which the hooks gather the units (forward:
+root, layer 0, 1, ...; backward: root, then the layers in reverse). On later steps, when unit
+``k`` of an order is gathered, the all-gathers of the next ``depth`` units of that order are
+*started* (``async_op=True``) and run while unit ``k`` computes; unit ``k+1``'s own hook then
+only waits for its work. The same all-gathers happen, of the same bytes, in the same order on
+every rank; only their start moves earlier, so the results are bit-identical. Memory stays
+bounded: a prefetch is started only while fewer than ``depth + 1`` units besides the root are
+gathered (so at most ``depth + 1`` are; ``depth = prefetch`` as an int, 1 for ``True``, 0 for
+``False`` which gathers each unit only when its hook runs).
 
 Because the parameter views point into a storage that is resized rather than replaced, tensors
 autograd saved for backward (the weights of ``linear``, of ``layer_norm``) see the re-gathered
@@ -37,7 +46,17 @@ __all__ = ["Zero3"]
 
 
 class Zero3(Zero2):
-    """ZeRO-3: optimizer state, gradients and parameters sharded."""
+    """ZeRO-3: optimizer state, gradients and parameters sharded.
+
+    Args:
+        module, units, group, overlap_comm, max_in_flight: as :class:`~cai_labs.zero.Zero2`.
+        prefetch: all-gathers started ahead of use, in the order recorded in the first step:
+            ``True`` (one unit ahead), ``False`` (none) or an int depth ``>= 0``.
+
+    Attributes:
+        gathered_peak_bytes: largest number of bytes of gathered units besides the root seen by
+            the hooks since the last :meth:`reset_gathered_peak` (prefetches in flight count).
+    """
 
     stage = 3
 
@@ -48,10 +67,23 @@ class Zero3(Zero2):
         group=None,
         overlap_comm: bool = True,
         max_in_flight: int = 2,
+        prefetch: bool | int = True,
     ):
+        if isinstance(prefetch, bool):
+            depth = int(prefetch)
+        elif isinstance(prefetch, int) and prefetch >= 0:
+            depth = prefetch
+        else:
+            raise ValueError(f"prefetch must be True, False or an int depth >= 0; got {prefetch!r}")
         super().__init__(module, units=units, group=group, overlap_comm=overlap_comm,
                          max_in_flight=max_in_flight)
+        self.prefetch_depth = depth
         self.root = self.units[-1] if self.unit_modules[-1] is module else None
+        # Gathering orders, recorded during the first training step (forward, then backward).
+        self._recording = True
+        self._order: dict[str, list[FlatParamUnit]] = {"forward": [], "backward": []}
+        self._position: dict[str, dict[int, int]] = {"forward": {}, "backward": {}}
+        self.gathered_peak_bytes = 0
         for u, m in zip(self.units, self.unit_modules):
             m.register_forward_pre_hook(self._pre_forward(u))
             m.register_forward_hook(self._post_forward(u))
@@ -62,9 +94,48 @@ class Zero3(Zero2):
         unit.shard = nn.Parameter(unit.full_slice().clone(), requires_grad=False)
         return unit.shard
 
+    # -- gathering with prefetch -------------------------------------------------------------
+    def _gathered_besides_root(self) -> list[FlatParamUnit]:
+        return [u for u in self.units if u.gathered and u is not self.root]
+
+    def _use(self, u: FlatParamUnit, phase: str) -> None:
+        """Gather ``u`` for its use now (waiting for its prefetch if one is in flight), then
+        start the all-gathers of the units that follow it in ``phase``'s recorded order."""
+        u.gather()
+        if self._recording:
+            if u not in self._order[phase]:
+                self._order[phase].append(u)
+        elif self.prefetch_depth:
+            order = self._order[phase]
+            i = self._position[phase].get(id(u))
+            if i is not None:
+                for nxt in order[i + 1 : i + 1 + self.prefetch_depth]:
+                    if nxt.gathered or nxt is self.root:
+                        continue
+                    if len(self._gathered_besides_root()) >= self.prefetch_depth + 1:
+                        break  # memory bound reached: this one is gathered when used
+                    nxt.gather(async_op=True)
+        self._track_peak()
+
+    def _track_peak(self) -> None:
+        now = sum(u.gathered_bytes for u in self._gathered_besides_root())
+        self.gathered_peak_bytes = max(self.gathered_peak_bytes, now)
+
+    def reset_gathered_peak(self) -> None:
+        self.gathered_peak_bytes = 0
+
+    def gathered_bound_bytes(self) -> int:
+        """The bound on :attr:`gathered_peak_bytes`: ``depth + 1`` of the largest units besides
+        the root (bytes of the padded flat buffer ``(N * S,)``)."""
+        sizes = [u.gathered_bytes for u in self.units if u is not self.root] or [0]
+        return (self.prefetch_depth + 1) * max(sizes)
+
     def _pre_forward(self, u: FlatParamUnit):
         def hook(module, args):
-            u.gather()
+            if torch.is_grad_enabled():
+                self._use(u, "forward")
+            else:  # evaluation: gather and free per call, no recorded order
+                u.gather()
         return hook
 
     def _post_forward(self, u: FlatParamUnit):
@@ -80,10 +151,9 @@ class Zero3(Zero2):
                 u.free()
         return hook
 
-    @staticmethod
-    def _pre_backward(u: FlatParamUnit):
+    def _pre_backward(self, u: FlatParamUnit):
         def hook(grad):
-            u.gather()
+            self._use(u, "backward")
             return grad
         return hook
 
@@ -92,8 +162,12 @@ class Zero3(Zero2):
 
     def _end_of_backward(self) -> None:
         super()._end_of_backward()
-        for u in self.units:
+        for u in self.units:  # (waits for any prefetch still in flight)
             u.free()
+        if self._recording and self._order["backward"]:  # first step done: prefetch from now on
+            self._recording = False
+            for phase, order in self._order.items():
+                self._position[phase] = {id(u): i for i, u in enumerate(order)}
 
     def after_step(self) -> None:
         """Nothing to gather: the updated shard is all this rank keeps; forward gathers."""
