@@ -22,8 +22,13 @@ nox.options.default_venv_backend = "venv"
 PYTHON = "3.11"
 TORCH_SPEC = shlex.split(os.environ.get("CAI_LABS_TORCH", "torch==2.13.0"))
 # Keep pages and tests deterministic and quiet on small machines.
-ENV = {"PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-       "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
+ENV = {
+    "PYTHONHASHSEED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "MPLBACKEND": "Agg",
+}
 
 
 def _install(session: nox.Session, extras: str) -> None:
@@ -45,8 +50,15 @@ def _sphinx(session: nox.Session, execute: bool) -> None:
     if not execute:
         env["CAI_LABS_PLOT_GALLERY"] = "0"
     session.run(
-        "sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html",
-        *session.posargs, env=env,
+        "sphinx-build",
+        "-W",
+        "--keep-going",
+        "-b",
+        "html",
+        "docs",
+        "docs/_build/html",
+        *session.posargs,
+        env=env,
     )
 
 
@@ -69,8 +81,16 @@ def browser(session: nox.Session) -> None:
     download. Screenshots go to ``artifacts/screenshots``.
     """
     session.install("pytest>=8", "pytest-timeout>=2.3", "playwright>=1.45")
-    session.run("pytest", "-m", "browser", "tests/browser", "-p", "no:cacheprovider",
-                *session.posargs, env=ENV)
+    session.run(
+        "pytest",
+        "-m",
+        "browser",
+        "tests/browser",
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+        env=ENV,
+    )
 
 
 @nox.session(name="docs-noexec", python=PYTHON)
@@ -90,10 +110,11 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff over the package, tests, tutorials and docs config."""
-    session.install("ruff")
-    session.run("ruff", "check", "src", "tests", "tutorials", "benchmarks", "noxfile.py",
-                "docs/conf.py", "docs/check_build.py", "docs/diagrams.py")
+    """ruff check and ruff format --check over the package, tests, tutorials and docs code."""
+    session.install("ruff>=0.6")
+    paths = ["src", "tests", "tutorials", "benchmarks", "noxfile.py", "docs"]
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
 
 
 @nox.session(python=PYTHON)
@@ -106,9 +127,22 @@ def colossalai(session: nox.Session) -> None:
     _install(session, "test")
     session.install("--no-deps", "colossalai==0.5.0")
     session.install(
-        "packaging", "psutil", "tqdm", "rich", "click", "contexttimer", "einops", "pydantic",
-        "safetensors", "sentencepiece", "ninja", "fabric", "protobuf", "galore-torch",
-        "transformers>=4.40", "peft", "diffusers",
+        "packaging",
+        "psutil",
+        "tqdm",
+        "rich",
+        "click",
+        "contexttimer",
+        "einops",
+        "pydantic",
+        "safetensors",
+        "sentencepiece",
+        "ninja",
+        "fabric",
+        "protobuf",
+        "galore-torch",
+        "transformers>=4.40",
+        "peft",
+        "diffusers",
     )
-    session.run("pytest", "-m", "colossalai", "-p", "no:cacheprovider", *session.posargs,
-                env=ENV)
+    session.run("pytest", "-m", "colossalai", "-p", "no:cacheprovider", *session.posargs, env=ENV)

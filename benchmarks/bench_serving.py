@@ -34,10 +34,14 @@ def payloads(checkpoint) -> list[dict]:
         from cai_labs.recipes.opt_finetune import FinetuneConfig
 
         task = FinetuneConfig(**json.loads(meta.read_text())["finetune"]).task()
-        return [{"prompt": task.prompt(w), "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
-                for w in task.test_words]
-    return [{"prompt": f"Return a copy of item {i}", "max_new_tokens": NEW_TOKENS,
-             "ignore_eos": True} for i in range(64)]
+        return [
+            {"prompt": task.prompt(w), "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
+            for w in task.test_words
+        ]
+    return [
+        {"prompt": f"Return a copy of item {i}", "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
+        for i in range(64)
+    ]
 
 
 def main() -> None:
@@ -62,10 +66,24 @@ def main() -> None:
             print(f"fine-tuned OPT checkpoint made in {time.perf_counter() - start:.1f} s")
         work = payloads(checkpoint)
         settings = {"batching on": args.concurrency, "batching off": 1}
-        servers = {name: ServerProcess(checkpoint, [
-            "--threads", "1", "--cache-size", "0", "--max-batch-size", str(batch),
-            "--max-wait-ms", "50", "--queue-size", str(4 * args.concurrency)])
-            for name, batch in settings.items()}
+        servers = {
+            name: ServerProcess(
+                checkpoint,
+                [
+                    "--threads",
+                    "1",
+                    "--cache-size",
+                    "0",
+                    "--max-batch-size",
+                    str(batch),
+                    "--max-wait-ms",
+                    "50",
+                    "--queue-size",
+                    str(4 * args.concurrency),
+                ],
+            )
+            for name, batch in settings.items()
+        }
         best: dict = {}
         try:
             urls = {name: server.start() for name, server in servers.items()}
@@ -76,13 +94,20 @@ def main() -> None:
             for rep in range(args.repeats):
                 for name, url in urls.items():
                     httpx.post(f"{url}/metrics/reset")
-                    r = load_test(url, work, concurrency=args.concurrency,
-                                  max_requests=args.requests, time_limit_s=args.time_limit)
+                    r = load_test(
+                        url,
+                        work,
+                        concurrency=args.concurrency,
+                        max_requests=args.requests,
+                        time_limit_s=args.time_limit,
+                    )
                     seen = httpx.get(f"{url}/metrics").json()["mean_batch_size"]
-                    print(f"serving {name:12s} (max batch {settings[name]:2d}) run {rep + 1}: "
-                          f"concurrency {r.concurrency}, {r.ok}/{r.sent} ok in {r.seconds:.2f} s, "
-                          f"{r.throughput_rps:7.1f} req/s, p50 {r.p50_ms:7.1f} ms, "
-                          f"p99 {r.p99_ms:7.1f} ms, mean batch {seen:.1f}")
+                    print(
+                        f"serving {name:12s} (max batch {settings[name]:2d}) run {rep + 1}: "
+                        f"concurrency {r.concurrency}, {r.ok}/{r.sent} ok in {r.seconds:.2f} s, "
+                        f"{r.throughput_rps:7.1f} req/s, p50 {r.p50_ms:7.1f} ms, "
+                        f"p99 {r.p99_ms:7.1f} ms, mean batch {seen:.1f}"
+                    )
                     if name not in best or r.throughput_rps > best[name].throughput_rps:
                         best[name] = r
         finally:
@@ -90,11 +115,14 @@ def main() -> None:
                 server.stop()
         on, off = best["batching on"], best["batching off"]
         ratio = on.throughput_rps / off.throughput_rps
-        print(f"serving throughput batching-on / batching-off at concurrency {args.concurrency} "
-              f"(best of {args.repeats}): {on.throughput_rps:.1f} / {off.throughput_rps:.1f} "
-              f"req/s = {ratio:.2f}x (goal >= {GOAL:.0f}x: "
-              f"{'met' if ratio >= GOAL else 'NOT met'}); p99 latency {on.p99_ms:.0f} ms "
-              f"(on) vs {off.p99_ms:.0f} ms (off)")
+        print(
+            f"serving throughput batching-on / batching-off at concurrency {args.concurrency} "
+            f"(best of {args.repeats}): {on.throughput_rps:.1f} / {off.throughput_rps:.1f} "
+            f"req/s = {ratio:.2f}x (goal >= {GOAL:.0f}x: "
+            f"{'met' if ratio >= GOAL else 'NOT met'}); p99 latency {on.p99_ms:.0f} ms "
+            f"(on) vs {off.p99_ms:.0f} ms (off)"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -33,8 +33,9 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=4)
     args = ap.parse_args()
 
-    cfg = GPTConfig(vocab_size=64, seq_len=64, d_model=args.d_model, n_heads=4,
-                    n_layers=args.layers)
+    cfg = GPTConfig(
+        vocab_size=64, seq_len=64, d_model=args.d_model, n_heads=4, n_layers=args.layers
+    )
     corpus = load_char_corpus(vocab_size=cfg.vocab_size)
 
     def batches(step: int):
@@ -45,16 +46,25 @@ def main() -> None:
     tp = launch(race_tensor_parallel, args.tp, cfg, batches, args.steps, 1e-3)
     rows.append((f"1D tensor parallel, {args.tp} ranks", "DTensor Colwise/RowwiseParallel", tp))
     pp = launch(race_pipeline, args.pp, cfg, batches, args.steps, 1e-3, args.micro, "1f1b")
-    rows.append((f"pipeline 1F1B, {args.pp} stages x {args.micro} micro-batches",
-                 "torch.distributed.pipelining Schedule1F1B", pp))
-    print(f"{'cai_labs':48s} {'PyTorch':44s} {'ours ms':>8s} {'torch ms':>8s} "
-          f"{'ratio':>6s} {'goal':>6s} {'max |loss diff|':>15s}")
+    rows.append(
+        (
+            f"pipeline 1F1B, {args.pp} stages x {args.micro} micro-batches",
+            "torch.distributed.pipelining Schedule1F1B",
+            pp,
+        )
+    )
+    print(
+        f"{'cai_labs':48s} {'PyTorch':44s} {'ours ms':>8s} {'torch ms':>8s} "
+        f"{'ratio':>6s} {'goal':>6s} {'max |loss diff|':>15s}"
+    )
     for ours_name, theirs_name, r in rows:
         a, b = r["cai_labs"], r["pytorch"]
         gap = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
         ratio = a["step_s"] / b["step_s"]
-        print(f"{ours_name:48s} {theirs_name:44s} {1e3 * a['step_s']:8.2f} "
-              f"{1e3 * b['step_s']:8.2f} {ratio:6.2f} {'<= 1.0':>6s} {gap:15.1e}")
+        print(
+            f"{ours_name:48s} {theirs_name:44s} {1e3 * a['step_s']:8.2f} "
+            f"{1e3 * b['step_s']:8.2f} {ratio:6.2f} {'<= 1.0':>6s} {gap:15.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,13 @@ from cai_labs.recipes.opt_finetune import sample_words, task_batch
 from cai_labs.zero import Zero3, ZeroOptimizer, memory_by_kind, zero_memory_formula, zero_wrap
 from cai_labs.zero.fsdp2 import fsdp2_memory, fsdp2_wrap
 
-SIZES = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, ffn_dim=512,
-             max_position_embeddings=64)
+SIZES = dict(
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    ffn_dim=512,
+    max_position_embeddings=64,
+)
 BATCH = 32
 
 
@@ -56,8 +61,11 @@ def worker(method: str, steps: int) -> dict:
             opt.step()
             times.append(time.perf_counter() - start)
             if step == steps - 1:
-                mem = (memory_by_kind(ledger.snapshot("end")) if method.startswith("zero3")
-                       else fsdp2_memory(model, opt))
+                mem = (
+                    memory_by_kind(ledger.snapshot("end"))
+                    if method.startswith("zero3")
+                    else fsdp2_memory(model, opt)
+                )
             opt.zero_grad()
     return {"time": float(np.median(times[1:])), "mem": mem, "numel": numel}
 
@@ -72,17 +80,25 @@ def main() -> None:
     z0 = launch(worker, args.world_size, "zero3-no-prefetch", args.steps)
     want = zero_memory_formula(z["numel"], 3, args.world_size)
     print(f"OPT Ψ={z['numel']:,} on {args.world_size} CPU ranks, {args.steps} steps, fp32 Adam")
-    print(f"  ZeRO-3 (cai_labs): step {1e3 * z['time']:.1f} ms, model states/rank "
-          f"{z['mem']['total']:,} B")
+    print(
+        f"  ZeRO-3 (cai_labs): step {1e3 * z['time']:.1f} ms, model states/rank "
+        f"{z['mem']['total']:,} B"
+    )
     print(f"  ZeRO-3 without prefetch: step {1e3 * z0['time']:.1f} ms")
-    print(f"  FSDP2 (PyTorch):   step {1e3 * f['time']:.1f} ms, model states/rank "
-          f"{f['mem']['total']:,} B")
+    print(
+        f"  FSDP2 (PyTorch):   step {1e3 * f['time']:.1f} ms, model states/rank "
+        f"{f['mem']['total']:,} B"
+    )
     print(f"  formula (4+4+8)Ψ/N = {want['total']:,.0f} B")
     print(f"ZeRO-3 / FSDP2 step-time ratio: {z['time'] / f['time']:.2f}")
-    print(f"ZeRO-3 / FSDP2 memory ratio:    {z['mem']['total'] / f['mem']['total']:.3f} "
-          "(goal: within 5% of 1)")
-    print(f"ZeRO-3 prefetch on / off step-time ratio: {z['time'] / z0['time']:.2f} "
-          "(gloo on shared CPU cores: overlap may not show)")
+    print(
+        f"ZeRO-3 / FSDP2 memory ratio:    {z['mem']['total'] / f['mem']['total']:.3f} "
+        "(goal: within 5% of 1)"
+    )
+    print(
+        f"ZeRO-3 prefetch on / off step-time ratio: {z['time'] / z0['time']:.2f} "
+        "(gloo on shared CPU cores: overlap may not show)"
+    )
 
 
 if __name__ == "__main__":

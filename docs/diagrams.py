@@ -34,37 +34,80 @@ def _grid(ax, x0, y0, w, h, rows, cols, owner, label):
                 text = who
             else:
                 color, text = COLORS[who % len(COLORS)], str(who)
-            ax.add_patch(Rectangle((x0 + c * w / cols, y0 + (rows - 1 - r) * h / rows),
-                                   w / cols, h / rows, facecolor=color,
-                                   edgecolor="white", lw=1.5, alpha=0.85))
-            ax.text(x0 + (c + 0.5) * w / cols, y0 + (rows - 0.5 - r) * h / rows, text,
-                    ha="center", va="center", color="white", fontsize=7)
+            ax.add_patch(
+                Rectangle(
+                    (x0 + c * w / cols, y0 + (rows - 1 - r) * h / rows),
+                    w / cols,
+                    h / rows,
+                    facecolor=color,
+                    edgecolor="white",
+                    lw=1.5,
+                    alpha=0.85,
+                )
+            )
+            ax.text(
+                x0 + (c + 0.5) * w / cols,
+                y0 + (rows - 0.5 - r) * h / rows,
+                text,
+                ha="center",
+                va="center",
+                color="white",
+                fontsize=7,
+            )
     ax.text(x0 + w / 2, y0 - 0.12, label, ha="center", va="top", fontsize=8)
 
 
 def parallelism_zoo(path: Path) -> None:
     """One row per mode: how activations X (batch x hidden) and weights W are split over ranks."""
     modes = [
-        ("Data parallel (4 ranks)", (4, 1, lambda r, c: r), (1, 1, lambda r, c: REPLICATED),
-         "X split by batch;\nW replicated on every rank"),
-        ("Tensor 1D, column then row (4)", (1, 1, lambda r, c: REPLICATED),
-         (1, 4, lambda r, c: c),
-         "X replicated;\nW split by output columns"),
-        ("Tensor 2D, SUMMA (2 x 2)", (2, 2, lambda r, c: 2 * r + c),
-         (2, 2, lambda r, c: 2 * r + c),
-         "X and W both\nsplit on a q x q grid"),
-        ("Tensor 2.5D (2 x 2 x 2)", (4, 2, lambda r, c: 2 * r + c),
-         (2, 2, lambda r, c: f"{2 * r + c},{2 * r + c + 4}"),
-         "X split over d stacked q x q\ngrids; W split per grid, d copies"),
-        ("Tensor 3D (2 x 2 x 2)", (2, 4, lambda r, c: 4 * r + c), (4, 2, lambda r, c: 2 * r + c),
-         "X and W split over\na q x q x q cube"),
-        ("Sequence parallel (4)", (1, 4, lambda r, c: c), (1, 1, lambda r, c: REPLICATED),
-         "X split by sequence;\nattention over a ring"),
-        ("Pipeline (4 stages)", (4, 1, lambda r, c: f"micro-batch {r}"),
-         (4, 1, lambda r, c: r),
-         "layers split into stages; each\nmicro-batch visits every stage"),
-        ("ZeRO-3 (4 ranks)", (4, 1, lambda r, c: r), (4, 1, lambda r, c: r),
-         "X split by batch; W, grads, optim.\nstate sharded, gathered on use"),
+        (
+            "Data parallel (4 ranks)",
+            (4, 1, lambda r, c: r),
+            (1, 1, lambda r, c: REPLICATED),
+            "X split by batch;\nW replicated on every rank",
+        ),
+        (
+            "Tensor 1D, column then row (4)",
+            (1, 1, lambda r, c: REPLICATED),
+            (1, 4, lambda r, c: c),
+            "X replicated;\nW split by output columns",
+        ),
+        (
+            "Tensor 2D, SUMMA (2 x 2)",
+            (2, 2, lambda r, c: 2 * r + c),
+            (2, 2, lambda r, c: 2 * r + c),
+            "X and W both\nsplit on a q x q grid",
+        ),
+        (
+            "Tensor 2.5D (2 x 2 x 2)",
+            (4, 2, lambda r, c: 2 * r + c),
+            (2, 2, lambda r, c: f"{2 * r + c},{2 * r + c + 4}"),
+            "X split over d stacked q x q\ngrids; W split per grid, d copies",
+        ),
+        (
+            "Tensor 3D (2 x 2 x 2)",
+            (2, 4, lambda r, c: 4 * r + c),
+            (4, 2, lambda r, c: 2 * r + c),
+            "X and W split over\na q x q x q cube",
+        ),
+        (
+            "Sequence parallel (4)",
+            (1, 4, lambda r, c: c),
+            (1, 1, lambda r, c: REPLICATED),
+            "X split by sequence;\nattention over a ring",
+        ),
+        (
+            "Pipeline (4 stages)",
+            (4, 1, lambda r, c: f"micro-batch {r}"),
+            (4, 1, lambda r, c: r),
+            "layers split into stages; each\nmicro-batch visits every stage",
+        ),
+        (
+            "ZeRO-3 (4 ranks)",
+            (4, 1, lambda r, c: r),
+            (4, 1, lambda r, c: r),
+            "X split by batch; W, grads, optim.\nstate sharded, gathered on use",
+        ),
     ]
     fig, axes = plt.subplots(2, 4, figsize=(12, 5.4))
     for ax, (title, xs, ws, note) in zip(axes.flat, modes):

@@ -17,8 +17,13 @@ from cai_labs.models.opt import tiny_opt, train_char_tokenizer
 from cai_labs.recipes.opt_finetune import sample_words, task_batch
 
 STEPS, BATCH, LR = 3, 8, 1e-2
-SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
-             max_position_embeddings=32)
+SIZES = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    ffn_dim=64,
+    max_position_embeddings=32,
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,8 +51,13 @@ def model(seed: int):
     return tiny_opt(setup()[0], seed=seed, **SIZES).train()
 
 
-def data_parallel_reference(rank: int, world: int, optimizer: type = torch.optim.Adam,
-                            max_norm: float | None = None, **kwargs):
+def data_parallel_reference(
+    rank: int,
+    world: int,
+    optimizer: type = torch.optim.Adam,
+    max_norm: float | None = None,
+    **kwargs,
+):
     """Plain data parallel over ``batches``: all-reduced gradients, a full optimizer on every
     rank, from the seed-0 weights. Returns ``(model, optimizer, gradient norms before clipping)``
     (norms only when ``max_norm`` is given)."""

@@ -50,8 +50,9 @@ def assert_matches_formulas(out: dict, mode: str, depth: int = 1) -> None:
     assert (lin["comm_bytes"], lin["comm_calls"]) == (lc.comm_bytes, lc.comm_calls)
     assert lin["param_bytes"] == lc.param_bytes
     assert lin["activation_bytes"] == lc.activation_bytes
-    bc = block_cost(mode, n, BATCH, CFG.seq_len, CFG.d_model, CFG.mlp_ratio,
-                    n_heads=CFG.n_heads, depth=depth)
+    bc = block_cost(
+        mode, n, BATCH, CFG.seq_len, CFG.d_model, CFG.mlp_ratio, n_heads=CFG.n_heads, depth=depth
+    )
     blk = out["block"]
     assert (blk["comm_bytes"], blk["comm_calls"]) == (bc.comm_bytes, bc.comm_calls)
     assert blk["param_bytes"] == bc.param_bytes

@@ -46,8 +46,9 @@ GROUPS = ((0,), (1,), (0, 1))
 
 def synthetic_machine(alpha: float = 2e-4) -> MachineModel:
     keys = [(op, ax) for op in ("all_reduce", "all_gather") for ax in GROUPS]
-    return MachineModel({k: alpha for k in keys}, {k: 1e-9 for k in keys},
-                        {"matmul": 2e10, "conv": 5e9}, 5e9, 2e-5)
+    return MachineModel(
+        {k: alpha for k in keys}, {k: 1e-9 for k in keys}, {"matmul": 2e10, "conv": 5e9}, 5e9, 2e-5
+    )
 
 
 def make(kind: str, dtype=torch.float64):
@@ -88,8 +89,9 @@ def _serial(kind: str):
 
 def _max_rel_err(grads, ref) -> float:
     assert set(grads) == set(ref)
-    return max((grads[n] - ref[n]).abs().max().item() / (ref[n].abs().max().item() + 1e-30)
-               for n in ref)
+    return max(
+        (grads[n] - ref[n]).abs().max().item() / (ref[n].abs().max().item() + 1e-30) for n in ref
+    )
 
 
 def _budget_plans(sg, machine) -> list[dict]:
@@ -110,8 +112,9 @@ def test_solved_plans_equal_serial(kind):
     plans = _budget_plans(sg, synthetic_machine())
     if kind == "gpt":  # any plan must be correct, not only the ones the solver likes
         rng = random.Random(0)
-        plans += [{k: rng.randrange(len(n.strategies)) for k, n in sg.nodes.items()}
-                  for _ in range(3)]
+        plans += [
+            {k: rng.randrange(len(n.strategies)) for k, n in sg.nodes.items()} for _ in range(3)
+        ]
     y_ref, g_ref = _serial(kind)
     for y, grads in launch(_run_plans, 4, sg, x, plans):
         assert (y - y_ref).abs().max().item() < 1e-9 * max(1.0, y_ref.abs().max().item())
@@ -121,12 +124,14 @@ def test_solved_plans_equal_serial(kind):
 def test_resnet_data_parallel_plan_and_broken_runtime_is_caught():
     """The pure batch-split plan is exact; without the gradient all-reduce it is not."""
     _, x, sg = graph("resnet")
-    dp = {k: next((i for i, s in enumerate(n.strategies) if s.roles == ("B", "B")), 0)
-          for k, n in sg.nodes.items()}
+    dp = {
+        k: next((i for i, s in enumerate(n.strategies) if s.roles == ("B", "B")), 0)
+        for k, n in sg.nodes.items()
+    }
     y_ref, g_ref = _serial("resnet")
-    (y, grads), = launch(_run_plans, 4, sg, x, [dp])
+    ((y, grads),) = launch(_run_plans, 4, sg, x, [dp])
     assert _max_rel_err(grads, g_ref) < 1e-9
-    (y, grads), = launch(_run_plans, 4, sg, x, [dp], broken=True)
+    ((y, grads),) = launch(_run_plans, 4, sg, x, [dp], broken=True)
     assert (y - y_ref).abs().max().item() < 1e-9  # the forward pass is still right...
     assert _max_rel_err(grads, g_ref) > 1e-2  # ...but gradients are partial sums
 
@@ -153,8 +158,11 @@ def test_plan_respects_memory_budget_and_impossible_budget_raises():
         solve(sg, machine, memory_budget=free.cost.memory * 0.05)
     with pytest.raises(MemoryBudgetError) as info:
         solve(sg, machine, memory_budget=1.0)
-    budgets = [free.cost.memory, 0.5 * (free.cost.memory + info.value.minimum),
-               1.02 * info.value.minimum]
+    budgets = [
+        free.cost.memory,
+        0.5 * (free.cost.memory + info.value.minimum),
+        1.02 * info.value.minimum,
+    ]
     plans = [solve(sg, machine, memory_budget=b).plan for b in budgets]
     for budget, peak in zip(budgets, launch(_measure, 4, sg, x, plans)):
         assert peak <= budget * (1 + MARGIN), (peak, budget)

@@ -31,7 +31,7 @@ def _train(use_colossalai: bool) -> list[torch.Tensor]:
         booster = Booster(plugin=TorchDDPPlugin())
         model, optimizer, *_ = booster.boost(model, optimizer)
     for s in range(STEPS):
-        x, y = data.x_train[s * BATCH:(s + 1) * BATCH], data.y_train[s * BATCH:(s + 1) * BATCH]
+        x, y = data.x_train[s * BATCH : (s + 1) * BATCH], data.y_train[s * BATCH : (s + 1) * BATCH]
         x, y = shard_batch(x, y, rank=rank, world_size=world)
         optimizer.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)

@@ -62,17 +62,29 @@ def _twin_runs(make_ours, make_theirs, schedule=None, check_grads=False):
             if check_grads:
                 assert max(p.grad.abs().max().item() for p in model.parameters()) < 10.0
             opt.step()
-        gaps.append(max((a - b).abs().max().item()
-                        for a, b in zip(ours_model.parameters(), theirs_model.parameters())))
+        gaps.append(
+            max(
+                (a - b).abs().max().item()
+                for a, b in zip(ours_model.parameters(), theirs_model.parameters())
+            )
+        )
     return gaps, ours, theirs
 
 
 def test_lamb_matches_colossalai_step_by_step():
     gaps, ours, _ = _twin_runs(
-        lambda m: LAMB(param_groups(m, 0.01, exclude_from_adaptation=False), lr=0.01,
-                       eps=1e-6, bias_correction=False),
-        lambda m: Lamb(param_groups(m, 0.01, exclude_from_adaptation=False), lr=0.01, eps=1e-6,
-                       weight_decay=0.01),
+        lambda m: LAMB(
+            param_groups(m, 0.01, exclude_from_adaptation=False),
+            lr=0.01,
+            eps=1e-6,
+            bias_correction=False,
+        ),
+        lambda m: Lamb(
+            param_groups(m, 0.01, exclude_from_adaptation=False),
+            lr=0.01,
+            eps=1e-6,
+            weight_decay=0.01,
+        ),
     )
     # Colossal-AI 0.5.0 keeps no trust ratio in its state (it is a local of its step), so the
     # ratios are compared through what they produce: the same parameters after every step.
@@ -82,10 +94,12 @@ def test_lamb_matches_colossalai_step_by_step():
 
 def test_lamb_bias_correction_is_a_real_difference():
     gaps, _, _ = _twin_runs(
-        lambda m: LAMB(param_groups(m, 0.01, exclude_from_adaptation=False), lr=0.01,
-                       bias_correction=True),
-        lambda m: Lamb(param_groups(m, 0.01, exclude_from_adaptation=False), lr=0.01,
-                       weight_decay=0.01),
+        lambda m: LAMB(
+            param_groups(m, 0.01, exclude_from_adaptation=False), lr=0.01, bias_correction=True
+        ),
+        lambda m: Lamb(
+            param_groups(m, 0.01, exclude_from_adaptation=False), lr=0.01, weight_decay=0.01
+        ),
     )
     assert max(gaps) > 1e-4
 
@@ -101,10 +115,17 @@ def _colossal_lars_groups(model, wd):
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_lars_matches_colossalai_step_by_step(momentum):
     gaps, ours, theirs = _twin_runs(
-        lambda m: LARS(param_groups(m, 1e-3), lr=2.0, momentum=momentum, trust_coefficient=1e-3,
-                       max_trust_ratio=50.0, lr_in_momentum=False),
-        lambda m: Lars(_colossal_lars_groups(m, 1e-3), lr=2.0, momentum=momentum, eeta=1e-3,
-                       weight_decay=1e-3),
+        lambda m: LARS(
+            param_groups(m, 1e-3),
+            lr=2.0,
+            momentum=momentum,
+            trust_coefficient=1e-3,
+            max_trust_ratio=50.0,
+            lr_in_momentum=False,
+        ),
+        lambda m: Lars(
+            _colossal_lars_groups(m, 1e-3), lr=2.0, momentum=momentum, eeta=1e-3, weight_decay=1e-3
+        ),
         check_grads=True,
     )
     assert max(gaps) < 1e-5, gaps

@@ -55,8 +55,11 @@ def _parallel(mode: str, bucket_mb: float = 0.05) -> dict:
     params = [p.detach().clone() for p in model.parameters()]
     all_params = [None] * world
     dist.all_gather_object(all_params, params)
-    return {"params": all_params, "comm": comm_totals(ledger.report()),
-            "grad_bytes": sum(p.numel() * 4 for p in model.parameters())}
+    return {
+        "params": all_params,
+        "comm": comm_totals(ledger.report()),
+        "grad_bytes": sum(p.numel() * 4 for p in model.parameters()),
+    }
 
 
 @pytest.mark.parametrize("n", [2, 4])

@@ -30,8 +30,9 @@ BATCH = 8  # per rank
 def _loader(shuffle: bool = True):
     train, _ = load_captioned_digits()
     subset = torch.utils.data.Subset(train, range(64))
-    return torch.utils.data.DataLoader(subset, batch_size=BATCH, shuffle=shuffle,
-                                       collate_fn=collate)
+    return torch.utils.data.DataLoader(
+        subset, batch_size=BATCH, shuffle=shuffle, collate_fn=collate
+    )
 
 
 def _offload_budget(module: DiffusionModule) -> int:
@@ -61,6 +62,7 @@ def _fit(strategy: str, steps: int, shuffle: bool = True, **kw) -> DiffusionModu
 def _compare_strategies(names: tuple[str, ...], broken: bool) -> dict:
     from cai_labs.offload.manager import ChunkManager
     from cai_labs.zero.base import ZeroModel
+
     average, evict = ZeroModel._average, ChunkManager.evict
 
     def forgetful_evict(self, chunk):
@@ -81,9 +83,11 @@ def _compare_strategies(names: tuple[str, ...], broken: bool) -> dict:
             ZeroModel._average, ChunkManager.evict = average, evict
         losses = torch.tensor(module.loss_history)
         dist.all_reduce(losses)
-        out[name] = {"losses": (losses / dist.get_world_size()).tolist(),
-                     "params": [p.detach().clone() for p in module.parameters()],
-                     "offload": getattr(module, "offload_stats", None)}
+        out[name] = {
+            "losses": (losses / dist.get_world_size()).tolist(),
+            "params": [p.detach().clone() for p in module.parameters()],
+            "offload": getattr(module, "offload_stats", None),
+        }
     return out
 
 
@@ -124,7 +128,8 @@ def _resume(path: str, strategy: str = "zero2") -> dict:
     dist.barrier()
     resumed = DiffusionModule(TINY, lr=1e-3)
     _trainer(strategy, resumed, max_steps=4, limit_train_batches=1).fit(
-        resumed, _loader(False), ckpt_path=path)
+        resumed, _loader(False), ckpt_path=path
+    )
     fresh = DiffusionModule(TINY, lr=1e-3)  # resume *without* optimizer state: must differ
     ckpt = torch.load(path, weights_only=False)
     ckpt["optimizer_states"][0]["state"] = {}
@@ -132,15 +137,21 @@ def _resume(path: str, strategy: str = "zero2") -> dict:
         torch.save(ckpt, path + ".noopt")
     dist.barrier()
     _trainer(strategy, fresh, max_steps=4, limit_train_batches=1).fit(
-        fresh, _loader(False), ckpt_path=path + ".noopt")
-    return {"straight": straight.loss_history, "resumed": resumed.loss_history,
-            "no_optimizer_state": fresh.loss_history,
-            "params": [[p.detach().clone() for p in m.parameters()] for m in (straight, resumed)]}
+        fresh, _loader(False), ckpt_path=path + ".noopt"
+    )
+    return {
+        "straight": straight.loss_history,
+        "resumed": resumed.loss_history,
+        "no_optimizer_state": fresh.loss_history,
+        "params": [[p.detach().clone() for p in m.parameters()] for m in (straight, resumed)],
+    }
 
 
 def _resume_both(directory: str) -> dict:
-    return {name: _resume(os.path.join(directory, f"{name}.ckpt"), name)
-            for name in ("zero2", "ddp", "zero2+offload")}
+    return {
+        name: _resume(os.path.join(directory, f"{name}.ckpt"), name)
+        for name in ("zero2", "ddp", "zero2+offload")
+    }
 
 
 def test_checkpoint_resume_gives_the_same_loss():
@@ -197,5 +208,6 @@ def test_bad_input_is_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="divisible"):
         TinyDiffusionConfig(image_size=18, block_channels=(8, 16, 32))
     from cai_labs.lightning.environment import ProcessGroupEnvironment
+
     with pytest.raises(ValueError, match="process group"):
         ProcessGroupEnvironment()

@@ -21,8 +21,13 @@ def _whoami(tag: str) -> dict:
     info = rank_info()
     t = torch.tensor([float(info.rank)])
     dist.all_reduce(t)
-    return {"tag": tag, "rank": info.rank, "world": info.world_size, "sum": t.item(),
-            "threads": torch.get_num_threads()}
+    return {
+        "tag": tag,
+        "rank": info.rank,
+        "world": info.world_size,
+        "sum": t.item(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])

@@ -44,8 +44,12 @@ def train_worker(layout: Layout) -> tuple[list[float], list]:
         measured = classify_comm(ledger.comm[start:], layout)
         measured["params"] = ledger.memory()["params"]
     pred = predicted_cost(CFG, layout, BATCH, dist.get_rank())
-    formula = {"tp": pred.tp_bytes, "pp": pred.pp_bytes, "dp": pred.dp_bytes,
-               "params": pred.param_bytes}
+    formula = {
+        "tp": pred.tp_bytes,
+        "pp": pred.pp_bytes,
+        "dp": pred.dp_bytes,
+        "params": pred.param_bytes,
+    }
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (measured, formula))
     return losses, everyone

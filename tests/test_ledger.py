@@ -13,20 +13,20 @@ from cai_labs import Ledger, comm_totals, gather_reports, launch, tensor_bytes
 def _known_collectives() -> list[dict]:
     n, r = dist.get_world_size(), dist.get_rank()
     with Ledger() as ledger:
-        dist.all_reduce(torch.ones(1000))                              # 4000 B
-        dist.broadcast(torch.ones(10, dtype=torch.float64), src=0)     # 80 B
+        dist.all_reduce(torch.ones(1000))  # 4000 B
+        dist.broadcast(torch.ones(10, dtype=torch.float64), src=0)  # 80 B
         out = [torch.empty(25) for _ in range(n)]
-        dist.all_gather(out, torch.ones(25))                           # n * 100 B
+        dist.all_gather(out, torch.ones(25))  # n * 100 B
         flat = torch.empty(n * 8)
-        dist.all_gather_into_tensor(flat, torch.ones(8))               # n * 32 B
+        dist.all_gather_into_tensor(flat, torch.ones(8))  # n * 32 B
         dist.reduce_scatter_tensor(torch.empty(16), torch.ones(n * 16))  # n * 64 B
         dist.all_to_all_single(torch.empty(n * 4), torch.ones(n * 4))  # n * 16 B
         if n > 1:
             if r == 0:
-                dist.send(torch.ones(7, dtype=torch.int16), dst=1)     # 14 B
+                dist.send(torch.ones(7, dtype=torch.int16), dst=1)  # 14 B
             elif r == 1:
                 dist.recv(torch.empty(7, dtype=torch.int16), src=0)
-        work = dist.all_reduce(torch.ones(3), async_op=True)           # 12 B
+        work = dist.all_reduce(torch.ones(3), async_op=True)  # 12 B
         work.wait()
     return gather_reports(ledger.report())
 
@@ -78,15 +78,20 @@ def test_memory_account_of_a_known_model():
     with Ledger(model=model, optimizer=opt) as ledger:
         before = ledger.snapshot("start")
         x = torch.randn(32, 100)
-        h = model(x)            # saves x (32*100*4 B) for the weight gradient
-        y = torch.relu(h)       # saves its output (32*50*4 B)
+        h = model(x)  # saves x (32*100*4 B) for the weight gradient
+        y = torch.relu(h)  # saves its output (32*50*4 B)
         during = ledger.snapshot("after forward")
         y.sum().backward()
         opt.step()
         del h, y
         after = ledger.snapshot("after step")
-    assert before == {"params": 5050 * 4, "grads": 0, "optimizer": 0, "activations": 0,
-                      "total": 5050 * 4}
+    assert before == {
+        "params": 5050 * 4,
+        "grads": 0,
+        "optimizer": 0,
+        "activations": 0,
+        "total": 5050 * 4,
+    }
     assert during["activations"] == 32 * 100 * 4 + 32 * 50 * 4
     assert after["grads"] == 5050 * 4
     # Adam keeps exp_avg and exp_avg_sq per parameter, plus a scalar step per tensor.

@@ -30,9 +30,14 @@ def _worker(budget_chunks: int, prefetch: int = 2) -> dict:
     got = torch.cat([full[k].reshape(-1) for k in ref.state_dict()])
     every = [None] * world
     dist.all_gather_object(every, got)
-    return {"ref": flat_state(ref), "chunked": every, "stats": chunked.manager.stats(),
-            "states": sum(chunked.state_bytes().values()), "budget": budget,
-            "comm": comm_totals(ledger.report())}
+    return {
+        "ref": flat_state(ref),
+        "chunked": every,
+        "stats": chunked.manager.stats(),
+        "states": sum(chunked.state_bytes().values()),
+        "budget": budget,
+        "comm": comm_totals(ledger.report()),
+    }
 
 
 @pytest.mark.parametrize("n", [2, 4])

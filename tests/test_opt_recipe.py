@@ -9,8 +9,13 @@ from cai_labs.data.reverse_task import ReverseTask, make_reverse_task
 from cai_labs.models.opt import tiny_opt, train_char_tokenizer
 from cai_labs.recipes.opt_finetune import exact_match, load_checkpoint, task_batch
 
-SIZES = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
-             max_position_embeddings=32)
+SIZES = dict(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    ffn_dim=64,
+    max_position_embeddings=32,
+)
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -16,8 +16,13 @@ from cai_labs.tensor_parallel import make_grid
 from cai_labs.tensor_parallel.formulas import opt_1d_cost
 from cai_labs.tensor_parallel.opt_1d import check_opt_tp_size, opt_full_state, parallelize_opt
 
-SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-             max_position_embeddings=32)
+SIZES = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    ffn_dim=64,
+    max_position_embeddings=32,
+)
 BATCH, SEQ, STEPS, TOL = 4, 12, 3, 1e-10  # float64
 
 
@@ -84,8 +89,9 @@ def _worker(broken: bool = False) -> dict:
         # Generation with the key/value cache, on the trained weights.
         prompt = _batch(99)[:2, :5]
         kw = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
-        out["generate_equal"] = torch.equal(serial.generate(prompt, **kw),
-                                            par.generate(prompt, **kw))
+        out["generate_equal"] = torch.equal(
+            serial.generate(prompt, **kw), par.generate(prompt, **kw)
+        )
     return out
 
 
@@ -119,8 +125,11 @@ def test_row_parallel_without_all_reduce_is_caught():
 
 def test_bad_tensor_parallel_size():
     config = tiny_opt_config(_tok(), **SIZES)
-    with pytest.raises(ValueError, match=r"OPT has 4 attention heads; tensor-parallel size 3 "
-                                         r"does not divide them: use 1, 2 or 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"OPT has 4 attention heads; tensor-parallel size 3 "
+        r"does not divide them: use 1, 2 or 4",
+    ):
         check_opt_tp_size(config, 3)
     odd = tiny_opt_config(_tok(), **{**SIZES, "ffn_dim": 66})
     with pytest.raises(ValueError, match=r"ffn_dim=66; tensor-parallel size 4 .* use 1 or 2"):

@@ -82,8 +82,9 @@ def lamb_reference(grads, lr, b1, b2, eps, wd, bias_correction=True):
 def test_lars_first_step_by_hand():
     # lambda = 0.01 * 5 / (1 + 0.1 * 5) = 1/30; d = g + 0.1 w = (0.9, 1.2)
     # w1 = w - 0.5 * (1/30) * d = (3 - 0.015, 4 - 0.02)
-    out, ratios = run(LARS, GRADS[:1], lr=0.5, trust_coefficient=0.01, weight_decay=0.1,
-                      momentum=0.9)
+    out, ratios = run(
+        LARS, GRADS[:1], lr=0.5, trust_coefficient=0.01, weight_decay=0.1, momentum=0.9
+    )
     assert ratios[0] == pytest.approx(1 / 30, rel=1e-12)
     assert out[0] == pytest.approx([2.985, 3.98], rel=1e-12)
 
@@ -125,8 +126,15 @@ def test_lamb_first_step_by_hand():
 
 @pytest.mark.parametrize("bias_correction", [True, False])
 def test_lamb_three_steps_match_the_paper(bias_correction):
-    out, ratios = run(LAMB, GRADS, lr=0.1, weight_decay=0.01, betas=(0.9, 0.99), eps=1e-6,
-                      bias_correction=bias_correction)
+    out, ratios = run(
+        LAMB,
+        GRADS,
+        lr=0.1,
+        weight_decay=0.01,
+        betas=(0.9, 0.99),
+        eps=1e-6,
+        bias_correction=bias_correction,
+    )
     ref, ref_ratios = lamb_reference(GRADS, 0.1, 0.9, 0.99, 1e-6, 0.01, bias_correction)
     for a, b in zip(out, ref):
         assert a == pytest.approx(b, rel=1e-12)
@@ -158,8 +166,17 @@ def test_param_groups_exclude_biases_and_norms():
     assert groups[0]["names"] == ["conv.weight", "fc.weight"]
     assert groups[0]["weight_decay"] == 0.1 and groups[0]["adapt"]
     assert sorted(groups[1]["names"]) == sorted(
-        ["conv.bias", "bn.weight", "bn.bias", "fc.bias", "ln.weight", "ln.bias", "gn.weight",
-         "gn.bias"])
+        [
+            "conv.bias",
+            "bn.weight",
+            "bn.bias",
+            "fc.bias",
+            "ln.weight",
+            "ln.bias",
+            "gn.weight",
+            "gn.bias",
+        ]
+    )
     assert groups[1]["weight_decay"] == 0.0 and not groups[1]["adapt"]
     decay_only = param_groups(_Net(), 0.1, exclude_from_adaptation=False)
     assert decay_only[1]["weight_decay"] == 0.0 and decay_only[1]["adapt"]
@@ -208,7 +225,8 @@ def test_schedules_match_their_formulas():
     assert sqrt_scaled_lr(0.1, 4096, 256) == pytest.approx(0.4)
     total, warm, final = 10, 4, 0.1
     expected = [0.25, 0.5, 0.75, 1.0] + [
-        final + (1 - final) * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
+        final + (1 - final) * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)
+    ]
     w = nn.Parameter(torch.ones(1))
     opt = torch.optim.SGD([w], lr=2.0)
     sched = warmup_cosine(opt, total, warm, final)
@@ -245,7 +263,7 @@ def _train(name: str, world: int, rank: int, sync: bool) -> list[torch.Tensor]:
     model = CNN1d(seed=0).double()
     opt, sched = _make(name, model)
     for s in range(STEPS):
-        xb, yb = x[s * BATCH:(s + 1) * BATCH], y[s * BATCH:(s + 1) * BATCH]
+        xb, yb = x[s * BATCH : (s + 1) * BATCH], y[s * BATCH : (s + 1) * BATCH]
         xb, yb = shard_batch(xb, yb, rank=rank, world_size=world)
         opt.zero_grad()
         nn.functional.cross_entropy(model(xb), yb).backward()

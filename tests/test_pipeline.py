@@ -42,8 +42,18 @@ def pipeline_worker(schedule: str, n_micro: int, scale_bug: bool = False):
     # A broken variant for the test to catch: the micro-batch losses not divided by m.
     loss_fn = (lambda o, t: lm_loss(o, t) * n_micro) if scale_bug else lm_loss
     with Ledger(model=stage) as ledger:
-        loss = pipeline_step(stage, links, stage=rank, n_stages=p, inputs=X, targets=Y,
-                             n_micro=n_micro, loss_fn=loss_fn, schedule=schedule, ledger=ledger)
+        loss = pipeline_step(
+            stage,
+            links,
+            stage=rank,
+            n_stages=p,
+            inputs=X,
+            targets=Y,
+            n_micro=n_micro,
+            loss_fn=loss_fn,
+            schedule=schedule,
+            ledger=ledger,
+        )
     names = {id(q): n for n, q in gpt.named_parameters()}
     report = ledger.report()
     mine = {
@@ -102,10 +112,24 @@ def test_1f1b_holds_fewer_activations_and_bubble_is_measured():
 def test_schedule_orders():
     assert gpipe_order(0, 2, 2) == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
     assert one_f_one_b_order(0, 3, 4) == [
-        ("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3), ("B", 1), ("B", 2), ("B", 3)
+        ("F", 0),
+        ("F", 1),
+        ("F", 2),
+        ("B", 0),
+        ("F", 3),
+        ("B", 1),
+        ("B", 2),
+        ("B", 3),
     ]
     assert one_f_one_b_order(2, 3, 4) == [
-        ("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2), ("F", 3), ("B", 3)
+        ("F", 0),
+        ("B", 0),
+        ("F", 1),
+        ("B", 1),
+        ("F", 2),
+        ("B", 2),
+        ("F", 3),
+        ("B", 3),
     ]
     assert bubble_formula(4, 8) == pytest.approx(3 / 11)
 

@@ -111,8 +111,9 @@ def _batch(step: int):
 def _bert_step_worker(kind: str) -> dict:
     rank, n = dist.get_rank(), dist.get_world_size()
     model, batch = _model(), _batch(0)
-    parts = [split_sequence(t, rank, n) for t in (batch.input_ids, batch.attention_mask,
-                                                  batch.labels)]
+    parts = [
+        split_sequence(t, rank, n) for t in (batch.input_ids, batch.attention_mask, batch.labels)
+    ]
     loss = sequence_parallel_mlm_loss(model, *parts, attention=kind)
     loss.backward()
     allreduce_sum_gradients(model)
@@ -124,8 +125,7 @@ def _bert_step_worker(kind: str) -> dict:
 @pytest.mark.parametrize("kind", ["ring", "all_to_all"])
 def test_bert_mlm_step_sp2_equals_transformers_serial(kind):
     model, batch = _model(), _batch(0)
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                labels=batch.labels)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
     out.loss.backward()
     got = launch(_bert_step_worker, 2, kind, timeout=120)
     assert abs(got["loss"] - out.loss.item()) < 1e-5
@@ -156,11 +156,14 @@ def _sp_dp_worker(sp: int) -> list[torch.Tensor]:
         b = _batch(step)
         per_dp = BATCH // grid.dp_size
         rows = slice(grid.dp_rank * per_dp, (grid.dp_rank + 1) * per_dp)
-        parts = [split_sequence(t[rows], grid.sp_rank, sp) for t in (b.input_ids,
-                                                                     b.attention_mask, b.labels)]
+        parts = [
+            split_sequence(t[rows], grid.sp_rank, sp)
+            for t in (b.input_ids, b.attention_mask, b.labels)
+        ]
         opt.zero_grad()
-        loss = sequence_parallel_mlm_loss(model, *parts, group=grid.sp_group,
-                                          loss_group=dist.group.WORLD)
+        loss = sequence_parallel_mlm_loss(
+            model, *parts, group=grid.sp_group, loss_group=dist.group.WORLD
+        )
         loss.backward()
         allreduce_sum_gradients(model)  # over SP and DP: all 4 ranks
         opt.step()
@@ -194,7 +197,7 @@ def test_wordpiece_tokenizer_trains_offline():
     tok = train_wordpiece(texts, vocab_size=60)
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    rest = [w for w, _ in vocab[len(SPECIAL_TOKENS):]]
+    rest = [w for w, _ in vocab[len(SPECIAL_TOKENS) :]]
     assert rest == sorted(rest)  # ids do not depend on the trainer's hash-map order
     ids = token_stream(tok, texts[:2])
     assert tok.decode(ids.tolist()).startswith("return the sum of the values")

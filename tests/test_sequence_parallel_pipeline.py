@@ -22,8 +22,9 @@ def _model():
     from transformers import BertForMaskedLM
 
     torch.manual_seed(0)
-    cfg = tiny_bert_config(VOCAB, hidden=32, layers=LAYERS, heads=4, intermediate=64,
-                           max_positions=SEQ)
+    cfg = tiny_bert_config(
+        VOCAB, hidden=32, layers=LAYERS, heads=4, intermediate=64, max_positions=SEQ
+    )
     return BertForMaskedLM(cfg).double()
 
 
@@ -46,20 +47,27 @@ def _gather_named(pipe: PipelinedSequenceBert, what: str) -> list[dict[str, torc
 
 def _step_worker(attention: str, schedule: str, swap_chunks: bool = False) -> dict:
     groups = make_sequence_groups(sp=2, dp=1, pp=2)
-    pipe = PipelinedSequenceBert(_model(), groups, attention=attention, n_micro=2,
-                                 schedule=schedule)
+    pipe = PipelinedSequenceBert(
+        _model(), groups, attention=attention, n_micro=2, schedule=schedule
+    )
     if swap_chunks:  # broken: stage s sends its chunk to the *other* SP rank of stage s+1
+
         def other(r):
             return None if r is None else r ^ 1
+
         pipe.links = StageLinks(other(groups.prev_stage), other(groups.next_stage))
     with Ledger(track_activations=False) as ledger:
         loss = pipe.forward_backward(_batch(0))
         pipe.sum_gradients()
     traffic = [None] * dist.get_world_size()
-    dist.all_gather_object(traffic, {**traffic_by_kind(ledger.report(), groups),
-                                     "P": _stage_bytes(pipe)})
-    return {"loss": pipe.global_loss(loss), "grads": _gather_named(pipe, "grad"),
-            "traffic": traffic}
+    dist.all_gather_object(
+        traffic, {**traffic_by_kind(ledger.report(), groups), "P": _stage_bytes(pipe)}
+    )
+    return {
+        "loss": pipe.global_loss(loss),
+        "grads": _gather_named(pipe, "grad"),
+        "traffic": traffic,
+    }
 
 
 def _stage_bytes(pipe: PipelinedSequenceBert) -> int:
@@ -78,7 +86,9 @@ def test_sp2_x_pp2_step_equals_serial_loss_and_gradients(attention, schedule):
     for rank_grads in got["grads"]:  # every rank's stage, every parameter of it
         for name, g in rank_grads.items():
             assert torch.allclose(g, want[name], atol=1e-12, rtol=0), (
-                name, (g - want[name]).abs().max())
+                name,
+                (g - want[name]).abs().max(),
+            )
             seen.add(name)
     assert seen == set(want), set(want) - seen  # the stages together hold the whole model
     act = BATCH * (SEQ // 2) * 32 * 8  # the whole batch's activation chunk, float64
@@ -105,19 +115,26 @@ def _train_worker() -> dict:
     for variant in ("replica", "sp_then_dp", "no DP sum"):
         if variant == "no DP sum":  # broken: the stage's sum stops at its SP group
             pipelined.allreduce_sum_gradients = _sp_only(groups)
-        pipe = PipelinedSequenceBert(_model(), groups, n_micro=2,
-                                     grad_sum="sp_then_dp" if variant == "sp_then_dp"
-                                     else "replica")
+        pipe = PipelinedSequenceBert(
+            _model(),
+            groups,
+            n_micro=2,
+            grad_sum="sp_then_dp" if variant == "sp_then_dp" else "replica",
+        )
         opt = torch.optim.Adam(pipe.stage.parameters(), lr=LR)
         losses = []
         for s in range(STEPS):
             with Ledger(track_activations=False) as ledger:  # the last step's traffic stays
                 losses.append(pipe.global_loss(pipe.train_step(_batch(s), opt, step=s)))
         traffic = [None] * dist.get_world_size()
-        dist.all_gather_object(traffic, {**traffic_by_kind(ledger.report(), groups),
-                                         "P": _stage_bytes(pipe)})
-        out[variant] = {"losses": losses, "params": _gather_named(pipe, "param"),
-                        "traffic": traffic}
+        dist.all_gather_object(
+            traffic, {**traffic_by_kind(ledger.report(), groups), "P": _stage_bytes(pipe)}
+        )
+        out[variant] = {
+            "losses": losses,
+            "params": _gather_named(pipe, "param"),
+            "traffic": traffic,
+        }
     return out
 
 
@@ -165,8 +182,11 @@ def test_unknown_grad_sum_is_rejected():
 
 
 def test_world_size_must_factor():
-    with pytest.raises(ValueError, match=r"SP x DP x PP needs world_size = sp\*dp\*pp = "
-                                         r"2\*2\*2 = 8; got 6"):
+    with pytest.raises(
+        ValueError,
+        match=r"SP x DP x PP needs world_size = sp\*dp\*pp = "
+        r"2\*2\*2 = 8; got 6",
+    ):
         sequence_layout(2, 2, 2, world_size=6)
     with pytest.raises(ValueError, match="SP x PP needs world_size"):
         sequence_layout(2, 1, 2, world_size=2)

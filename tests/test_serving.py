@@ -51,16 +51,20 @@ def test_batched_decoding_equals_one_by_one(engine):
     together = [c.token_ids for c in engine.generate_batch(jobs)]
     assert together == alone
     # Per-request settings inside one batch: lengths, and a seeded sample is reproducible.
-    mixed = engine.generate_batch([
-        GenerationJob(engine.encode(PROMPTS[0]), max_new_tokens=3),
-        GenerationJob(engine.encode(PROMPTS[1]), max_new_tokens=7, temperature=1.0, seed=5),
-        GenerationJob(engine.encode(PROMPTS[2]), max_new_tokens=5, temperature=0.7, top_k=4,
-                      seed=9),
-    ])
+    mixed = engine.generate_batch(
+        [
+            GenerationJob(engine.encode(PROMPTS[0]), max_new_tokens=3),
+            GenerationJob(engine.encode(PROMPTS[1]), max_new_tokens=7, temperature=1.0, seed=5),
+            GenerationJob(
+                engine.encode(PROMPTS[2]), max_new_tokens=5, temperature=0.7, top_k=4, seed=9
+            ),
+        ]
+    )
     assert [len(c.token_ids) for c in mixed] == [3, 7, 5]
     assert all(c.finish_reason == "length" for c in mixed)
-    again = engine.generate_batch([GenerationJob(engine.encode(PROMPTS[1]), max_new_tokens=7,
-                                                 temperature=1.0, seed=5)])
+    again = engine.generate_batch(
+        [GenerationJob(engine.encode(PROMPTS[1]), max_new_tokens=7, temperature=1.0, seed=5)]
+    )
     assert again[0].token_ids == mixed[1].token_ids
 
 
@@ -96,8 +100,9 @@ def test_lru_cache_and_config_validation():
     with pytest.raises(ValueError, match="loopback"):
         check_loopback("http://10.1.2.3:8000")
     with pytest.raises(ValueError, match="loopback"):
-        asyncio.run(run_load("http://example.com", [{"prompt": "x"}], concurrency=1,
-                             max_requests=1))
+        asyncio.run(
+            run_load("http://example.com", [{"prompt": "x"}], concurrency=1, max_requests=1)
+        )
 
 
 # -- service --------------------------------------------------------------------------------------
@@ -162,8 +167,9 @@ def test_rejects_bad_input_with_4xx_and_survives(engine):
     with serve(engine, max_prompt_tokens=32, max_new_tokens_limit=16) as url:
         for path in ("/generate", "/generate/stream"):
             for body, status in BAD_BODIES:
-                r = httpx.post(f"{url}{path}", content=body,
-                               headers={"content-type": "application/json"})
+                r = httpx.post(
+                    f"{url}{path}", content=body, headers={"content-type": "application/json"}
+                )
                 assert r.status_code == status, (path, body[:40], r.status_code, r.text)
                 assert r.json()["error"], r.text
         good = httpx.post(f"{url}/generate", json={"prompt": "hello", "max_new_tokens": 4})

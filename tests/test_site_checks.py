@@ -49,19 +49,23 @@ def test_tutorial_00_notebook_executes_end_to_end(tmp_path):
     shutil.copy(ROOT / "tutorials" / src.name, src)
     # The site's own first cell ("%matplotlib inline"), so figures show whatever MPLBACKEND says.
     first_cell = _load(ROOT / "docs" / "conf.py").sphinx_gallery_conf["first_notebook_cell"]
-    convert = ("import sys; from sphinx_gallery.notebook import python_to_jupyter_cli as c; "
-               "c(sys.argv[2:], sphinx_gallery_conf={'first_notebook_cell': sys.argv[1]})")
-    subprocess.run([sys.executable, "-c", convert, first_cell, str(src)], check=True,
-                   cwd=tmp_path)
+    convert = (
+        "import sys; from sphinx_gallery.notebook import python_to_jupyter_cli as c; "
+        "c(sys.argv[2:], sphinx_gallery_conf={'first_notebook_cell': sys.argv[1]})"
+    )
+    subprocess.run([sys.executable, "-c", convert, first_cell, str(src)], check=True, cwd=tmp_path)
     nb = nbformat.read(src.with_suffix(".ipynb"), as_version=4)
     nbformat.validate(nb)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     outputs = "".join(
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
     )
     assert "data parallel on 4 ranks" in outputs
     assert any(
-        "image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
+        "image/png" in o.get("data", {})
+        for c in nb.cells
+        if c.cell_type == "code"
         for o in c.get("outputs", [])
     )

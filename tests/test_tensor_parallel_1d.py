@@ -35,8 +35,9 @@ def _worker(broken: bool = False) -> dict:
     x = torch.randn(BATCH * CFG.seq_len, 16)
     xs = x.clone().requires_grad_()
     fc2(torch.relu(fc1(xs))).sum().backward()
-    col, row = L.ColumnParallelLinear.from_serial(fc1, grid), L.RowParallelLinear.from_serial(
-        fc2, grid
+    col, row = (
+        L.ColumnParallelLinear.from_serial(fc1, grid),
+        L.RowParallelLinear.from_serial(fc2, grid),
     )
     xp = x.clone().requires_grad_()
     with Ledger() as ledger:
@@ -75,9 +76,10 @@ def test_1d_block_and_linears_equal_serial_and_formula(n):
     assert out["block"]["comm_bytes"] == 4 * BATCH * CFG.seq_len * CFG.d_model * 4
     assert out["pair"]["err"] < TOL and out["whole"] < TOL
     M = BATCH * 8
-    pair = linear_cost("1d", n, M, 16, 32, kind="column").comm_bytes + linear_cost(
-        "1d", n, M, 32, 16, kind="row"
-    ).comm_bytes
+    pair = (
+        linear_cost("1d", n, M, 16, 32, kind="column").comm_bytes
+        + linear_cost("1d", n, M, 32, 16, kind="row").comm_bytes
+    )
     assert out["pair"]["comm"]["all_reduce"]["bytes"] == pair
 
 
@@ -100,8 +102,7 @@ def test_serial_block_activation_formula():
     x = torch.randn(BATCH, CFG.seq_len, CFG.d_model, requires_grad=True)
     with Ledger(model=block) as ledger:
         block(x).sum().backward()
-    cost = block_cost("1d", 1, BATCH, CFG.seq_len, CFG.d_model, CFG.mlp_ratio,
-                      n_heads=CFG.n_heads)
+    cost = block_cost("1d", 1, BATCH, CFG.seq_len, CFG.d_model, CFG.mlp_ratio, n_heads=CFG.n_heads)
     assert ledger.report()["memory"]["peak_activations"] == cost.activation_bytes
     assert cost.param_bytes == serial_block_params(CFG.d_model, CFG.mlp_ratio)
     assert cost.comm_bytes == 0

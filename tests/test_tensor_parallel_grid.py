@@ -47,8 +47,15 @@ def _fake(mode: str, shape: tuple[int, ...]) -> Grid:
     n = 1
     for s in shape:
         n *= s
-    return Grid(mode, shape, tuple(range(n)), (0,) * len(shape), None, (None,) * len(shape),
-                ((0,),) * len(shape))
+    return Grid(
+        mode,
+        shape,
+        tuple(range(n)),
+        (0,) * len(shape),
+        None,
+        (None,) * len(shape),
+        ((0,),) * len(shape),
+    )
 
 
 def test_sizes_not_divisible_by_the_grid_raise():

@@ -42,18 +42,23 @@ def _worker(skip: int | None = None, ignore_index: int = IGNORE) -> dict:
         CE._all_reduce = broken
     group, n, r = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
     logits, targets = _problem(n, ignore_index)
-    out = {"targets_on_rank": sorted({int(t) // (V // n) for t in targets.flatten()
-                                      if t != ignore_index})}
+    out = {
+        "targets_on_rank": sorted(
+            {int(t) // (V // n) for t in targets.flatten() if t != ignore_index}
+        )
+    }
     for reduction in ("mean", "sum", "none"):
         full = logits.clone().requires_grad_()
-        ref = F.cross_entropy(full.flatten(0, 1), targets.flatten(), reduction=reduction,
-                              ignore_index=ignore_index)
+        ref = F.cross_entropy(
+            full.flatten(0, 1), targets.flatten(), reduction=reduction, ignore_index=ignore_index
+        )
         w = torch.linspace(0.5, 2.0, ref.numel(), dtype=torch.float64).reshape(ref.shape)
         (ref * w).sum().backward()
         local = logits.chunk(n, dim=-1)[r].clone().requires_grad_()
         with Ledger() as ledger:
-            loss = CE.vocab_parallel_cross_entropy(local, targets, group, ignore_index,
-                                                   reduction, vocab_size=V)
+            loss = CE.vocab_parallel_cross_entropy(
+                local, targets, group, ignore_index, reduction, vocab_size=V
+            )
             loss.backward(w.reshape(loss.shape))  # d sum(loss * w): no extra op measured
         report = ledger.report()
         out[reduction] = {
@@ -141,8 +146,10 @@ def test_gather_then_cross_entropy_formula():
             full = gather_from_group(local, dist.group.WORLD, -1)
             F.cross_entropy(full.flatten(0, 1), targets.flatten()).backward()
         rep = ledger.report()
-        return {"comm": sum(c["bytes"] for c in rep["comm"]),
-                "saved": rep["memory"]["peak_activations"]}
+        return {
+            "comm": sum(c["bytes"] for c in rep["comm"]),
+            "saved": rep["memory"]["peak_activations"],
+        }
 
     out = launch(work, 2)
     cost = vocab_loss_cost(2, B * S, V, parallel=False)
@@ -169,11 +176,13 @@ def test_tensor_parallel_gpt_1d_never_gathers_the_logits():
             loss = par.loss(idx, tgt)
             loss.backward()
         comm = ledger.report()["comm"]
-        return {"err": abs(loss.item() - ref.item()),
-                "ops": sorted({c["op"] for c in comm}),
-                "bytes": sum(c["bytes"] for c in comm),
-                "logits": tuple(par.head_logits(idx).shape),
-                "forward": tuple(par(idx).shape)}
+        return {
+            "err": abs(loss.item() - ref.item()),
+            "ops": sorted({c["op"] for c in comm}),
+            "bytes": sum(c["bytes"] for c in comm),
+            "logits": tuple(par.head_logits(idx).shape),
+            "forward": tuple(par(idx).shape),
+        }
 
     n = 2
     out = launch(work, n)

@@ -58,9 +58,15 @@ def _worker(stage: int, broken: bool = False, optim: str = "adam") -> dict:
     zero_flat = torch.cat([v.reshape(-1) for v in full.values()])
     every = [None] * world
     dist.all_gather_object(every, zero_flat)
-    return {"ref": ref_flat, "zero": every, "numel": numel, "mem": memory_by_kind(mem),
-            "eval_gap": eval_gap,
-            "ddp_mem": ddp_mem, "comm": comm_totals(report)}
+    return {
+        "ref": ref_flat,
+        "zero": every,
+        "numel": numel,
+        "mem": memory_by_kind(mem),
+        "eval_gap": eval_gap,
+        "ddp_mem": ddp_mem,
+        "comm": comm_totals(report),
+    }
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -146,12 +152,14 @@ def test_fsdp2_side_by_side_matches_data_parallel_and_stage3_formula():
 
 def _clip_worker(stage: int, max_norm: float) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    ref, _, ref_norms = data_parallel_reference(rank, world, torch.optim.SGD, max_norm=max_norm,
-                                                lr=0.1, momentum=0.9)
+    ref, _, ref_norms = data_parallel_reference(
+        rank, world, torch.optim.SGD, max_norm=max_norm, lr=0.1, momentum=0.9
+    )
     # The optimizer passed as an instance: its class and hyper-parameters are reused.
     module = model(seed=0)
-    wrapped, opt = zero_wrap(module, torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9),
-                             stage=stage)
+    wrapped, opt = zero_wrap(
+        module, torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9), stage=stage
+    )
     norms = []
     for x, y in batches(rank, world):
         opt.zero_grad()
@@ -159,8 +167,12 @@ def _clip_worker(stage: int, max_norm: float) -> dict:
         norms.append(opt.clip_grad_norm_(max_norm).item())
         opt.step()
     got = torch.cat([v.reshape(-1) for v in wrapped.full_state_dict().values()])
-    return {"err": (got - flat_state(ref)).abs().max().item(), "norms": norms,
-            "ref_norms": ref_norms, "inner": type(opt.inner).__name__}
+    return {
+        "err": (got - flat_state(ref)).abs().max().item(),
+        "norms": norms,
+        "ref_norms": ref_norms,
+        "inner": type(opt.inner).__name__,
+    }
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -190,8 +202,11 @@ def _overlap_worker(stage: int) -> dict:
         if overlap:
             records = [r for r in ledger.report()["comm"] if r["op"].startswith("reduce_scatter")]
         flats.append(torch.cat([v.reshape(-1) for v in wrapped.full_state_dict().values()]))
-    return {"diff": (flats[0] - flats[1]).abs().max().item(),
-            "async": [r["async"] for r in records], "units": len(wrapped.units)}
+    return {
+        "diff": (flats[0] - flats[1]).abs().max().item(),
+        "async": [r["async"] for r in records],
+        "units": len(wrapped.units),
+    }
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -219,10 +234,12 @@ def _prefetch_worker() -> dict:
         gathers = [r for r in ledger.report()["comm"] if r["op"].startswith("all_gather")]
         out[prefetch] = {
             "flat": torch.cat([v.reshape(-1) for v in wrapped.full_state_dict().values()]),
-            "calls": len(gathers), "bytes": sum(r["bytes"] for r in gathers),
-            "async": sum(r["async"] for r in gathers), "peak": wrapped.gathered_peak_bytes,
-            "bound": wrapped.gathered_bound_bytes(), "unit_bytes": max(
-                u.gathered_bytes for u in wrapped.units if u is not wrapped.root),
+            "calls": len(gathers),
+            "bytes": sum(r["bytes"] for r in gathers),
+            "async": sum(r["async"] for r in gathers),
+            "peak": wrapped.gathered_peak_bytes,
+            "bound": wrapped.gathered_bound_bytes(),
+            "unit_bytes": max(u.gathered_bytes for u in wrapped.units if u is not wrapped.root),
             "layers": len(wrapped.units) - 1,
         }
     return out

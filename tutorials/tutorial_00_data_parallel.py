@@ -89,8 +89,10 @@ for epoch in range(EPOCHS):
         serial_losses.append(loss.item())
 serial_params = [p.detach().clone() for p in model.parameters()]
 serial_acc = accuracy(model)
-print(f"serial: {len(serial_losses)} steps, final loss {serial_losses[-1]:.4f}, "
-      f"test accuracy {serial_acc:.3f}")
+print(
+    f"serial: {len(serial_losses)} steps, final loss {serial_losses[-1]:.4f}, "
+    f"test accuracy {serial_acc:.3f}"
+)
 
 # %%
 # Data parallel, by hand
@@ -160,15 +162,21 @@ def train_worker(sync: str) -> dict:
                 local_losses.append(loss.item())
         ledger.snapshot("end")
     plain = model.module if hasattr(model, "module") else model
-    return summarize(plain, local_losses, times,
-                     comm=comm_totals(ledger.report()),
-                     buckets=model.bucket_sizes() if sync == "bucketed" else None)
+    return summarize(
+        plain,
+        local_losses,
+        times,
+        comm=comm_totals(ledger.report()),
+        buckets=model.bucket_sizes() if sync == "bucketed" else None,
+    )
 
 
 results = {"cai_labs all-reduce": launch(train_worker, WORLD_SIZE, "allreduce")}
 first = results["cai_labs all-reduce"]
-print(f"data parallel on {WORLD_SIZE} ranks: final loss {first['losses'][-1]:.4f}, "
-      f"test accuracy {first['accuracy']:.3f}")
+print(
+    f"data parallel on {WORLD_SIZE} ranks: final loss {first['losses'][-1]:.4f}, "
+    f"test accuracy {first['accuracy']:.3f}"
+)
 
 # %%
 # Check: the same gradients as one process on the full batch
@@ -194,8 +202,10 @@ def one_gradient() -> list[torch.Tensor]:
 parallel_grads = launch(one_gradient, WORLD_SIZE)
 grad_error = max((a - b).abs().max().item() for a, b in zip(parallel_grads, reference_grads))
 grad_scale = max(g.abs().max().item() for g in reference_grads)
-print(f"largest gradient entry: {grad_scale:.3e}; largest difference parallel vs serial: "
-      f"{grad_error:.3e}")
+print(
+    f"largest gradient entry: {grad_scale:.3e}; largest difference parallel vs serial: "
+    f"{grad_error:.3e}"
+)
 assert grad_error < 1e-6 * max(1.0, grad_scale), "data-parallel gradient differs from serial"
 
 # %%
@@ -210,10 +220,14 @@ assert grad_error < 1e-6 * max(1.0, grad_scale), "data-parallel gradient differs
 
 results["cai_labs bucketed"] = launch(train_worker, WORLD_SIZE, "bucketed")
 results["PyTorch DDP"] = launch(train_worker, WORLD_SIZE, "ddp")
-print("cai_labs buckets (bucket_mb=0.25) in launch order, bytes:",
-      results["cai_labs bucketed"]["buckets"])
-print("all-reduce calls per step:",
-      {k: r["comm"]["all_reduce"]["calls"] // r["steps"] for k, r in results.items()})
+print(
+    "cai_labs buckets (bucket_mb=0.25) in launch order, bytes:",
+    results["cai_labs bucketed"]["buckets"],
+)
+print(
+    "all-reduce calls per step:",
+    {k: r["comm"]["all_reduce"]["calls"] // r["steps"] for k, r in results.items()},
+)
 
 # %%
 # Colossal-AI, side by side
@@ -259,8 +273,10 @@ if HAVE_COLOSSALAI:
     results["Colossal-AI TorchDDPPlugin"] = launch(colossalai_worker, WORLD_SIZE)
     print(f"Colossal-AI {colossalai.__version__}: executed on {WORLD_SIZE} CPU ranks")
 else:
-    print("colossalai is not installed in this build: the Colossal-AI cell was shown, not run "
-          "(`nox -s colossalai` runs it against cai_labs)")
+    print(
+        "colossalai is not installed in this build: the Colossal-AI cell was shown, not run "
+        "(`nox -s colossalai` runs it against cai_labs)"
+    )
 
 # %%
 # What was sent, and how long it took
@@ -276,45 +292,51 @@ else:
 # parameters are from the serial run's.
 
 grad_bytes = sum(p.numel() * p.element_size() for p in serial_params)
-rows = [{
-    "variant": "serial (1 process)",
-    "all-reduce calls/step": 0,
-    "bytes all-reduced/step": 0,
-    "gradient bytes P": grad_bytes,
-    "sent/rank/step": 0,
-    "formula 2(N-1)/N·P": 0,
-    "step time (ms)": 1e3 * float(np.median(serial_times)),
-    "test accuracy": serial_acc,
-    "max |θ - θ_serial|": 0.0,
-}]
+rows = [
+    {
+        "variant": "serial (1 process)",
+        "all-reduce calls/step": 0,
+        "bytes all-reduced/step": 0,
+        "gradient bytes P": grad_bytes,
+        "sent/rank/step": 0,
+        "formula 2(N-1)/N·P": 0,
+        "step time (ms)": 1e3 * float(np.median(serial_times)),
+        "test accuracy": serial_acc,
+        "max |θ - θ_serial|": 0.0,
+    }
+]
 formula = round(2 * (WORLD_SIZE - 1) / WORLD_SIZE * grad_bytes)
 for name, r in results.items():
     ar = r["comm"].get("all_reduce", {"calls": 0, "bytes": 0, "sent_bytes": 0})
-    rows.append({
-        "variant": f"{name} ({WORLD_SIZE} ranks)",
-        "all-reduce calls/step": ar["calls"] / r["steps"],
-        "bytes all-reduced/step": ar["bytes"] / r["steps"],
-        "gradient bytes P": grad_bytes,
-        "sent/rank/step": ar["sent_bytes"] / r["steps"],
-        "formula 2(N-1)/N·P": formula,
-        "step time (ms)": 1e3 * r["step_time"],
-        "test accuracy": r["accuracy"],
-        "max |θ - θ_serial|": max(
-            (a - b).abs().max().item() for a, b in zip(r["params"], serial_params)
-        ),
-    })
+    rows.append(
+        {
+            "variant": f"{name} ({WORLD_SIZE} ranks)",
+            "all-reduce calls/step": ar["calls"] / r["steps"],
+            "bytes all-reduced/step": ar["bytes"] / r["steps"],
+            "gradient bytes P": grad_bytes,
+            "sent/rank/step": ar["sent_bytes"] / r["steps"],
+            "formula 2(N-1)/N·P": formula,
+            "step time (ms)": 1e3 * r["step_time"],
+            "test accuracy": r["accuracy"],
+            "max |θ - θ_serial|": max(
+                (a - b).abs().max().item() for a, b in zip(r["params"], serial_params)
+            ),
+        }
+    )
 table = pd.DataFrame(rows).set_index("variant")
 pd.set_option("display.width", 200)
-table.style.format({
-    "all-reduce calls/step": "{:.2f}",
-    "bytes all-reduced/step": "{:,.0f}",
-    "gradient bytes P": "{:,.0f}",
-    "sent/rank/step": "{:,.0f}",
-    "formula 2(N-1)/N·P": "{:,.0f}",
-    "step time (ms)": "{:.2f}",
-    "test accuracy": "{:.3f}",
-    "max |θ - θ_serial|": "{:.1e}",
-})
+table.style.format(
+    {
+        "all-reduce calls/step": "{:.2f}",
+        "bytes all-reduced/step": "{:,.0f}",
+        "gradient bytes P": "{:,.0f}",
+        "sent/rank/step": "{:,.0f}",
+        "formula 2(N-1)/N·P": "{:,.0f}",
+        "step time (ms)": "{:.2f}",
+        "test accuracy": "{:.3f}",
+        "max |θ - θ_serial|": "{:.1e}",
+    }
+)
 
 # %%
 # Each parallel row all-reduces exactly the gradient bytes once per step. (DDP averages slightly
@@ -336,15 +358,21 @@ fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
 ax1.plot(serial_losses, lw=4, alpha=0.35, color="black", label="serial")
 for name, r in results.items():
     ax1.plot(r["losses"], lw=1.2, label=name)
-ax1.set(xlabel="optimizer step", ylabel="training loss (full batch)", yscale="log",
-        title="Same loss curve, 1 process or 4 ranks")
+ax1.set(
+    xlabel="optimizer step",
+    ylabel="training loss (full batch)",
+    yscale="log",
+    title="Same loss curve, 1 process or 4 ranks",
+)
 ax1.legend()
 names = ["serial"] + list(results)
 step_ms = [1e3 * float(np.median(serial_times))] + [1e3 * r["step_time"] for r in results.values()]
 ax2.barh(names, step_ms, color=["gray"] + ["C0", "C1", "C2", "C3"][: len(results)])
 ax2.invert_yaxis()
-ax2.set(xlabel="median step time (ms), measured in this build",
-        title=f"{WORLD_SIZE} CPU ranks on shared cores")
+ax2.set(
+    xlabel="median step time (ms), measured in this build",
+    title=f"{WORLD_SIZE} CPU ranks on shared cores",
+)
 fig.tight_layout()
 
 # %%

@@ -91,8 +91,10 @@ texts = stdlib_docstrings()
 tokenizer = train_wordpiece(texts, vocab_size=VOCAB)
 stream = token_stream(tokenizer, texts)
 MASK_ID, PAD_ID = tokenizer.token_to_id("[MASK]"), tokenizer.token_to_id("[PAD]")
-print(f"{len(texts):,} docstring paragraphs, {sum(map(len, texts)):,} characters -> "
-      f"{len(stream):,} tokens ({time.perf_counter() - start:.1f} s)")
+print(
+    f"{len(texts):,} docstring paragraphs, {sum(map(len, texts)):,} characters -> "
+    f"{len(stream):,} tokens ({time.perf_counter() - start:.1f} s)"
+)
 example = tokenizer.encode(texts[1][:90])
 print("text:  ", texts[1][:90])
 print("pieces:", example.tokens)
@@ -100,13 +102,16 @@ print("pieces:", example.tokens)
 
 def batch_at(step: int, seq_len: int = SEQ_LEN, batch: int = BATCH):
     """MLM batch number ``step``: 15 % of real tokens are targets; some rows end in padding."""
-    return mlm_batch(stream, batch, seq_len, step, vocab_size=VOCAB, mask_id=MASK_ID,
-                     pad_id=PAD_ID, seed=SEED)
+    return mlm_batch(
+        stream, batch, seq_len, step, vocab_size=VOCAB, mask_id=MASK_ID, pad_id=PAD_ID, seed=SEED
+    )
 
 
 b0 = batch_at(0)
-print(f"batch: input_ids {tuple(b0.input_ids.shape)}, real tokens per row "
-      f"{b0.attention_mask.sum(1).tolist()}, targets {(b0.labels != -100).sum().item()}")
+print(
+    f"batch: input_ids {tuple(b0.input_ids.shape)}, real tokens per row "
+    f"{b0.attention_mask.sum(1).tolist()}, targets {(b0.labels != -100).sum().item()}"
+)
 
 # %%
 # Ring self-attention
@@ -141,8 +146,9 @@ ATT_B, ATT_H, ATT_L, ATT_D = 2, 4, 32, 8
 
 def attention_inputs():
     g = torch.Generator().manual_seed(SEED)
-    q, k, v, d_out = (torch.randn(ATT_B, ATT_H, ATT_L, ATT_D, generator=g, dtype=torch.float64)
-                      for _ in range(4))
+    q, k, v, d_out = (
+        torch.randn(ATT_B, ATT_H, ATT_L, ATT_D, generator=g, dtype=torch.float64) for _ in range(4)
+    )
     mask = torch.ones(ATT_B, ATT_L, dtype=torch.long)
     mask[0, 21:] = 0
     mask[1, 5:9] = 0
@@ -173,8 +179,16 @@ rows = []
 for n in (2, 4):
     for name, got in launch(attention_worker, n).items():
         errors = [(a - b).abs().max().item() for a, b in zip(got, reference)]
-        rows.append({"variant": name, "N": n, "max |Δ output|": errors[0], "max |Δ dQ|": errors[1],
-                     "max |Δ dK|": errors[2], "max |Δ dV|": errors[3]})
+        rows.append(
+            {
+                "variant": name,
+                "N": n,
+                "max |Δ output|": errors[0],
+                "max |Δ dQ|": errors[1],
+                "max |Δ dK|": errors[2],
+                "max |Δ dV|": errors[3],
+            }
+        )
         assert max(errors) < 1e-12, f"{name} on {n} ranks differs from serial attention"
 pd.DataFrame(rows).set_index(["variant", "N"]).style.format("{:.1e}")
 
@@ -215,12 +229,15 @@ def train_worker(sp: int, attention: str, steps: int = STEPS) -> dict:
     with Ledger(model=model, optimizer=optimizer, track_activations=False) as ledger:
         for step in range(steps):
             b = batch_at(step)
-            parts = [split_sequence(t[rows_mine], grid.sp_rank, sp)
-                     for t in (b.input_ids, b.attention_mask, b.labels)]
+            parts = [
+                split_sequence(t[rows_mine], grid.sp_rank, sp)
+                for t in (b.input_ids, b.attention_mask, b.labels)
+            ]
             start = time.perf_counter()
             optimizer.zero_grad()
-            loss = sequence_parallel_mlm_loss(model, *parts, attention=attention,
-                                              group=grid.sp_group, loss_group=dist.group.WORLD)
+            loss = sequence_parallel_mlm_loss(
+                model, *parts, attention=attention, group=grid.sp_group, loss_group=dist.group.WORLD
+            )
             loss.backward()
             allreduce_sum_gradients(model)  # SP shares and DP replicas: one sum over all ranks
             optimizer.step()
@@ -228,8 +245,12 @@ def train_worker(sp: int, attention: str, steps: int = STEPS) -> dict:
             losses.append(loss.detach())
     losses = torch.stack(losses)
     dist.all_reduce(losses)  # the ranks' shares add up to the batch loss
-    return {"losses": losses.tolist(), "step_time": float(np.median(times[2:])),
-            "comm": comm_totals(ledger.report()), "steps": steps}
+    return {
+        "losses": losses.tolist(),
+        "step_time": float(np.median(times[2:])),
+        "comm": comm_totals(ledger.report()),
+        "steps": steps,
+    }
 
 
 def serial_training(steps: int = STEPS) -> dict:
@@ -252,20 +273,26 @@ def serial_training(steps: int = STEPS) -> dict:
 runs = {"SP=1 (serial transformers)": serial_training()}
 for sp in SP_SIZES[1:]:
     runs[f"SP={sp} ring"] = launch(train_worker, sp, sp, "ring")
-runs[f"SP={SP_SIZES[-1]} all-to-all"] = launch(train_worker, SP_SIZES[-1], SP_SIZES[-1],
-                                               "all_to_all")
+runs[f"SP={SP_SIZES[-1]} all-to-all"] = launch(
+    train_worker, SP_SIZES[-1], SP_SIZES[-1], "all_to_all"
+)
 serial_losses = runs["SP=1 (serial transformers)"]["losses"]
 for name, r in runs.items():
     gap = max(abs(a - b) for a, b in zip(r["losses"], serial_losses))
-    print(f"{name:28s} loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}   "
-          f"max |loss - serial| over {STEPS} steps: {gap:.1e}")
+    print(
+        f"{name:28s} loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}   "
+        f"max |loss - serial| over {STEPS} steps: {gap:.1e}"
+    )
     assert gap < 1e-3, f"{name} drifted from the serial loss curve"
 
 fig, ax = plt.subplots(figsize=(7, 4))
 for i, (name, r) in enumerate(runs.items()):
     ax.plot(r["losses"], lw=5 - 1.2 * i, alpha=0.6, label=name)
-ax.set(xlabel="optimizer step", ylabel="MLM loss (whole batch)",
-       title="Same weights, same batches: one loss curve for SP = 1, 2, 4")
+ax.set(
+    xlabel="optimizer step",
+    ylabel="MLM loss (whole batch)",
+    title="Same weights, same batches: one loss curve for SP = 1, 2, 4",
+)
 ax.legend()
 fig.tight_layout()
 
@@ -328,9 +355,11 @@ serial_points = mem[mem.N == 1]
 design = np.stack([serial_points.L**2, serial_points.L], axis=1).astype(float)
 (a_fit, b_fit), *_ = np.linalg.lstsq(design, serial_points.peak_bytes.to_numpy(), rcond=None)
 a_probs = LAYERS * MEMORY_BATCH * HEADS * 4  # bytes of attention probabilities per L^2
-print(f"fitted a = {a_fit:.0f} bytes per L^2 (attention probabilities alone: "
-      f"{LAYERS} layers x B={MEMORY_BATCH} x H={HEADS} x 4 bytes = {a_probs}); "
-      f"b = {b_fit:,.0f} bytes per token")
+print(
+    f"fitted a = {a_fit:.0f} bytes per L^2 (attention probabilities alone: "
+    f"{LAYERS} layers x B={MEMORY_BATCH} x H={HEADS} x 4 bytes = {a_probs}); "
+    f"b = {b_fit:,.0f} bytes per token"
+)
 predicted = (a_fit * mem.L**2 + b_fit * mem.L) / mem.N
 worst = ((mem.peak_bytes - predicted).abs() / mem.peak_bytes).max()
 print(f"largest relative gap between measured peaks (all N) and (a L² + b L)/N: {worst:.1%}")
@@ -344,21 +373,30 @@ def predicted_max_length(n: int) -> float:
 
 
 fits = mem[mem.peak_bytes <= budget].groupby("N").L.max()
-table = pd.DataFrame({
-    "longest L within budget (measured)": fits,
-    "peak at that L (MiB)": [mem[(n == mem.N) & (fits[n] == mem.L)].peak_bytes.item() / 2**20
-                             for n in fits.index],
-    "ratio to N=1 (measured)": fits / fits[1],
-    "formula (a L² + b L)/N ≤ budget": [predicted_max_length(n) for n in fits.index],
-    "ratio to N=1 (formula)": [predicted_max_length(n) / predicted_max_length(1)
-                               for n in fits.index],
-})
+table = pd.DataFrame(
+    {
+        "longest L within budget (measured)": fits,
+        "peak at that L (MiB)": [
+            mem[(n == mem.N) & (fits[n] == mem.L)].peak_bytes.item() / 2**20 for n in fits.index
+        ],
+        "ratio to N=1 (measured)": fits / fits[1],
+        "formula (a L² + b L)/N ≤ budget": [predicted_max_length(n) for n in fits.index],
+        "ratio to N=1 (formula)": [
+            predicted_max_length(n) / predicted_max_length(1) for n in fits.index
+        ],
+    }
+)
 table.index.name = f"N (budget {MEMORY_BUDGET_MB:g} MiB/rank)"
 assert fits[SP_SIZES[-1]] > fits[1], "more sequence-parallel ranks should fit longer sequences"
-table.style.format({"longest L within budget (measured)": "{:,.0f}",
-                    "peak at that L (MiB)": "{:.2f}", "ratio to N=1 (measured)": "{:.2f}",
-                    "formula (a L² + b L)/N ≤ budget": "{:,.0f}",
-                    "ratio to N=1 (formula)": "{:.2f}"})
+table.style.format(
+    {
+        "longest L within budget (measured)": "{:,.0f}",
+        "peak at that L (MiB)": "{:.2f}",
+        "ratio to N=1 (measured)": "{:.2f}",
+        "formula (a L² + b L)/N ≤ budget": "{:,.0f}",
+        "ratio to N=1 (formula)": "{:.2f}",
+    }
+)
 
 # %%
 # The all-to-all variant keeps the same tensors in another layout (``[B, H/N, L, L]``
@@ -374,8 +412,10 @@ def variant_memory_worker(length: int) -> dict:
 COMPARE_L = 4 * LENGTH_STEP
 for sp in SP_SIZES[1:]:
     peaks = launch(variant_memory_worker, sp, COMPARE_L)
-    print(f"N={sp}, L={COMPARE_L}: peak activations per rank, ring {peaks['ring']:.2f} MiB, "
-          f"all-to-all {peaks['all_to_all']:.2f} MiB")
+    print(
+        f"N={sp}, L={COMPARE_L}: peak activations per rank, ring {peaks['ring']:.2f} MiB, "
+        f"all-to-all {peaks['all_to_all']:.2f} MiB"
+    )
 
 # %%
 # With :math:`N` ranks the longest sequence grows, but by less than :math:`N`: where the
@@ -388,11 +428,20 @@ grid_l = np.linspace(LENGTH_STEP, mem.L.max(), 100)
 for i, n in enumerate(SP_SIZES):
     pts = mem[n == mem.N]
     ax.plot(pts.L, pts.peak_bytes / 2**20, "o", color=f"C{i}", label=f"N={n} measured")
-    ax.plot(grid_l, (a_fit * grid_l**2 + b_fit * grid_l) / n / 2**20, "-", color=f"C{i}",
-            alpha=0.5, label=f"N={n} (a L² + b L)/N")
+    ax.plot(
+        grid_l,
+        (a_fit * grid_l**2 + b_fit * grid_l) / n / 2**20,
+        "-",
+        color=f"C{i}",
+        alpha=0.5,
+        label=f"N={n} (a L² + b L)/N",
+    )
 ax.axhline(MEMORY_BUDGET_MB, color="black", ls="--", label="budget")
-ax.set(xlabel="sequence length L", ylabel="peak activation memory per rank (MiB)",
-       title="Activation memory per rank, measured by the ledger")
+ax.set(
+    xlabel="sequence length L",
+    ylabel="peak activation memory per rank (MiB)",
+    title="Activation memory per rank, measured by the ledger",
+)
 ax.legend(fontsize=8)
 fig.tight_layout()
 
@@ -415,25 +464,36 @@ fig.tight_layout()
 rows = []
 for name, r in runs.items():
     n = 1 if name.startswith("SP=1") else int(name.split()[0].split("=")[1])
-    chunk = (BATCH * (SEQ_LEN // n) * HIDDEN * 4)
+    chunk = BATCH * (SEQ_LEN // n) * HIDDEN * 4
     attn = r["comm"].get("isend", {}).get("sent_bytes", 0) + r["comm"].get(
-        "all_to_all_single", {}).get("sent_bytes", 0)
-    formula = 0 if n == 1 else LAYERS * (8 * (n - 1) / n * chunk if "all-to-all" in name
-                                         else 6 * (n - 1) * chunk)
+        "all_to_all_single", {}
+    ).get("sent_bytes", 0)
+    formula = (
+        0
+        if n == 1
+        else LAYERS * (8 * (n - 1) / n * chunk if "all-to-all" in name else 6 * (n - 1) * chunk)
+    )
     grads = r["comm"].get("all_reduce", {}).get("sent_bytes", 0)
-    rows.append({
-        "run": name,
-        "attention bytes sent/rank/step": attn / r["steps"],
-        "formula": formula,
-        "gradient all-reduce bytes/rank/step": grads / r["steps"],
-        "step time (ms)": 1e3 * r["step_time"],
-        "tokens/s": BATCH * SEQ_LEN / r["step_time"],
-    })
+    rows.append(
+        {
+            "run": name,
+            "attention bytes sent/rank/step": attn / r["steps"],
+            "formula": formula,
+            "gradient all-reduce bytes/rank/step": grads / r["steps"],
+            "step time (ms)": 1e3 * r["step_time"],
+            "tokens/s": BATCH * SEQ_LEN / r["step_time"],
+        }
+    )
     assert abs(attn / r["steps"] - formula) <= 1, f"{name}: measured traffic != formula"
-pd.DataFrame(rows).set_index("run").style.format({
-    "attention bytes sent/rank/step": "{:,.0f}", "formula": "{:,.0f}",
-    "gradient all-reduce bytes/rank/step": "{:,.0f}", "step time (ms)": "{:.1f}",
-    "tokens/s": "{:,.0f}"})
+pd.DataFrame(rows).set_index("run").style.format(
+    {
+        "attention bytes sent/rank/step": "{:,.0f}",
+        "formula": "{:,.0f}",
+        "gradient all-reduce bytes/rank/step": "{:,.0f}",
+        "step time (ms)": "{:.1f}",
+        "tokens/s": "{:,.0f}",
+    }
+)
 
 # %%
 # Measured bytes equal the formulas exactly. The times are from processes of one thread each
@@ -452,8 +512,10 @@ pd.DataFrame(rows).set_index("run").style.format({
 
 sp_dp = launch(train_worker, 4, 2, "ring")
 gap = max(abs(a - b) for a, b in zip(sp_dp["losses"], serial_losses))
-print(f"SP=2 x DP=2: loss {sp_dp['losses'][0]:.3f} -> {sp_dp['losses'][-1]:.3f}, "
-      f"max |loss - serial| over {STEPS} steps: {gap:.1e}")
+print(
+    f"SP=2 x DP=2: loss {sp_dp['losses'][0]:.3f} -> {sp_dp['losses'][-1]:.3f}, "
+    f"max |loss - serial| over {STEPS} steps: {gap:.1e}"
+)
 assert gap < 1e-3, "SP x DP drifted from the serial loss curve"
 
 # %%
@@ -493,8 +555,9 @@ assert gap < 1e-3, "SP x DP drifted from the serial loss curve"
 
 def pipelined_worker(sp: int, dp: int, pp: int, n_micro: int) -> dict:
     groups = make_sequence_groups(sp, dp, pp)
-    pipe = PipelinedSequenceBert(BertForMaskedLM.from_pretrained(checkpoint), groups,
-                                 n_micro=n_micro, schedule="1f1b")  # grad_sum="replica"
+    pipe = PipelinedSequenceBert(
+        BertForMaskedLM.from_pretrained(checkpoint), groups, n_micro=n_micro, schedule="1f1b"
+    )  # grad_sum="replica"
     optimizer = torch.optim.AdamW(pipe.stage.parameters(), lr=LR)
     # Activation bytes held right after each part of the stage ran forward (its last call):
     # with one micro-batch they split the peak into embeddings, each layer, and head + loss.
@@ -503,10 +566,12 @@ def pipelined_worker(sp: int, dp: int, pp: int, n_micro: int) -> dict:
     def mark(name):
         def hook(module, args, output):
             marks[name] = current["ledger"].live_activations
+
         return hook
 
     parts = ([("embeddings", pipe.stage.embeddings)] if pipe.stage.is_first else []) + [
-        (f"layer {i}", layer.output) for i, layer in enumerate(pipe.stage.layers)]
+        (f"layer {i}", layer.output) for i, layer in enumerate(pipe.stage.layers)
+    ]
     for name, module in parts:
         module.register_forward_hook(mark(name))
     losses = []
@@ -520,31 +585,49 @@ def pipelined_worker(sp: int, dp: int, pp: int, n_micro: int) -> dict:
     with Ledger(track_activations=False) as two_step:
         pipe.sum_gradients()
     stage_bytes = sum(p.numel() * p.element_size() for p in pipe.stage.parameters())
-    mine = {"rank": dist.get_rank(), "replica": groups.dp_rank, "stage": groups.pp_rank,
-            "sp rank": groups.sp_rank, "layers": len(pipe.stage.layer_ids),
-            "stage param bytes": stage_bytes, "tied": bool(pipe.tied),
-            "peak": ledger.peak_activations, "marks": marks,
-            **traffic_by_kind(ledger.report(), groups),
-            "grad all-reduce, SP then DP": traffic_by_kind(two_step.report(),
-                                                           groups)["grad all-reduce"]}
+    mine = {
+        "rank": dist.get_rank(),
+        "replica": groups.dp_rank,
+        "stage": groups.pp_rank,
+        "sp rank": groups.sp_rank,
+        "layers": len(pipe.stage.layer_ids),
+        "stage param bytes": stage_bytes,
+        "tied": bool(pipe.tied),
+        "peak": ledger.peak_activations,
+        "marks": marks,
+        **traffic_by_kind(ledger.report(), groups),
+        "grad all-reduce, SP then DP": traffic_by_kind(two_step.report(), groups)[
+            "grad all-reduce"
+        ],
+    }
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     return {"losses": losses, "ranks": every}
 
 
-LAYOUTS = {"SP=2": (2, 1, 1, 1), "SP=2 x PP=2": (2, 1, 2, PIPE_MICRO),
-           "SP=2 x DP=2 x PP=2": (2, 2, 2, PIPE_MICRO)}
-hybrid = {name: launch(pipelined_worker, sp * dp * pp, sp, dp, pp, m)
-          for name, (sp, dp, pp, m) in LAYOUTS.items()}
-loss_table = pd.DataFrame({"serial transformers": serial_losses[:PIPE_STEPS],
-                           **{name: r["losses"] for name, r in hybrid.items()}})
+LAYOUTS = {
+    "SP=2": (2, 1, 1, 1),
+    "SP=2 x PP=2": (2, 1, 2, PIPE_MICRO),
+    "SP=2 x DP=2 x PP=2": (2, 2, 2, PIPE_MICRO),
+}
+hybrid = {
+    name: launch(pipelined_worker, sp * dp * pp, sp, dp, pp, m)
+    for name, (sp, dp, pp, m) in LAYOUTS.items()
+}
+loss_table = pd.DataFrame(
+    {
+        "serial transformers": serial_losses[:PIPE_STEPS],
+        **{name: r["losses"] for name, r in hybrid.items()},
+    }
+)
 loss_table.index.name = "step"
 for name in LAYOUTS:
     gap = (loss_table[name] - loss_table["serial transformers"]).abs().max()
     loss_table.loc["max |Δ| vs serial", name] = gap
     assert gap < 1e-5, f"{name} does not give the serial loss"
 loss_table.style.format("{:.6f}", na_rep="").format(
-    "{:.1e}", na_rep="", subset=pd.IndexSlice["max |Δ| vs serial", :])
+    "{:.1e}", na_rep="", subset=pd.IndexSlice["max |Δ| vs serial", :]
+)
 
 # %%
 # Same losses, step for step, to float32 rounding. Now what each rank sent in one step, next to
@@ -585,18 +668,24 @@ for name, (sp, dp, pp, _) in LAYOUTS.items():
         assert worst <= 1, (name, r["rank"], {k: (r[k], formula[k]) for k in KINDS + [TWO_STEP]})
         if sp > 1 and dp > 1:
             assert r["grad all-reduce"] < r[TWO_STEP], "one all-reduce should send less"
-        rows.append({"layout": name, "rank": r["rank"],
-                     "(replica, stage, sp)": f"({r['replica']}, {r['stage']}, {r['sp rank']})",
-                     **{kind: r[kind] / 1e3 for kind in KINDS},
-                     "total (kB)": sum(r[kind] for kind in KINDS) / 1e3,
-                     "formula total (kB)": sum(formula[kind] for kind in KINDS) / 1e3,
-                     "max |measured - formula| per kind (B)": worst,
-                     f"{TWO_STEP} (kB)": r[TWO_STEP] / 1e3,
-                     "its formula (kB)": formula[TWO_STEP] / 1e3})
+        rows.append(
+            {
+                "layout": name,
+                "rank": r["rank"],
+                "(replica, stage, sp)": f"({r['replica']}, {r['stage']}, {r['sp rank']})",
+                **{kind: r[kind] / 1e3 for kind in KINDS},
+                "total (kB)": sum(r[kind] for kind in KINDS) / 1e3,
+                "formula total (kB)": sum(formula[kind] for kind in KINDS) / 1e3,
+                "max |measured - formula| per kind (B)": worst,
+                f"{TWO_STEP} (kB)": r[TWO_STEP] / 1e3,
+                "its formula (kB)": formula[TWO_STEP] / 1e3,
+            }
+        )
 traffic = pd.DataFrame(rows).set_index(["layout", "rank"])
-traffic.style.format("{:,.1f}", subset=KINDS + ["total (kB)", "formula total (kB)",
-                                                f"{TWO_STEP} (kB)", "its formula (kB)"]).format(
-    "{:.0f}", subset=["max |measured - formula| per kind (B)"])
+traffic.style.format(
+    "{:,.1f}",
+    subset=KINDS + ["total (kB)", "formula total (kB)", f"{TWO_STEP} (kB)", "its formula (kB)"],
+).format("{:.0f}", subset=["max |measured - formula| per kind (B)"])
 
 # %%
 # Every cell (kB sent by that rank in one step) equals its formula to the byte; the page
@@ -641,18 +730,25 @@ per_token = {
     "c": (layer_marks[-1] - sp_only["marks"]["embeddings"]) / LAYERS / tokens_sp_only,
     "h": (sp_only["peak"] - layer_marks[-1]) / tokens_sp_only,
 }
-print("fitted on SP=2, bytes per local token: embeddings e = {e:,.0f}, one layer c = {c:,.0f}, "
-      "head + loss h = {h:,.0f}".format(**per_token))
-print(f"  (attention probabilities alone: H x L x 4 = {HEADS * SEQ_LEN * 4:,} bytes per token "
-      f"per layer; logits alone: V x 4 = {VOCAB * 4:,})")
+print(
+    "fitted on SP=2, bytes per local token: embeddings e = {e:,.0f}, one layer c = {c:,.0f}, "
+    "head + loss h = {h:,.0f}".format(**per_token)
+)
+print(
+    f"  (attention probabilities alone: H x L x 4 = {HEADS * SEQ_LEN * 4:,} bytes per token "
+    f"per layer; logits alone: V x 4 = {VOCAB * 4:,})"
+)
 
 
 def peak_formula(r: dict, sp: int, dp: int, pp: int, n_micro: int) -> tuple[int, float]:
     """Micro-batches in flight and predicted peak bytes of rank ``r``."""
     in_flight = min(pp - r["stage"], n_micro)
     tokens = BATCH // (dp * n_micro) * SEQ_LEN // sp
-    per_token_bytes = (per_token["e"] * (r["stage"] == 0) + per_token["c"] * r["layers"]
-                       + per_token["h"] * (r["stage"] == pp - 1))
+    per_token_bytes = (
+        per_token["e"] * (r["stage"] == 0)
+        + per_token["c"] * r["layers"]
+        + per_token["h"] * (r["stage"] == pp - 1)
+    )
     return in_flight, in_flight * tokens * per_token_bytes
 
 
@@ -661,14 +757,19 @@ memory_rows = []
 for name, (sp, dp, pp, m) in LAYOUTS.items():
     for r in hybrid[name]["ranks"]:
         in_flight, predicted_peak = peak_formula(r, sp, dp, pp, m)
-        memory_rows.append({"layout": name, "rank": r["rank"],
-                            "(replica, stage, sp)": f"({r['replica']}, {r['stage']}, "
-                                                    f"{r['sp rank']})",
-                            "layers": r["layers"], "in flight k_s": in_flight,
-                            "peak activations (MiB)": r["peak"] / 2**20,
-                            "formula (MiB)": predicted_peak / 2**20,
-                            "measured / formula": r["peak"] / predicted_peak,
-                            "vs SP=2 alone": r["peak"] / sp_only_peak})
+        memory_rows.append(
+            {
+                "layout": name,
+                "rank": r["rank"],
+                "(replica, stage, sp)": f"({r['replica']}, {r['stage']}, {r['sp rank']})",
+                "layers": r["layers"],
+                "in flight k_s": in_flight,
+                "peak activations (MiB)": r["peak"] / 2**20,
+                "formula (MiB)": predicted_peak / 2**20,
+                "measured / formula": r["peak"] / predicted_peak,
+                "vs SP=2 alone": r["peak"] / sp_only_peak,
+            }
+        )
 memory_table = pd.DataFrame(memory_rows).set_index(["layout", "rank"])
 print(memory_table[["measured / formula"]].T.to_string())
 for name in list(LAYOUTS)[1:]:
@@ -676,8 +777,14 @@ for name in list(LAYOUTS)[1:]:
 formula_gap = (memory_table["measured / formula"] - 1).abs().max()
 print(f"largest |measured / formula - 1| over all ranks: {formula_gap:.1%}")
 assert formula_gap < 0.05, f"peak activations differ from the fitted formula by {formula_gap:.1%}"
-memory_table.style.format({"peak activations (MiB)": "{:.2f}", "formula (MiB)": "{:.2f}",
-                           "measured / formula": "{:.3f}", "vs SP=2 alone": "{:.2f}"})
+memory_table.style.format(
+    {
+        "peak activations (MiB)": "{:.2f}",
+        "formula (MiB)": "{:.2f}",
+        "measured / formula": "{:.3f}",
+        "vs SP=2 alone": "{:.2f}",
+    }
+)
 
 # %%
 # The formula, with three constants fitted on the SP=2 run, predicts the peak of every rank of

@@ -91,8 +91,9 @@ def make_resnet(dtype=torch.float32):
 
 def make_gpt(dtype=torch.float32):
     torch.manual_seed(SEED)
-    return Block(GPT_CFG).to(dtype), torch.randn(GPT_BATCH, GPT_CFG.seq_len, GPT_CFG.d_model,
-                                                 dtype=dtype)
+    return Block(GPT_CFG).to(dtype), torch.randn(
+        GPT_BATCH, GPT_CFG.seq_len, GPT_CFG.d_model, dtype=dtype
+    )
 
 
 # %%
@@ -109,13 +110,24 @@ for name, make in MAKERS.items():
     gm = trace(model, x)
     graphs[name] = build_strategy_graph(gm, MESH, profile_saved(gm, x))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{name}: {len(gm.graph.nodes)} nodes, {n_params:,} parameters, "
-          f"ops {dict(Counter(i.op for i in graphs[name].nodes.values()).most_common(6))}")
+    print(
+        f"{name}: {len(gm.graph.nodes)} nodes, {n_params:,} parameters, "
+        f"ops {dict(Counter(i.op for i in graphs[name].nodes.values()).most_common(6))}"
+    )
 
 sg = graphs["GPT block"]
-pd.DataFrame([{"node": n, "op": i.op, "output shape": i.shape,
-               "strategies": len(i.strategies), "kept for backward": i.value_saved}
-              for n, i in sg.nodes.items()]).set_index("node")
+pd.DataFrame(
+    [
+        {
+            "node": n,
+            "op": i.op,
+            "output shape": i.shape,
+            "strategies": len(i.strategies),
+            "kept for backward": i.value_saved,
+        }
+        for n, i in sg.nodes.items()
+    ]
+).set_index("node")
 
 # %%
 # The attention module is one node: its reshapes between ``(b, s, d)`` and ``(b, h, s, d/h)``
@@ -134,12 +146,22 @@ pd.DataFrame([{"node": n, "op": i.op, "output shape": i.shape,
 # ``mlp.fc1``'s, with their per-rank forward FLOPs, parameter bytes and collectives (buffer bytes).
 
 fc1 = sg.nodes["mlp_fc1"]
-pd.DataFrame([{
-    "strategy": s.name, "meaning": s.describe(), "input layout": "".join(s.in_layouts[0]),
-    "output layout": "".join(s.out_layout), "MFLOP/rank": s.flops / 1e6,
-    "param bytes/rank": s.param_bytes,
-    "collectives": "; ".join(f"{c.phase} {c.op} axes{c.axes} {c.nbytes:,} B" for c in s.comm),
-} for s in fc1.strategies]).set_index("strategy").style.format({"MFLOP/rank": "{:.2f}"})
+pd.DataFrame(
+    [
+        {
+            "strategy": s.name,
+            "meaning": s.describe(),
+            "input layout": "".join(s.in_layouts[0]),
+            "output layout": "".join(s.out_layout),
+            "MFLOP/rank": s.flops / 1e6,
+            "param bytes/rank": s.param_bytes,
+            "collectives": "; ".join(
+                f"{c.phase} {c.op} axes{c.axes} {c.nbytes:,} B" for c in s.comm
+            ),
+        }
+        for s in fc1.strategies
+    ]
+).set_index("strategy").style.format({"MFLOP/rank": "{:.2f}"})
 
 # %%
 # 3. Calibrating the cost model on this machine
@@ -171,20 +193,33 @@ def calibrate_worker() -> dict:
 
 
 cal = launch(calibrate_worker, MESH.size)
-machines = {name: fit_compute_scale(graphs[name], cal["machine"], cal["serial"][name])
-            for name in MAKERS}
+machines = {
+    name: fit_compute_scale(graphs[name], cal["machine"], cal["serial"][name]) for name in MAKERS
+}
 m0 = cal["machine"]
-pd.DataFrame([{"op": op, "mesh axes": str(axes), "alpha (µs)": 1e6 * m0.alpha[(op, axes)],
-               "bandwidth 1/beta (MB/s)": 1e-6 / m0.beta[(op, axes)]}
-              for (op, axes) in m0.alpha]).set_index(["op", "mesh axes"]).style.format("{:.1f}")
+pd.DataFrame(
+    [
+        {
+            "op": op,
+            "mesh axes": str(axes),
+            "alpha (µs)": 1e6 * m0.alpha[(op, axes)],
+            "bandwidth 1/beta (MB/s)": 1e-6 / m0.beta[(op, axes)],
+        }
+        for (op, axes) in m0.alpha
+    ]
+).set_index(["op", "mesh axes"]).style.format("{:.1f}")
 
 # %%
-print(f"FLOP rates: matmul {m0.flop_rate['matmul'] / 1e9:.1f} GFLOP/s, conv "
-      f"{m0.flop_rate['conv'] / 1e9:.1f} GFLOP/s; per-op overhead {1e6 * m0.overhead:.1f} µs; "
-      f"element-wise {m0.mem_bw / 1e9:.2f} GB/s")
+print(
+    f"FLOP rates: matmul {m0.flop_rate['matmul'] / 1e9:.1f} GFLOP/s, conv "
+    f"{m0.flop_rate['conv'] / 1e9:.1f} GFLOP/s; per-op overhead {1e6 * m0.overhead:.1f} µs; "
+    f"element-wise {m0.mem_bw / 1e9:.2f} GB/s"
+)
 for name in MAKERS:
-    print(f"{name}: serial step {1e3 * cal['serial'][name]:.1f} ms per rank -> compute scale "
-          f"{machines[name].compute_scale:.2f}")
+    print(
+        f"{name}: serial step {1e3 * cal['serial'][name]:.1f} ms per rank -> compute scale "
+        f"{machines[name].compute_scale:.2f}"
+    )
 
 # %%
 # Note the latency of a collective over all 4 ranks compared with one over a pair: on 2 shared
@@ -209,16 +244,17 @@ for name in MAKERS:
     rep = plan_cost(sgn, mach, replicated_plan(sgn))
     fastest[name] = solve(sgn, mach)
     least = minimum_memory(sgn, mach)
-    budgets[name] = fastest[name].cost.memory - MEMORY_SQUEEZE * (
-        fastest[name].cost.memory - least)
+    budgets[name] = fastest[name].cost.memory - MEMORY_SQUEEZE * (fastest[name].cost.memory - least)
     solutions[name] = solve(sgn, mach, memory_budget=budgets[name])
     s = solutions[name]
-    print(f"{name}: replicated plan {rep.memory / 2**20:.2f} MiB/rank, fastest plan "
-          f"{fastest[name].cost.memory / 2**20:.2f} MiB ({1e3 * fastest[name].cost.time:.1f} ms, "
-          f"{fastest[name].method}), "
-          f"smallest {least / 2**20:.2f} MiB. Budget {budgets[name] / 2**20:.2f} MiB: plan "
-          f"predicts {s.cost.memory / 2**20:.2f} MiB and {1e3 * s.cost.time:.1f} ms; solved in "
-          f"{s.seconds:.2f} s ({s.method})")
+    print(
+        f"{name}: replicated plan {rep.memory / 2**20:.2f} MiB/rank, fastest plan "
+        f"{fastest[name].cost.memory / 2**20:.2f} MiB ({1e3 * fastest[name].cost.time:.1f} ms, "
+        f"{fastest[name].method}), "
+        f"smallest {least / 2**20:.2f} MiB. Budget {budgets[name] / 2**20:.2f} MiB: plan "
+        f"predicts {s.cost.memory / 2**20:.2f} MiB and {1e3 * s.cost.time:.1f} ms; solved in "
+        f"{s.seconds:.2f} s ({s.method})"
+    )
 try:  # a budget no plan can meet is an error that says what would fit
     solve(graphs["GPT block"], machines["GPT block"], memory_budget=0.1 * budgets["GPT block"])
 except MemoryBudgetError as err:
@@ -232,8 +268,15 @@ def plan_table(name: str, plan: dict) -> pd.DataFrame:
         if i.op in ("placeholder", "output"):
             continue
         s = i.strategies[plan[n]]
-        rows.append({"node": n, "op": i.op, "strategy": s.name, "meaning": s.describe(),
-                     "output layout": "".join(s.out_layout)})
+        rows.append(
+            {
+                "node": n,
+                "op": i.op,
+                "strategy": s.name,
+                "meaning": s.describe(),
+                "output layout": "".join(s.out_layout),
+            }
+        )
     return pd.DataFrame(rows).set_index("node")
 
 
@@ -291,13 +334,22 @@ for name, make in MAKERS.items():
     y.square().mean().backward()
     yp, grads = parallel[name]
     out_err = (yp - y).abs().max().item() / y.abs().max().item()
-    grad_err = max((grads[n] - p.grad).abs().max().item() / p.grad.abs().max().item()
-                   for n, p in model.named_parameters())
-    rows.append({"model": name, "max rel. error, output": out_err,
-                 "max rel. error, gradients": grad_err, "gradient tensors": len(grads)})
+    grad_err = max(
+        (grads[n] - p.grad).abs().max().item() / p.grad.abs().max().item()
+        for n, p in model.named_parameters()
+    )
+    rows.append(
+        {
+            "model": name,
+            "max rel. error, output": out_err,
+            "max rel. error, gradients": grad_err,
+            "gradient tensors": len(grads),
+        }
+    )
     assert out_err < 1e-9 and grad_err < 1e-9, f"{name}: parallel differs from serial"
-pd.DataFrame(rows).set_index("model").style.format("{:.1e}", subset=pd.IndexSlice[:, [
-    "max rel. error, output", "max rel. error, gradients"]])
+pd.DataFrame(rows).set_index("model").style.format(
+    "{:.1e}", subset=pd.IndexSlice[:, ["max rel. error, output", "max rel. error, gradients"]]
+)
 
 # %%
 # 6. Predicted vs measured, and the auto plan against hand-written ones
@@ -328,8 +380,11 @@ for name in MAKERS:
         "auto (no budget)": fastest[name].plan,
         "data parallel": rule_plan(name, lambda n, i: "BB"),
         "1D tensor parallel": rule_plan(
-            name, (lambda n, i: MEGATRON.get(n, "RR")) if name == "GPT block" else
-            (lambda n, i: "CC" if i.op in ("Conv2d", "Linear") else "FF")),
+            name,
+            (lambda n, i: MEGATRON.get(n, "RR"))
+            if name == "GPT block"
+            else (lambda n, i: "CC" if i.op in ("Conv2d", "Linear") else "FF"),
+        ),
         "replicated": replicated_plan(graphs[name]),
     }
 
@@ -343,9 +398,11 @@ def measure_worker(plans: dict) -> dict:
             r = measure_step(parallelize(graphs[name], plan, mg), x, steps=TIMED_STEPS[name])
             every = [None] * dist.get_world_size()
             dist.all_gather_object(every, r)
-            out[(name, label)] = {"seconds": float(np.median([e["seconds"] for e in every])),
-                                  "peak": max(e["peak_total"] for e in every),
-                                  "calls": r["comm_calls"]}
+            out[(name, label)] = {
+                "seconds": float(np.median([e["seconds"] for e in every])),
+                "peak": max(e["peak_total"] for e in every),
+                "calls": r["comm_calls"],
+            }
     return out
 
 
@@ -355,12 +412,19 @@ for name in MAKERS:
     for label, plan in plans[name].items():
         c = plan_cost(graphs[name], machines[name], plan)
         m = measured[(name, label)]
-        rows.append({"model": name, "plan": label,
-                     "predicted step (ms)": 1e3 * c.time, "measured step (ms)": 1e3 * m["seconds"],
-                     "predicted comm (ms)": 1e3 * c.comm, "collectives/step": m["calls"],
-                     "predicted MiB/rank": c.memory / 2**20,
-                     "measured MiB/rank": m["peak"] / 2**20,
-                     "fits budget": m["peak"] <= budgets[name] * 1.02})
+        rows.append(
+            {
+                "model": name,
+                "plan": label,
+                "predicted step (ms)": 1e3 * c.time,
+                "measured step (ms)": 1e3 * m["seconds"],
+                "predicted comm (ms)": 1e3 * c.comm,
+                "collectives/step": m["calls"],
+                "predicted MiB/rank": c.memory / 2**20,
+                "measured MiB/rank": m["peak"] / 2**20,
+                "fits budget": m["peak"] <= budgets[name] * 1.02,
+            }
+        )
 results = pd.DataFrame(rows)
 results.set_index(["model", "plan"]).style.format(precision=2)
 
@@ -373,9 +437,11 @@ for name in MAKERS:
     r = results[results.model == name]
     rho = spearmanr(r["predicted step (ms)"], r["measured step (ms)"]).statistic
     auto = r[r.plan == "auto (budget)"].iloc[0]
-    print(f"{name}: Spearman rho(predicted, measured step time) = {rho:.2f} over {len(r)} plans; "
-          f"auto plan measured {auto['measured MiB/rank']:.2f} MiB/rank vs budget "
-          f"{budgets[name] / 2**20:.2f} MiB")
+    print(
+        f"{name}: Spearman rho(predicted, measured step time) = {rho:.2f} over {len(r)} plans; "
+        f"auto plan measured {auto['measured MiB/rank']:.2f} MiB/rank vs budget "
+        f"{budgets[name] / 2**20:.2f} MiB"
+    )
     assert auto["measured MiB/rank"] <= budgets[name] / 2**20 * 1.02, "auto plan over budget"
 rho_all = spearmanr(results["predicted step (ms)"], results["measured step (ms)"]).statistic
 print(f"both models together: rho = {rho_all:.2f} over {len(results)} plans")
@@ -386,17 +452,26 @@ for name, marker in zip(MAKERS, "os"):
     ax1.scatter(r["predicted step (ms)"], r["measured step (ms)"], marker=marker, label=name)
     ax2.scatter(r["predicted MiB/rank"], r["measured MiB/rank"], marker=marker, label=name)
     for _, row in r.iterrows():
-        ax1.annotate(row.plan, (row["predicted step (ms)"], row["measured step (ms)"]),
-                     fontsize=7)
-lim = [results[["predicted step (ms)", "measured step (ms)"]].min().min() * 0.8,
-       results[["predicted step (ms)", "measured step (ms)"]].max().max() * 1.2]
+        ax1.annotate(row.plan, (row["predicted step (ms)"], row["measured step (ms)"]), fontsize=7)
+lim = [
+    results[["predicted step (ms)", "measured step (ms)"]].min().min() * 0.8,
+    results[["predicted step (ms)", "measured step (ms)"]].max().max() * 1.2,
+]
 ax1.plot(lim, lim, "k:", lw=1)
-ax1.set(xscale="log", yscale="log", xlabel="predicted step time (ms)",
-        ylabel="measured step time (ms)", title="Time: cost model vs stopwatch")
+ax1.set(
+    xscale="log",
+    yscale="log",
+    xlabel="predicted step time (ms)",
+    ylabel="measured step time (ms)",
+    title="Time: cost model vs stopwatch",
+)
 mlim = [0, results[["predicted MiB/rank", "measured MiB/rank"]].max().max() * 1.1]
 ax2.plot(mlim, mlim, "k:", lw=1)
-ax2.set(xlabel="predicted MiB per rank", ylabel="measured MiB per rank (ledger)",
-        title="Memory: cost model vs ledger")
+ax2.set(
+    xlabel="predicted MiB per rank",
+    ylabel="measured MiB per rank (ledger)",
+    title="Memory: cost model vs ledger",
+)
 ax1.legend()
 fig.tight_layout()
 
@@ -406,9 +481,11 @@ fig.tight_layout()
 for name in MAKERS:
     r = results[results.model == name].set_index("plan")
     fast, slow = r["measured step (ms)"].idxmin(), r["measured step (ms)"].idxmax()
-    print(f"{name}: fastest measured plan '{fast}' ({r.loc[fast, 'measured step (ms)']:.1f} ms), "
-          f"slowest '{slow}' ({r.loc[slow, 'measured step (ms)']:.1f} ms); the model's pick "
-          f"'{r['predicted step (ms)'].idxmin()}'")
+    print(
+        f"{name}: fastest measured plan '{fast}' ({r.loc[fast, 'measured step (ms)']:.1f} ms), "
+        f"slowest '{slow}' ({r.loc[slow, 'measured step (ms)']:.1f} ms); the model's pick "
+        f"'{r['predicted step (ms)'].idxmin()}'"
+    )
 
 # %%
 # How to read this. The prices decide the plan: compare the latency of a collective over all
@@ -438,18 +515,25 @@ profiles = profile_chain(stages, x_ck)
 full_act = sum(p.saved_bytes for p in profiles)
 baseline = measure_peak(CheckpointedChain(stages, [False] * len(stages)), x_ck, reps=3)
 least = minimum_budget(profiles)
-print(f"activations saved without checkpointing (sum of m_i): {full_act / 2**20:.2f} MiB; "
-      f"smallest budget any plan fits: {least / 2**20:.2f} MiB")
+print(
+    f"activations saved without checkpointing (sum of m_i): {full_act / 2**20:.2f} MiB; "
+    f"smallest budget any plan fits: {least / 2**20:.2f} MiB"
+)
 rows = []
 for budget in np.linspace(full_act, 1.02 * least, CKPT_POINTS):
     plan = solve_checkpoint(profiles, budget)
     meas = measure_peak(CheckpointedChain(stages, plan.checkpointed), x_ck, reps=3)
-    rows.append({"budget (MiB)": budget / 2**20, "stages recomputed": sum(plan.checkpointed),
-                 "predicted peak (MiB)": plan.predicted_peak / 2**20,
-                 "measured peak (MiB)": meas["peak_activations"] / 2**20,
-                 "relative step time": meas["seconds"] / baseline["seconds"],
-                 "predicted relative time": 1 + plan.recompute_seconds / (3 * sum(
-                     p.fwd_seconds for p in profiles))})
+    rows.append(
+        {
+            "budget (MiB)": budget / 2**20,
+            "stages recomputed": sum(plan.checkpointed),
+            "predicted peak (MiB)": plan.predicted_peak / 2**20,
+            "measured peak (MiB)": meas["peak_activations"] / 2**20,
+            "relative step time": meas["seconds"] / baseline["seconds"],
+            "predicted relative time": 1
+            + plan.recompute_seconds / (3 * sum(p.fwd_seconds for p in profiles)),
+        }
+    )
     assert meas["peak_activations"] <= budget, "checkpointing plan exceeded its budget"
 ckpt = pd.DataFrame(rows)
 try:
@@ -469,13 +553,19 @@ fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
 ax1.plot(ckpt["budget (MiB)"], ckpt["budget (MiB)"], "k:", lw=1, label="budget")
 ax1.plot(ckpt["budget (MiB)"], ckpt["predicted peak (MiB)"], "o--", label="predicted peak")
 ax1.plot(ckpt["budget (MiB)"], ckpt["measured peak (MiB)"], "s-", label="measured peak (ledger)")
-ax1.set(xlabel="activation budget (MiB)", ylabel="peak saved activations (MiB)",
-        title=f"ResNet-50, batch {CKPT_BATCH}: peak vs budget")
+ax1.set(
+    xlabel="activation budget (MiB)",
+    ylabel="peak saved activations (MiB)",
+    title=f"ResNet-50, batch {CKPT_BATCH}: peak vs budget",
+)
 ax1.legend()
 ax2.plot(ckpt["budget (MiB)"], ckpt["relative step time"], "s-", label="measured")
 ax2.plot(ckpt["budget (MiB)"], ckpt["predicted relative time"], "o--", label="predicted")
-ax2.set(xlabel="activation budget (MiB)", ylabel="step time / without checkpointing",
-        title="The price: recomputation")
+ax2.set(
+    xlabel="activation budget (MiB)",
+    ylabel="step time / without checkpointing",
+    title="The price: recomputation",
+)
 ax2.legend()
 fig.tight_layout()
 
@@ -502,9 +592,12 @@ for label, use_ckpt in (("without checkpointing", False), ("with checkpointing",
             break
     b, flags = best
     meas = measure_peak(CheckpointedChain(stages, flags), torch.randn(b, 3, IMAGE, IMAGE))
-    fits[label] = {"largest batch": b, "stages recomputed": sum(flags),
-                   "measured peak (MiB)": meas["peak_activations"] / 2**20,
-                   "budget (MiB)": BUDGET / 2**20}
+    fits[label] = {
+        "largest batch": b,
+        "stages recomputed": sum(flags),
+        "measured peak (MiB)": meas["peak_activations"] / 2**20,
+        "budget (MiB)": BUDGET / 2**20,
+    }
     assert meas["peak_activations"] <= BUDGET * 1.02
 pd.DataFrame(fits).T.style.format(precision=2)
 

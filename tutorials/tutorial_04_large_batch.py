@@ -68,12 +68,16 @@ SEED = 0
 
 data = load_mnist1d_split(N_TRAIN, N_TEST, seed=42)
 n_params = sum(p.numel() for p in CNN1d(channels=CHANNELS).parameters())
-print(f"MNIST-1D: train {tuple(data.x_train.shape)}, test {tuple(data.x_test.shape)}; "
-      f"CNN parameters: {n_params:,}")
+print(
+    f"MNIST-1D: train {tuple(data.x_train.shape)}, test {tuple(data.x_test.shape)}; "
+    f"CNN parameters: {n_params:,}"
+)
 for b in BATCH_SIZES:
     if b % WORLD_SIZE or N_TRAIN % b:
-        raise ValueError(f"batch {b} must divide N_TRAIN={N_TRAIN} and be divisible by "
-                         f"WORLD_SIZE={WORLD_SIZE}; change BATCH_SIZES or N_TRAIN")
+        raise ValueError(
+            f"batch {b} must divide N_TRAIN={N_TRAIN} and be divisible by "
+            f"WORLD_SIZE={WORLD_SIZE}; change BATCH_SIZES or N_TRAIN"
+        )
 
 # %%
 # The two optimizers
@@ -119,10 +123,12 @@ for g in param_groups(model, weight_decay=5e-4):
 # includes :math:`\eta = 10^{-3}`; LAMB's is :math:`\|x\|/\|r\|`). They differ between layers
 # by an order of magnitude: that spread is what one global rate cannot serve.
 
-x0, y0 = data.x_train[:BATCH_SIZES[-1]], data.y_train[:BATCH_SIZES[-1]]
+x0, y0 = data.x_train[: BATCH_SIZES[-1]], data.y_train[: BATCH_SIZES[-1]]
 first_ratios = {}
-for name, cls, kw in (("LARS", LARS, {"lr": 1.0, "trust_coefficient": TRUST_COEFFICIENT}),
-                      ("LAMB", LAMB, {"lr": 0.01})):
+for name, cls, kw in (
+    ("LARS", LARS, {"lr": 1.0, "trust_coefficient": TRUST_COEFFICIENT}),
+    ("LAMB", LAMB, {"lr": 0.01}),
+):
     m = CNN1d(channels=CHANNELS, seed=SEED)
     opt = cls(param_groups(m, 5e-4), **kw)
     nn.functional.cross_entropy(m(x0), y0).backward()
@@ -177,9 +183,15 @@ for name, dtype in CHECKS:
     serial = check_steps(name, 1, 0, dtype)
     gap = max((a - b).abs().max().item() for a, b in zip(parallel[(name, dtype)], serial))
     scale = max(b.abs().max().item() for b in serial)
-    check_rows.append({"optimizer": name, "dtype": str(dtype).replace("torch.", ""),
-                       "max |θ_parallel - θ_serial|": gap, "max |θ|": scale,
-                       "machine epsilon": torch.finfo(dtype).eps})
+    check_rows.append(
+        {
+            "optimizer": name,
+            "dtype": str(dtype).replace("torch.", ""),
+            "max |θ_parallel - θ_serial|": gap,
+            "max |θ|": scale,
+            "machine epsilon": torch.finfo(dtype).eps,
+        }
+    )
     if dtype == torch.float64:
         assert gap < 1e-10 * scale, f"data-parallel {name} differs from the serial step"
 pd.DataFrame(check_rows).set_index(["optimizer", "dtype"]).style.format("{:.2e}")
@@ -236,17 +248,27 @@ def train_one(name: str, batch: int, sgd_rate_for_excluded: bool = True) -> dict
     total = EPOCHS * steps_per_epoch
     sched = warmup_cosine(opt, total, max(1, round(WARMUP_EPOCHS * steps_per_epoch)))
     record_ratios = isinstance(opt, LARS)
-    out = {"optimizer": name, "batch": batch, "peak_lr": peak, "steps": total, "acc": [],
-           "epoch_time": [], "ratios": [], "lr": [], "loss": []}
+    out = {
+        "optimizer": name,
+        "batch": batch,
+        "peak_lr": peak,
+        "steps": total,
+        "acc": [],
+        "epoch_time": [],
+        "ratios": [],
+        "lr": [],
+        "loss": [],
+    }
     sent = buffer = 0
     for epoch in range(EPOCHS):
         order = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(epoch))
         elapsed = 0.0
         with Ledger(track_activations=False) as ledger:  # counts the training all-reduces
             for s in range(steps_per_epoch):
-                idx = order[s * batch:(s + 1) * batch]
-                xs, ys = shard_batch(data.x_train[idx], data.y_train[idx], rank=rank,
-                                     world_size=world)
+                idx = order[s * batch : (s + 1) * batch]
+                xs, ys = shard_batch(
+                    data.x_train[idx], data.y_train[idx], rank=rank, world_size=world
+                )
                 start = time.perf_counter()
                 opt.zero_grad()
                 loss = nn.functional.cross_entropy(model(xs), ys)
@@ -273,9 +295,11 @@ def sweep_worker(jobs: list[tuple]) -> list[dict]:
         r = train_one(*job)
         results.append(r)
         if dist.get_rank() == 0:  # (rank 0's prints are the ones shown on the page)
-                print(f"{r['optimizer']:>13} B={r['batch']:>5}: lr {r['peak_lr']:8.4g}, "
-                  f"{r['steps']:>4} steps, test acc {r['acc'][-1]:.3f}, "
-                  f"{sum(r['epoch_time']):6.2f} s")
+            print(
+                f"{r['optimizer']:>13} B={r['batch']:>5}: lr {r['peak_lr']:8.4g}, "
+                f"{r['steps']:>4} steps, test acc {r['acc'][-1]:.3f}, "
+                f"{sum(r['epoch_time']):6.2f} s"
+            )
     return results
 
 
@@ -312,28 +336,37 @@ def time_to_target(r: dict) -> float:
 
 rows = []
 for r in runs:
-    rows.append({
-        "batch": r["batch"],
-        "optimizer": r["optimizer"],
-        "peak lr": r["peak_lr"],
-        "steps": r["steps"],
-        "test acc (last)": r["acc"][-1],
-        "test acc (best)": max(r["acc"]),
-        "diverged": "yes" if r["diverged"] else "",
-        "s / epoch": float(np.mean(r["epoch_time"])),
-        "samples / s": EPOCHS * N_TRAIN / sum(r["epoch_time"]),
-        f"s to {TARGET_ACCURACY:.0%}": time_to_target(r),
-        "all-reduce B/sample": r["allreduce_bytes"] / (EPOCHS * N_TRAIN),
-        "formula P/B": grad_bytes / r["batch"],
-    })
+    rows.append(
+        {
+            "batch": r["batch"],
+            "optimizer": r["optimizer"],
+            "peak lr": r["peak_lr"],
+            "steps": r["steps"],
+            "test acc (last)": r["acc"][-1],
+            "test acc (best)": max(r["acc"]),
+            "diverged": "yes" if r["diverged"] else "",
+            "s / epoch": float(np.mean(r["epoch_time"])),
+            "samples / s": EPOCHS * N_TRAIN / sum(r["epoch_time"]),
+            f"s to {TARGET_ACCURACY:.0%}": time_to_target(r),
+            "all-reduce B/sample": r["allreduce_bytes"] / (EPOCHS * N_TRAIN),
+            "formula P/B": grad_bytes / r["batch"],
+        }
+    )
 results = pd.DataFrame(rows).set_index(["batch", "optimizer"])
 pd.set_option("display.width", 220)
-results.style.format({
-    "peak lr": "{:.4g}", "test acc (last)": "{:.3f}", "test acc (best)": "{:.3f}",
-    "s / epoch": "{:.2f}", "samples / s": "{:,.0f}", f"s to {TARGET_ACCURACY:.0%}": "{:.2f}",
-    "all-reduce B/sample": "{:,.1f}", "formula P/B": "{:,.1f}",
-}, na_rep="not reached").background_gradient(subset=["test acc (last)"], cmap="RdYlGn",
-                                              vmin=0.1, vmax=1.0)
+results.style.format(
+    {
+        "peak lr": "{:.4g}",
+        "test acc (last)": "{:.3f}",
+        "test acc (best)": "{:.3f}",
+        "s / epoch": "{:.2f}",
+        "samples / s": "{:,.0f}",
+        f"s to {TARGET_ACCURACY:.0%}": "{:.2f}",
+        "all-reduce B/sample": "{:,.1f}",
+        "formula P/B": "{:,.1f}",
+    },
+    na_rep="not reached",
+).background_gradient(subset=["test acc (last)"], cmap="RdYlGn", vmin=0.1, vmax=1.0)
 
 # %%
 # The ledger's bytes equal the formula in every row: one bucket of all gradients per step,
@@ -352,8 +385,12 @@ for name in OPTIMIZERS:
     ax.plot(acc.index, acc[name], marker="o", label=name)
 ax.axhline(TARGET_ACCURACY, color="gray", ls=":", lw=1, label=f"target {TARGET_ACCURACY:.0%}")
 ax.axhline(0.1, color="gray", ls="--", lw=1, label="chance")
-ax.set(xscale="log", xlabel="global batch size (4 ranks)", ylabel="test accuracy after budget",
-       title=f"MNIST-1D CNN, {EPOCHS} epochs at every batch size")
+ax.set(
+    xscale="log",
+    xlabel="global batch size (4 ranks)",
+    ylabel="test accuracy after budget",
+    title=f"MNIST-1D CNN, {EPOCHS} epochs at every batch size",
+)
 ax.set_xticks(BATCH_SIZES, [str(b) for b in BATCH_SIZES])
 ax.legend()
 fig.tight_layout()
@@ -370,13 +407,17 @@ fig.tight_layout()
 
 for b in BATCH_SIZES:
     row = acc.loc[b]
-    print(f"B={b:>5}: best {row.idxmax():>13} {row.max():.3f}, worst {row.idxmin():>13} "
-          f"{row.min():.3f}; {int(results.loc[b, 'steps'].iloc[0])} steps")
+    print(
+        f"B={b:>5}: best {row.idxmax():>13} {row.max():.3f}, worst {row.idxmin():>13} "
+        f"{row.min():.3f}; {int(results.loc[b, 'steps'].iloc[0])} steps"
+    )
 for name in OPTIMIZERS:
     ref = acc[name].iloc[0]
     kept = [b for b in BATCH_SIZES if acc.loc[b, name] >= ref - 0.02]
-    print(f"{name:>13}: within 2 points of its B={BATCH_SIZES[0]} accuracy ({ref:.3f}) "
-          f"up to B={max(kept)}")
+    print(
+        f"{name:>13}: within 2 points of its B={BATCH_SIZES[0]} accuracy ({ref:.3f}) "
+        f"up to B={max(kept)}"
+    )
 
 # %%
 # Speed: what a larger batch buys
@@ -394,17 +435,29 @@ for name in OPTIMIZERS:
     sub = results.xs(name, level="optimizer")
     ax1.plot(sub.index, sub["samples / s"], marker="o", label=name)
     ax2.plot(sub.index, sub["s / epoch"], marker="o", label=name)
-ax1.set(xscale="log", yscale="log", xlabel="global batch size", ylabel="training samples / s",
-        title="Throughput, 4 CPU ranks (measured)")
-ax2.set(xscale="log", yscale="log", xlabel="global batch size", ylabel="seconds per epoch",
-        title="Time per epoch (measured)")
+ax1.set(
+    xscale="log",
+    yscale="log",
+    xlabel="global batch size",
+    ylabel="training samples / s",
+    title="Throughput, 4 CPU ranks (measured)",
+)
+ax2.set(
+    xscale="log",
+    yscale="log",
+    xlabel="global batch size",
+    ylabel="seconds per epoch",
+    title="Time per epoch (measured)",
+)
 for a in (ax1, ax2):
     a.set_xticks(BATCH_SIZES, [str(b) for b in BATCH_SIZES])
     a.legend()
 fig.tight_layout()
-print(f"throughput, mean over optimizers: {speed['samples / s'].iloc[0]:,.0f} samples/s at "
-      f"B={BATCH_SIZES[0]}, {speed['samples / s'].iloc[-1]:,.0f} at B={BATCH_SIZES[-1]} "
-      f"({speed['samples / s'].iloc[-1] / speed['samples / s'].iloc[0]:.1f}x)")
+print(
+    f"throughput, mean over optimizers: {speed['samples / s'].iloc[0]:,.0f} samples/s at "
+    f"B={BATCH_SIZES[0]}, {speed['samples / s'].iloc[-1]:,.0f} at B={BATCH_SIZES[-1]} "
+    f"({speed['samples / s'].iloc[-1] / speed['samples / s'].iloc[0]:.1f}x)"
+)
 per_batch = results["samples / s"].groupby(level="batch")
 spread = float((per_batch.max() / per_batch.min()).max())
 print(f"largest spread between optimizers at one batch size: {spread:.1f}x")
@@ -441,8 +494,10 @@ ttt = results[f"s to {TARGET_ACCURACY:.0%}"].unstack("optimizer")[OPTIMIZERS]
 for name in OPTIMIZERS:
     col = ttt[name].dropna()
     if len(col):
-        print(f"{name:>13}: fastest to {TARGET_ACCURACY:.0%} at B={col.idxmin()} "
-              f"({col.min():.2f} s); reached at B in {list(col.index)}")
+        print(
+            f"{name:>13}: fastest to {TARGET_ACCURACY:.0%} at B={col.idxmin()} "
+            f"({col.min():.2f} s); reached at B in {list(col.index)}"
+        )
     else:
         print(f"{name:>13}: never reached {TARGET_ACCURACY:.0%} within {EPOCHS} epochs")
 
@@ -458,16 +513,23 @@ for name in OPTIMIZERS:
 
 lars_runs = {r["batch"]: r for r in runs if r["optimizer"] == "LARS"}
 shown = [BATCH_SIZES[0], BATCH_SIZES[-1]]
-layers = [n for n in lars_runs[shown[0]]["ratios"][0] if n.endswith("weight")
-          and not n.startswith(("features.1", "features.4", "features.7"))]
+layers = [
+    n
+    for n in lars_runs[shown[0]]["ratios"][0]
+    if n.endswith("weight") and not n.startswith(("features.1", "features.4", "features.7"))
+]
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
 for ax, b in zip(axes, shown):
     r = lars_runs[b]
     steps = np.arange(1, len(r["ratios"]) + 1)
     for n in layers:
         ax.plot(steps, [d[n] for d in r["ratios"]], label=n)
-    ax.set(yscale="log", xlabel="optimizer step", ylabel="trust ratio λ (η included)",
-           title=f"LARS, B={b}, {len(steps)} steps")
+    ax.set(
+        yscale="log",
+        xlabel="optimizer step",
+        ylabel="trust ratio λ (η included)",
+        title=f"LARS, B={b}, {len(steps)} steps",
+    )
     twin = ax.twinx()
     twin.plot(steps, r["lr"], color="black", ls="--", lw=1)
     twin.set_ylabel("global lr γ (dashed)")
@@ -486,9 +548,11 @@ for b in shown:
 # step:
 
 base = results.loc[(ABLATION_BATCH, "LARS")]
-print(f"LARS at B={ABLATION_BATCH}, peak lr {ablation['peak_lr']:.4g}: excluded tensors at the "
-      f"SGD rate -> test acc {base['test acc (last)']:.3f}; at the LARS rate -> "
-      f"{ablation['acc'][-1]:.3f}{' (the loss became NaN)' if ablation['diverged'] else ''}")
+print(
+    f"LARS at B={ABLATION_BATCH}, peak lr {ablation['peak_lr']:.4g}: excluded tensors at the "
+    f"SGD rate -> test acc {base['test acc (last)']:.3f}; at the LARS rate -> "
+    f"{ablation['acc'][-1]:.3f}{' (the loss became NaN)' if ablation['diverged'] else ''}"
+)
 
 # %%
 # What these measurements allow concluding
@@ -538,33 +602,50 @@ def colossalai_side_by_side(steps: int = 5) -> dict:
         ours_model = CNN1d(channels=CHANNELS, seed=SEED)
         theirs_model = CNN1d(channels=CHANNELS, seed=SEED)
         if name == "LARS":
-            ours = LARS(param_groups(ours_model, 5e-4, excluded_lr=0.1), lr=2.0, momentum=0.9,
-                        max_trust_ratio=50.0, lr_in_momentum=False)
+            ours = LARS(
+                param_groups(ours_model, 5e-4, excluded_lr=0.1),
+                lr=2.0,
+                momentum=0.9,
+                max_trust_ratio=50.0,
+                lr_in_momentum=False,
+            )
             groups = param_groups(theirs_model, 5e-4, excluded_lr=0.1)
             for g in groups:
                 g["lars"] = g["adapt"]  # Colossal-AI's exclusion flag
             theirs = Lars(groups, lr=2.0, momentum=0.9, eeta=1e-3, weight_decay=5e-4)
         else:
-            ours = LAMB(param_groups(ours_model, 0.01, exclude_from_adaptation=False), lr=0.01,
-                        bias_correction=False)
-            theirs = Lamb(param_groups(theirs_model, 0.01, exclude_from_adaptation=False),
-                          lr=0.01, weight_decay=0.01)
+            ours = LAMB(
+                param_groups(ours_model, 0.01, exclude_from_adaptation=False),
+                lr=0.01,
+                bias_correction=False,
+            )
+            theirs = Lamb(
+                param_groups(theirs_model, 0.01, exclude_from_adaptation=False),
+                lr=0.01,
+                weight_decay=0.01,
+            )
         for _ in range(steps):
             for model, opt in ((ours_model, ours), (theirs_model, theirs)):
                 opt.zero_grad()
                 nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
-        gaps[name] = max((a - b).abs().max().item()
-                         for a, b in zip(ours_model.parameters(), theirs_model.parameters()))
+        gaps[name] = max(
+            (a - b).abs().max().item()
+            for a, b in zip(ours_model.parameters(), theirs_model.parameters())
+        )
     return gaps
 
 
 if HAVE_COLOSSALAI:
-    print(f"Colossal-AI {colossalai.__version__}: executed; largest |parameter difference| "
-          f"after 5 steps vs cai_labs: {colossalai_side_by_side()}")
+    print(
+        f"Colossal-AI {colossalai.__version__}: executed; largest |parameter difference| "
+        f"after 5 steps vs cai_labs: {colossalai_side_by_side()}"
+    )
 else:
-    print("colossalai is not installed in this build: the Colossal-AI cell above was shown, "
-          "not run (`nox -s colossalai` runs the same comparison as a test)")
+    print(
+        "colossalai is not installed in this build: the Colossal-AI cell above was shown, "
+        "not run (`nox -s colossalai` runs the same comparison as a test)"
+    )
 
 # %%
 # Running it on GPUs

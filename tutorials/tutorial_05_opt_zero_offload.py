@@ -111,16 +111,23 @@ start = time.perf_counter()
 if BASE_CHECKPOINT is None:
     base_dir = pretrain_base(
         WORK_DIR / "base",
-        PretrainConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                       ffn_dim=FFN, steps=PRETRAIN_STEPS),
+        PretrainConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            ffn_dim=FFN,
+            steps=PRETRAIN_STEPS,
+        ),
     )
 else:
     base_dir = Path(BASE_CHECKPOINT)
 base_model, tokenizer = load_checkpoint(base_dir)
 PSI = sum(p.numel() for p in base_model.parameters())
 print(f"base checkpoint {base_dir.name}/: {sorted(p.name for p in base_dir.iterdir())}")
-print(f"OPTForCausalLM with {PSI:,} parameters (Ψ), vocabulary {len(tokenizer)} characters, "
-      f"made in {time.perf_counter() - start:.1f} s")
+print(
+    f"OPTForCausalLM with {PSI:,} parameters (Ψ), vocabulary {len(tokenizer)} characters, "
+    f"made in {time.perf_counter() - start:.1f} s"
+)
 
 # %%
 # The fine-tuning task
@@ -133,11 +140,15 @@ x_demo, y_demo = task_batch(tokenizer, task, task.test_words[:3])
 prompt_len = x_demo.shape[1] - len(task.answer(task.test_words[0])) - 1
 generated = greedy_generate(base_model, x_demo[:, :prompt_len], len(task.answer("abcd")))
 for w, row in zip(task.test_words[:3], generated):
-    print(f"{task.prompt(w)!r:24} expected {task.answer(w)!r:10} "
-          f"base model: {tokenizer.decode(row[prompt_len:].tolist())!r}")
+    print(
+        f"{task.prompt(w)!r:24} expected {task.answer(w)!r:10} "
+        f"base model: {tokenizer.decode(row[prompt_len:].tolist())!r}"
+    )
 acc_before = exact_match(base_model, tokenizer, task)
-print(f"exact match before fine-tuning: {acc_before:.1%} of {len(task.test_words)} test words; "
-      f"{len(task.train_words)} training words; sequence length {x_demo.shape[1]} characters")
+print(
+    f"exact match before fine-tuning: {acc_before:.1%} of {len(task.test_words)} test words; "
+    f"{len(task.train_words)} training words; sequence length {x_demo.shape[1]} characters"
+)
 
 # %%
 # How much memory each technique needs: the formulas
@@ -166,8 +177,10 @@ print(f"exact match before fine-tuning: {acc_before:.1%} of {len(task.test_words
 # twice (forward and backward) and reduce-scatters gradients once: :math:`3\frac{N-1}{N}\Psi`.
 
 formulas = pd.DataFrame(
-    {name: zero_memory_formula(PSI, stage, WORLD_SIZE)
-     for name, stage in [("DDP", 0), ("ZeRO-1", 1), ("ZeRO-2", 2), ("ZeRO-3", 3)]}
+    {
+        name: zero_memory_formula(PSI, stage, WORLD_SIZE)
+        for name, stage in [("DDP", 0), ("ZeRO-1", 1), ("ZeRO-2", 2), ("ZeRO-3", 3)]
+    }
 ).T
 print(f"fp32 Adam, Ψ = {PSI:,}, N = {WORLD_SIZE}: bytes per rank")
 print(formulas.astype(int).to_string())
@@ -203,8 +216,9 @@ def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
 
         model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
         model.register_comm_hook(None, ddp_comm_hook)
-        optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam,
-                                            lr=LR)
+        optimizer = ZeroRedundancyOptimizer(
+            model.parameters(), optimizer_class=torch.optim.Adam, lr=LR
+        )
     elif method.startswith("ZeRO-"):
         model, optimizer = zero_wrap(model, torch.optim.Adam, stage=int(method[-1]), lr=LR)
         watch_model = None
@@ -247,9 +261,15 @@ def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
     dist.all_reduce(mean_losses)
     every_rank = [None] * world
     dist.all_gather_object(every_rank, memory)
-    out = {"losses": (mean_losses / world).tolist(), "step_time": float(np.median(times[1:])),
-           "memory": memory, "memory_all": every_rank, "comm": comm_totals(ledger.report()),
-           "steps": steps, "tokens_per_rank": x.numel()}
+    out = {
+        "losses": (mean_losses / world).tolist(),
+        "step_time": float(np.median(times[1:])),
+        "memory": memory,
+        "memory_all": every_rank,
+        "comm": comm_totals(ledger.report()),
+        "steps": steps,
+        "tokens_per_rank": x.numel(),
+    }
     if method == "chunks":
         out["chunks"] = model.manager.stats()
         out["trace"] = model.manager.trace
@@ -267,8 +287,10 @@ def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
 runs = {}
 for method in ["DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3", "FSDP2"]:
     runs[method] = launch(train_worker, WORLD_SIZE, method, MEASURE_STEPS)
-    print(f"{method:7} {MEASURE_STEPS} steps on {WORLD_SIZE} ranks: loss "
-          f"{runs[method]['losses'][0]:.4f} -> {runs[method]['losses'][-1]:.4f}")
+    print(
+        f"{method:7} {MEASURE_STEPS} steps on {WORLD_SIZE} ranks: loss "
+        f"{runs[method]['losses'][0]:.4f} -> {runs[method]['losses'][-1]:.4f}"
+    )
 
 # %%
 # Check: every technique trains the same model
@@ -279,10 +301,10 @@ for method in ["DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3", "FSDP2"]:
 # parameters whose gradient is almost zero). ``tests/test_zero.py`` checks the parameters
 # themselves after 3 steps on 2 and 4 ranks.
 
-gaps = {m: max(abs(a - b) for a, b in zip(r["losses"], runs["DDP"]["losses"]))
-        for m, r in runs.items()}
-print("largest loss difference from DDP over the run:",
-      {m: f"{g:.1e}" for m, g in gaps.items()})
+gaps = {
+    m: max(abs(a - b) for a, b in zip(r["losses"], runs["DDP"]["losses"])) for m, r in runs.items()
+}
+print("largest loss difference from DDP over the run:", {m: f"{g:.1e}" for m, g in gaps.items()})
 for m, g in gaps.items():
     assert g < 1e-3, f"{m} does not follow data parallel's loss curve (gap {g})"
 
@@ -307,7 +329,8 @@ for method, r in runs.items():
     assert abs(r["memory"]["total"] - want["total"]) <= 0.05 * want["total"], method
 memory_table = pd.DataFrame(rows).set_index("technique")
 memory_table.style.format(
-    {c: "{:.2f}" if c == "total / DDP" else "{:,.0f}" for c in memory_table.columns})
+    {c: "{:.2f}" if c == "total / DDP" else "{:,.0f}" for c in memory_table.columns}
+)
 
 # %%
 # The same numbers as a picture: stacked measured bytes per category, with the formula's total
@@ -320,8 +343,15 @@ for kind, color in [("params", "C0"), ("grads", "C1"), ("optimizer", "C2")]:
     vals = np.array([runs[m]["memory"][kind] for m in names]) / 1024
     ax.bar(names, vals, bottom=bottom, color=color, label=kind)
     bottom += vals
-ax.scatter(names, memory_table["total formula"] / 1024, marker="_", s=900, color="black",
-           label="formula (fp32 Adam)", zorder=3)
+ax.scatter(
+    names,
+    memory_table["total formula"] / 1024,
+    marker="_",
+    s=900,
+    color="black",
+    label="formula (fp32 Adam)",
+    zorder=3,
+)
 ax.set(ylabel="KiB per rank", title=f"Model states per rank, Ψ = {PSI:,}, N = {WORLD_SIZE}")
 ax.legend()
 fig.tight_layout()
@@ -339,11 +369,14 @@ zro = launch(train_worker, WORLD_SIZE, "ZeroRedundancyOptimizer", MEASURE_STEPS)
 gap_zro = max(abs(a - b) for a, b in zip(zro["losses"], runs["DDP"]["losses"]))
 assert gap_zro < 1e-3, f"ZeroRedundancyOptimizer does not follow DDP (gap {gap_zro})"
 even = zero_memory_formula(PSI, 1, WORLD_SIZE)["optimizer"]
-balance = pd.DataFrame({
-    "cai_labs ZeRO-1 (flat buffer)": [m["optimizer"] for m in runs["ZeRO-1"]["memory_all"]],
-    "PyTorch ZeroRedundancyOptimizer": [m["optimizer"] for m in zro["memory_all"]],
-    "formula KΨ/N": [even] * WORLD_SIZE,
-}, index=pd.Index(range(WORLD_SIZE), name="rank"))
+balance = pd.DataFrame(
+    {
+        "cai_labs ZeRO-1 (flat buffer)": [m["optimizer"] for m in runs["ZeRO-1"]["memory_all"]],
+        "PyTorch ZeroRedundancyOptimizer": [m["optimizer"] for m in zro["memory_all"]],
+        "formula KΨ/N": [even] * WORLD_SIZE,
+    },
+    index=pd.Index(range(WORLD_SIZE), name="rank"),
+)
 balance.loc["largest / formula"] = balance.max() / even
 balance.style.format("{:,.0f}").format("{:.2f}", subset=pd.IndexSlice["largest / formula", :])
 
@@ -364,16 +397,19 @@ comm_rows = []
 for method, r in runs.items():
     sent = sum(v["sent_bytes"] for v in r["comm"].values()) / r["steps"] / 4
     factor = {"DDP": 2, "ZeRO-1": 2, "ZeRO-2": 2, "ZeRO-3": 3, "FSDP2": 3}[method]
-    comm_rows.append({
-        "technique": method,
-        "collectives": ", ".join(sorted(r["comm"])),
-        "sent elements/rank/step": sent,
-        "formula": factor * (WORLD_SIZE - 1) / WORLD_SIZE * PSI,
-        "median step (ms)": 1e3 * r["step_time"],
-    })
+    comm_rows.append(
+        {
+            "technique": method,
+            "collectives": ", ".join(sorted(r["comm"])),
+            "sent elements/rank/step": sent,
+            "formula": factor * (WORLD_SIZE - 1) / WORLD_SIZE * PSI,
+            "median step (ms)": 1e3 * r["step_time"],
+        }
+    )
 comm_table = pd.DataFrame(comm_rows).set_index("technique")
-comm_table.style.format({"sent elements/rank/step": "{:,.0f}", "formula": "{:,.0f}",
-                         "median step (ms)": "{:.1f}"})
+comm_table.style.format(
+    {"sent elements/rank/step": "{:,.0f}", "formula": "{:,.0f}", "median step (ms)": "{:.1f}"}
+)
 
 # %%
 # ZeRO-3 and FSDP2 send a little less than :math:`3\frac{N-1}{N}\Psi`: the root unit
@@ -417,26 +453,45 @@ def prefetch_worker(steps: int) -> dict:
             times.append(time.perf_counter() - start)
             optimizer.zero_grad()
             losses.append(loss.item())
-    return {pf: {"step_time": float(np.median(t[1:])), "losses": losses,
-                 "peak": m.gathered_peak_bytes, "bound": m.gathered_bound_bytes(),
-                 "unit": max(u.gathered_bytes for u in m.units if u is not m.root)}
-            for pf, (m, _, t, losses) in runs_pf.items()}
+    return {
+        pf: {
+            "step_time": float(np.median(t[1:])),
+            "losses": losses,
+            "peak": m.gathered_peak_bytes,
+            "bound": m.gathered_bound_bytes(),
+            "unit": max(u.gathered_bytes for u in m.units if u is not m.root),
+        }
+        for pf, (m, _, t, losses) in runs_pf.items()
+    }
 
 
 pf = launch(prefetch_worker, WORLD_SIZE, MEASURE_STEPS)
 assert pf[True]["losses"] == pf[False]["losses"], "prefetch changed the arithmetic"
 for r in pf.values():
     assert r["peak"] <= r["bound"], "more units gathered than the prefetch bound allows"
-prefetch_table = pd.DataFrame([
-    {"ZeRO-3": "prefetch off (depth 0)", "median step (ms)": 1e3 * pf[False]["step_time"],
-     "gathered peak (B, rank 0)": pf[False]["peak"], "bound (B)": pf[False]["bound"]},
-    {"ZeRO-3": "prefetch on (depth 1)", "median step (ms)": 1e3 * pf[True]["step_time"],
-     "gathered peak (B, rank 0)": pf[True]["peak"], "bound (B)": pf[True]["bound"]},
-]).set_index("ZeRO-3")
-print(f"step time with prefetch / without: {pf[True]['step_time'] / pf[False]['step_time']:.2f}; "
-      f"largest layer unit {pf[True]['unit']:,} B gathered")
-prefetch_table.style.format({"median step (ms)": "{:.1f}", "gathered peak (B, rank 0)": "{:,.0f}",
-                             "bound (B)": "{:,.0f}"})
+prefetch_table = pd.DataFrame(
+    [
+        {
+            "ZeRO-3": "prefetch off (depth 0)",
+            "median step (ms)": 1e3 * pf[False]["step_time"],
+            "gathered peak (B, rank 0)": pf[False]["peak"],
+            "bound (B)": pf[False]["bound"],
+        },
+        {
+            "ZeRO-3": "prefetch on (depth 1)",
+            "median step (ms)": 1e3 * pf[True]["step_time"],
+            "gathered peak (B, rank 0)": pf[True]["peak"],
+            "bound (B)": pf[True]["bound"],
+        },
+    ]
+).set_index("ZeRO-3")
+print(
+    f"step time with prefetch / without: {pf[True]['step_time'] / pf[False]['step_time']:.2f}; "
+    f"largest layer unit {pf[True]['unit']:,} B gathered"
+)
+prefetch_table.style.format(
+    {"median step (ms)": "{:.1f}", "gathered peak (B, rank 0)": "{:,.0f}", "bound (B)": "{:,.0f}"}
+)
 
 # %%
 # The losses of the two runs are equal to the last bit (checked above), and the gathered peak
@@ -472,21 +527,26 @@ chunk_run = runs["chunks"]
 stats = chunk_run["chunks"]
 states_total = sum(chunk_run["states"].values())
 gap = max(abs(a - b) for a, b in zip(chunk_run["losses"], runs["DDP"]["losses"]))
-print(f"chunked training: loss {chunk_run['losses'][0]:.4f} -> {chunk_run['losses'][-1]:.4f}, "
-      f"largest difference from DDP {gap:.1e}")
+print(
+    f"chunked training: loss {chunk_run['losses'][0]:.4f} -> {chunk_run['losses'][-1]:.4f}, "
+    f"largest difference from DDP {gap:.1e}"
+)
 assert gap < 1e-3, "chunked training does not follow data parallel"
 assert stats["device_peak"] <= stats["device_budget"] < states_total
 
-traffic = pd.DataFrame([
-    ("model states on rank 0 (params, grads, own Adam moments)", states_total),
-    ("device budget", stats["device_budget"]),
-    ("device peak (measured)", stats["device_peak"]),
-    ("host -> device, on demand, per step", stats["h2d_demand"] / MEASURE_STEPS),
-    ("host -> device, prefetched, per step", stats["h2d_prefetch"] / MEASURE_STEPS),
-    ("device -> host (dirty evictions), per step", stats["d2h"] / MEASURE_STEPS),
-    ("evictions per step", stats["evict"] / MEASURE_STEPS),
-    ("prefetched chunks later used", stats["prefetch_hits"]),
-], columns=["rank 0", "bytes or count"]).set_index("rank 0")
+traffic = pd.DataFrame(
+    [
+        ("model states on rank 0 (params, grads, own Adam moments)", states_total),
+        ("device budget", stats["device_budget"]),
+        ("device peak (measured)", stats["device_peak"]),
+        ("host -> device, on demand, per step", stats["h2d_demand"] / MEASURE_STEPS),
+        ("host -> device, prefetched, per step", stats["h2d_prefetch"] / MEASURE_STEPS),
+        ("device -> host (dirty evictions), per step", stats["d2h"] / MEASURE_STEPS),
+        ("evictions per step", stats["evict"] / MEASURE_STEPS),
+        ("prefetched chunks later used", stats["prefetch_hits"]),
+    ],
+    columns=["rank 0", "bytes or count"],
+).set_index("rank 0")
 traffic.style.format("{:,.0f}")
 
 # %%
@@ -501,12 +561,19 @@ moves_per_step = len(trace) // MEASURE_STEPS
 last = trace[-2 * moves_per_step :]
 kinds = ["param", "grad", "exp_avg", "exp_avg_sq"]
 fig, ax = plt.subplots(figsize=(8, 3.2))
-ax.stackplot(range(len(last)), *[[e.get(k, 0) / 1024 for e in last] for k in kinds],
-             labels=kinds, step="post")
+ax.stackplot(
+    range(len(last)),
+    *[[e.get(k, 0) / 1024 for e in last] for k in kinds],
+    labels=kinds,
+    step="post",
+)
 ax.axhline(stats["device_budget"] / 1024, color="red", ls="--", label="budget")
-ax.set(xlabel="chunk move (fetch, prefetch or eviction), last two steps", ylabel="KiB resident",
-       title=f"Device pool on rank 0: budget {stats['device_budget'] // 1024} KiB, "
-             f"model states {states_total // 1024} KiB")
+ax.set(
+    xlabel="chunk move (fetch, prefetch or eviction), last two steps",
+    ylabel="KiB resident",
+    title=f"Device pool on rank 0: budget {stats['device_budget'] // 1024} KiB, "
+    f"model states {states_total // 1024} KiB",
+)
 ax.legend(loc="lower right", fontsize=8, ncol=5)
 fig.tight_layout()
 
@@ -521,23 +588,30 @@ fig.tight_layout()
 finetuned_dir = WORK_DIR / "finetuned"
 start = time.perf_counter()
 final = launch(train_worker, WORLD_SIZE, "ZeRO-3", FINETUNE_STEPS, str(finetuned_dir))
-print(f"ZeRO-3 fine-tuning: {FINETUNE_STEPS} steps in {time.perf_counter() - start:.1f} s, "
-      f"loss {final['losses'][0]:.3f} -> {final['losses'][-1]:.4f}")
+print(
+    f"ZeRO-3 fine-tuning: {FINETUNE_STEPS} steps in {time.perf_counter() - start:.1f} s, "
+    f"loss {final['losses'][0]:.3f} -> {final['losses'][-1]:.4f}"
+)
 tuned_model, tuned_tok = load_checkpoint(finetuned_dir)
 acc_after = exact_match(tuned_model, tuned_tok, task)
 generated = greedy_generate(tuned_model, x_demo[:, :prompt_len], len(task.answer("abcd")))
 for w, row in zip(task.test_words[:3], generated):
     print(f"{task.prompt(w)!r:24} -> {tuned_tok.decode(row[prompt_len:].tolist())!r}")
-pd.DataFrame({"exact match on held-out words": [acc_before, acc_after]},
-             index=["base checkpoint", f"after {FINETUNE_STEPS} ZeRO-3 steps"]).style.format(
-    "{:.1%}")
+pd.DataFrame(
+    {"exact match on held-out words": [acc_before, acc_after]},
+    index=["base checkpoint", f"after {FINETUNE_STEPS} ZeRO-3 steps"],
+).style.format("{:.1%}")
 
 # %%
 assert acc_after > acc_before + 0.5, "fine-tuning did not learn the task"
 fig, ax = plt.subplots(figsize=(8, 3))
 ax.plot(final["losses"])
-ax.set(xlabel="step", ylabel="training loss (answer characters)", yscale="log",
-       title="Fine-tuning OPT with ZeRO-3 on 4 CPU ranks")
+ax.set(
+    xlabel="step",
+    ylabel="training loss (answer characters)",
+    yscale="log",
+    title="Fine-tuning OPT with ZeRO-3 on 4 CPU ranks",
+)
 fig.tight_layout()
 
 # %%
@@ -608,9 +682,11 @@ def tp_check_worker() -> dict:
 
 tp_checks = {n: launch(tp_check_worker, n) for n in TP_SIZES}
 for n, c in tp_checks.items():
-    print(f"N={n}: largest |logits diff| {c['logits']:.1e}, |loss diff| {c['loss']:.1e}, "
-          f"largest |grad diff| over {c['compared']} parameters {c['grads']:.1e} "
-          f"(largest gradient {c['grad_scale']:.2f})")
+    print(
+        f"N={n}: largest |logits diff| {c['logits']:.1e}, |loss diff| {c['loss']:.1e}, "
+        f"largest |grad diff| over {c['compared']} parameters {c['grads']:.1e} "
+        f"(largest gradient {c['grad_scale']:.2f})"
+    )
     assert c["logits"] < 1e-4 and c["loss"] < 1e-5, f"TP on {n} ranks differs from serial"
     assert c["grads"] < 1e-5 * max(1.0, c["grad_scale"]), f"TP gradients on {n} ranks differ"
 
@@ -624,17 +700,19 @@ for n, c in tp_checks.items():
 tp_runs = {n: launch(train_worker, n, "TP", MEASURE_STEPS) for n in TP_SIZES}
 config = base_model.config
 ddp = runs["DDP"]
-tp_rows = [{
-    "run": f"DDP, N={WORLD_SIZE}",
-    "params/rank measured": ddp["memory"]["params"],
-    "params/rank formula": 4 * PSI,
-    "states/rank (params+grads+Adam)": ddp["memory"]["total"],
-    "all-reduce bytes/step measured": ddp["comm"]["all_reduce"]["bytes"] / ddp["steps"],
-    "all-reduce bytes/step formula": 4 * PSI,
-    "all-reduces/step": ddp["comm"]["all_reduce"]["calls"] / ddp["steps"],
-    "median step (ms)": 1e3 * ddp["step_time"],
-    "largest loss gap vs DDP": 0.0,
-}]
+tp_rows = [
+    {
+        "run": f"DDP, N={WORLD_SIZE}",
+        "params/rank measured": ddp["memory"]["params"],
+        "params/rank formula": 4 * PSI,
+        "states/rank (params+grads+Adam)": ddp["memory"]["total"],
+        "all-reduce bytes/step measured": ddp["comm"]["all_reduce"]["bytes"] / ddp["steps"],
+        "all-reduce bytes/step formula": 4 * PSI,
+        "all-reduces/step": ddp["comm"]["all_reduce"]["calls"] / ddp["steps"],
+        "median step (ms)": 1e3 * ddp["step_time"],
+        "largest loss gap vs DDP": 0.0,
+    }
+]
 for n, r in tp_runs.items():
     cost = opt_1d_cost(config, n, r["tokens_per_rank"])
     measured_comm = r["comm"]["all_reduce"]["bytes"] / r["steps"]
@@ -642,25 +720,31 @@ for n, r in tp_runs.items():
     assert measured_comm == cost.comm_bytes, (n, measured_comm, cost)
     tp_gap = max(abs(a - b) for a, b in zip(r["losses"], ddp["losses"]))
     assert tp_gap < 1e-3, f"TP on {n} ranks does not follow data parallel's loss (gap {tp_gap})"
-    tp_rows.append({
-        "run": f"TP, N={n}",
-        "params/rank measured": r["memory"]["params"],
-        "params/rank formula": cost.param_bytes,
-        "states/rank (params+grads+Adam)": r["memory"]["total"],
-        "all-reduce bytes/step measured": measured_comm,
-        "all-reduce bytes/step formula": cost.comm_bytes,
-        "all-reduces/step": r["comm"]["all_reduce"]["calls"] / r["steps"],
-        "median step (ms)": 1e3 * r["step_time"],
-        "largest loss gap vs DDP": tp_gap,
-    })
+    tp_rows.append(
+        {
+            "run": f"TP, N={n}",
+            "params/rank measured": r["memory"]["params"],
+            "params/rank formula": cost.param_bytes,
+            "states/rank (params+grads+Adam)": r["memory"]["total"],
+            "all-reduce bytes/step measured": measured_comm,
+            "all-reduce bytes/step formula": cost.comm_bytes,
+            "all-reduces/step": r["comm"]["all_reduce"]["calls"] / r["steps"],
+            "median step (ms)": 1e3 * r["step_time"],
+            "largest loss gap vs DDP": tp_gap,
+        }
+    )
 tp_table = pd.DataFrame(tp_rows).set_index("run")
 serial_param_bytes = opt_1d_cost(config, 1, 0).param_bytes
 replicated = 2 * opt_1d_cost(config, 2, 0).param_bytes - serial_param_bytes  # R = 2 p(2) - p(1)
-print(f"replicated parameters (embeddings, layer norms, out_proj/fc2 biases): {replicated:,} of "
-      f"{serial_param_bytes:,} bytes ({replicated / serial_param_bytes:.0%}); they do not "
-      "shrink with N")
-tp_table.style.format({c: "{:,.0f}" for c in tp_table.columns} | {
-    "median step (ms)": "{:.1f}", "largest loss gap vs DDP": "{:.1e}"})
+print(
+    f"replicated parameters (embeddings, layer norms, out_proj/fc2 biases): {replicated:,} of "
+    f"{serial_param_bytes:,} bytes ({replicated / serial_param_bytes:.0%}); they do not "
+    "shrink with N"
+)
+tp_table.style.format(
+    {c: "{:,.0f}" for c in tp_table.columns}
+    | {"median step (ms)": "{:.1f}", "largest loss gap vs DDP": "{:.1e}"}
+)
 
 # %%
 # The formulas (``cai_labs.tensor_parallel.formulas.opt_1d_cost``): per rank, parameters

@@ -61,11 +61,15 @@ start = time.perf_counter()
 checkpoint = make_finetuned_checkpoint(workdir)  # pre-train, fine-tune, save_pretrained
 meta = json.loads((checkpoint / "metrics.json").read_text())
 task = FinetuneConfig(**meta["finetune"]).task()
-print(f"fine-tuned checkpoint in {time.perf_counter() - start:.1f} s: {checkpoint.name}/ holds "
-      f"{sorted(p.name for p in checkpoint.iterdir())}")
-print(f"task: {task.prompt('abcd')!r} -> {task.answer('abcd')!r}; exact match on "
-      f"{len(task.test_words)} held-out words: {meta['exact_match_before']:.2f} before "
-      f"fine-tuning, {meta['exact_match_after']:.2f} after")
+print(
+    f"fine-tuned checkpoint in {time.perf_counter() - start:.1f} s: {checkpoint.name}/ holds "
+    f"{sorted(p.name for p in checkpoint.iterdir())}"
+)
+print(
+    f"task: {task.prompt('abcd')!r} -> {task.answer('abcd')!r}; exact match on "
+    f"{len(task.test_words)} held-out words: {meta['exact_match_before']:.2f} before "
+    f"fine-tuning, {meta['exact_match_after']:.2f} after"
+)
 
 # %%
 # Batching requests: left padding and per-request settings
@@ -91,8 +95,9 @@ print("input_ids (pad id", engine.pad_id, "):\n", ids, "\nattention_mask:\n", ma
 
 words = task.test_words[:8]
 jobs = [GenerationJob(engine.encode(task.prompt(w)), max_new_tokens=8) for w in words]
-jobs.append(GenerationJob(engine.encode("reverse ab =>"), max_new_tokens=8, temperature=0.8,
-                          seed=1))
+jobs.append(
+    GenerationJob(engine.encode("reverse ab =>"), max_new_tokens=8, temperature=0.8, seed=1)
+)
 alone = [engine.generate_batch([job])[0] for job in jobs]
 together = engine.generate_batch(jobs)
 assert [c.token_ids for c in alone] == [c.token_ids for c in together], "batching changed text"
@@ -109,8 +114,10 @@ print(f"... {len(jobs)} requests decoded in one batch, identical to one at a tim
 
 
 def time_batch(b: int, repeats: int = 5) -> float:
-    jobs = [GenerationJob(engine.encode(task.prompt(w)), NEW_TOKENS, ignore_eos=True)
-            for w in task.test_words[:b]]
+    jobs = [
+        GenerationJob(engine.encode(task.prompt(w)), NEW_TOKENS, ignore_eos=True)
+        for w in task.test_words[:b]
+    ]
     engine.generate_batch(jobs)  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -121,12 +128,17 @@ def time_batch(b: int, repeats: int = 5) -> float:
 
 
 batch_times = {b: time_batch(b) for b in (1, 4, MAX_BATCH)}
-engine_table = pd.DataFrame([{
-    "batch size b": b,
-    "generate time T(b) (ms)": 1e3 * t,
-    "requests/s b/T(b)": b / t,
-    "ideal gain b·T(1)/T(b)": b * batch_times[1] / t,
-} for b, t in batch_times.items()]).set_index("batch size b")
+engine_table = pd.DataFrame(
+    [
+        {
+            "batch size b": b,
+            "generate time T(b) (ms)": 1e3 * t,
+            "requests/s b/T(b)": b / t,
+            "ideal gain b·T(1)/T(b)": b * batch_times[1] / t,
+        }
+        for b, t in batch_times.items()
+    ]
+).set_index("batch size b")
 engine_table.style.format("{:.1f}")
 
 # %%
@@ -142,8 +154,16 @@ engine_table.style.format("{:.1f}")
 # :class:`~cai_labs.serving.ServerProcess` helper waits for ``/health`` and stops the process at
 # the end of the page (and, failing that, when Python exits).
 
-common = ["--threads", str(THREADS), "--queue-size", str(QUEUE_SIZE),
-          "--cache-size", str(CACHE_SIZE), "--max-wait-ms", str(MAX_WAIT_MS)]
+common = [
+    "--threads",
+    str(THREADS),
+    "--queue-size",
+    str(QUEUE_SIZE),
+    "--cache-size",
+    str(CACHE_SIZE),
+    "--max-wait-ms",
+    str(MAX_WAIT_MS),
+]
 servers = {
     "batching on": ServerProcess(checkpoint, [*common, "--max-batch-size", str(MAX_BATCH)]),
     "batching off": ServerProcess(checkpoint, [*common, "--max-batch-size", "1"]),
@@ -174,8 +194,11 @@ assert first["text"] == task.answer(word) and again["cached"]
 # ``POST /generate/stream`` sends each token as a server-sent event as soon as it is decoded
 # (the batcher's worker thread hands it to the event loop), then a final ``done`` event:
 
-with httpx.stream("POST", f"{url}/generate/stream",
-                  json={"prompt": task.prompt(task.test_words[1]), "max_new_tokens": 8}) as s:
+with httpx.stream(
+    "POST",
+    f"{url}/generate/stream",
+    json={"prompt": task.prompt(task.test_words[1]), "max_new_tokens": 8},
+) as s:
     for line in s.iter_lines():
         if line:
             print(line)
@@ -209,16 +232,25 @@ print("paths in the OpenAPI schema:", sorted(httpx.get(f"{url}/openapi.json").js
 def ask_all(words: list[str]) -> list[dict]:
     """One thread per word, all sending at once through one (thread-safe) client."""
     with httpx.Client(base_url=url, timeout=60) as client, ThreadPoolExecutor(len(words)) as pool:
-        return list(pool.map(lambda w: client.post("/generate", json={
-            "prompt": task.prompt(w), "max_new_tokens": 8, "use_cache": False}).json(), words))
+        return list(
+            pool.map(
+                lambda w: client.post(
+                    "/generate",
+                    json={"prompt": task.prompt(w), "max_new_tokens": 8, "use_cache": False},
+                ).json(),
+                words,
+            )
+        )
 
 
 httpx.post(f"{url}/metrics/reset")
 served = ask_all(list(task.test_words))
 served_em = float(np.mean([r["text"] == task.answer(w) for r, w in zip(served, task.test_words)]))
 sizes = httpx.get(f"{url}/metrics").json()["batch_sizes"]
-print(f"served exact match {served_em:.3f} vs recipe {meta['exact_match_after']:.3f}; "
-      f"batch sizes seen (size: count): {sizes}")
+print(
+    f"served exact match {served_em:.3f} vs recipe {meta['exact_match_after']:.3f}; "
+    f"batch sizes seen (size: count): {sizes}"
+)
 assert served_em == meta["exact_match_after"], "the service does not answer like the model"
 
 # %%
@@ -235,22 +267,38 @@ assert served_em == meta["exact_match_after"], "the service does not answer like
 # in the system, with throughput :math:`X` and mean latency :math:`R`; the table shows
 # :math:`N / X` next to the measured mean latency.
 
-load = [{"prompt": task.prompt(w), "max_new_tokens": NEW_TOKENS, "ignore_eos": True,
-         "use_cache": False} for w in task.test_words]
+load = [
+    {"prompt": task.prompt(w), "max_new_tokens": NEW_TOKENS, "ignore_eos": True, "use_cache": False}
+    for w in task.test_words
+]
 
 
 def measure(name: str, concurrency: int, payloads: list[dict]) -> dict:
     target = urls[name]
     httpx.post(f"{target}/metrics/reset")
-    r = load_test(target, payloads, concurrency=concurrency, max_requests=REQUESTS_PER_RUN,
-                  time_limit_s=TIME_LIMIT_S)
+    r = load_test(
+        target,
+        payloads,
+        concurrency=concurrency,
+        max_requests=REQUESTS_PER_RUN,
+        time_limit_s=TIME_LIMIT_S,
+    )
     m = httpx.get(f"{target}/metrics").json()
-    return {"server": name, "concurrency": concurrency, "requests ok": r.ok,
-            "rejected (503)": r.rejected, "throughput (req/s)": r.throughput_rps,
-            "tokens/s": r.tokens_per_s, "p50 (ms)": r.p50_ms, "p99 (ms)": r.p99_ms,
-            "mean (ms)": r.mean_ms, "Little N/X (ms)": 1e3 * concurrency / r.throughput_rps,
-            "mean batch": m["mean_batch_size"], "cache hits": m["cache"]["hits"],
-            "batch sizes": m["batch_sizes"]}
+    return {
+        "server": name,
+        "concurrency": concurrency,
+        "requests ok": r.ok,
+        "rejected (503)": r.rejected,
+        "throughput (req/s)": r.throughput_rps,
+        "tokens/s": r.tokens_per_s,
+        "p50 (ms)": r.p50_ms,
+        "p99 (ms)": r.p99_ms,
+        "mean (ms)": r.mean_ms,
+        "Little N/X (ms)": 1e3 * concurrency / r.throughput_rps,
+        "mean batch": m["mean_batch_size"],
+        "cache hits": m["cache"]["hits"],
+        "batch sizes": m["batch_sizes"],
+    }
 
 
 for name in urls:  # warm both servers up
@@ -305,19 +353,25 @@ table.style.format({c: "{:.1f}" for c in table.columns if table[c].dtype.kind ==
 
 for name in ("batching on", "batching off"):
     part = table.loc[name]
-    print(f"{name:12s}: throughput {part['throughput (req/s)'].iloc[0]:.1f} -> "
-          f"{part['throughput (req/s)'].iloc[-1]:.1f} req/s and mean latency "
-          f"{part['mean (ms)'].iloc[0]:.0f} -> {part['mean (ms)'].iloc[-1]:.0f} ms from "
-          f"{CONCURRENCIES[0]} to {CONCURRENCIES[-1]} clients")
+    print(
+        f"{name:12s}: throughput {part['throughput (req/s)'].iloc[0]:.1f} -> "
+        f"{part['throughput (req/s)'].iloc[-1]:.1f} req/s and mean latency "
+        f"{part['mean (ms)'].iloc[0]:.0f} -> {part['mean (ms)'].iloc[-1]:.0f} ms from "
+        f"{CONCURRENCIES[0]} to {CONCURRENCIES[-1]} clients"
+    )
 on16 = table.loc[("batching on", 16)]
 off16 = table.loc[("batching off", 16)]
 gain = on16["throughput (req/s)"] / off16["throughput (req/s)"]
-print(f"concurrency 16: batching gives {gain:.2f}x the throughput of one-at-a-time "
-      f"(goal >= 3x; engine-level ideal b·T(1)/T(b) at b={MAX_BATCH}: "
-      f"{engine_table.loc[MAX_BATCH, 'ideal gain b·T(1)/T(b)']:.1f}x); "
-      f"p99 {on16['p99 (ms)']:.0f} ms vs {off16['p99 (ms)']:.0f} ms")
-print("batch sizes the batching server ran at 16 clients (size: count):",
-      histograms[("batching on", 16)])
+print(
+    f"concurrency 16: batching gives {gain:.2f}x the throughput of one-at-a-time "
+    f"(goal >= 3x; engine-level ideal b·T(1)/T(b) at b={MAX_BATCH}: "
+    f"{engine_table.loc[MAX_BATCH, 'ideal gain b·T(1)/T(b)']:.1f}x); "
+    f"p99 {on16['p99 (ms)']:.0f} ms vs {off16['p99 (ms)']:.0f} ms"
+)
+print(
+    "batch sizes the batching server ran at 16 clients (size: count):",
+    histograms[("batching on", 16)],
+)
 assert on16["mean batch"] > 1, "no batching happened under concurrent load"
 
 fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -325,19 +379,40 @@ for name, marker, color in (("batching on", "o", "C0"), ("batching off", "s", "C
     part = table.loc[name]
     ax1.plot(part.index, part["throughput (req/s)"], marker=marker, color=color, label=name)
     ax2.plot(part.index, part["p50 (ms)"], marker=marker, color=color, label=f"{name}, p50")
-    ax2.plot(part.index, part["p99 (ms)"], marker=marker, color=color, ls=":", alpha=0.6,
-             label=f"{name}, p99")
-ax1.set(xlabel="concurrent clients", ylabel="requests/s", xscale="log", xticks=CONCURRENCIES,
-        xticklabels=CONCURRENCIES, title="Throughput")
-ax2.set(xlabel="concurrent clients", ylabel="latency (ms)", xscale="log", xticks=CONCURRENCIES,
-        xticklabels=CONCURRENCIES, title="Latency p50 / p99")
+    ax2.plot(
+        part.index,
+        part["p99 (ms)"],
+        marker=marker,
+        color=color,
+        ls=":",
+        alpha=0.6,
+        label=f"{name}, p99",
+    )
+ax1.set(
+    xlabel="concurrent clients",
+    ylabel="requests/s",
+    xscale="log",
+    xticks=CONCURRENCIES,
+    xticklabels=CONCURRENCIES,
+    title="Throughput",
+)
+ax2.set(
+    xlabel="concurrent clients",
+    ylabel="latency (ms)",
+    xscale="log",
+    xticks=CONCURRENCIES,
+    xticklabels=CONCURRENCIES,
+    title="Latency p50 / p99",
+)
 ax1.legend()
 ax2.legend(fontsize=7)
 cache_rows = table.loc[["batching on + cache", "batching on, cache off"]]
 ax3.bar(["cache on", "cache off"], cache_rows["throughput (req/s)"], color=["C2", "C7"])
 ax3.set(ylabel="requests/s", title="16 clients, 16 distinct prompts")
-fig.suptitle(f"Measured in this build: {NEW_TOKENS} new tokens per request, "
-             f"max batch {MAX_BATCH}, max wait {MAX_WAIT_MS:.0f} ms")
+fig.suptitle(
+    f"Measured in this build: {NEW_TOKENS} new tokens per request, "
+    f"max batch {MAX_BATCH}, max wait {MAX_WAIT_MS:.0f} ms"
+)
 fig.tight_layout()
 
 # %%
@@ -352,9 +427,11 @@ httpx.post(f"{url}/metrics/reset")
 burst = load_test(url, load, concurrency=160, max_requests=160, time_limit_s=TIME_LIMIT_S)
 after = httpx.post(f"{url}/generate", json=request)
 m = httpx.get(f"{url}/metrics").json()
-print(f"burst of {burst.sent}: {burst.ok} answered, {burst.rejected} rejected with 503, "
-      f"{burst.errors} other errors; deepest queue {m['queue_depth_max']} (bound {QUEUE_SIZE}); "
-      f"next request: HTTP {after.status_code}")
+print(
+    f"burst of {burst.sent}: {burst.ok} answered, {burst.rejected} rejected with 503, "
+    f"{burst.errors} other errors; deepest queue {m['queue_depth_max']} (bound {QUEUE_SIZE}); "
+    f"next request: HTTP {after.status_code}"
+)
 assert burst.rejected > 0 and burst.errors == 0 and after.status_code == 200
 
 # %%

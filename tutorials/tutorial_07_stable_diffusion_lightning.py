@@ -73,8 +73,10 @@ page_start = time.perf_counter()
 torch.set_num_threads(1)
 
 train_set, test_set = load_captioned_digits(size=CONFIG.image_size, seed=SEED)
-print(f"{len(train_set)} training images of {tuple(train_set.images.shape[1:])}, "
-      f"pixels in [{train_set.images.min():.0f}, {train_set.images.max():.0f}]")
+print(
+    f"{len(train_set)} training images of {tuple(train_set.images.shape[1:])}, "
+    f"pixels in [{train_set.images.min():.0f}, {train_set.images.max():.0f}]"
+)
 for i in range(4):
     print(f"  sample {i}: label {train_set[i][2]}, caption {train_set[i][1]!r}")
 print(f"caption templates: {CAPTION_TEMPLATES}")
@@ -99,11 +101,16 @@ latent_parts = build_components(TinyDiffusionConfig(latent_channels=4), seed=SEE
 with torch.no_grad():
     latent = latent_parts.vae.encode(train_set.images[:8]).latent_dist.mean
 pixels = train_set.images[0].numel()
-print(f"pixel image {tuple(train_set.images.shape[1:])} = {pixels} numbers; "
-      f"AutoencoderKL latent {tuple(latent.shape[1:])} = {latent[0].numel()} numbers "
-      f"(compression {pixels / latent[0].numel():.1f}x)")
-for name, module in [("UNet2DConditionModel", parts.unet), ("CLIPTextModel", parts.text_encoder),
-                     ("AutoencoderKL (unused)", latent_parts.vae)]:
+print(
+    f"pixel image {tuple(train_set.images.shape[1:])} = {pixels} numbers; "
+    f"AutoencoderKL latent {tuple(latent.shape[1:])} = {latent[0].numel()} numbers "
+    f"(compression {pixels / latent[0].numel():.1f}x)"
+)
+for name, module in [
+    ("UNet2DConditionModel", parts.unet),
+    ("CLIPTextModel", parts.text_encoder),
+    ("AutoencoderKL (unused)", latent_parts.vae),
+]:
     print(f"  {name:24s} {sum(p.numel() for p in module.parameters()):>9,} parameters")
 
 # %%
@@ -154,8 +161,9 @@ for name, module in [("UNet2DConditionModel", parts.unet), ("CLIPTextModel", par
 
 
 def loader() -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(train_set, batch_size=BATCH_PER_RANK, shuffle=True,
-                                       collate_fn=collate, drop_last=True)
+    return torch.utils.data.DataLoader(
+        train_set, batch_size=BATCH_PER_RANK, shuffle=True, collate_fn=collate, drop_last=True
+    )
 
 
 def mean_over_ranks(values: list[float]) -> list[float]:
@@ -225,8 +233,13 @@ def measure_worker() -> dict:
         probe = LedgerCallback()
         strategy, _, offload = strategy.partition("+")
         options = {"offload": True, "device_budget": offload_budget(module)} if offload else None
-        trainer = rank_trainer(strategy, max_steps=MEASURE_STEPS, precision=precision,
-                               callbacks=[probe], strategy_options=options)
+        trainer = rank_trainer(
+            strategy,
+            max_steps=MEASURE_STEPS,
+            precision=precision,
+            callbacks=[probe],
+            strategy_options=options,
+        )
         trainer.fit(module, loader())
         reports = gather_reports(probe.report())
         out[name] = {"losses": mean_over_ranks(module.loss_history), "reports": reports}
@@ -253,14 +266,18 @@ for name, r in measured.items():
     row["step time (ms)"] = 1e3 * float(np.median(times))
     off = r.get("offload", {})
     row["optimizer on host"] = off.get("host_bytes", 0) / MiB
-    row["host<->device per step"] = (off.get("h2d_demand", 0) + off.get("h2d_prefetch", 0)
-                                     + off.get("d2h", 0)) / MEASURE_STEPS / MiB
+    row["host<->device per step"] = (
+        (off.get("h2d_demand", 0) + off.get("h2d_prefetch", 0) + off.get("d2h", 0))
+        / MEASURE_STEPS
+        / MiB
+    )
     row["final loss"] = r["losses"][-1]
     rows.append(row)
 table = pd.DataFrame(rows).set_index("variant")
 print(table.round(3).to_string())
-table.style.format({c: "{:.2f}" for c in table.columns} | {"final loss": "{:.4f}",
-                                                        "step time (ms)": "{:.0f}"})
+table.style.format(
+    {c: "{:.2f}" for c in table.columns} | {"final loss": "{:.4f}", "step time (ms)": "{:.0f}"}
+)
 
 # %%
 # How to read it. With :math:`\Psi` parameters in fp32 and Adam's two moments, data parallel
@@ -270,11 +287,17 @@ table.style.format({c: "{:.2f}" for c in table.columns} | {"final loss": "{:.4f}
 # full parameters exist only while its forward or backward runs). Compare with the formula:
 
 psi = sum(p.numel() for p in DiffusionModule(CONFIG).parameters())
-formula = pd.DataFrame({
-    "params": [4 * psi] * 3 + [4 * psi / WORLD_SIZE],
-    "grads": [4 * psi, 4 * psi, 4 * psi / WORLD_SIZE, 4 * psi / WORLD_SIZE],
-    "optimizer": [8 * psi] + [8 * psi / WORLD_SIZE] * 3,
-}, index=["Lightning DDP", "cai_labs ZeRO-1", "cai_labs ZeRO-2", "cai_labs ZeRO-3"]) / MiB
+formula = (
+    pd.DataFrame(
+        {
+            "params": [4 * psi] * 3 + [4 * psi / WORLD_SIZE],
+            "grads": [4 * psi, 4 * psi, 4 * psi / WORLD_SIZE, 4 * psi / WORLD_SIZE],
+            "optimizer": [8 * psi] + [8 * psi / WORLD_SIZE] * 3,
+        },
+        index=["Lightning DDP", "cai_labs ZeRO-1", "cai_labs ZeRO-2", "cai_labs ZeRO-3"],
+    )
+    / MiB
+)
 print(f"Psi = {psi:,} parameters, N = {WORLD_SIZE}; formula (MiB):")
 print(formula.round(2).to_string())
 for name in formula.index:
@@ -297,10 +320,12 @@ for name in formula.index:
 # price of the freed device memory.
 
 off = measured["ZeRO-2 + offloaded Adam"]["offload"]
-print(f"offload: device budget {off['device_budget'] / MiB:.3f} MiB, device peak "
-      f"{off['device_peak'] / MiB:.3f} MiB, host {off['host_bytes'] / MiB:.3f} MiB "
-      f"(8 Psi / N = {8 * psi / WORLD_SIZE / MiB:.3f} MiB); {off['fetch']} fetches, "
-      f"{off['evict']} evictions in {MEASURE_STEPS} steps")
+print(
+    f"offload: device budget {off['device_budget'] / MiB:.3f} MiB, device peak "
+    f"{off['device_peak'] / MiB:.3f} MiB, host {off['host_bytes'] / MiB:.3f} MiB "
+    f"(8 Psi / N = {8 * psi / WORLD_SIZE / MiB:.3f} MiB); {off['fetch']} fetches, "
+    f"{off['evict']} evictions in {MEASURE_STEPS} steps"
+)
 assert off["device_peak"] <= off["device_budget"]
 assert abs(off["host_bytes"] - 8 * psi / WORLD_SIZE) <= 0.05 * 8 * psi / WORLD_SIZE
 
@@ -309,10 +334,10 @@ assert abs(off["host_bytes"] - 8 * psi / WORLD_SIZE) <= 0.05 * 8 * psi / WORLD_S
 # Lightning DDP's:
 
 for name in ("cai_labs ZeRO-1", "cai_labs ZeRO-2", "cai_labs ZeRO-3", "ZeRO-2 + offloaded Adam"):
-    gap = max(abs(a - b) for a, b in zip(measured[name]["losses"],
-                                         measured["Lightning DDP"]["losses"]))
-    print(f"{name}: largest loss difference to Lightning DDP over {MEASURE_STEPS} steps: "
-          f"{gap:.1e}")
+    gap = max(
+        abs(a - b) for a, b in zip(measured[name]["losses"], measured["Lightning DDP"]["losses"])
+    )
+    print(f"{name}: largest loss difference to Lightning DDP over {MEASURE_STEPS} steps: {gap:.1e}")
     assert gap < 1e-4, f"{name} drifted from DDP by {gap}"
 
 # %%
@@ -327,24 +352,33 @@ def train_worker() -> dict:
     start = time.perf_counter()
     rank_trainer("zero2", max_steps=TRAIN_STEPS).fit(module, loader())
     seconds = time.perf_counter() - start
-    return {"losses": mean_over_ranks(module.loss_history), "seconds": seconds,
-            "state": {k: v.clone() for k, v in module.state_dict().items()}}
+    return {
+        "losses": mean_over_ranks(module.loss_history),
+        "seconds": seconds,
+        "state": {k: v.clone() for k, v in module.state_dict().items()},
+    }
 
 
 trained = launch(train_worker, WORLD_SIZE)
 model = DiffusionModule(CONFIG, lr=LR, seed=SEED)
 model.load_state_dict(trained["state"])
-print(f"trained {len(trained['losses'])} steps (global batch {WORLD_SIZE * BATCH_PER_RANK}) in "
-      f"{trained['seconds']:.0f} s; loss {np.mean(trained['losses'][:10]):.3f} (first 10 steps) "
-      f"-> {np.mean(trained['losses'][-20:]):.3f} (last 20)")
+print(
+    f"trained {len(trained['losses'])} steps (global batch {WORLD_SIZE * BATCH_PER_RANK}) in "
+    f"{trained['seconds']:.0f} s; loss {np.mean(trained['losses'][:10]):.3f} (first 10 steps) "
+    f"-> {np.mean(trained['losses'][-20:]):.3f} (last 20)"
+)
 
 fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
 ax[0].plot(trained["losses"], color="0.7", lw=0.8, label="per step")
 k = min(10, len(trained["losses"]))
 smooth = np.convolve(trained["losses"], np.ones(k) / k, mode="valid")
 ax[0].plot(np.arange(k - 1, len(trained["losses"])), smooth, color="C0", label=f"mean of {k}")
-ax[0].set(xlabel="optimizer step", ylabel="v-prediction MSE", yscale="log",
-          title=f"Training run: ZeRO-2 on {WORLD_SIZE} ranks")
+ax[0].set(
+    xlabel="optimizer step",
+    ylabel="v-prediction MSE",
+    yscale="log",
+    title=f"Training run: ZeRO-2 on {WORLD_SIZE} ranks",
+)
 ax[0].legend()
 for name, r in measured.items():
     ax[1].plot(np.arange(1, MEASURE_STEPS + 1), r["losses"], marker="o", ms=3, label=name)
@@ -394,11 +428,14 @@ again = generate(pipeline, prompts[:10], steps=SAMPLE_STEPS, guidance=GUIDANCE, 
 assert torch.equal(first, again), "sampling with the same seed must reproduce the images"
 
 print(f"{len(prompts)} samples in {sample_seconds:.1f} s")
-print(f"fraction classified as the prompted digit: {hits.mean():.3f} with guidance {GUIDANCE} "
-      f"({unguided_score:.3f} without guidance); chance is 0.100")
+print(
+    f"fraction classified as the prompted digit: {hits.mean():.3f} with guidance {GUIDANCE} "
+    f"({unguided_score:.3f} without guidance); chance is 0.100"
+)
 print("per digit:", {d: round(float(a), 2) for d, a in enumerate(per_digit)})
-assert hits.mean() > 0.3, (f"only {hits.mean():.2f} of the samples show the prompted digit: "
-                           "raise TRAIN_STEPS")
+assert hits.mean() > 0.3, (
+    f"only {hits.mean():.2f} of the samples show the prompted digit: raise TRAIN_STEPS"
+)
 
 fig, axes = plt.subplots(10, SAMPLES_PER_DIGIT, figsize=(SAMPLES_PER_DIGIT * 0.8, 10 * 0.85))
 for i, ax in enumerate(axes.flat):
@@ -440,14 +477,24 @@ with torch.no_grad():
         noise = torch.randn(x0.shape, generator=probe_gen)
         xt = scheduler.add_noise(x0, noise, t)
         v = scheduler.get_velocity(x0, noise, t)
-        loss = {name: torch.nn.functional.mse_loss(
-                    pipeline.unet(xt, t, encoder_hidden_states=text).sample, v).item()
-                for name, text in (("right", right), ("wrong", wrong))}
+        loss = {
+            name: torch.nn.functional.mse_loss(
+                pipeline.unet(xt, t, encoder_hidden_states=text).sample, v
+            ).item()
+            for name, text in (("right", right), ("wrong", wrong))
+        }
         abar = scheduler.alphas_cumprod[level].item()
         gap = loss["wrong"] - loss["right"]
-        probe_rows.append({"t": level, "abar_t": abar, "v loss, right prompt": loss["right"],
-                           "v loss, wrong prompt": loss["wrong"], "gap in v loss": gap,
-                           "same gap in eps loss": abar * gap})
+        probe_rows.append(
+            {
+                "t": level,
+                "abar_t": abar,
+                "v loss, right prompt": loss["right"],
+                "v loss, wrong prompt": loss["wrong"],
+                "gap in v loss": gap,
+                "same gap in eps loss": abar * gap,
+            }
+        )
 probe = pd.DataFrame(probe_rows).set_index("t")
 print(probe.round(4).to_string())
 assert probe["gap in v loss"].iloc[-1] > probe["gap in v loss"].iloc[0], "prompt gap does not grow"

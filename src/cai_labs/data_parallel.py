@@ -47,9 +47,7 @@ def allreduce_gradients(module: nn.Module, group: dist.ProcessGroup | None = Non
             p.grad.div_(world)
 
 
-def shard_batch(
-    *tensors: torch.Tensor, rank: int, world_size: int
-) -> tuple[torch.Tensor, ...]:
+def shard_batch(*tensors: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, ...]:
     """Rank ``rank``'s contiguous slice of each tensor's first dimension.
 
     The batch must split evenly: unequal slices would weight samples unequally in the averaged

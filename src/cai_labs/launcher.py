@@ -266,8 +266,18 @@ def launch(
             parent_end, child_end = ctx.Pipe(duplex=True)
             p = ctx.Process(
                 target=_worker,
-                args=(rank, world_size, backend, store_path, collective_timeout, child_end,
-                      stack_paths[rank], fn, args, kwargs),
+                args=(
+                    rank,
+                    world_size,
+                    backend,
+                    store_path,
+                    collective_timeout,
+                    child_end,
+                    stack_paths[rank],
+                    fn,
+                    args,
+                    kwargs,
+                ),
                 name=f"cai_labs-rank{rank}",
             )
             p.start()
@@ -384,9 +394,7 @@ def _run_in_place(fn, world_size, args, kwargs, backend, collective_timeout) -> 
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(
-            backend, timeout=datetime.timedelta(seconds=collective_timeout)
-        )
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=collective_timeout))
     result = fn(*args, **kwargs)
     box = [result if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)

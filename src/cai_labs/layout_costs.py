@@ -57,8 +57,9 @@ def predicted_cost(cfg: GPTConfig, layout: Layout, batch: int, rank: int) -> Ran
     act = local * seq * h * ELEM  # the whole activation of this replica's samples
 
     if layout.tp > 1:
-        per_micro = block_cost(layout.tp_mode, layout.tp, micro, seq, h, cfg.mlp_ratio,
-                               depth=layout.tp_depth)
+        per_micro = block_cost(
+            layout.tp_mode, layout.tp, micro, seq, h, cfg.mlp_ratio, depth=layout.tp_depth
+        )
         block_params = per_micro.param_bytes
         tp = n_blocks * layout.n_micro * per_micro.comm_bytes
         split = layout.tp_mode != "1d"

@@ -93,8 +93,12 @@ class Layout:
 
     def validate(self, cfg: GPTConfig, batch_size: int | None = None) -> None:
         """Raise a ValueError saying what to change if ``cfg`` cannot be laid out this way."""
-        for what, v in (("dp", self.dp), ("pp", self.pp), ("tp", self.tp),
-                        ("n_micro", self.n_micro)):
+        for what, v in (
+            ("dp", self.dp),
+            ("pp", self.pp),
+            ("tp", self.tp),
+            ("n_micro", self.n_micro),
+        ):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{what} must be a positive integer; got {v!r}")
         if self.tp_mode not in TP_MODES:

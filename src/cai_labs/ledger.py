@@ -103,6 +103,7 @@ def _nbytes(x: Any) -> int:
 
 def _buffer_bytes(op: str, args: tuple, kwargs: dict) -> int:
     """The buffer size (see module docstring) of one call of ``op``."""
+
     def arg(i: int, name: str) -> Any:
         return kwargs[name] if name in kwargs else (args[i] if len(args) > i else None)
 
@@ -136,10 +137,22 @@ def _group_of(op: str, args: tuple, kwargs: dict) -> Any:
         return kwargs["group"]
     # Positional group index per signature (after the tensors and op/src/dst arguments).
     positions = {
-        "all_reduce": 2, "broadcast": 2, "reduce": 3, "all_gather": 2,
-        "all_gather_into_tensor": 2, "reduce_scatter": 3, "reduce_scatter_tensor": 3,
-        "all_to_all": 2, "all_to_all_single": 4, "send": 2, "isend": 2, "recv": 2, "irecv": 2,
-        "barrier": 0, "gather": 3, "scatter": 3,
+        "all_reduce": 2,
+        "broadcast": 2,
+        "reduce": 3,
+        "all_gather": 2,
+        "all_gather_into_tensor": 2,
+        "reduce_scatter": 3,
+        "reduce_scatter_tensor": 3,
+        "all_to_all": 2,
+        "all_to_all_single": 4,
+        "send": 2,
+        "isend": 2,
+        "recv": 2,
+        "irecv": 2,
+        "barrier": 0,
+        "gather": 3,
+        "scatter": 3,
     }
     i = positions.get(op)
     return args[i] if i is not None and len(args) > i else None
@@ -282,8 +295,10 @@ class Ledger:
             out = fn(*args, **kwargs)
             seconds = time.perf_counter() - start
             nbytes = _buffer_bytes(op, args, kwargs)
-            ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(
-                range(dist.get_world_size())
+            ranks = (
+                tuple(dist.get_process_group_ranks(group))
+                if group is not None
+                else tuple(range(dist.get_world_size()))
             )
             self.comm.append(
                 {

@@ -161,8 +161,16 @@ class ParallelGPT(nn.Module):
         x, y = shard_batch(x, y, rank=d, world_size=lay.dp)
         optimizer.zero_grad(set_to_none=True)
         loss = pipeline_step(
-            self.stage, self.links, stage=s, n_stages=lay.pp, inputs=x, targets=y,
-            n_micro=lay.n_micro, loss_fn=lm_loss, schedule=lay.schedule, ledger=ledger,
+            self.stage,
+            self.links,
+            stage=s,
+            n_stages=lay.pp,
+            inputs=x,
+            targets=y,
+            n_micro=lay.n_micro,
+            loss_fn=lm_loss,
+            schedule=lay.schedule,
+            ledger=ledger,
             step=step,
         )
         if self.dp_group is not None:

@@ -28,8 +28,15 @@ CHROMIUM = os.environ.get("CAI_LABS_CHROMIUM", "/usr/bin/chromium")
 SHOTS = Path("artifacts/screenshots")
 # Without these flags Chromium keeps trying to reach Google services, which a closed network
 # refuses, and logs errors that are not the site's.
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -56,8 +63,9 @@ def browser():
     if not SITE.joinpath("index.html").exists():
         pytest.fail(f"no built site at {SITE}: run `nox -s docs` first")
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"no Chromium at {CHROMIUM}: `apt-get install chromium` (or set "
-                    "CAI_LABS_CHROMIUM)")
+        pytest.fail(
+            f"no Chromium at {CHROMIUM}: `apt-get install chromium` (or set CAI_LABS_CHROMIUM)"
+        )
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -94,7 +102,8 @@ def page_problems(browser, base: str, rel: str, screenshot: Path | None = None) 
 def _pages(root: Path) -> list[str]:
     skip = {"genindex.html", "py-modindex.html"}
     return sorted(
-        str(p.relative_to(root)) for p in root.rglob("*.html")
+        str(p.relative_to(root))
+        for p in root.rglob("*.html")
         if p.name not in skip and "_modules" not in p.parts and "_static" not in p.parts
     )
 

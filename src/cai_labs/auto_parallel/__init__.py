@@ -17,8 +17,20 @@ from cai_labs.auto_parallel.strategies import Mesh, StrategyGraph, build_strateg
 from cai_labs.auto_parallel.trace import profile_saved, trace
 
 __all__ = [
-    "trace", "profile_saved", "Mesh", "StrategyGraph", "build_strategy_graph", "MachineModel",
-    "PlanCost", "calibrate", "plan_cost", "solve", "Solution", "MemoryBudgetError",
+    "trace",
+    "profile_saved",
+    "Mesh",
+    "StrategyGraph",
+    "build_strategy_graph",
+    "MachineModel",
+    "PlanCost",
+    "calibrate",
+    "plan_cost",
+    "solve",
+    "Solution",
+    "MemoryBudgetError",
     "minimum_memory",
-    "MeshGroups", "SPMDModule", "parallelize",
+    "MeshGroups",
+    "SPMDModule",
+    "parallelize",
 ]

@@ -35,8 +35,16 @@ from torch.utils.checkpoint import checkpoint
 
 from cai_labs.ledger import Ledger
 
-__all__ = ["StageProfile", "profile_chain", "CheckpointPlan", "solve_checkpoint",
-           "CheckpointedChain", "measure_peak", "minimum_budget", "predicted_peak"]
+__all__ = [
+    "StageProfile",
+    "profile_chain",
+    "CheckpointPlan",
+    "solve_checkpoint",
+    "CheckpointedChain",
+    "measure_peak",
+    "minimum_budget",
+    "predicted_peak",
+]
 
 
 @dataclass
@@ -51,9 +59,13 @@ class StageProfile:
 
     def scaled(self, factor: float) -> StageProfile:
         """Activations grow linearly with the batch: the profile at ``factor`` x the batch."""
-        return StageProfile(self.name, math.ceil(self.saved_bytes * factor),
-                            math.ceil(self.input_bytes * factor), self.fwd_seconds * factor,
-                            self.checkpointable)
+        return StageProfile(
+            self.name,
+            math.ceil(self.saved_bytes * factor),
+            math.ceil(self.input_bytes * factor),
+            self.fwd_seconds * factor,
+            self.checkpointable,
+        )
 
 
 def profile_chain(stages: list[nn.Module], x: torch.Tensor, reps: int = 3) -> list[StageProfile]:
@@ -73,9 +85,15 @@ def profile_chain(stages: list[nn.Module], x: torch.Tensor, reps: int = 3) -> li
                 start = time.perf_counter()
                 stage(x)
                 times.append(time.perf_counter() - start)
-        out.append(StageProfile(f"{i}:{type(stage).__name__}", saved,
-                                x.numel() * x.element_size(), sorted(times)[len(times) // 2],
-                                checkpointable=i > 0))
+        out.append(
+            StageProfile(
+                f"{i}:{type(stage).__name__}",
+                saved,
+                x.numel() * x.element_size(),
+                sorted(times)[len(times) // 2],
+                checkpointable=i > 0,
+            )
+        )
         x = y.detach().requires_grad_()
     return out
 
@@ -138,8 +156,12 @@ def solve_checkpoint(
             f"needs at least about {minimum_budget(profiles, grain) / 2**20:.2f} MiB. Raise "
             "the budget or lower the batch."
         )
-    return CheckpointPlan(choice, predicted_peak(profiles, choice),
-                          sum(p.fwd_seconds for p, c in zip(profiles, choice) if c), budget)
+    return CheckpointPlan(
+        choice,
+        predicted_peak(profiles, choice),
+        sum(p.fwd_seconds for p, c in zip(profiles, choice) if c),
+        budget,
+    )
 
 
 def minimum_budget(profiles: list[StageProfile], grain: int = 400) -> float:

@@ -55,9 +55,20 @@ from cai_labs.auto_parallel.strategies import (
     reshard_comm,
 )
 
-__all__ = ["MachineModel", "calibrate", "fit_compute_scale", "replicated_plan", "PlanCost",
-           "plan_cost", "node_time", "edge_time", "node_memory", "edge_memory", "value_memory",
-           "comm_time"]
+__all__ = [
+    "MachineModel",
+    "calibrate",
+    "fit_compute_scale",
+    "replicated_plan",
+    "PlanCost",
+    "plan_cost",
+    "node_time",
+    "edge_time",
+    "node_memory",
+    "edge_memory",
+    "value_memory",
+    "comm_time",
+]
 
 GROUPS = ((0,), (1,), (0, 1))
 
@@ -122,11 +133,13 @@ def calibrate(
     dist.barrier()
     flop_rate = {}
     lin, xs = torch.nn.Linear(256, 256), torch.randn(512, 256)
-    flop_rate["matmul"] = 3 * 2 * 512 * 256 * 256 / _best_time(
-        lambda: lin(xs).sum().backward(), reps)
+    flop_rate["matmul"] = (
+        3 * 2 * 512 * 256 * 256 / _best_time(lambda: lin(xs).sum().backward(), reps)
+    )
     conv, xc = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False), torch.randn(8, 32, 8, 8)
-    flop_rate["conv"] = 3 * 2 * xc.numel() * 32 * 9 / _best_time(
-        lambda: conv(xc).sum().backward(), reps)
+    flop_rate["conv"] = (
+        3 * 2 * xc.numel() * 32 * 9 / _best_time(lambda: conv(xc).sum().backward(), reps)
+    )
     big = torch.randn(1 << 20)
     mem_bw = 3 * big.numel() * FLOAT_BYTES / _best_time(lambda: big + big, reps)
     lin = torch.nn.Linear(4, 4)
@@ -147,8 +160,9 @@ def node_time(s: Strategy, m: MachineModel, op: str = "") -> dict[str, float]:
     """Predicted seconds of one node per step: ``{"compute": ..., "comm": ...}``."""
     if op in ("placeholder", "output"):
         return {"compute": 0.0, "comm": 0.0}
-    compute = m.compute_scale * (2 * m.overhead + 3 * s.flops / m.flop_rate[s.kind]
-                                 + 3 * s.bytes_moved / m.mem_bw)
+    compute = m.compute_scale * (
+        2 * m.overhead + 3 * s.flops / m.flop_rate[s.kind] + 3 * s.bytes_moved / m.mem_bw
+    )
     return {"compute": compute, "comm": sum(comm_time(c, m) for c in s.comm)}
 
 

@@ -45,8 +45,18 @@ from cai_labs.auto_parallel.strategies import (
 )
 from cai_labs.models.gpt import CausalSelfAttention
 
-__all__ = ["MeshGroups", "reshard", "Reshard", "parallelize", "SPMDModule", "ShardedLinear",
-           "ShardedConv2d", "ShardedBatchNorm2d", "ShardedAttention", "measure_step"]
+__all__ = [
+    "MeshGroups",
+    "reshard",
+    "Reshard",
+    "parallelize",
+    "SPMDModule",
+    "ShardedLinear",
+    "ShardedConv2d",
+    "ShardedBatchNorm2d",
+    "ShardedAttention",
+    "measure_step",
+]
 
 
 class MeshGroups:
@@ -54,8 +64,10 @@ class MeshGroups:
 
     def __init__(self, mesh: Mesh):
         if dist.get_world_size() != mesh.size:
-            raise ValueError(f"a {mesh.shape[0]} x {mesh.shape[1]} mesh needs {mesh.size} ranks; "
-                             f"launched with {dist.get_world_size()}")
+            raise ValueError(
+                f"a {mesh.shape[0]} x {mesh.shape[1]} mesh needs {mesh.size} ranks; "
+                f"launched with {dist.get_world_size()}"
+            )
         self.mesh, self.rank = mesh, dist.get_rank()
         self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
         for axes in ((0,), (1,), (0, 1)):
@@ -92,7 +104,8 @@ def _all_gather(x: torch.Tensor, dim: int, mg: MeshGroups, axes) -> torch.Tensor
 def _chunk(x: torch.Tensor, dim: int, mg: MeshGroups, axes) -> torch.Tensor:
     # a copy, not a view: a view would keep the whole tensor alive for as long as the chunk
     return x.chunk(mg.ways(axes), dim=dim)[mg.chunk(axes)].clone(
-        memory_format=torch.contiguous_format)
+        memory_format=torch.contiguous_format
+    )
 
 
 class _Gather(torch.autograd.Function):
@@ -210,8 +223,9 @@ class ShardedLinear(_Sharded):
         out_f, in_f = mod.weight.shape[:2]
         rows = _range(out_f, mg.ways(c), mg.chunk(c)) if c else None
         cols = _range(in_f, mg.ways(w), mg.chunk(w)) if w else None
-        self._shard("weight", mod.weight, {d: i for d, i in ((0, rows), (1, cols))
-                                           if i is not None})
+        self._shard(
+            "weight", mod.weight, {d: i for d, i in ((0, rows), (1, cols)) if i is not None}
+        )
         self.has_bias = mod.bias is not None
         if self.has_bias:
             self._shard("bias", mod.bias, {0: rows} if rows is not None else {})
@@ -287,8 +301,13 @@ class ShardedBatchNorm2d(_Sharded):
 
     def __init__(self, mod: nn.BatchNorm2d, b: tuple, f: tuple, mg: MeshGroups):
         super().__init__()
-        self.b, self.mg, self.eps, self.momentum, self.shard_index = b, mg, mod.eps, \
-            mod.momentum, {}
+        self.b, self.mg, self.eps, self.momentum, self.shard_index = (
+            b,
+            mg,
+            mod.eps,
+            mod.momentum,
+            {},
+        )
         idx = {0: _range(mod.num_features, mg.ways(f), mg.chunk(f))} if f else {}
         self._shard("weight", mod.weight, idx)
         self._shard("bias", mod.bias, idx)
@@ -298,11 +317,20 @@ class ShardedBatchNorm2d(_Sharded):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                False, 0.0, self.eps)
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
         if not self.b:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                True, self.momentum, self.eps)
+            return F.batch_norm(
+                x,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                True,
+                self.momentum,
+                self.eps,
+            )
         return _SyncBN.apply(x, self.weight, self.bias, self.eps, self.mg, self.b)
 
 
@@ -339,8 +367,13 @@ class ShardedAttention(_Sharded):
 class SPMDModule(nn.Module):
     """This rank's program: the rewritten graph, plus maps back to the serial parameters."""
 
-    def __init__(self, gm: fx.GraphModule, origin: dict[str, tuple[str, str, tuple]],
-                 mg: MeshGroups, replicas: dict[str, int]):
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        origin: dict[str, tuple[str, str, tuple]],
+        mg: MeshGroups,
+        replicas: dict[str, int],
+    ):
         super().__init__()
         self.gm, self.mg = gm, mg
         self.origin = origin  # local param name -> (module path, its param name, serial shape)
@@ -408,8 +441,9 @@ def parallelize(sg: StrategyGraph, plan: dict[str, int], mg: MeshGroups) -> SPMD
             sync = axes_of(s.roles, "B") if any(True for _ in local.parameters()) else ()
             for pname, p in local.named_parameters():
                 key = f"{node.target}.{pname}"
-                shape = tuple(mod.get_parameter(
-                    pname.replace("qkv_", "qkv.").replace("proj_", "proj.")).shape)
+                shape = tuple(
+                    mod.get_parameter(pname.replace("qkv_", "qkv.").replace("proj_", "proj.")).shape
+                )
                 origin[key] = (node.target, pname, shape)
                 held = len(local.shard_index.get(pname, {})) if isinstance(local, _Sharded) else 0
                 sharded_axes = _param_axes(s.roles, local, pname) if held else ()
@@ -467,7 +501,10 @@ def measure_step(pm: SPMDModule, x: torch.Tensor, steps: int = 3) -> dict:
             times.append(time.perf_counter() - start)
     report = ledger.report()
     comm = comm_totals({"comm": [c for c in report["comm"] if c["op"] != "barrier"]})
-    return {"seconds": min(times), "peak_total": report["memory"]["peak_total"],
-            "peak_activations": report["memory"]["peak_activations"],
-            "static": report["memory"]["snapshots"][0]["total"],
-            "comm_calls": sum(v["calls"] for v in comm.values()) / steps}
+    return {
+        "seconds": min(times),
+        "peak_total": report["memory"]["peak_total"],
+        "peak_activations": report["memory"]["peak_activations"],
+        "static": report["memory"]["snapshots"][0]["total"],
+        "comm_calls": sum(v["calls"] for v in comm.values()) / steps,
+    }

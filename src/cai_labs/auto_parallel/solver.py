@@ -86,8 +86,10 @@ def _build(sg: StrategyGraph, m: MachineModel, allowed: Allowed | None):
         info = sg.nodes[name]
         ok = [allowed is None or allowed(info, s) for s in info.strategies]
         if not any(ok):
-            raise ValueError(f"node {name} ({info.op}) has no allowed strategy; "
-                             f"it has {[s.name for s in info.strategies]}")
+            raise ValueError(
+                f"node {name} ({info.op}) has no allowed strategy; "
+                f"it has {[s.name for s in info.strategies]}"
+            )
         for i, s in enumerate(info.strategies):
             t = node_time(s, m, info.op)
             mm = node_memory(info, s, sg)
@@ -139,8 +141,14 @@ def _build(sg: StrategyGraph, m: MachineModel, allowed: Allowed | None):
             r += 1
     a_eq = coo_array((vals, (rows, cols)), shape=(r, col)).tocsr()
     eq = [LinearConstraint(a_eq, np.array(rhs), np.array(rhs))]
-    return (np.array(cost), np.array(mem), eq, Bounds(np.array(lb), np.array(ub)),
-            np.array(integrality), xcol)
+    return (
+        np.array(cost),
+        np.array(mem),
+        eq,
+        Bounds(np.array(lb), np.array(ub)),
+        np.array(integrality),
+        xcol,
+    )
 
 
 def solve(
@@ -177,8 +185,13 @@ def solve(
     if res.x is not None and memory_budget is not None and res.x @ mem > memory_budget:
         # The fastest plan does not fit: solve again with the budget row.
         budget_row = LinearConstraint(mem[None, :], -np.inf, memory_budget)
-        res = milp(cost, constraints=[*eq, budget_row], integrality=integrality,
-                   bounds=bounds, options=options)
+        res = milp(
+            cost,
+            constraints=[*eq, budget_row],
+            integrality=integrality,
+            bounds=bounds,
+            options=options,
+        )
         if res.status == 1:  # time limit: not proven optimal
             found = [(res.x, "exact (time limit: best found)")] if res.x is not None else []
             x = _lagrangian(cost, mem, eq, integrality, bounds, memory_budget, options)
@@ -188,8 +201,7 @@ def solve(
                 x, method = min(found, key=lambda f: f[0] @ cost)
                 res = type("Result", (), {"x": x})()
         if res.x is None:
-            low = milp(mem, constraints=eq, integrality=integrality, bounds=bounds,
-                       options=options)
+            low = milp(mem, constraints=eq, integrality=integrality, bounds=bounds, options=options)
             if low.x is not None and low.fun > memory_budget:
                 raise MemoryBudgetError(memory_budget, float(low.fun))
     if res.x is None:
@@ -204,17 +216,24 @@ def solve(
 def minimum_memory(sg: StrategyGraph, machine: MachineModel) -> float:
     """Predicted per-rank bytes of the plan that needs the least memory (any time)."""
     cost, mem, eq, bounds, integrality, _ = _build(sg, machine, None)
-    res = milp(mem, constraints=eq, integrality=integrality, bounds=bounds,
-               options={"time_limit": 60.0})
+    res = milp(
+        mem, constraints=eq, integrality=integrality, bounds=bounds, options={"time_limit": 60.0}
+    )
     return float(res.fun)
 
 
 def _lagrangian(cost, mem, eq, integrality, bounds, budget, options, iters: int = 8):
     """Bisect the memory price ``lam`` (log scale) for the cheapest plan of ``cost + lam*mem``
     that fits ``budget``; None if even the memory-only objective does not fit."""
+
     def plan_at(lam):
-        r = milp(cost + lam * mem, constraints=eq, integrality=integrality, bounds=bounds,
-                 options=options)
+        r = milp(
+            cost + lam * mem,
+            constraints=eq,
+            integrality=integrality,
+            bounds=bounds,
+            options=options,
+        )
         return r.x
 
     scale = max(cost.sum(), 1e-12) / max(mem.sum(), 1.0)

@@ -77,8 +77,14 @@ __all__ = [
 ]
 
 Layout = tuple[str, ...]  # one of "R", "B", "F" per mesh axis
-ROLE_NAMES = {"B": "batch", "C": "column", "W": "row", "H": "heads", "R": "replicate",
-              "F": "feature"}
+ROLE_NAMES = {
+    "B": "batch",
+    "C": "column",
+    "W": "row",
+    "H": "heads",
+    "R": "replicate",
+    "F": "feature",
+}
 FLOAT_BYTES = 4
 
 
@@ -261,10 +267,24 @@ def reshard_comm(
 
 
 # -- strategies per op ------------------------------------------------------------------------
-_PASSTHROUGH_MODULES = (nn.ReLU, nn.GELU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Identity,
-                        nn.Flatten, nn.Tanh, nn.SiLU)
-_PASSTHROUGH_FUNCS = (operator.add, torch.add, torch.flatten, torch.relu,
-                      nn.functional.relu, nn.functional.gelu)
+_PASSTHROUGH_MODULES = (
+    nn.ReLU,
+    nn.GELU,
+    nn.MaxPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Identity,
+    nn.Flatten,
+    nn.Tanh,
+    nn.SiLU,
+)
+_PASSTHROUGH_FUNCS = (
+    operator.add,
+    torch.add,
+    torch.flatten,
+    torch.relu,
+    nn.functional.relu,
+    nn.functional.gelu,
+)
 ALL_LAYOUTS: list[Layout] = list(itertools.product("RBF", repeat=2))
 
 
@@ -293,16 +313,31 @@ def _matmul_strategies(mod: nn.Module, in_shape, out_shape, mesh: Mesh, needs_gr
         bb = (mod.bias.numel() * FLOAT_BYTES // mesh.ways(c_ax)) if has_bias else 0
         comm = []
         if c_ax and needs_grad:  # Megatron f: input gradient summed over the column split
-            comm.append(Comm("all_reduce", c_ax,
-                             numel(local_shape(in_shape, in_l, mesh)) * FLOAT_BYTES, "bwd"))
+            comm.append(
+                Comm(
+                    "all_reduce",
+                    c_ax,
+                    numel(local_shape(in_shape, in_l, mesh)) * FLOAT_BYTES,
+                    "bwd",
+                )
+            )
         if w_ax:  # Megatron g: partial outputs summed over the row split
             partial = list(local_shape(out_shape, out_l, mesh))
             comm.append(Comm("all_reduce", w_ax, numel(partial) * FLOAT_BYTES, "fwd"))
         comm += _grad_sync(b_ax, [wb] + ([bb] if has_bias else []))
-        out.append(Strategy(roles, (in_l,), out_l, flops=full_flops / split,
-                            bytes_moved=numel(out_shape) * FLOAT_BYTES / split,
-                            param_bytes=wb + bb, comm=tuple(comm), split=split,
-                            kind="conv" if isinstance(mod, nn.Conv2d) else "matmul"))
+        out.append(
+            Strategy(
+                roles,
+                (in_l,),
+                out_l,
+                flops=full_flops / split,
+                bytes_moved=numel(out_shape) * FLOAT_BYTES / split,
+                param_bytes=wb + bb,
+                comm=tuple(comm),
+                split=split,
+                kind="conv" if isinstance(mod, nn.Conv2d) else "matmul",
+            )
+        )
     return out
 
 
@@ -318,8 +353,11 @@ def _attention_strategies(mod: CausalSelfAttention, shape, mesh: Mesh, needs_gra
             continue
         split = mesh.ways(b_ax) * mesh.ways(h_ax)
         nh = mesh.ways(h_ax)
-        sizes = [mod.qkv.weight.numel() // nh, mod.qkv.bias.numel() // nh,
-                 mod.proj.weight.numel() // nh]
+        sizes = [
+            mod.qkv.weight.numel() // nh,
+            mod.qkv.bias.numel() // nh,
+            mod.proj.weight.numel() // nh,
+        ]
         sizes = [n * FLOAT_BYTES for n in sizes]
         proj_bias = mod.proj.bias.numel() * FLOAT_BYTES
         local = numel(local_shape(shape, lay, mesh)) * FLOAT_BYTES
@@ -329,9 +367,18 @@ def _attention_strategies(mod: CausalSelfAttention, shape, mesh: Mesh, needs_gra
             if needs_grad:
                 comm.append(Comm("all_reduce", h_ax, local, "bwd"))
         comm += _grad_sync(b_ax, sizes + [proj_bias])
-        out.append(Strategy(roles, (lay,), lay, flops=full_flops / split,
-                            bytes_moved=8.0 * b * s * s * mod.n_heads / split,
-                            param_bytes=sum(sizes) + proj_bias, comm=tuple(comm), split=split))
+        out.append(
+            Strategy(
+                roles,
+                (lay,),
+                lay,
+                flops=full_flops / split,
+                bytes_moved=8.0 * b * s * s * mod.n_heads / split,
+                param_bytes=sum(sizes) + proj_bias,
+                comm=tuple(comm),
+                split=split,
+            )
+        )
     return out
 
 
@@ -347,12 +394,24 @@ def _norm_strategies(mod: nn.Module, shape, mesh: Mesh, allow_feature: bool):
         comm = []
         if isinstance(mod, nn.BatchNorm2d) and b_ax:
             c = shape[1] // mesh.ways(f_ax) * FLOAT_BYTES
-            comm += [Comm("all_reduce", b_ax, c, "fwd"), Comm("all_reduce", b_ax, c, "fwd"),
-                     Comm("all_reduce", b_ax, 2 * c, "bwd")]
+            comm += [
+                Comm("all_reduce", b_ax, c, "fwd"),
+                Comm("all_reduce", b_ax, c, "fwd"),
+                Comm("all_reduce", b_ax, 2 * c, "bwd"),
+            ]
         comm += _grad_sync(b_ax, pbytes)
-        out.append(Strategy(lay, (lay,), lay, flops=8.0 * numel(shape) / split,
-                            bytes_moved=3.0 * numel(shape) * FLOAT_BYTES / split,
-                            param_bytes=sum(pbytes), comm=tuple(comm), split=split))
+        out.append(
+            Strategy(
+                lay,
+                (lay,),
+                lay,
+                flops=8.0 * numel(shape) / split,
+                bytes_moved=3.0 * numel(shape) * FLOAT_BYTES / split,
+                param_bytes=sum(pbytes),
+                comm=tuple(comm),
+                split=split,
+            )
+        )
     return out
 
 
@@ -361,16 +420,29 @@ def _passthrough_strategies(n_inputs: int, in_shapes, out_shape, mesh: Mesh):
     for lay in ALL_LAYOUTS:
         if all(layout_valid(s, lay, mesh) for s in (*in_shapes, out_shape)):
             split = mesh.ways(axes_of(lay, "B")) * mesh.ways(axes_of(lay, "F"))
-            out.append(Strategy(lay, (lay,) * n_inputs, lay, flops=numel(out_shape) / split,
-                                bytes_moved=2.0 * numel(out_shape) * FLOAT_BYTES / split,
-                                split=split))
+            out.append(
+                Strategy(
+                    lay,
+                    (lay,) * n_inputs,
+                    lay,
+                    flops=numel(out_shape) / split,
+                    bytes_moved=2.0 * numel(out_shape) * FLOAT_BYTES / split,
+                    split=split,
+                )
+            )
     return out
 
 
 def _replicate_strategy(n_inputs: int, out_shape, params: int) -> Strategy:
     rr = ("R", "R")
-    return Strategy(rr, (rr,) * n_inputs, rr, flops=float(numel(out_shape or ())),
-                    bytes_moved=2.0 * numel(out_shape or ()) * FLOAT_BYTES, param_bytes=params)
+    return Strategy(
+        rr,
+        (rr,) * n_inputs,
+        rr,
+        flops=float(numel(out_shape or ())),
+        bytes_moved=2.0 * numel(out_shape or ()) * FLOAT_BYTES,
+        param_bytes=params,
+    )
 
 
 def _kind(node: fx.Node, mod: nn.Module | None) -> str:
@@ -419,10 +491,15 @@ def build_strategy_graph(
             strategies = _norm_strategies(mod, shape, mesh, allow_feature=True)
         elif isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) == 1:
             strategies = _norm_strategies(mod, shape, mesh, allow_feature=False)
-        elif isinstance(mod, _PASSTHROUGH_MODULES) or (
-            isinstance(mod, nn.Dropout) and mod.p == 0
-        ) or (node.op == "call_function" and node.target in _PASSTHROUGH_FUNCS
-              and (node.target is not torch.flatten or len(in_shapes[0] or ()) == 4)):
+        elif (
+            isinstance(mod, _PASSTHROUGH_MODULES)
+            or (isinstance(mod, nn.Dropout) and mod.p == 0)
+            or (
+                node.op == "call_function"
+                and node.target in _PASSTHROUGH_FUNCS
+                and (node.target is not torch.flatten or len(in_shapes[0] or ()) == 4)
+            )
+        ):
             strategies = _passthrough_strategies(n_in, in_shapes, shape, mesh)
         else:
             strategies = []
@@ -430,7 +507,11 @@ def build_strategy_graph(
             params = sum(p.numel() for p in mod.parameters()) * FLOAT_BYTES if mod else 0
             strategies = [_replicate_strategy(n_in, shape, params)]
         nodes[node.name] = NodeInfo(
-            node.name, _kind(node, mod), node, strategies, shape,
+            node.name,
+            _kind(node, mod),
+            node,
+            strategies,
+            shape,
             value_saved=bool(profile and profile.value_saved.get(node.name)),
             internal_saved=profile.internal_bytes.get(node.name, 0) if profile else 0,
             self_saved=bool(profile and node.name in profile.saved_by.get(node.name, ())),
@@ -440,7 +521,16 @@ def build_strategy_graph(
                 nodes[a.name].value_saved = True
         for pos, a in enumerate(tensor_args):
             keeps = node.op == "output" or bool(
-                profile and node.name in profile.saved_by.get(a.name, ()))
-            edges.append(Edge(a.name, node.name, pos, node_shape(a), a.name in grad_values,
-                              consumer_saves=keeps))
+                profile and node.name in profile.saved_by.get(a.name, ())
+            )
+            edges.append(
+                Edge(
+                    a.name,
+                    node.name,
+                    pos,
+                    node_shape(a),
+                    a.name in grad_values,
+                    consumer_saves=keeps,
+                )
+            )
     return StrategyGraph(gm, mesh, nodes, edges)

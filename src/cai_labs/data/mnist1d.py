@@ -50,6 +50,10 @@ def load_mnist1d_split(num_train: int = 8192, num_test: int = 2048, seed: int = 
     xt = torch.tensor(raw["x_test"], dtype=torch.float32)
     yt = torch.tensor(raw["y_test"], dtype=torch.int64)
     if len(y) != num_train:  # int(total * split) rounded down
-        x, y, xt, yt = (torch.cat([x, xt])[:num_train], torch.cat([y, yt])[:num_train],
-                        torch.cat([x, xt])[num_train:], torch.cat([y, yt])[num_train:])
+        x, y, xt, yt = (
+            torch.cat([x, xt])[:num_train],
+            torch.cat([y, yt])[:num_train],
+            torch.cat([x, xt])[num_train:],
+            torch.cat([y, yt])[num_train:],
+        )
     return Mnist1dSplit(x, y, xt, yt)

@@ -20,21 +20,88 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["DEFAULT_MODULES", "SPECIAL_TOKENS", "stdlib_docstrings", "stdlib_text",
-           "train_wordpiece", "token_stream"]
+__all__ = [
+    "DEFAULT_MODULES",
+    "SPECIAL_TOKENS",
+    "stdlib_docstrings",
+    "stdlib_text",
+    "train_wordpiece",
+    "token_stream",
+]
 
 DEFAULT_MODULES: tuple[str, ...] = (
-    "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "collections",
-    "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime",
-    "decimal", "difflib",
-    "email.message", "enum", "fractions", "functools", "glob", "gzip", "hashlib", "heapq",
-    "html.parser", "http.client", "http.server", "inspect", "io", "ipaddress", "itertools", "json",
-    "logging", "mailbox", "math", "multiprocessing", "operator", "os", "pathlib", "pickle",
-    "platform", "pprint", "queue", "random", "re", "sched", "secrets", "selectors", "shlex",
-    "shutil", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile", "tempfile",
-    "textwrap", "threading", "timeit", "tokenize", "traceback", "typing", "unittest",
-    "urllib.parse", "urllib.request", "uuid", "warnings", "weakref", "xml.dom.minidom",
-    "xml.etree.ElementTree", "zipfile",
+    "argparse",
+    "ast",
+    "asyncio",
+    "base64",
+    "bisect",
+    "calendar",
+    "collections",
+    "concurrent.futures",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email.message",
+    "enum",
+    "fractions",
+    "functools",
+    "glob",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "html.parser",
+    "http.client",
+    "http.server",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "logging",
+    "mailbox",
+    "math",
+    "multiprocessing",
+    "operator",
+    "os",
+    "pathlib",
+    "pickle",
+    "platform",
+    "pprint",
+    "queue",
+    "random",
+    "re",
+    "sched",
+    "secrets",
+    "selectors",
+    "shlex",
+    "shutil",
+    "socket",
+    "sqlite3",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "timeit",
+    "tokenize",
+    "traceback",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "weakref",
+    "xml.dom.minidom",
+    "xml.etree.ElementTree",
+    "zipfile",
 )
 
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -84,9 +151,7 @@ def stdlib_docstrings(modules: Sequence[str] = DEFAULT_MODULES, min_chars: int =
     return out
 
 
-def stdlib_text(
-    modules: Sequence[str] = DEFAULT_MODULES, max_chars: int | None = None
-) -> str:
+def stdlib_text(modules: Sequence[str] = DEFAULT_MODULES, max_chars: int | None = None) -> str:
     """The paragraphs of :func:`stdlib_docstrings` as one text, cut at ``max_chars``."""
     if max_chars is not None and max_chars <= 0:
         raise ValueError(f"max_chars must be positive or None; got {max_chars}")
@@ -114,9 +179,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 2000):
     # standard-library corpus it was the same in every run we made.)
     learned = tok.get_vocab()
     ordered = list(SPECIAL_TOKENS) + sorted(w for w in learned if w not in SPECIAL_TOKENS)
-    tok.model = models.WordPiece(
-        vocab={w: i for i, w in enumerate(ordered)}, unk_token="[UNK]"
-    )
+    tok.model = models.WordPiece(vocab={w: i for i, w in enumerate(ordered)}, unk_token="[UNK]")
     return tok
 
 

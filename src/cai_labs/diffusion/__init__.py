@@ -10,5 +10,11 @@ from cai_labs.diffusion.model import (
 )
 from cai_labs.diffusion.sampling import generate
 
-__all__ = ["TinyDiffusionConfig", "DiffusionComponents", "build_components", "save_components",
-           "load_components", "generate"]
+__all__ = [
+    "TinyDiffusionConfig",
+    "DiffusionComponents",
+    "build_components",
+    "save_components",
+    "load_components",
+    "generate",
+]

@@ -20,8 +20,14 @@ import torch.nn.functional as F
 from cai_labs.data.digits import load_digits_split
 from cai_labs.diffusion.tokenizer import DIGIT_WORDS
 
-__all__ = ["CAPTION_TEMPLATES", "CaptionedDigits", "caption", "load_captioned_digits",
-           "prompt_for", "upscale"]
+__all__ = [
+    "CAPTION_TEMPLATES",
+    "CaptionedDigits",
+    "caption",
+    "load_captioned_digits",
+    "prompt_for",
+    "upscale",
+]
 
 CAPTION_TEMPLATES = (
     "a handwritten digit {word}",
@@ -72,10 +78,11 @@ class CaptionedDigits(torch.utils.data.Dataset):
         return self.images[i], caption(label, (i * 7) // 3), label
 
 
-def load_captioned_digits(size: int = 16,
-                          seed: int = 0) -> tuple[CaptionedDigits, CaptionedDigits]:
+def load_captioned_digits(size: int = 16, seed: int = 0) -> tuple[CaptionedDigits, CaptionedDigits]:
     """Train and test sets of captioned, upscaled digits (the split of
     :func:`~cai_labs.data.digits.load_digits_split`)."""
     split = load_digits_split(seed=seed)
-    return (CaptionedDigits(upscale(split.images_train, size), split.y_train),
-            CaptionedDigits(upscale(split.images_test, size), split.y_test))
+    return (
+        CaptionedDigits(upscale(split.images_train, size), split.y_train),
+        CaptionedDigits(upscale(split.images_test, size), split.y_test),
+    )

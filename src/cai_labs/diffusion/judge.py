@@ -17,8 +17,9 @@ from cai_labs.models.mlp import MLP
 __all__ = ["train_digit_classifier", "classify", "prompt_accuracy"]
 
 
-def train_digit_classifier(size: int = 16, epochs: int = 30, seed: int = 0,
-                           noise: float = 0.1) -> tuple[MLP, float]:
+def train_digit_classifier(
+    size: int = 16, epochs: int = 30, seed: int = 0, noise: float = 0.1
+) -> tuple[MLP, float]:
     """Train an MLP on real ``(size x size)`` digits in [-1, 1]; return it and its test accuracy.
 
     ``noise``: std of Gaussian noise added to training images, so the judge does not hinge on
@@ -33,7 +34,7 @@ def train_digit_classifier(size: int = 16, epochs: int = 30, seed: int = 0,
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=gen)
         for start in range(0, len(y), 128):
-            idx = order[start:start + 128]
+            idx = order[start : start + 128]
             xb = x[idx] + noise * torch.randn(x[idx].shape, generator=gen)
             opt.zero_grad()
             F.cross_entropy(model(xb), y[idx]).backward()

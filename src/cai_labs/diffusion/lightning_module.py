@@ -80,30 +80,41 @@ class DiffusionModule(pl.LightningModule):
     @property
     def parts(self) -> DiffusionComponents:
         """The model as a :class:`DiffusionComponents`, e.g. for :func:`generate`."""
-        return DiffusionComponents(self.unet, self.text_encoder, self.tokenizer,
-                                   self.noise_scheduler, self.sample_scheduler, self.vae)
+        return DiffusionComponents(
+            self.unet,
+            self.text_encoder,
+            self.tokenizer,
+            self.noise_scheduler,
+            self.sample_scheduler,
+            self.vae,
+        )
 
     def step_generator(self) -> torch.Generator:
         """The generator of this step's randomness: a function of (seed, step, rank) only."""
         key = (self.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank
         return torch.Generator().manual_seed(key)
 
-    def diffusion_loss(self, images: torch.Tensor, captions: list[str],
-                       generator: torch.Generator) -> torch.Tensor:
+    def diffusion_loss(
+        self, images: torch.Tensor, captions: list[str], generator: torch.Generator
+    ) -> torch.Tensor:
         """The DDPM loss of one batch (steps 1-4 of the module docstring)."""
         b = images.shape[0]
         drop = torch.rand(b, generator=generator) < self.uncond_prob
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        tokens = self.tokenizer(captions, padding="max_length", truncation=True,
-                                return_tensors="pt")
-        text = self.text_encoder(tokens.input_ids.to(images.device),
-                                 attention_mask=tokens.attention_mask.to(images.device))
+        tokens = self.tokenizer(
+            captions, padding="max_length", truncation=True, return_tensors="pt"
+        )
+        text = self.text_encoder(
+            tokens.input_ids.to(images.device),
+            attention_mask=tokens.attention_mask.to(images.device),
+        )
         x0 = images
         if self.vae is not None:
             with torch.no_grad():
                 x0 = self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,),
-                          generator=generator).to(images.device)
+        t = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator
+        ).to(images.device)
         noise = torch.randn(x0.shape, generator=generator).to(images.device)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         pred = self.unet(xt, t, encoder_hidden_states=text.last_hidden_state).sample

@@ -30,8 +30,13 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTraine
 
 from cai_labs.diffusion.tokenizer import build_tokenizer
 
-__all__ = ["TinyDiffusionConfig", "DiffusionComponents", "build_components", "save_components",
-           "load_components"]
+__all__ = [
+    "TinyDiffusionConfig",
+    "DiffusionComponents",
+    "build_components",
+    "save_components",
+    "load_components",
+]
 
 
 @dataclass(frozen=True)
@@ -86,14 +91,18 @@ class TinyDiffusionConfig:
                 f"{2 ** (len(self.block_channels) - 1)}: each down block but the last halves it"
             )
         if any(c % 8 for c in self.block_channels):
-            raise ValueError(f"block_channels must be multiples of 8 (GroupNorm of 8 groups); got "
-                             f"{self.block_channels}")
+            raise ValueError(
+                f"block_channels must be multiples of 8 (GroupNorm of 8 groups); got "
+                f"{self.block_channels}"
+            )
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction'; got "
-                             f"{self.prediction_type!r}")
+            raise ValueError(
+                f"prediction_type must be 'epsilon' or 'v_prediction'; got {self.prediction_type!r}"
+            )
         if self.text_dim % self.text_heads:
-            raise ValueError(f"text_dim {self.text_dim} must be divisible by text_heads "
-                             f"{self.text_heads}")
+            raise ValueError(
+                f"text_dim {self.text_dim} must be divisible by text_heads {self.text_heads}"
+            )
 
 
 @dataclass
@@ -112,17 +121,19 @@ def build_components(config: TinyDiffusionConfig, seed: int = 0) -> DiffusionCom
     """Every part with fresh weights drawn from ``seed`` (the same on every rank)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(config.max_prompt_length)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.text_dim,
-        intermediate_size=4 * config.text_dim,
-        num_hidden_layers=config.text_layers,
-        num_attention_heads=config.text_heads,
-        max_position_embeddings=config.max_prompt_length,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.text_dim,
+            intermediate_size=4 * config.text_dim,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=config.text_heads,
+            max_position_embeddings=config.max_prompt_length,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
     vae = None
     channels = config.image_channels
     sample_size = config.image_size
@@ -150,11 +161,18 @@ def build_components(config: TinyDiffusionConfig, seed: int = 0) -> DiffusionCom
         attention_head_dim=config.attention_head_dim,
         cross_attention_dim=config.text_dim,
         norm_num_groups=8,
-        **({"addition_embed_type": "text", "addition_embed_type_num_heads": config.text_heads}
-           if config.text_in_time_embedding else {}),
+        **(
+            {"addition_embed_type": "text", "addition_embed_type_num_heads": config.text_heads}
+            if config.text_in_time_embedding
+            else {}
+        ),
     )
-    schedule = {"num_train_timesteps": config.train_timesteps, "beta_schedule": "squaredcos_cap_v2",
-                "clip_sample": True, "prediction_type": config.prediction_type}
+    schedule = {
+        "num_train_timesteps": config.train_timesteps,
+        "beta_schedule": "squaredcos_cap_v2",
+        "clip_sample": True,
+        "prediction_type": config.prediction_type,
+    }
     return DiffusionComponents(
         unet=unet,
         text_encoder=text_encoder,
@@ -181,14 +199,18 @@ def load_components(path: str | os.PathLike) -> DiffusionComponents:
     vae_dir = os.path.join(path, "vae")
     return DiffusionComponents(
         # low_cpu_mem_usage=False: the default path wants `accelerate`, and says so at length.
-        unet=UNet2DConditionModel.from_pretrained(os.path.join(path, "unet"),
-                                                  low_cpu_mem_usage=False),
+        unet=UNet2DConditionModel.from_pretrained(
+            os.path.join(path, "unet"), low_cpu_mem_usage=False
+        ),
         text_encoder=CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder")),
         tokenizer=AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
         noise_scheduler=noise,
         sample_scheduler=DDIMScheduler.from_config(noise.config),
-        vae=(AutoencoderKL.from_pretrained(vae_dir, low_cpu_mem_usage=False)
-             if os.path.isdir(vae_dir) else None),
+        vae=(
+            AutoencoderKL.from_pretrained(vae_dir, low_cpu_mem_usage=False)
+            if os.path.isdir(vae_dir)
+            else None
+        ),
     )
 
 

@@ -28,8 +28,9 @@ def encode_prompts(parts: DiffusionComponents, prompts: list[str]) -> torch.Tens
     """Prompts -> text-encoder hidden states ``(len(prompts), max_length, text_dim)``."""
     tokens = parts.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt")
     device = next(parts.text_encoder.parameters()).device
-    out = parts.text_encoder(tokens.input_ids.to(device),
-                             attention_mask=tokens.attention_mask.to(device))
+    out = parts.text_encoder(
+        tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
+    )
     return out.last_hidden_state
 
 

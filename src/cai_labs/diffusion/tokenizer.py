@@ -21,11 +21,23 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 
 # Ids 0..3 are special. The end token is deliberately not id 2: CLIPTextModel treats a config with
 # eos_token_id == 2 as a legacy checkpoint and pools at the largest id instead of at the end token.
-SPECIAL_TOKENS = {"pad": "<|pad|>", "bos": "<|startoftext|>", "unk": "<|unk|>",
-                  "eos": "<|endoftext|>"}
+SPECIAL_TOKENS = {
+    "pad": "<|pad|>",
+    "bos": "<|startoftext|>",
+    "unk": "<|unk|>",
+    "eos": "<|endoftext|>",
+}
 VOCABULARY: tuple[str, ...] = (
     *SPECIAL_TOKENS.values(),
-    "a", "an", "handwritten", "digit", "the", "number", "picture", "of", "small",
+    "a",
+    "an",
+    "handwritten",
+    "digit",
+    "the",
+    "number",
+    "picture",
+    "of",
+    "small",
     *DIGIT_WORDS,
     *(str(d) for d in range(10)),
 )
@@ -39,7 +51,8 @@ def build_tokenizer(max_length: int = 8) -> PreTrainedTokenizerFast:
     """
     if max_length < 3:
         raise ValueError(
-            f"max_length must leave room for start, one word and end; got {max_length}")
+            f"max_length must leave room for start, one word and end; got {max_length}"
+        )
     vocab = {word: i for i, word in enumerate(VOCABULARY)}
     core = Tokenizer(WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk"]))
     core.normalizer = normalizers.Lowercase()

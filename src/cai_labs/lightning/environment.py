@@ -66,8 +66,10 @@ class ProcessGroupEnvironment(ClusterEnvironment):
     def set_global_rank(self, rank: int) -> None:
         """Check Lightning's rank against the process group."""
         if rank != dist.get_rank():
-            raise ValueError(f"Lightning computed rank {rank}, the process group says "
-                             f"{dist.get_rank()}: use devices=1, num_nodes=world_size")
+            raise ValueError(
+                f"Lightning computed rank {rank}, the process group says "
+                f"{dist.get_rank()}: use devices=1, num_nodes=world_size"
+            )
 
     def local_rank(self) -> int:
         """0: one device per rank."""

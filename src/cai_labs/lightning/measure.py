@@ -51,19 +51,27 @@ class LedgerCallback(pl.Callback):
         if self.ledger is not None:
             self.ledger.__exit__(None, None, None)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                             batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         """Start the step clock."""
         self._start = time.perf_counter()
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
         """Snapshot memory with gradients complete."""
         if self.ledger is not None:
             self.ledger.snapshot(f"step {trainer.global_step}: gradients ready")
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         """Snapshot memory after the step; stop the clock."""
         if self.ledger is not None:
             self.ledger.snapshot(f"step {trainer.global_step}: after step")
@@ -72,6 +80,7 @@ class LedgerCallback(pl.Callback):
     def report(self) -> dict[str, Any]:
         """The ledger's report plus ``step_times``."""
         if self.ledger is None:
-            raise ValueError("the callback has not run: pass it to Trainer(callbacks=[...]) "
-                             "and call fit first")
+            raise ValueError(
+                "the callback has not run: pass it to Trainer(callbacks=[...]) and call fit first"
+            )
         return {**self.ledger.report(), "step_times": list(self.step_times)}

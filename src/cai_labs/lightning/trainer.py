@@ -43,9 +43,12 @@ def make_strategy(name: str, **options: Any) -> DDPStrategy:
     return ZeroStrategy(stage=int(name[-1]), **options, **common)
 
 
-def rank_trainer(strategy: str = "ddp", quiet: bool = True,
-                 strategy_options: dict[str, Any] | None = None,
-                 **trainer_kwargs: Any) -> pl.Trainer:
+def rank_trainer(
+    strategy: str = "ddp",
+    quiet: bool = True,
+    strategy_options: dict[str, Any] | None = None,
+    **trainer_kwargs: Any,
+) -> pl.Trainer:
     """A CPU Trainer for this rank: no logger, checkpoint callback, progress bar or summary
     (tutorial output stays readable); ``strategy_options`` go to :func:`make_strategy`;
     ``trainer_kwargs`` override (``max_steps``, ``precision``, ``callbacks``, ...)."""

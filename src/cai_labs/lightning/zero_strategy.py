@@ -67,10 +67,14 @@ class ZeroStrategy(DDPStrategy):
 
     strategy_name = "cai_labs_zero"
 
-    def __init__(self, stage: int = 2,
-                 units: Callable[[pl.LightningModule], list[nn.Module]] | None = None,
-                 offload: bool = False, device_budget: int | None = None,
-                 **kwargs: Any):
+    def __init__(
+        self,
+        stage: int = 2,
+        units: Callable[[pl.LightningModule], list[nn.Module]] | None = None,
+        offload: bool = False,
+        device_budget: int | None = None,
+        **kwargs: Any,
+    ):
         if stage not in STAGES:
             raise ValueError(f"stage must be 1, 2 or 3; got {stage!r}")
         if device_budget is not None and not offload:
@@ -109,12 +113,16 @@ class ZeroStrategy(DDPStrategy):
             if trainer.accumulate_grad_batches != 1:
                 raise ValueError("ZeroStrategy steps on every batch: set accumulate_grad_batches=1")
             if trainer.gradient_clip_val:
-                raise ValueError("ZeroStrategy does not clip gradients (each rank holds a shard): "
-                                 "remove gradient_clip_val")
+                raise ValueError(
+                    "ZeroStrategy does not clip gradients (each rank holds a shard): "
+                    "remove gradient_clip_val"
+                )
             self.setup_optimizers(trainer)
             if len(self.optimizers) != 1 or self.lr_scheduler_configs:
-                raise ValueError("ZeroStrategy supports one optimizer and no LR scheduler; "
-                                 "configure_optimizers returned more")
+                raise ValueError(
+                    "ZeroStrategy supports one optimizer and no LR scheduler; "
+                    "configure_optimizers returned more"
+                )
             module = self.lightning_module
             assert module is not None
             self.zero_model = STAGES[self.stage](module, units=self._units(module))
@@ -131,12 +139,20 @@ class ZeroStrategy(DDPStrategy):
         is_adamw = type(optimizer) is torch.optim.AdamW
         plain_adam = type(optimizer) is torch.optim.Adam and group["weight_decay"] == 0
         if not (is_adamw or plain_adam) or group.get("amsgrad") or group.get("maximize"):
-            raise ValueError("offload=True supports torch.optim.AdamW (or Adam without weight "
-                             f"decay), no amsgrad/maximize; configure_optimizers returned "
-                             f"{type(optimizer).__name__}")
-        return ZeroOptimizer(self.zero_model, OffloadedAdamW, device_budget=self.device_budget,
-                             lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                             weight_decay=group["weight_decay"])
+            raise ValueError(
+                "offload=True supports torch.optim.AdamW (or Adam without weight "
+                f"decay), no amsgrad/maximize; configure_optimizers returned "
+                f"{type(optimizer).__name__}"
+            )
+        return ZeroOptimizer(
+            self.zero_model,
+            OffloadedAdamW,
+            device_budget=self.device_budget,
+            lr=group["lr"],
+            betas=group["betas"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
 
     # -- checkpoints ---------------------------------------------------------------------------
     def lightning_module_state_dict(self) -> dict[str, Any]:

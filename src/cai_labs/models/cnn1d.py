@@ -45,9 +45,15 @@ class CNN1d(nn.Module):
             torch.manual_seed(seed)
         c1, c2, c3 = channels
         self.features = nn.Sequential(
-            nn.Conv1d(1, c1, 5, padding=2), nn.GroupNorm(groups, c1), nn.ReLU(),
-            nn.Conv1d(c1, c2, 5, stride=2, padding=2), nn.GroupNorm(groups, c2), nn.ReLU(),
-            nn.Conv1d(c2, c3, 5, stride=2, padding=2), nn.GroupNorm(groups, c3), nn.ReLU(),
+            nn.Conv1d(1, c1, 5, padding=2),
+            nn.GroupNorm(groups, c1),
+            nn.ReLU(),
+            nn.Conv1d(c1, c2, 5, stride=2, padding=2),
+            nn.GroupNorm(groups, c2),
+            nn.ReLU(),
+            nn.Conv1d(c2, c3, 5, stride=2, padding=2),
+            nn.GroupNorm(groups, c3),
+            nn.ReLU(),
         )
         self.head = nn.Linear(c3 * (length // 4), classes)
 

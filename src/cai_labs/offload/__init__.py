@@ -15,5 +15,12 @@ from cai_labs.offload.manager import ChunkManager
 from cai_labs.offload.offloaded_adamw import OffloadedAdamW
 from cai_labs.offload.pool import MemoryPool, PoolBudgetExceeded
 
-__all__ = ["MemoryPool", "PoolBudgetExceeded", "Chunk", "ChunkManager", "ChunkedModel",
-           "ChunkedAdam", "OffloadedAdamW"]
+__all__ = [
+    "MemoryPool",
+    "PoolBudgetExceeded",
+    "Chunk",
+    "ChunkManager",
+    "ChunkedModel",
+    "ChunkedAdam",
+    "OffloadedAdamW",
+]

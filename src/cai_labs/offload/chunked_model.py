@@ -156,6 +156,7 @@ class ChunkedModel(nn.Module):
                 self.manager.fetch(self.param_chunks[self.location[id(p)][0]])
                 self._pending[id(p)] += 1
             return grad
+
         return hook
 
     def _grad_ready(self, p: nn.Parameter) -> None:
@@ -226,8 +227,10 @@ class ChunkedAdam:
         self.moments: dict[int, tuple[Chunk, Chunk]] = {}
         for i in range(len(model.param_chunks)):
             if self.owner(i) == model.rank:
-                self.moments[i] = (m.register(Chunk("exp_avg", i, model.chunk_size)),
-                                   m.register(Chunk("exp_avg_sq", i, model.chunk_size)))
+                self.moments[i] = (
+                    m.register(Chunk("exp_avg", i, model.chunk_size)),
+                    m.register(Chunk("exp_avg_sq", i, model.chunk_size)),
+                )
 
     def owner(self, i: int) -> int:
         return i % self.model.world_size

@@ -46,24 +46,35 @@ class OffloadedAdamW(torch.optim.Optimizer):
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], device_budget: int | None,
-                 lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
-                                  "weight_decay": weight_decay})
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        device_budget: int | None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ):
+        super().__init__(
+            params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        )
         if len(self.param_groups) != 1:
             raise ValueError("OffloadedAdamW supports one parameter group")
         self.manager = ChunkManager(device_budget)
         self.chunks: dict[int, tuple[Chunk, Chunk]] = {}
         largest = 0
         for i, p in enumerate(self.param_groups[0]["params"]):
-            pair = (Chunk("exp_avg", i, p.numel(), p.dtype), Chunk("exp_avg_sq", i, p.numel(),
-                                                                   p.dtype))
+            pair = (
+                Chunk("exp_avg", i, p.numel(), p.dtype),
+                Chunk("exp_avg_sq", i, p.numel(), p.dtype),
+            )
             largest = max(largest, 2 * pair[0].nbytes)
             self.chunks[id(p)] = pair
         if device_budget is not None and device_budget < largest:
-            raise ValueError(f"device_budget={device_budget:,} bytes cannot hold the two moment "
-                             f"chunks of the largest parameter ({largest:,} bytes): raise it")
+            raise ValueError(
+                f"device_budget={device_budget:,} bytes cannot hold the two moment "
+                f"chunks of the largest parameter ({largest:,} bytes): raise it"
+            )
         for pair in self.chunks.values():
             for c in pair:
                 self.manager.register(c)
@@ -87,8 +98,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
             p.mul_(1 - lr * wd)
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / (1 - b2 ** k) ** 0.5).add_(eps)
-            p.view(-1).addcdiv_(m, denom, value=-lr / (1 - b1 ** k))
+            denom = (v.sqrt() / (1 - b2**k) ** 0.5).add_(eps)
+            p.view(-1).addcdiv_(m, denom, value=-lr / (1 - b1**k))
             for c in (m_chunk, v_chunk):
                 c.dirty = True
                 self.manager.unpin(c)
@@ -103,8 +114,11 @@ class OffloadedAdamW(torch.optim.Optimizer):
         for i, p in enumerate(params):
             if i in sd["state"]:
                 m, v = self.chunks[id(p)]
-                sd["state"][i] = {**sd["state"][i], "exp_avg": m.host.clone(),
-                                  "exp_avg_sq": v.host.clone()}
+                sd["state"][i] = {
+                    **sd["state"][i],
+                    "exp_avg": m.host.clone(),
+                    "exp_avg_sq": v.host.clone(),
+                }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -48,5 +48,7 @@ class MemoryPool:
         assert self.used >= 0, f"{self.name} pool released more than it allocated"
 
     def __repr__(self) -> str:
-        return (f"MemoryPool({self.name!r}, used={self.used:,}, peak={self.peak:,}, "
-                f"budget={self.budget})")
+        return (
+            f"MemoryPool({self.name!r}, used={self.used:,}, peak={self.peak:,}, "
+            f"budget={self.budget})"
+        )

@@ -72,9 +72,16 @@ class LAMB(LayerwiseOptimizer):
             raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
         if max_trust_ratio is not None and max_trust_ratio <= 0:
             raise ValueError(f"max_trust_ratio must be > 0 or None; got {max_trust_ratio}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        bias_correction=bias_correction, max_trust_ratio=max_trust_ratio,
-                        adapt=True, names=None)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            max_trust_ratio=max_trust_ratio,
+            adapt=True,
+            names=None,
+        )
         super().__init__(params, defaults)
 
     def update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> None:
@@ -97,8 +104,12 @@ class LAMB(LayerwiseOptimizer):
         if wd != 0:
             r.add_(p, alpha=wd)
         if group["adapt"]:
-            ratio = trust_ratio(torch.linalg.vector_norm(p), torch.linalg.vector_norm(r),
-                                1.0, group["max_trust_ratio"])
+            ratio = trust_ratio(
+                torch.linalg.vector_norm(p),
+                torch.linalg.vector_norm(r),
+                1.0,
+                group["max_trust_ratio"],
+            )
             state["trust_ratio"] = ratio.item()
             p.add_(r, alpha=-lr * state["trust_ratio"])
         else:

@@ -83,10 +83,17 @@ class LARS(LayerwiseOptimizer):
             raise ValueError(f"eps must be >= 0; got {eps}")
         if max_trust_ratio is not None and max_trust_ratio <= 0:
             raise ValueError(f"max_trust_ratio must be > 0 or None; got {max_trust_ratio}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, eps=eps,
-                        max_trust_ratio=max_trust_ratio, lr_in_momentum=lr_in_momentum,
-                        adapt=True, names=None)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            max_trust_ratio=max_trust_ratio,
+            lr_in_momentum=lr_in_momentum,
+            adapt=True,
+            names=None,
+        )
         super().__init__(params, defaults)
 
     def update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> None:
@@ -94,8 +101,12 @@ class LARS(LayerwiseOptimizer):
         if group["adapt"]:
             w_norm = torch.linalg.vector_norm(p)
             g_norm = torch.linalg.vector_norm(grad)
-            ratio = trust_ratio(w_norm, g_norm + wd * w_norm + group["eps"],
-                                group["trust_coefficient"], group["max_trust_ratio"])
+            ratio = trust_ratio(
+                w_norm,
+                g_norm + wd * w_norm + group["eps"],
+                group["trust_coefficient"],
+                group["max_trust_ratio"],
+            )
             state["trust_ratio"] = ratio.item()
             local_lr = lr * state["trust_ratio"]
         else:

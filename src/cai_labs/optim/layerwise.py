@@ -39,8 +39,11 @@ def trust_ratio(
     Both norms are 0-d tensors; so is the result.
     """
     ok = (weight_norm > 0) & (update_norm > 0)
-    ratio = torch.where(ok, coefficient * weight_norm / torch.where(ok, update_norm, 1.0),
-                        torch.ones_like(weight_norm))
+    ratio = torch.where(
+        ok,
+        coefficient * weight_norm / torch.where(ok, update_norm, 1.0),
+        torch.ones_like(weight_norm),
+    )
     if max_ratio is not None:
         ratio = ratio.clamp(max=max_ratio)
     return ratio

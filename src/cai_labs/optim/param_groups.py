@@ -88,12 +88,23 @@ def param_groups(
         regular, special = regular + special, []
     groups = []
     if regular:
-        groups.append({"params": [p for _, p in regular], "names": [n for n, _ in regular],
-                       "weight_decay": weight_decay, "adapt": True})
+        groups.append(
+            {
+                "params": [p for _, p in regular],
+                "names": [n for n, _ in regular],
+                "weight_decay": weight_decay,
+                "adapt": True,
+            }
+        )
     if special:
-        groups.append({"params": [p for _, p in special], "names": [n for n, _ in special],
-                       "weight_decay": 0.0 if exclude_from_decay else weight_decay,
-                       "adapt": not exclude_from_adaptation})
+        groups.append(
+            {
+                "params": [p for _, p in special],
+                "names": [n for n, _ in special],
+                "weight_decay": 0.0 if exclude_from_decay else weight_decay,
+                "adapt": not exclude_from_adaptation,
+            }
+        )
         if excluded_lr is not None:
             groups[-1]["lr"] = excluded_lr
     return groups

@@ -30,9 +30,7 @@ def interleave_qkv_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """Reorder the rows of a fused ``[q; k; v]`` weight ``(3d, d)`` or bias ``(3d,)`` so that
     the ``n`` contiguous shards are ``[q_r; k_r; v_r]``."""
     q, k, v = t.chunk(3, dim=0)
-    return torch.cat(
-        [torch.cat([q.chunk(n)[r], k.chunk(n)[r], v.chunk(n)[r]]) for r in range(n)]
-    )
+    return torch.cat([torch.cat([q.chunk(n)[r], k.chunk(n)[r], v.chunk(n)[r]]) for r in range(n)])
 
 
 def dtensor_tp_gpt(cfg: GPTConfig, seed: int = 0) -> nn.Module:

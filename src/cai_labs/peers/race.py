@@ -80,8 +80,12 @@ def race_tensor_parallel(
         opt_theirs.step()
         return out
 
-    return _race({"cai_labs": _ours(ours, lr), "pytorch": (step_theirs, lambda out: out.item())},
-                 batches, steps, warmup)
+    return _race(
+        {"cai_labs": _ours(ours, lr), "pytorch": (step_theirs, lambda out: out.item())},
+        batches,
+        steps,
+        warmup,
+    )
 
 
 def race_pipeline(
@@ -107,5 +111,9 @@ def race_pipeline(
         opt_theirs.step()
         return out
 
-    return _race({"cai_labs": _ours(ours, lr), "pytorch": (step_theirs, _global_loss)},
-                 batches, steps, warmup)
+    return _race(
+        {"cai_labs": _ours(ours, lr), "pytorch": (step_theirs, _global_loss)},
+        batches,
+        steps,
+        warmup,
+    )

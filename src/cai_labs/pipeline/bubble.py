@@ -25,9 +25,7 @@ def bubble_formula(n_stages: int, n_micro: int) -> float:
 
 def step_events(timelines: Iterable[list[dict]], step: int) -> list[dict]:
     """The ``F``/``B`` events tagged ``step=step`` from every rank's timeline."""
-    return [
-        e for tl in timelines for e in tl if e.get("step") == step and e["name"] in ("F", "B")
-    ]
+    return [e for tl in timelines for e in tl if e.get("step") == step and e["name"] in ("F", "B")]
 
 
 def measured_bubble(events: list[dict]) -> dict[str, float]:

@@ -83,7 +83,8 @@ class StageLinks:
             dist.recv(header, src=peer)
             ndim = int(header[0])
             self._recv_shapes[(peer, key)] = (
-                tuple(int(v) for v in header[2 : 2 + ndim]), _DTYPES[int(header[1])]
+                tuple(int(v) for v in header[2 : 2 + ndim]),
+                _DTYPES[int(header[1])],
             )
         shape, dtype = self._recv_shapes[(peer, key)]
         buf = torch.empty(shape, dtype=dtype, device=device())

@@ -151,9 +151,11 @@ def _pretrain(out: Path, cfg: PretrainConfig) -> Path:
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "pretrain_log.json").write_text(json.dumps(
-        {"config": asdict(cfg), "losses": losses, "seconds": time.perf_counter() - start}
-    ))
+    (out / "pretrain_log.json").write_text(
+        json.dumps(
+            {"config": asdict(cfg), "losses": losses, "seconds": time.perf_counter() - start}
+        )
+    )
     return out
 
 
@@ -266,8 +268,9 @@ def exact_match(
     for (length, n_new), items in groups.items():
         prompts = torch.tensor([ids for _, ids in items])
         out = greedy_generate(model, prompts, n_new)[:, length:]
-        hits += sum(tokenizer.decode(row.tolist()) == task.answer(w)
-                    for row, (w, _) in zip(out, items))
+        hits += sum(
+            tokenizer.decode(row.tolist()) == task.answer(w) for row, (w, _) in zip(out, items)
+        )
     model.train(was_training)
     return hits / len(words)
 
@@ -297,13 +300,22 @@ def make_finetuned_checkpoint(
     target = out / "finetuned"
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
-    (target / "metrics.json").write_text(json.dumps({
-        "exact_match_before": before,
-        "exact_match_after": after,
-        "final_loss": losses[-1],
-        "task": {"kind": "reverse", "prompt": ReverseTask.prompt("{word}"),
-                 "answer": ReverseTask.answer("abc").replace("cba", "{reversed}"),
-                 "word_length": cfg.word_length, "alphabet": cfg.alphabet},
-        "finetune": asdict(cfg),
-    }, indent=1))
+    (target / "metrics.json").write_text(
+        json.dumps(
+            {
+                "exact_match_before": before,
+                "exact_match_after": after,
+                "final_loss": losses[-1],
+                "task": {
+                    "kind": "reverse",
+                    "prompt": ReverseTask.prompt("{word}"),
+                    "answer": ReverseTask.answer("abc").replace("cba", "{reversed}"),
+                    "word_length": cfg.word_length,
+                    "alphabet": cfg.alphabet,
+                },
+                "finetune": asdict(cfg),
+            },
+            indent=1,
+        )
+    )
     return target

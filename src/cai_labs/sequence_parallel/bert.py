@@ -33,8 +33,16 @@ from cai_labs.sequence_parallel.all_to_all_attention import all_to_all_attention
 from cai_labs.sequence_parallel.chunking import serial_attention
 from cai_labs.sequence_parallel.ring_attention import ring_attention
 
-__all__ = ["tiny_bert_config", "sequence_parallel_mlm_loss", "allreduce_sum_gradients",
-           "ATTENTION", "chunk_attention", "embed_chunk", "layer_on_chunk", "mlm_loss_sum"]
+__all__ = [
+    "tiny_bert_config",
+    "sequence_parallel_mlm_loss",
+    "allreduce_sum_gradients",
+    "ATTENTION",
+    "chunk_attention",
+    "embed_chunk",
+    "layer_on_chunk",
+    "mlm_loss_sum",
+]
 
 ATTENTION: dict[str, Callable[..., torch.Tensor]] = {
     "ring": ring_attention,
@@ -112,9 +120,7 @@ def sequence_parallel_mlm_loss(
     return loss_sum / count
 
 
-def chunk_attention(
-    attention: str, group: dist.ProcessGroup | None
-) -> Callable[..., torch.Tensor]:
+def chunk_attention(attention: str, group: dist.ProcessGroup | None) -> Callable[..., torch.Tensor]:
     """``attend(q, k, v, key_mask, scale=)`` over ``group``: the ring or all-to-all variant, or
     plain serial attention when the group has one rank."""
     if attention not in ATTENTION:
@@ -134,11 +140,14 @@ def embed_chunk(embeddings: nn.Module, input_ids: torch.Tensor, offset: int) -> 
     b, c = input_ids.shape
     max_positions = embeddings.position_embeddings.num_embeddings
     if offset + c > max_positions:
-        raise ValueError(f"sequence length {offset + c} exceeds max_position_embeddings="
-                         f"{max_positions}; build the model with more positions")
+        raise ValueError(
+            f"sequence length {offset + c} exceeds max_position_embeddings="
+            f"{max_positions}; build the model with more positions"
+        )
     positions = torch.arange(offset, offset + c, device=input_ids.device).expand(b, c)
-    return embeddings(input_ids=input_ids, position_ids=positions,
-                      token_type_ids=torch.zeros_like(input_ids))
+    return embeddings(
+        input_ids=input_ids, position_ids=positions, token_type_ids=torch.zeros_like(input_ids)
+    )
 
 
 def layer_on_chunk(
@@ -156,8 +165,10 @@ def layer_on_chunk(
     b, c, _ = h.shape
     sa = layer.attention.self
     heads, d = sa.num_attention_heads, sa.attention_head_size
-    q, k, v = (proj(h).view(b, c, heads, d).transpose(1, 2)  # [B, H, C, D]
-               for proj in (sa.query, sa.key, sa.value))
+    q, k, v = (
+        proj(h).view(b, c, heads, d).transpose(1, 2)  # [B, H, C, D]
+        for proj in (sa.query, sa.key, sa.value)
+    )
     ctx = attend(q, k, v, attention_mask, scale=sa.scaling)  # [B, H, C, D]
     ctx = ctx.transpose(1, 2).reshape(b, c, heads * d)
     a = layer.attention.output(ctx, h)  # output projection, residual, LayerNorm
@@ -171,7 +182,9 @@ def mlm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     different ranks (or micro-batches) can be divided by one global target count.
     """
     return nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+        logits.reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=-100,
         reduction="sum",
     )
 

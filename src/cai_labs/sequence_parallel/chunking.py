@@ -42,9 +42,7 @@ def check_sequence_split(seq_len: int, world_size: int) -> int:
     return seq_len // world_size
 
 
-def split_sequence(
-    x: torch.Tensor, rank: int, world_size: int, dim: int = 1
-) -> torch.Tensor:
+def split_sequence(x: torch.Tensor, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
     """Rank ``rank``'s contiguous chunk of ``x`` along ``dim`` (the sequence dimension)."""
     c = check_sequence_split(x.shape[dim], world_size)
     return x.narrow(dim, rank * c, c)

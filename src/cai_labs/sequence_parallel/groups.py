@@ -96,14 +96,24 @@ def make_sequence_groups(sp: int, dp: int = 1, pp: int = 1) -> SequenceDataGroup
     world, rank = dist.get_world_size(), dist.get_rank()
     layout = sequence_layout(sp, dp, pp, world_size=world)
     d, s, t = layout.coords(rank)
-    mine: dict[str, dist.ProcessGroup | None] = {"sp": None, "dp": None, "emb": None,
-                                                 "replica": None}
+    mine: dict[str, dist.ProcessGroup | None] = {
+        "sp": None,
+        "dp": None,
+        "emb": None,
+        "replica": None,
+    }
     # The replica group of stage s: every (replica, sp rank) pair of that stage. With dp == 1
     # or sp == 1 it has the ranks of the SP or DP group and reuses that communicator.
-    replica_lists = [[layout.rank_of(dd, ss, tt) for dd in range(dp) for tt in range(sp)]
-                     for ss in range(pp)] if sp > 1 and dp > 1 else []
-    for kind, lists in (("sp", layout.tp_rank_lists()), ("dp", layout.dp_rank_lists()),
-                        ("replica", replica_lists)):
+    replica_lists = (
+        [[layout.rank_of(dd, ss, tt) for dd in range(dp) for tt in range(sp)] for ss in range(pp)]
+        if sp > 1 and dp > 1
+        else []
+    )
+    for kind, lists in (
+        ("sp", layout.tp_rank_lists()),
+        ("dp", layout.dp_rank_lists()),
+        ("replica", replica_lists),
+    ):
         for ranks in lists:
             g = dist.new_group(ranks)
             if rank in ranks:
@@ -118,11 +128,18 @@ def make_sequence_groups(sp: int, dp: int = 1, pp: int = 1) -> SequenceDataGroup
                 if rank in ranks:
                     mine["emb"] = g
     return SequenceDataGroups(
-        sp_rank=t, dp_rank=d, sp_size=sp, dp_size=dp, sp_group=mine["sp"], dp_group=mine["dp"],
-        pp_rank=s, pp_size=pp,
+        sp_rank=t,
+        dp_rank=d,
+        sp_size=sp,
+        dp_size=dp,
+        sp_group=mine["sp"],
+        dp_group=mine["dp"],
+        pp_rank=s,
+        pp_size=pp,
         prev_stage=layout.rank_of(d, s - 1, t) if s > 0 else None,
         next_stage=layout.rank_of(d, s + 1, t) if s < pp - 1 else None,
-        embedding_group=mine["emb"], replica_group=mine["replica"],
+        embedding_group=mine["emb"],
+        replica_group=mine["replica"],
     )
 
 

@@ -152,8 +152,9 @@ class PipelinedSequenceBert(nn.Module):
         self.groups, self.n_micro, self.schedule = groups, n_micro, schedule
         self.grad_sum = grad_sum
         g = groups
-        self.stage = BertStage(model, g.pp_rank, g.pp_size, sp_rank=g.sp_rank,
-                               sp_group=g.sp_group, attention=attention)
+        self.stage = BertStage(
+            model, g.pp_rank, g.pp_size, sp_rank=g.sp_rank, sp_group=g.sp_group, attention=attention
+        )
         self.links = StageLinks(g.prev_stage, g.next_stage)
         tied = model.get_input_embeddings().weight
         mine = {id(p) for p in self.stage.parameters()}
@@ -173,8 +174,10 @@ class PipelinedSequenceBert(nn.Module):
             )
         check_sequence_split(length, g.sp_size)
         rows = slice(g.dp_rank * b // g.dp_size, (g.dp_rank + 1) * b // g.dp_size)
-        return tuple(split_sequence(t[rows], g.sp_rank, g.sp_size)
-                     for t in (batch.input_ids, batch.attention_mask, batch.labels))
+        return tuple(
+            split_sequence(t[rows], g.sp_rank, g.sp_size)
+            for t in (batch.input_ids, batch.attention_mask, batch.labels)
+        )
 
     def forward_backward(
         self, batch: MLMBatch, ledger: Ledger | None = None, step: int = 0
@@ -192,9 +195,18 @@ class PipelinedSequenceBert(nn.Module):
 
         g = self.groups
         return pipeline_step(
-            self.stage, self.links, stage=g.pp_rank, n_stages=g.pp_size, inputs=ids,
-            targets=labels, extra_inputs=mask, n_micro=n_micro, loss_fn=loss_fn,
-            schedule=self.schedule, ledger=ledger, step=step,
+            self.stage,
+            self.links,
+            stage=g.pp_rank,
+            n_stages=g.pp_size,
+            inputs=ids,
+            targets=labels,
+            extra_inputs=mask,
+            n_micro=n_micro,
+            loss_fn=loss_fn,
+            schedule=self.schedule,
+            ledger=ledger,
+            step=step,
         )
 
     def sum_gradients(self) -> None:
@@ -247,6 +259,7 @@ def traffic_by_kind(report: dict[str, Any], groups: SequenceDataGroups) -> dict[
     replica, SP or DP group are the gradient sum (``"grad all-reduce"``, one call or two
     depending on ``grad_sum``), over the embedding group the tied word embeddings.
     """
+
     def ranks(group: dist.ProcessGroup | None) -> tuple[int, ...] | None:
         return None if group is None else tuple(dist.get_process_group_ranks(group))
 
@@ -259,8 +272,13 @@ def traffic_by_kind(report: dict[str, Any], groups: SequenceDataGroups) -> dict[
     for rec in report["comm"]:
         op, grp, sent = rec["op"], tuple(rec["group"]), rec["sent_bytes"]
         if op == "all_reduce":
-            kind = ("grad all-reduce" if grp in grad_groups
-                    else "tied embedding all-reduce" if grp == emb else None)
+            kind = (
+                "grad all-reduce"
+                if grp in grad_groups
+                else "tied embedding all-reduce"
+                if grp == emb
+                else None
+            )
         elif groups.pp_size > 1 and grp == world:  # StageLinks talk on the default group
             kind = "PP p2p"
         else:

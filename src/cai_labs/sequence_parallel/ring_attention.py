@@ -73,9 +73,7 @@ class _Ring:
         return wait
 
 
-def ring_pass(
-    chunk: torch.Tensor, visit: Callable[[int, torch.Tensor], None], ring: _Ring
-) -> None:
+def ring_pass(chunk: torch.Tensor, visit: Callable[[int, torch.Tensor], None], ring: _Ring) -> None:
     """Show every rank's ``chunk`` to ``visit(owner, chunk)`` on every rank, via the ring.
 
     At step ``s`` this rank holds the chunk of rank ``(rank - s) mod N``; it visits it while the
@@ -89,9 +87,7 @@ def ring_pass(
             current = wait()
 
 
-def ring_reduce(
-    contribution: Callable[[int], torch.Tensor], ring: _Ring
-) -> torch.Tensor:
+def ring_reduce(contribution: Callable[[int], torch.Tensor], ring: _Ring) -> torch.Tensor:
     """Sum over ranks of ``contribution(j)`` for ``j`` = this rank, via a travelling accumulator.
 
     Every rank can compute its share of every chunk's gradient (``contribution(j)``), but the sum
@@ -138,9 +134,7 @@ class RingQK(torch.autograd.Function):
             d_q.add_(d_scores[..., owner * c : (owner + 1) * c] @ k_chunk)
 
         ring_pass(k, visit, ring)
-        d_k = ring_reduce(
-            lambda j: d_scores[..., j * c : (j + 1) * c].transpose(-2, -1) @ q, ring
-        )
+        d_k = ring_reduce(lambda j: d_scores[..., j * c : (j + 1) * c].transpose(-2, -1) @ q, ring)
         return d_q, d_k, None
 
 
@@ -176,9 +170,7 @@ class RingAV(torch.autograd.Function):
             d_probs[..., owner * c : (owner + 1) * c] = d_out @ v_chunk.transpose(-2, -1)
 
         ring_pass(v, visit, ring)
-        d_v = ring_reduce(
-            lambda j: probs[..., j * c : (j + 1) * c].transpose(-2, -1) @ d_out, ring
-        )
+        d_v = ring_reduce(lambda j: probs[..., j * c : (j + 1) * c].transpose(-2, -1) @ d_out, ring)
         return d_probs, d_v, None
 
 
@@ -203,8 +195,9 @@ def ring_attention(
         ``[B, H, C, D]``: rows ``r*C ... (r+1)*C - 1`` of the serial attention output.
     """
     if q.shape != k.shape or k.shape != v.shape:
-        raise ValueError(f"q, k, v must have one shape [B, H, C, D]; got {q.shape}, {k.shape}, "
-                         f"{v.shape}")
+        raise ValueError(
+            f"q, k, v must have one shape [B, H, C, D]; got {q.shape}, {k.shape}, {v.shape}"
+        )
     ring = _Ring(group)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     full_mask = gather_padding_mask(key_mask, group)  # [B, L]

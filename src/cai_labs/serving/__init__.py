@@ -28,7 +28,19 @@ from cai_labs.serving.runner import ServerProcess, ServerThread
 from cai_labs.serving.toy_checkpoint import make_toy_checkpoint
 
 __all__ = [
-    "ServeConfig", "GenerationEngine", "GenerationJob", "Completion", "DynamicBatcher",
-    "QueueFull", "LRUCache", "ServerMetrics", "create_app", "ServerThread", "ServerProcess",
-    "LoadResult", "load_test", "run_load", "make_toy_checkpoint",
+    "ServeConfig",
+    "GenerationEngine",
+    "GenerationJob",
+    "Completion",
+    "DynamicBatcher",
+    "QueueFull",
+    "LRUCache",
+    "ServerMetrics",
+    "create_app",
+    "ServerThread",
+    "ServerProcess",
+    "LoadResult",
+    "load_test",
+    "run_load",
+    "make_toy_checkpoint",
 ]

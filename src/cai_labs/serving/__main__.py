@@ -17,19 +17,29 @@ DEFAULTS = ServeConfig()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cai_labs.serving",
-                                description="Serve a save_pretrained causal LM over HTTP.")
+    p = argparse.ArgumentParser(
+        prog="python -m cai_labs.serving",
+        description="Serve a save_pretrained causal LM over HTTP.",
+    )
     p.add_argument("--checkpoint", required=True, help="save_pretrained directory to serve")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    p.add_argument("--max-batch-size", type=int, default=DEFAULTS.max_batch_size,
-                   help="1 turns dynamic batching off")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=DEFAULTS.max_batch_size,
+        help="1 turns dynamic batching off",
+    )
     p.add_argument("--max-wait-ms", type=float, default=DEFAULTS.max_wait_ms)
     p.add_argument("--queue-size", type=int, default=DEFAULTS.queue_size)
     p.add_argument("--cache-size", type=int, default=DEFAULTS.cache_size, help="0 = no cache")
     p.add_argument("--max-prompt-tokens", type=int, default=DEFAULTS.max_prompt_tokens)
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens_limit,
-                   help="largest max_new_tokens a request may ask for")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULTS.max_new_tokens_limit,
+        help="largest max_new_tokens a request may ask for",
+    )
     p.add_argument("--request-timeout", type=float, default=DEFAULTS.request_timeout_s)
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model")
     p.add_argument("--log-level", default="warning")
@@ -44,10 +54,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         config = ServeConfig(
-            max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-            queue_size=args.queue_size, cache_size=args.cache_size,
-            max_prompt_tokens=args.max_prompt_tokens, max_new_tokens_limit=args.max_new_tokens,
-            request_timeout_s=args.request_timeout, torch_threads=args.threads,
+            max_batch_size=args.max_batch_size,
+            max_wait_ms=args.max_wait_ms,
+            queue_size=args.queue_size,
+            cache_size=args.cache_size,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_new_tokens_limit=args.max_new_tokens,
+            request_timeout_s=args.request_timeout,
+            torch_threads=args.threads,
         )
         app = create_app(args.checkpoint, config)
     except ValueError as exc:

@@ -66,8 +66,10 @@ class _BodyLimit:
             length = dict(scope.get("headers") or []).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.limit:
                 response = JSONResponse(
-                    {"error": f"request body is {int(length)} bytes; the limit is "
-                              f"{self.limit} bytes: send a shorter prompt"},
+                    {
+                        "error": f"request body is {int(length)} bytes; the limit is "
+                        f"{self.limit} bytes: send a shorter prompt"
+                    },
                     status_code=413,
                 )
                 self.metrics.record("bad_request")
@@ -84,8 +86,11 @@ def _describe(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def create_app(checkpoint: str | Path | None = None, config: ServeConfig | None = None,
-               engine: GenerationEngine | None = None) -> FastAPI:
+def create_app(
+    checkpoint: str | Path | None = None,
+    config: ServeConfig | None = None,
+    engine: GenerationEngine | None = None,
+) -> FastAPI:
     """Build the service for a ``save_pretrained`` checkpoint directory (or a ready ``engine``).
 
     The model is loaded here, before the server starts listening; the batching task starts with
@@ -102,8 +107,9 @@ def create_app(checkpoint: str | Path | None = None, config: ServeConfig | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = DynamicBatcher(engine, config.max_batch_size, config.max_wait_ms,
-                                 config.queue_size, metrics)
+        batcher = DynamicBatcher(
+            engine, config.max_batch_size, config.max_wait_ms, config.queue_size, metrics
+        )
         batcher.start()
         state["batcher"] = batcher
         yield
@@ -112,73 +118,107 @@ def create_app(checkpoint: str | Path | None = None, config: ServeConfig | None 
     app = FastAPI(
         title="cai-labs OPT text generation",
         description="Dynamic batching, a bounded queue and an LRU result cache in front of a "
-                    "transformers causal LM loaded with from_pretrained.",
+        "transformers causal LM loaded with from_pretrained.",
         version="0.1.0",
         lifespan=lifespan,
     )
     app.add_middleware(_BodyLimit, limit=config.max_body_bytes, metrics=metrics)
     app.state.engine, app.state.config, app.state.metrics, app.state.cache = (
-        engine, config, metrics, cache)
+        engine,
+        config,
+        metrics,
+        cache,
+    )
 
     def error(status: int, message: str, headers: dict | None = None, detail=None):
-        metrics.record("bad_request" if 400 <= status < 500 else
-                       {503: "rejected_queue_full", 504: "timeout"}.get(status, "error"))
+        metrics.record(
+            "bad_request"
+            if 400 <= status < 500
+            else {503: "rejected_queue_full", 504: "timeout"}.get(status, "error")
+        )
         body = {"error": message} if detail is None else {"error": message, "detail": detail}
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
-                  for e in exc.errors()]
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+            for e in exc.errors()
+        ]
         if any(e["type"] == "json_invalid" for e in errors):
-            return error(400, "malformed JSON body: send a JSON object such as "
-                              '{"prompt": "Hello", "max_new_tokens": 16}', detail=errors)
+            return error(
+                400,
+                "malformed JSON body: send a JSON object such as "
+                '{"prompt": "Hello", "max_new_tokens": 16}',
+                detail=errors,
+            )
         return error(422, f"invalid request: {_describe(errors)}", detail=errors)
 
     def prepare(req: GenerateRequest) -> list[int]:
         if len(req.prompt) > config.max_prompt_chars:
-            raise BadRequest(f"prompt is {len(req.prompt)} characters; the limit is "
-                             f"{config.max_prompt_chars}: shorten it")
+            raise BadRequest(
+                f"prompt is {len(req.prompt)} characters; the limit is "
+                f"{config.max_prompt_chars}: shorten it"
+            )
         if req.max_new_tokens > config.max_new_tokens_limit:
-            raise BadRequest(f"max_new_tokens={req.max_new_tokens} is over this server's limit "
-                             f"of {config.max_new_tokens_limit}: ask for fewer tokens")
+            raise BadRequest(
+                f"max_new_tokens={req.max_new_tokens} is over this server's limit "
+                f"of {config.max_new_tokens_limit}: ask for fewer tokens"
+            )
         ids = engine.encode(req.prompt)
         if len(ids) > config.max_prompt_tokens:
-            raise BadRequest(f"prompt is {len(ids)} tokens; the limit is "
-                             f"{config.max_prompt_tokens}: shorten it")
+            raise BadRequest(
+                f"prompt is {len(ids)} tokens; the limit is {config.max_prompt_tokens}: shorten it"
+            )
         if len(ids) + req.max_new_tokens > engine.max_positions:
-            raise BadRequest(f"prompt ({len(ids)} tokens) + max_new_tokens "
-                             f"({req.max_new_tokens}) exceeds the model's "
-                             f"{engine.max_positions} positions: ask for fewer tokens")
+            raise BadRequest(
+                f"prompt ({len(ids)} tokens) + max_new_tokens "
+                f"({req.max_new_tokens}) exceeds the model's "
+                f"{engine.max_positions} positions: ask for fewer tokens"
+            )
         return ids
 
     def job_for(req: GenerateRequest, ids: list[int], on_token=None) -> GenerationJob:
-        return GenerationJob(ids, req.max_new_tokens, req.temperature, req.top_k, req.seed,
-                             on_token, req.ignore_eos)
+        return GenerationJob(
+            ids, req.max_new_tokens, req.temperature, req.top_k, req.seed, on_token, req.ignore_eos
+        )
 
-    def response(result: Completion, n_prompt: int, cached: bool, arrived: float,
-                 queue_s: float) -> GenerateResponse:
+    def response(
+        result: Completion, n_prompt: int, cached: bool, arrived: float, queue_s: float
+    ) -> GenerateResponse:
         return GenerateResponse(
-            text=result.text, prompt_tokens=n_prompt, completion_tokens=len(result.token_ids),
-            finish_reason=result.finish_reason, cached=cached,
-            batch_size=0 if cached else result.batch_size, queue_ms=1e3 * queue_s,
+            text=result.text,
+            prompt_tokens=n_prompt,
+            completion_tokens=len(result.token_ids),
+            finish_reason=result.finish_reason,
+            cached=cached,
+            batch_size=0 if cached else result.batch_size,
+            queue_ms=1e3 * queue_s,
             latency_ms=1e3 * (time.perf_counter() - arrived),
         )
 
     @app.get("/health", summary="Liveness and settings")
     async def health() -> dict:
-        return {"status": "ok", "model": type(engine.model).__name__,
-                "parameters": sum(p.numel() for p in engine.model.parameters()),
-                "max_positions": engine.max_positions, "config": config.as_dict()}
+        return {
+            "status": "ok",
+            "model": type(engine.model).__name__,
+            "parameters": sum(p.numel() for p in engine.model.parameters()),
+            "max_positions": engine.max_positions,
+            "config": config.as_dict(),
+        }
 
     @app.get("/metrics", summary="Counters, batch sizes, queue depth, cache, latency")
     async def get_metrics() -> dict:
         batcher: DynamicBatcher = state["batcher"]
         snap = metrics.snapshot(batcher.queue.qsize(), batcher.in_flight)
         lookups = cache.hits + cache.misses
-        snap["cache"] = {"hits": cache.hits, "misses": cache.misses, "entries": len(cache),
-                         "capacity": cache.capacity,
-                         "hit_rate": cache.hits / lookups if lookups else None}
+        snap["cache"] = {
+            "hits": cache.hits,
+            "misses": cache.misses,
+            "entries": len(cache),
+            "capacity": cache.capacity,
+            "hit_rate": cache.hits / lookups if lookups else None,
+        }
         return snap
 
     @app.post("/metrics/reset", summary="Zero the counters (the cache keeps its entries)")
@@ -192,8 +232,12 @@ def create_app(checkpoint: str | Path | None = None, config: ServeConfig | None 
         cache.clear()
         return {"status": "cleared"}
 
-    @app.post("/generate", response_model=GenerateResponse, responses=ERRORS,
-              summary="Generate a continuation of the prompt")
+    @app.post(
+        "/generate",
+        response_model=GenerateResponse,
+        responses=ERRORS,
+        summary="Generate a continuation of the prompt",
+    )
     async def generate(req: GenerateRequest):
         arrived = time.perf_counter()
         try:
@@ -212,11 +256,15 @@ def create_app(checkpoint: str | Path | None = None, config: ServeConfig | None 
         except QueueFull as exc:
             return error(503, str(exc), headers={"Retry-After": "1"})
         try:
-            result = await asyncio.wait_for(asyncio.shield(pending.future),
-                                            config.request_timeout_s)
+            result = await asyncio.wait_for(
+                asyncio.shield(pending.future), config.request_timeout_s
+            )
         except asyncio.TimeoutError:  # (an alias of TimeoutError from Python 3.11)
-            return error(504, f"not answered within {config.request_timeout_s} s; the server "
-                              "is overloaded: retry later or ask for fewer tokens")
+            return error(
+                504,
+                f"not answered within {config.request_timeout_s} s; the server "
+                "is overloaded: retry later or ask for fewer tokens",
+            )
         except Exception as exc:
             return error(500, f"generation failed: {type(exc).__name__}: {exc}")
         if cacheable:
@@ -225,9 +273,11 @@ def create_app(checkpoint: str | Path | None = None, config: ServeConfig | None 
         metrics.record("ok", time.perf_counter() - arrived)
         return out
 
-    @app.post("/generate/stream", responses={200: {"content": {"text/event-stream": {}}},
-                                             **ERRORS},
-              summary="Generate, streaming tokens as server-sent events")
+    @app.post(
+        "/generate/stream",
+        responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
+        summary="Generate, streaming tokens as server-sent events",
+    )
     async def generate_stream(req: GenerateRequest):
         arrived = time.perf_counter()
         try:
@@ -252,8 +302,9 @@ def create_app(checkpoint: str | Path | None = None, config: ServeConfig | None 
             deadline = arrived + config.request_timeout_s
             while True:
                 try:
-                    item = await asyncio.wait_for(tokens.get(),
-                                                  max(0.0, deadline - time.perf_counter()))
+                    item = await asyncio.wait_for(
+                        tokens.get(), max(0.0, deadline - time.perf_counter())
+                    )
                 except asyncio.TimeoutError:  # (an alias of TimeoutError from Python 3.11)
                     metrics.record("timeout")
                     yield f"event: error\ndata: {json.dumps({'error': 'timed out'})}\n\n"
@@ -263,19 +314,25 @@ def create_app(checkpoint: str | Path | None = None, config: ServeConfig | None 
                 token_id, text = item
                 delta = ""
                 if not text.endswith("\ufffd"):  # else: half a character, send it with the rest
-                    delta, sent = text[len(sent):], text
+                    delta, sent = text[len(sent) :], text
                 yield f"event: token\ndata: {json.dumps({'token_id': token_id, 'text': delta})}\n\n"
             exc = pending.future.exception()
             if exc is not None:
                 metrics.record("error")
                 yield f"event: error\ndata: {json.dumps({'error': str(exc)})}\n\n"
                 return
-            out = response(pending.future.result(), len(ids), False, arrived,
-                           pending.dequeued - pending.arrived)
+            out = response(
+                pending.future.result(),
+                len(ids),
+                False,
+                arrived,
+                pending.dequeued - pending.arrived,
+            )
             metrics.record("ok", time.perf_counter() - arrived)
             yield f"event: done\ndata: {out.model_dump_json()}\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     return app

@@ -54,8 +54,14 @@ class DynamicBatcher:
 
     POLL_S = 0.0005  # how often the batcher looks for late joiners while a batch fills
 
-    def __init__(self, engine: GenerationEngine, max_batch_size: int, max_wait_ms: float,
-                 queue_size: int, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        max_batch_size: int,
+        max_wait_ms: float,
+        queue_size: int,
+        metrics: ServerMetrics,
+    ) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1e3
@@ -136,8 +142,11 @@ class DynamicBatcher:
                 continue
             finally:
                 self.in_flight = 0
-            self.metrics.record_batch(len(batch), results[0].generate_s if results else 0.0,
-                                      sum(len(r.token_ids) for r in results))
+            self.metrics.record_batch(
+                len(batch),
+                results[0].generate_s if results else 0.0,
+                sum(len(r.token_ids) for r in results),
+            )
             for pending, result in zip(batch, results):
                 self.metrics.queue_waits.append(pending.dequeued - pending.arrived)
                 if not pending.future.done():

@@ -135,8 +135,10 @@ class GenerationEngine:
         if isinstance(eos, list):
             eos = eos[0]
         if eos is None:
-            raise ValueError("the checkpoint's tokenizer and generation config name no "
-                             "end-of-text token: set tokenizer.eos_token before saving it")
+            raise ValueError(
+                "the checkpoint's tokenizer and generation config name no "
+                "end-of-text token: set tokenizer.eos_token before saving it"
+            )
         self.eos_id = int(eos)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_id
@@ -153,8 +155,10 @@ class GenerationEngine:
 
         path = Path(checkpoint)
         if not (path / "config.json").is_file():
-            raise ValueError(f"{path} is not a save_pretrained checkpoint directory "
-                             "(no config.json): pass the directory the model was saved to")
+            raise ValueError(
+                f"{path} is not a save_pretrained checkpoint directory "
+                "(no config.json): pass the directory the model was saved to"
+            )
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
         model = AutoModelForCausalLM.from_pretrained(path)
@@ -181,8 +185,8 @@ class GenerationEngine:
         ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), longest), dtype=torch.long)
         for row, prompt in enumerate(prompts):
-            ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, longest - len(prompt):] = 1
+            ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, longest - len(prompt) :] = 1
         return ids, mask
 
     def generate_batch(self, jobs: list[GenerationJob]) -> list[Completion]:

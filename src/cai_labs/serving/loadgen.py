@@ -66,27 +66,36 @@ def check_loopback(url: str) -> None:
             return
     except ValueError:
         pass
-    raise ValueError(f"load generator targets loopback addresses only (127.0.0.1, ::1, "
-                     f"localhost), got host {host!r} in {url!r}")
+    raise ValueError(
+        f"load generator targets loopback addresses only (127.0.0.1, ::1, "
+        f"localhost), got host {host!r} in {url!r}"
+    )
 
 
-async def run_load(url: str, payloads: list[dict], *, concurrency: int, max_requests: int,
-                   time_limit_s: float = 30.0, path: str = "/generate",
-                   request_timeout_s: float = 60.0) -> LoadResult:
+async def run_load(
+    url: str,
+    payloads: list[dict],
+    *,
+    concurrency: int,
+    max_requests: int,
+    time_limit_s: float = 30.0,
+    path: str = "/generate",
+    request_timeout_s: float = 60.0,
+) -> LoadResult:
     """Send up to ``max_requests`` requests (cycling through ``payloads``) from ``concurrency``
     closed-loop clients, for at most ``time_limit_s`` seconds. See the module docstring."""
     check_loopback(url)
     if concurrency < 1 or max_requests < 1 or time_limit_s <= 0 or not payloads:
-        raise ValueError("need concurrency >= 1, max_requests >= 1, time_limit_s > 0 and at "
-                         "least one payload")
+        raise ValueError(
+            "need concurrency >= 1, max_requests >= 1, time_limit_s > 0 and at least one payload"
+        )
     statuses: Counter[int] = Counter()
     latencies: list[float] = []
     counters = {"next": 0, "tokens": 0, "cached": 0}
     start = time.perf_counter()
     deadline = start + time_limit_s
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits,
-                                 timeout=request_timeout_s) as client:
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=request_timeout_s) as client:
 
         async def user() -> None:
             while counters["next"] < max_requests and time.perf_counter() < deadline:
@@ -111,13 +120,21 @@ async def run_load(url: str, payloads: list[dict], *, concurrency: int, max_requ
     ok = statuses[200]
     lat = np.asarray(latencies) * 1e3
     return LoadResult(
-        concurrency=concurrency, sent=sum(statuses.values()), ok=ok, rejected=statuses[503],
-        errors=sum(n for s, n in statuses.items() if s not in (200, 503)), seconds=seconds,
-        throughput_rps=ok / seconds, p50_ms=float(np.percentile(lat, 50)) if ok else None,
+        concurrency=concurrency,
+        sent=sum(statuses.values()),
+        ok=ok,
+        rejected=statuses[503],
+        errors=sum(n for s, n in statuses.items() if s not in (200, 503)),
+        seconds=seconds,
+        throughput_rps=ok / seconds,
+        p50_ms=float(np.percentile(lat, 50)) if ok else None,
         p99_ms=float(np.percentile(lat, 99)) if ok else None,
-        mean_ms=float(lat.mean()) if ok else None, tokens=counters["tokens"],
-        tokens_per_s=counters["tokens"] / seconds, cached=counters["cached"],
-        statuses=dict(statuses), latencies_ms=lat.tolist(),
+        mean_ms=float(lat.mean()) if ok else None,
+        tokens=counters["tokens"],
+        tokens_per_s=counters["tokens"] / seconds,
+        cached=counters["cached"],
+        statuses=dict(statuses),
+        latencies_ms=lat.tolist(),
     )
 
 

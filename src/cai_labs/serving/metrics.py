@@ -73,15 +73,21 @@ class ServerMetrics:
             "queue_depth": queue_depth,
             "queue_depth_max": self.queue_depth_max,
             "in_flight": in_flight,
-            "cache": {"hits": self.cache_hits, "misses": self.cache_misses,
-                      "hit_rate": self.cache_hits / lookups if lookups else None},
+            "cache": {
+                "hits": self.cache_hits,
+                "misses": self.cache_misses,
+                "hit_rate": self.cache_hits / lookups if lookups else None,
+            },
             "tokens_generated": self.tokens_generated,
             "generate_seconds": self.generate_seconds,
-            "latency_ms": {"count": len(self.latencies),
-                           "p50": percentile_ms(self.latencies, 50),
-                           "p99": percentile_ms(self.latencies, 99),
-                           "mean": (1e3 * float(np.mean(self.latencies))
-                                    if self.latencies else None)},
-            "queue_wait_ms": {"p50": percentile_ms(self.queue_waits, 50),
-                              "p99": percentile_ms(self.queue_waits, 99)},
+            "latency_ms": {
+                "count": len(self.latencies),
+                "p50": percentile_ms(self.latencies, 50),
+                "p99": percentile_ms(self.latencies, 99),
+                "mean": (1e3 * float(np.mean(self.latencies)) if self.latencies else None),
+            },
+            "queue_wait_ms": {
+                "p50": percentile_ms(self.queue_waits, 50),
+                "p99": percentile_ms(self.queue_waits, 99),
+            },
         }

@@ -74,8 +74,12 @@ class ServerThread:
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True, name=f"uvicorn-{self.port}")
+        self.thread = threading.Thread(
+            target=self.server.run,
+            kwargs={"sockets": [self.sock]},
+            daemon=True,
+            name=f"uvicorn-{self.port}",
+        )
         self.startup_timeout = startup_timeout
 
     def __enter__(self) -> str:
@@ -105,10 +109,19 @@ class ServerProcess:
         startup_timeout: seconds to wait for the port line and ``/health``.
     """
 
-    def __init__(self, checkpoint: str | Path, args: list[str] | None = None,
-                 startup_timeout: float = 120.0) -> None:
-        self.cmd = [sys.executable, "-m", "cai_labs.serving", "--checkpoint", str(checkpoint),
-                    "--port", "0", *(args or [])]
+    def __init__(
+        self, checkpoint: str | Path, args: list[str] | None = None, startup_timeout: float = 120.0
+    ) -> None:
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "cai_labs.serving",
+            "--checkpoint",
+            str(checkpoint),
+            "--port",
+            "0",
+            *(args or []),
+        ]
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
@@ -127,8 +140,9 @@ class ServerProcess:
         here = str(Path(__file__).resolve().parents[2])  # the child imports this cai_labs
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         with os.fdopen(fd, "w") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL
+            )
         try:
             deadline = time.monotonic() + self.startup_timeout
             while not self.url:
@@ -140,8 +154,11 @@ class ServerProcess:
                     raise RuntimeError(f"server did not start; its output:\n{text[-3000:]}")
                 else:
                     time.sleep(0.05)
-            wait_healthy(self.url, max(1.0, deadline - time.monotonic()),
-                         alive=lambda: self.proc.poll() is None)
+            wait_healthy(
+                self.url,
+                max(1.0, deadline - time.monotonic()),
+                alive=lambda: self.proc.poll() is None,
+            )
         except BaseException:
             self.stop()
             raise

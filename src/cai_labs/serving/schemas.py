@@ -22,21 +22,26 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(..., min_length=1, description="Text to continue; not empty.")
     max_new_tokens: int = Field(16, ge=1, description="Tokens to generate at most.")
     temperature: float = Field(
-        0.0, ge=0.0, le=10.0,
+        0.0,
+        ge=0.0,
+        le=10.0,
         description="0 = greedy (deterministic); > 0 samples from softmax(logits / temperature).",
     )
     top_k: int | None = Field(
         None, ge=1, description="Sample only among the k most likely tokens (temperature > 0)."
     )
     seed: int | None = Field(
-        None, ge=0, le=2**63 - 1,
+        None,
+        ge=0,
+        le=2**63 - 1,
         description="Seed of this request's own random generator: a sampled request with a seed "
         "is reproducible (and cacheable), whatever batch it is decoded in.",
     )
     use_cache: bool = Field(True, description="Allow an answer from the result cache.")
     ignore_eos: bool = Field(
-        False, description="Never stop at end-of-text: always generate max_new_tokens tokens "
-        "(for benchmarks, as in vLLM's sampling parameters)."
+        False,
+        description="Never stop at end-of-text: always generate max_new_tokens tokens "
+        "(for benchmarks, as in vLLM's sampling parameters).",
     )
 
     @field_validator("prompt")
@@ -53,8 +58,14 @@ class GenerateRequest(BaseModel):
 
     def cache_key(self) -> tuple:
         """Everything that determines the output (``use_cache`` does not)."""
-        return (self.prompt, self.max_new_tokens, self.temperature, self.top_k, self.seed,
-                self.ignore_eos)
+        return (
+            self.prompt,
+            self.max_new_tokens,
+            self.temperature,
+            self.top_k,
+            self.seed,
+            self.ignore_eos,
+        )
 
 
 class GenerateResponse(BaseModel):

@@ -27,8 +27,18 @@ def stdlib_text(max_docs: int = 400) -> list[str]:
     import string
 
     docs: list[str] = []
-    for module in (str, list, dict, os.path, pathlib, json, collections, functools, itertools,
-                   string):
+    for module in (
+        str,
+        list,
+        dict,
+        os.path,
+        pathlib,
+        json,
+        collections,
+        functools,
+        itertools,
+        string,
+    ):
         for name in dir(module):
             doc = inspect.getdoc(getattr(module, name, None))
             if doc and len(docs) < max_docs:
@@ -52,7 +62,10 @@ def train_toy_tokenizer(vocab_size: int = 512):
     )
     tok.train_from_iterator(stdlib_text(), trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="</s>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        bos_token="</s>",
         unk_token="<unk>",
     )
 
@@ -80,10 +93,16 @@ def make_toy_checkpoint(
     transformers.utils.logging.disable_progress_bar()
     tokenizer = train_toy_tokenizer(vocab_size)
     config = OPTConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
-        num_attention_heads=heads, max_position_embeddings=max_positions,
-        word_embed_proj_dim=hidden, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        ffn_dim=ffn,
+        num_attention_heads=heads,
+        max_position_embeddings=max_positions,
+        word_embed_proj_dim=hidden,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
     model = OPTForCausalLM(config).eval()

@@ -54,19 +54,34 @@ __all__ = [
 
 #: Colossal-AI documentation, "Efficiency" table of each mode (``P`` ranks, ring algorithms).
 COLOSSALAI_TABLE: dict[str, dict[str, str]] = {
-    "1d": {"computation": "O(1/P)", "memory (parameters)": "O(1/P)",
-           "memory (activations)": "O(1)", "communication (bandwidth)": "O(2(P-1)/P)",
-           "communication (latency)": "O(2(P-1))"},
-    "2d": {"computation": "O(1/q^2)", "memory (parameters)": "O(1/q^2)",
-           "memory (activations)": "O(1/q^2)", "communication (bandwidth)": "O(6(q-1)/q)",
-           "communication (latency)": "O(6(q-1))"},
-    "2.5d": {"computation": "O(1/(dq^2))", "memory (parameters)": "O(1/q^2)",
-             "memory (activations)": "O(1/(dq^2))",
-             "communication (bandwidth)": "O(3(q-1)(d+1)/(dq))",
-             "communication (latency)": "O(6(q-1))"},
-    "3d": {"computation": "O(1/q^3)", "memory (parameters)": "O(1/q^3)",
-           "memory (activations)": "O(1/q^3)", "communication (bandwidth)": "O(6(q-1)/q^3)",
-           "communication (latency)": "O(6(q-1))"},
+    "1d": {
+        "computation": "O(1/P)",
+        "memory (parameters)": "O(1/P)",
+        "memory (activations)": "O(1)",
+        "communication (bandwidth)": "O(2(P-1)/P)",
+        "communication (latency)": "O(2(P-1))",
+    },
+    "2d": {
+        "computation": "O(1/q^2)",
+        "memory (parameters)": "O(1/q^2)",
+        "memory (activations)": "O(1/q^2)",
+        "communication (bandwidth)": "O(6(q-1)/q)",
+        "communication (latency)": "O(6(q-1))",
+    },
+    "2.5d": {
+        "computation": "O(1/(dq^2))",
+        "memory (parameters)": "O(1/q^2)",
+        "memory (activations)": "O(1/(dq^2))",
+        "communication (bandwidth)": "O(3(q-1)(d+1)/(dq))",
+        "communication (latency)": "O(6(q-1))",
+    },
+    "3d": {
+        "computation": "O(1/q^3)",
+        "memory (parameters)": "O(1/q^3)",
+        "memory (activations)": "O(1/q^3)",
+        "communication (bandwidth)": "O(6(q-1)/q^3)",
+        "communication (latency)": "O(6(q-1))",
+    },
 }
 
 
@@ -133,8 +148,9 @@ def linear_cost(
             # backward: all-reduce of dX (skipped for a group of one)
             return Cost((K * N + nb) // P * elem, M * K * elem, M * K * elem * (P > 1), int(P > 1))
         if kind == "row":
-            return Cost((K * N // P + nb) * elem, M * K // P * elem, M * N * elem * (P > 1),
-                        int(P > 1))
+            return Cost(
+                (K * N // P + nb) * elem, M * K // P * elem, M * N * elem * (P > 1), int(P > 1)
+            )
         raise ValueError(f"kind must be 'column' or 'row'; got {kind!r}")
     if mode in ("2d", "2.5d"):
         xb, ab = M * K // (d * q * q), K * N // (q * q)
@@ -253,8 +269,9 @@ def block_cost(
     ln = _layernorm_cost(mode, size, M, h, depth, elem)
     act = 0
     if n_heads is not None:
-        act = block_activation_bytes(mode, size, batch, seq, h, n_heads, r, depth=depth,
-                                     seq_len=seq_len, elem=elem)
+        act = block_activation_bytes(
+            mode, size, batch, seq, h, n_heads, r, depth=depth, seq_len=seq_len, elem=elem
+        )
     return total + ln + ln + Cost(0, act, 0, 0)
 
 
@@ -301,8 +318,9 @@ def opt_1d_cost(config, size: int, tokens: int, elem: int = 4) -> Cost:
     return Cost((replicated + L * per_layer) * elem, 0, calls * tokens * d * elem, calls)
 
 
-def vocab_loss_cost(size: int, tokens: int, vocab: int, parallel: bool = True,
-                    elem: int = 4) -> Cost:
+def vocab_loss_cost(
+    size: int, tokens: int, vocab: int, parallel: bool = True, elem: int = 4
+) -> Cost:
     """The cross-entropy of 1D logits split by vocabulary ``(tokens, V/P)`` on one rank, for
     one forward+backward (parameters: none). Saved bytes are those of ``reduction="sum"`` or
     ``"none"``; ``"mean"`` adds its divisor (8 bytes) in the parallel version.

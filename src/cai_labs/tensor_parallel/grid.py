@@ -206,9 +206,7 @@ def build_grids(
         for axis in range(len(shape)):
             others = [range(s) for a, s in enumerate(shape) if a != axis]
             for rest in itertools.product(*others):
-                line = tuple(
-                    at[rest[:axis] + (t,) + rest[axis:]] for t in range(shape[axis])
-                )
+                line = tuple(at[rest[:axis] + (t,) + rest[axis:]] for t in range(shape[axis]))
                 g = dist.new_group(list(line))
                 if me in line:
                     my_axis_groups.append(g)

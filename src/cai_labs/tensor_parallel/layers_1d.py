@@ -111,8 +111,9 @@ class ColumnParallelLinear(nn.Module):
     ) -> ColumnParallelLinear:
         """This rank's column slice of ``linear``'s weights (same initial values as serial)."""
         out_f, in_f = linear.weight.shape
-        m = cls(in_f, out_f, grid, linear.bias is not None, gather_output, chunks,
-                reduce_input_grad).to(linear.weight.dtype)
+        m = cls(
+            in_f, out_f, grid, linear.bias is not None, gather_output, chunks, reduce_input_grad
+        ).to(linear.weight.dtype)
         n, r = grid.size, grid.position
         with torch.no_grad():
             m.weight.copy_(_shard(linear.weight, n, r, 0, chunks))
@@ -201,9 +202,12 @@ class ParallelAttention1D(ParallelAttention):
 
     def __init__(self, attn: CausalSelfAttention, grid: Grid):
         check_divisible("n_heads", attn.n_heads, grid.size, "1D")
-        super().__init__(ColumnParallelLinear.from_serial(attn.qkv, grid, chunks=3),
-                         RowParallelLinear.from_serial(attn.proj, grid),
-                         attn.n_heads // grid.size, attn.causal)
+        super().__init__(
+            ColumnParallelLinear.from_serial(attn.qkv, grid, chunks=3),
+            RowParallelLinear.from_serial(attn.proj, grid),
+            attn.n_heads // grid.size,
+            attn.causal,
+        )
 
 
 class ParallelMLP1D(ParallelMLP):
@@ -211,8 +215,10 @@ class ParallelMLP1D(ParallelMLP):
     row-parallel ``(b, s, d)``."""
 
     def __init__(self, mlp: MLPBlock, grid: Grid):
-        super().__init__(ColumnParallelLinear.from_serial(mlp.fc1, grid),
-                         RowParallelLinear.from_serial(mlp.fc2, grid))
+        super().__init__(
+            ColumnParallelLinear.from_serial(mlp.fc1, grid),
+            RowParallelLinear.from_serial(mlp.fc2, grid),
+        )
 
 
 class ParallelBlock1D(ParallelBlock):
@@ -223,8 +229,12 @@ class ParallelBlock1D(ParallelBlock):
     """
 
     def __init__(self, block: Block, grid: Grid):
-        super().__init__(copy.deepcopy(block.ln1), ParallelAttention1D(block.attn, grid),
-                         copy.deepcopy(block.ln2), ParallelMLP1D(block.mlp, grid))
+        super().__init__(
+            copy.deepcopy(block.ln1),
+            ParallelAttention1D(block.attn, grid),
+            copy.deepcopy(block.ln2),
+            ParallelMLP1D(block.mlp, grid),
+        )
         self.grid = grid
 
 

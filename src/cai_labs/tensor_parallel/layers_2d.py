@@ -229,9 +229,12 @@ class Attention2D(ParallelAttention):
 
     def __init__(self, attn: CausalSelfAttention, grid: Grid):
         check_divisible("n_heads", attn.n_heads, grid.q, _MODE_NAME[grid.mode])
-        super().__init__(Linear2D.from_serial(attn.qkv, grid, chunks=3),
-                         Linear2D.from_serial(attn.proj, grid), attn.n_heads // grid.q,
-                         attn.causal)
+        super().__init__(
+            Linear2D.from_serial(attn.qkv, grid, chunks=3),
+            Linear2D.from_serial(attn.proj, grid),
+            attn.n_heads // grid.q,
+            attn.causal,
+        )
 
 
 class MLP2D(ParallelMLP):
@@ -249,8 +252,12 @@ class Block2D(ParallelBlock):
     """
 
     def __init__(self, block: Block, grid: Grid):
-        super().__init__(LayerNorm2D(block.ln1, grid), Attention2D(block.attn, grid),
-                         LayerNorm2D(block.ln2, grid), MLP2D(block.mlp, grid))
+        super().__init__(
+            LayerNorm2D(block.ln1, grid),
+            Attention2D(block.attn, grid),
+            LayerNorm2D(block.ln2, grid),
+            MLP2D(block.mlp, grid),
+        )
         self.grid = grid
 
 
@@ -309,7 +316,7 @@ def gather_output(y: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Whole ``(b, s, d)`` from every rank's block (inverse of :func:`split_input`)."""
     q, d = grid.q, grid.depth
     parts = gather_by_position(y, grid)  # position k*q*q + i*q + j
-    rows = [torch.cat(parts[r * q:(r + 1) * q], dim=-1) for r in range(d * q)]
+    rows = [torch.cat(parts[r * q : (r + 1) * q], dim=-1) for r in range(d * q)]
     return torch.cat(rows, dim=0)
 
 

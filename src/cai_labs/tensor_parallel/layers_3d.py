@@ -164,8 +164,9 @@ class Linear3D(nn.Module):
         out = {"weight": join_chunks(out_blocks, 0, self.chunks)}
         if self.bias is not None:
             bs = gather_by_position(self.bias.grad if grads else self.bias, grid)
-            out["bias"] = join_chunks([bs[at({a: 0, b: bb, c: 0})] for bb in range(q)], 0,
-                                      self.chunks)
+            out["bias"] = join_chunks(
+                [bs[at({a: 0, b: bb, c: 0})] for bb in range(q)], 0, self.chunks
+            )
         return out
 
 
@@ -212,17 +213,21 @@ class Attention3D(ParallelAttention):
 
     def __init__(self, attn: CausalSelfAttention, grid: Grid):
         check_divisible("n_heads", attn.n_heads, grid.q, "3D")
-        super().__init__(Linear3D.from_serial(attn.qkv, grid, EVEN, chunks=3),
-                         Linear3D.from_serial(attn.proj, grid, ODD), attn.n_heads // grid.q,
-                         attn.causal)
+        super().__init__(
+            Linear3D.from_serial(attn.qkv, grid, EVEN, chunks=3),
+            Linear3D.from_serial(attn.proj, grid, ODD),
+            attn.n_heads // grid.q,
+            attn.causal,
+        )
 
 
 class MLP3D(ParallelMLP):
     """``fc1`` (EVEN -> ODD) -> GELU -> ``fc2`` (ODD -> EVEN)."""
 
     def __init__(self, mlp: MLPBlock, grid: Grid):
-        super().__init__(Linear3D.from_serial(mlp.fc1, grid, EVEN),
-                         Linear3D.from_serial(mlp.fc2, grid, ODD))
+        super().__init__(
+            Linear3D.from_serial(mlp.fc1, grid, EVEN), Linear3D.from_serial(mlp.fc2, grid, ODD)
+        )
 
 
 class Block3D(ParallelBlock):
@@ -232,8 +237,12 @@ class Block3D(ParallelBlock):
     def __init__(self, block: Block, grid: Grid):
         if grid.mode != "3d":
             raise ValueError(f"3D layers need a 3d grid (q x q x q); got a {grid.mode} grid")
-        super().__init__(LayerNorm3D(block.ln1, grid), Attention3D(block.attn, grid),
-                         LayerNorm3D(block.ln2, grid), MLP3D(block.mlp, grid))
+        super().__init__(
+            LayerNorm3D(block.ln1, grid),
+            Attention3D(block.attn, grid),
+            LayerNorm3D(block.ln2, grid),
+            MLP3D(block.mlp, grid),
+        )
         self.grid = grid
 
 

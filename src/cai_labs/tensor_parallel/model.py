@@ -130,8 +130,9 @@ class TensorParallelGPT(nn.Module):
         logits = self.head_logits(idx)
         t = self.split_targets(targets)
         if self.mode == "1d":
-            total = vocab_parallel_cross_entropy(logits, t, self.grid.group, reduction="sum",
-                                                 vocab_size=self.cfg.vocab_size)
+            total = vocab_parallel_cross_entropy(
+                logits, t, self.grid.group, reduction="sum", vocab_size=self.cfg.vocab_size
+            )
         else:
             total = F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="sum")
         for group in self._batch_groups():
@@ -143,8 +144,10 @@ class TensorParallelGPT(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for name in ("tok_emb", "pos_emb", "ln_f", "head"):
             mod = getattr(self, name)
-            state = mod.serial_state(grads) if hasattr(mod, "serial_state") else _plain_state(
-                mod, grads
+            state = (
+                mod.serial_state(grads)
+                if hasattr(mod, "serial_state")
+                else _plain_state(mod, grads)
             )
             out.update({f"{name}.{k}": v for k, v in state.items()})
         for i, block in enumerate(self.blocks):

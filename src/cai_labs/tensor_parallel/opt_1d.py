@@ -133,8 +133,11 @@ class ParallelOPTAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         """``(b, s, d)`` -> ``((b, s, d), None)``, as ``OPTAttention`` returns (no weights)."""
-        cache = cache if cache is not None else kwargs.get("past_key_values",
-                                                           kwargs.get("past_key_value"))
+        cache = (
+            cache
+            if cache is not None
+            else kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        )
         b, s, _ = hidden_states.shape
         x = copy_to_group(hidden_states, self.grid.group)  # backward: all-reduce dX once
 
@@ -147,7 +150,12 @@ class ParallelOPTAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)
         causal = attention_mask is None and s > 1
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attention_mask, is_causal=causal, scale=1.0,
+            q,
+            k,
+            v,
+            attn_mask=attention_mask,
+            is_causal=causal,
+            scale=1.0,
             dropout_p=self.dropout if self.training else 0.0,
         )  # (b, h/N, s, d/h)
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)

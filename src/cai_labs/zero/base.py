@@ -87,8 +87,9 @@ class ZeroModel(nn.Module):
             if not params:
                 continue
             taken.update(id(p) for p in params)
-            self.units.append(FlatParamUnit(names[id(m)], params, self.rank, self.world_size,
-                                            group))
+            self.units.append(
+                FlatParamUnit(names[id(m)], params, self.rank, self.world_size, group)
+            )
             self.unit_modules.append(m)
         rest = [p for p in module.parameters() if p.requires_grad and id(p) not in taken]
         if rest:

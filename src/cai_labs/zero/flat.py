@@ -94,8 +94,7 @@ class FlatParamUnit:
     def flat_grad(self) -> torch.Tensor:
         """The unit's gradients, flattened and padded: ``(N * S,)`` (missing ones are zeros)."""
         parts = [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-            for p in self.params
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params
         ]
         pad = self.padded_numel - self.numel
         if pad:
@@ -141,5 +140,7 @@ class FlatParamUnit:
         return self.padded_numel * self.full.element_size()
 
     def __repr__(self) -> str:
-        return (f"FlatParamUnit({self.name!r}, params={len(self.params)}, numel={self.numel}, "
-                f"shard={self.shard_numel} x {self.world_size})")
+        return (
+            f"FlatParamUnit({self.name!r}, params={len(self.params)}, numel={self.numel}, "
+            f"shard={self.shard_numel} x {self.world_size})"
+        )

@@ -52,6 +52,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def fsdp2_memory(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Bytes this rank holds of parameters, gradients and optimizer state (local shards)."""
+
     def nbytes(ts) -> int:
         seen: dict[int, int] = {}
         for t in ts:
@@ -64,8 +65,10 @@ def fsdp2_memory(module: nn.Module, optimizer: torch.optim.Optimizer | None = No
         "params": nbytes(params),
         "grads": nbytes(p.grad for p in params if p.grad is not None),
         "optimizer": nbytes(
-            v for s in (optimizer.state.values() if optimizer else [])
-            for v in s.values() if isinstance(v, torch.Tensor)
+            v
+            for s in (optimizer.state.values() if optimizer else [])
+            for v in s.values()
+            if isinstance(v, torch.Tensor)
         ),
     }
     out["total"] = out["params"] + out["grads"] + out["optimizer"]

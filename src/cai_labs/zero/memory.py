@@ -41,8 +41,7 @@ def zero_memory_formula(
     params = numel * param_bytes / (n if stage >= 3 else 1)
     grads = numel * grad_bytes / (n if stage >= 2 else 1)
     optim = numel * optimizer_bytes / (n if stage >= 1 else 1)
-    return {"params": params, "grads": grads, "optimizer": optim,
-            "total": params + grads + optim}
+    return {"params": params, "grads": grads, "optimizer": optim, "total": params + grads + optim}
 
 
 def memory_by_kind(snapshot: dict[str, int]) -> dict[str, int]:
@@ -54,5 +53,4 @@ def memory_by_kind(snapshot: dict[str, int]) -> dict[str, int]:
     params = snapshot.get("params", 0) + snapshot.get("param_shards", 0)
     grads = snapshot.get("grads", 0) + snapshot.get("grad_shards", 0)
     optim = snapshot.get("optimizer", 0)
-    return {"params": params, "grads": grads, "optimizer": optim,
-            "total": params + grads + optim}
+    return {"params": params, "grads": grads, "optimizer": optim, "total": params + grads + optim}

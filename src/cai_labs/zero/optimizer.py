@@ -59,8 +59,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 f"{len(optimizer.param_groups)}. Pass optimizer_cls and defaults instead"
             )
         accepted = inspect.signature(type(optimizer).__init__).parameters
-        group = {k: v for k, v in optimizer.param_groups[0].items()
-                 if k != "params" and k in accepted}
+        group = {
+            k: v for k, v in optimizer.param_groups[0].items() if k != "params" and k in accepted
+        }
         return cls(zero_model, type(optimizer), **group)
 
     @torch.no_grad()

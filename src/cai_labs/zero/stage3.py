@@ -75,8 +75,9 @@ class Zero3(Zero2):
             depth = prefetch
         else:
             raise ValueError(f"prefetch must be True, False or an int depth >= 0; got {prefetch!r}")
-        super().__init__(module, units=units, group=group, overlap_comm=overlap_comm,
-                         max_in_flight=max_in_flight)
+        super().__init__(
+            module, units=units, group=group, overlap_comm=overlap_comm, max_in_flight=max_in_flight
+        )
         self.prefetch_depth = depth
         self.root = self.units[-1] if self.unit_modules[-1] is module else None
         # Gathering orders, recorded during the first training step (forward, then backward).
@@ -136,6 +137,7 @@ class Zero3(Zero2):
                 self._use(u, "forward")
             else:  # evaluation: gather and free per call, no recorded order
                 u.gather()
+
         return hook
 
     def _post_forward(self, u: FlatParamUnit):
@@ -143,18 +145,23 @@ class Zero3(Zero2):
             if not torch.is_grad_enabled():
                 u.free()
                 return
-            tensors = [t for t in tree_flatten(output)[0]
-                       if isinstance(t, torch.Tensor) and t.requires_grad]
+            tensors = [
+                t
+                for t in tree_flatten(output)[0]
+                if isinstance(t, torch.Tensor) and t.requires_grad
+            ]
             for t in tensors:  # re-gather just before this unit's backward
                 t.register_hook(self._pre_backward(u))
             if u is not self.root:
                 u.free()
+
         return hook
 
     def _pre_backward(self, u: FlatParamUnit):
         def hook(grad):
             self._use(u, "backward")
             return grad
+
         return hook
 
     def _unit_reduced(self, u: FlatParamUnit) -> None:
