@@ -38,9 +38,9 @@ def quiet_other_ranks() -> None:
 
     ``CAI_LABS_ALL_RANKS_PRINT=1`` keeps every rank's output (for debugging one rank).
     """
-    if under_torchrun() and os.environ["RANK"] != "0":
-        if os.environ.get("CAI_LABS_ALL_RANKS_PRINT") != "1":
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    everyone = os.environ.get("CAI_LABS_ALL_RANKS_PRINT") == "1"
+    if under_torchrun() and os.environ["RANK"] != "0" and not everyone:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
 
 def _store(timeout: float) -> dist.Store:
