@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from cai_labs.devices import pick_backend, use_rank_device
+from cai_labs.devices import pick_backend, to_host, use_rank_device
 
 __all__ = ["run_under_torchrun", "under_torchrun", "quiet_other_ranks"]
 
@@ -114,7 +114,7 @@ def _run_member(fn, rank, world_size, args, kwargs, backend, collective_timeout,
             timeout=datetime.timedelta(seconds=collective_timeout),
         )
         try:
-            result = ("ok", fn(*args, **kwargs))
+            result = ("ok", to_host(fn(*args, **kwargs)))
             dist.barrier()  # no rank closes its sockets while a peer still uses them
         except BaseException:
             if rank != 0:
