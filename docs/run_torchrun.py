@@ -33,9 +33,9 @@ PAGES: dict[str, tuple[int, list[str]]] = {
     "tutorial_00": (4, ["largest difference parallel vs serial", "all-reduce calls per step"]),
     "tutorial_01": (8, ["TP8-3D ", "DP2 x PP2 x TP2-1D ", "max |loss - serial|"]),
     "tutorial_02": (8, ["SP=4 all-to-all", "largest |measured / formula - 1| over all ranks"]),
-    "tutorial_03": (4, ["parallel vs serial"]),
-    "tutorial_04": (4, ["all-reduce"]),
-    "tutorial_05": (4, ["loss gap", "fine-tuning"]),
+    "tutorial_03": (4, ["FLOP rates", "Spearman rho"]),
+    "tutorial_04": (4, ["B= 4096"]),
+    "tutorial_05": (4, ["largest loss difference from DDP", "ZeRO-3 fine-tuning:"]),
     "tutorial_06": (2, ["exact match"]),
     "tutorial_07": (2, ["judge accuracy"]),
 }
