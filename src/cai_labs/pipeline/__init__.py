@@ -5,7 +5,8 @@
 * :mod:`~cai_labs.pipeline.p2p` — send activations forward and gradients back (``dist.isend`` /
   ``dist.recv``).
 * :mod:`~cai_labs.pipeline.schedules` — the GPipe and 1F1B orders and one training step.
-* :mod:`~cai_labs.pipeline.bubble` — the bubble formula and its measurement from a timeline.
+* :mod:`~cai_labs.pipeline.bubble` — the bubble measured from a timeline;
+* :mod:`~cai_labs.pipeline.formulas` — bubble, micro-batches in flight and p2p bytes.
 """
 
 from cai_labs.pipeline.bubble import bubble_formula, measured_bubble, step_events

@@ -15,12 +15,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
+from cai_labs.pipeline.formulas import bubble_formula
+
 __all__ = ["bubble_formula", "measured_bubble", "step_events"]
-
-
-def bubble_formula(n_stages: int, n_micro: int) -> float:
-    """``(p - 1) / (m + p - 1)``."""
-    return (n_stages - 1) / (n_micro + n_stages - 1)
 
 
 def step_events(timelines: Iterable[list[dict]], step: int) -> list[dict]:
