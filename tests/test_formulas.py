@@ -18,7 +18,7 @@ from cai_labs.data_parallel.formulas import gradient_allreduce_bytes, replica_st
 from cai_labs.models.gpt import GPT, Block, GPTConfig
 from cai_labs.offload import OffloadedAdamW
 from cai_labs.offload.formulas import optimizer_offload_traffic
-from cai_labs.pipeline.formulas import in_flight_microbatches, p2p_sent_bytes
+from cai_labs.pipeline.formulas import P2P_HEADER_BYTES, in_flight_microbatches, p2p_sent_bytes
 from cai_labs.sequence_parallel.formulas import attention_sent_bytes
 from cai_labs.tensor_parallel import make_grid
 from cai_labs.tensor_parallel.check import check_block
@@ -50,7 +50,8 @@ def test_data_parallel_gradient_sum_bytes_equal_formula(n, bucketed):
     want = gradient_allreduce_bytes(4 * out["numel"], n)
     got = out["comm"]["all_reduce"]
     assert got["bytes"] == want["buffer"]
-    assert got["sent_bytes"] == pytest.approx(want["sent"], rel=1e-12)
+    # the ledger rounds each call's ring bytes to whole bytes: at most 1 byte per call
+    assert abs(got["sent_bytes"] - want["sent"]) <= got["calls"]
     states = replica_state_bytes(out["numel"])
     assert out["mem"]["params"] == states["params"] and out["mem"]["grads"] == states["grads"]
 
@@ -61,7 +62,8 @@ def test_pipeline_p2p_bytes_equal_formula(stages):
     res = launch(pipeline_worker, stages, "1f1b", N_MICRO)
     activation = X.shape[0] * X.shape[1] * PIPE_CFG.d_model * 4  # all micro-batches of a step
     for stage, r in enumerate(res):
-        assert r["sent"] == p2p_sent_bytes(activation, stage, stages), stage
+        # one step, the first: each link also carries its shape header once
+        assert r["sent"] == p2p_sent_bytes(activation, stage, stages, P2P_HEADER_BYTES), stage
 
 
 def test_pipeline_in_flight_microbatches_set_the_peak():
@@ -79,9 +81,14 @@ def test_pipeline_in_flight_microbatches_set_the_peak():
 # -- tensor parallel: Korthikanti's activation formula -------------------------------------------
 BLOCK_CFG = GPTConfig(d_model=64, n_heads=4, seq_len=16, mlp_ratio=4)
 BATCH = 2
-#: Saved tensors the formula leaves out: the layer norms' mean and 1/std (``4 b s`` fp32) and
-#: the causal mask (``s^2`` bools): under 1 % of the total at these sizes.
-ACT_TOL = 0.01
+#: Saved tensors the formula leaves out: the two layer norms' mean and 1/std (``4 b s`` fp32,
+#: replicated) and the causal mask (``s^2`` bools); at these sizes under 1.5 % of the total.
+ACT_TOL = 0.015
+
+
+def _left_out() -> int:
+    c = BLOCK_CFG
+    return 4 * BATCH * c.seq_len * 4 + c.seq_len**2
 
 
 def _korthikanti(tp: int) -> float:
@@ -97,7 +104,7 @@ def test_serial_block_activations_match_korthikanti():
         block(x).sum().backward()
     got = ledger.report()["memory"]["peak_activations"]
     assert got == pytest.approx(_korthikanti(1), rel=ACT_TOL)
-    assert got > _korthikanti(1)  # the formula leaves out small tensors, never adds
+    assert got - _korthikanti(1) == _left_out()  # exactly the tensors the formula leaves out
 
 
 def test_full_recompute_keeps_only_the_layer_input():
@@ -120,6 +127,7 @@ def _tp_block_worker() -> int:
 def test_tensor_parallel_block_activations_match_korthikanti(tp):
     got = launch(_tp_block_worker, tp)
     assert got == pytest.approx(_korthikanti(tp), rel=ACT_TOL), (got, _korthikanti(tp))
+    assert got - _korthikanti(tp) == _left_out()
     assert _korthikanti(tp) < _korthikanti(1)
 
 
@@ -145,7 +153,8 @@ def test_attention_bytes_equal_formula(kind, n):
     comm = launch(_attention_worker, n, kind)["comm"]
     op = "isend" if kind == "ring" else "all_to_all_single"
     chunk = B * (L // n) * H * D * 8  # float64
-    assert comm[op]["sent_bytes"] == pytest.approx(attention_sent_bytes(kind, n, chunk), rel=1e-12)
+    got, want = comm[op], attention_sent_bytes(kind, n, chunk)
+    assert abs(got["sent_bytes"] - want) <= got["calls"]  # whole bytes per call
 
 
 # -- ZeRO ----------------------------------------------------------------------------------------
@@ -165,7 +174,7 @@ def _zero_worker(stage: int) -> dict:
     }
 
 
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_step_bytes_equal_formula(stage, n):
     out = launch(_zero_worker, n, stage)
@@ -180,7 +189,7 @@ def test_zero_step_bytes_equal_formula(stage, n):
 @pytest.mark.parametrize("budget_fraction", [None, 0.5])
 def test_offload_traffic_equals_formula(budget_fraction):
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
+    net = torch.nn.Sequential(*(torch.nn.Linear(16, 16) for _ in range(4)))
     state = 2 * 4 * sum(p.numel() for p in net.parameters())  # exp_avg + exp_avg_sq, fp32
     budget = None if budget_fraction is None else int(state * budget_fraction)
     opt = OffloadedAdamW(net.parameters(), device_budget=budget)
@@ -188,6 +197,7 @@ def test_offload_traffic_equals_formula(budget_fraction):
     for _ in range(steps):
         opt.zero_grad()
         net(torch.randn(4, 16)).sum().backward()
+        assert budget is None or opt.manager.device.peak <= budget
         opt.step()
     opt.manager.flush()
     stats = opt.manager.stats()

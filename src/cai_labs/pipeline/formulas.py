@@ -14,6 +14,7 @@ __all__ = [
     "bubble_fraction",
     "in_flight_microbatches",
     "p2p_sent_bytes",
+    "P2P_HEADER_BYTES",
 ]
 
 #: Schedules these formulas know: the two run here, and Megatron's interleaved 1F1B.
@@ -55,13 +56,19 @@ def in_flight_microbatches(
     return min(p * (1 + (p - 1) / (p * v)) - stage, n_micro)
 
 
-def p2p_sent_bytes(activation_bytes: int, stage: int, n_stages: int) -> int:
+#: Bytes of the shape header :class:`~cai_labs.pipeline.p2p.StageLinks` sends once per link and
+#: direction before the first tensor (8 int64).
+P2P_HEADER_BYTES = 64
+
+
+def p2p_sent_bytes(activation_bytes: int, stage: int, n_stages: int, header: int = 0) -> int:
     """Bytes stage ``stage`` sends in one step, for ``activation_bytes`` of boundary activation
     over the whole step (all micro-batches together): the activation forward (not from the last
-    stage) and its gradient back (not from the first)."""
+    stage) and its gradient back (not from the first), each after ``header`` bytes (the first
+    step's :data:`P2P_HEADER_BYTES`; 0 afterwards)."""
     if not 0 <= stage < n_stages:
         raise ValueError(f"stage must be in 0..{n_stages - 1}; got {stage}")
-    return activation_bytes * ((stage < n_stages - 1) + (stage > 0))
+    return (activation_bytes + header) * ((stage < n_stages - 1) + (stage > 0))
 
 
 def _check(schedule: str, n_stages: int, n_micro: int, chunks: int) -> None:
