@@ -6,10 +6,14 @@ Called from ``conf.py`` (``builder-inited``); the tables are computed by
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 from cai_labs.scale.hardware import GPUS
+from cai_labs.scale.predict import predict
 from cai_labs.scale.published import all_rows
+from cai_labs.scale.random_configs import presets, random_configs
 
 INTRO = """# Published runs next to the scale model
 
@@ -50,7 +54,27 @@ def published_page() -> str:
     return "\n".join(out) + "\n"
 
 
+def presets_js() -> str:
+    """The presets of :mod:`cai_labs.scale` for the calculator's JavaScript."""
+    return "window.caiScalePresets = " + json.dumps(presets(), indent=1) + ";\n"
+
+
 def write_all(srcdir: Path) -> None:
     target = srcdir / "scale" / "published.md"
     target.parent.mkdir(exist_ok=True)
     target.write_text(published_page(), encoding="utf-8")
+    generated = srcdir / "_static" / "generated"
+    generated.mkdir(parents=True, exist_ok=True)
+    (generated / "scale_presets.js").write_text(presets_js(), encoding="utf-8")
+    (generated / "scale_expected.json").write_text(json.dumps(expected()), encoding="utf-8")
+
+
+def expected(n: int = 250, seed: int = 0) -> list[dict]:
+    """Random configurations with the Python model's answers, for the browser test."""
+    out = []
+    for model, gpu, layout in random_configs(n, seed):
+        answer = predict(model, gpu, layout).to_dict()
+        out.append(
+            {"model": model, "gpu": gpu, "layout": dataclasses.asdict(layout), "python": answer}
+        )
+    return out
