@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from cai_labs.pipeline.formulas import bubble_formula
+from cai_labs.pipeline.formulas import bubble_formula  # noqa: F401 (old import path)
 
-__all__ = ["bubble_formula", "measured_bubble", "step_events"]
+__all__ = ["measured_bubble", "step_events"]  # bubble_formula: see pipeline.formulas
 
 
 def step_events(timelines: Iterable[list[dict]], step: int) -> list[dict]:

@@ -5,9 +5,9 @@
 
 from __future__ import annotations
 
-from cai_labs.zero.formulas import zero_memory_formula
+from cai_labs.zero.formulas import zero_memory_formula  # noqa: F401 (old import path)
 
-__all__ = ["zero_memory_formula", "memory_by_kind"]
+__all__ = ["memory_by_kind"]  # zero_memory_formula: see zero.formulas
 
 
 def memory_by_kind(snapshot: dict[str, int]) -> dict[str, int]:
