@@ -13,8 +13,12 @@ def worker(tag: str) -> dict:
     t = torch.ones(1, device=device()) * dist.get_rank()
     dist.all_reduce(t)
     print(f"{tag}: rank {dist.get_rank()} of {dist.get_world_size()} says hi")
-    return {"tag": tag, "world": dist.get_world_size(), "sum": t.item(),
-            "env_world": int(os.environ["WORLD_SIZE"])}
+    return {
+        "tag": tag,
+        "world": dist.get_world_size(),
+        "sum": t.item(),
+        "env_world": int(os.environ["WORLD_SIZE"]),
+    }
 
 
 world = int(os.environ["WORLD_SIZE"])
