@@ -83,14 +83,18 @@ def activation_bytes(model: ModelShape, layout: ScaleLayout) -> float:
     seq, b, e = layout.seq_len(model), layout.micro_batch_size, elem_bytes(layout)
     one_d = layout.tp_mode == "1d"
 
+    # 2D/2.5D/3D split every saved tensor over all tp ranks (rows and features): the 1-rank
+    # count divided by tp, whatever the heads per rank.
+    tp, split = (layout.tp, 1) if one_d else (1, layout.tp)
+
     def layer(recompute: str) -> float:
-        return layer_activation_bytes(
+        one = layer_activation_bytes(
             seq // layout.sp,
             b,
             model.hidden,
             model.heads,
-            layout.tp,
-            layout.sequence_parallel or not one_d,
+            tp,
+            layout.sequence_parallel,
             recompute,
             ffn=model.f,
             kv_heads=model.kv,
@@ -99,6 +103,7 @@ def activation_bytes(model: ModelShape, layout: ScaleLayout) -> float:
             elem=e,
             kv_seq=seq,
         )
+        return one / split
 
     in_flight = 1.0
     if layout.pp > 1:

@@ -85,6 +85,10 @@ class ModelShape:
             return self.params
         return self.layers * self.layer_params() + self.embedding_params() + self.head_params()
 
+    def kv_cache_bytes_per_token(self, elem: int = 2) -> int:
+        """Bytes of keys and values one token leaves in the cache: ``2 L kv d_head elem``."""
+        return 2 * self.layers * self.kv * self.head_dim * elem
+
     def forward_flops_per_token(self, seq: int) -> float | None:
         """Forward FLOPs per token (Narayanan et al. 2021, eq. 3 generalised): ``2`` per weight
         of each linear, ``4 s h`` per layer for the attention scores and their product with
