@@ -38,6 +38,7 @@ from torch import nn
 from cai_labs import Ledger, comm_totals, device, launch
 from cai_labs.data import load_digits_split
 from cai_labs.data_parallel import BucketedDataParallel, allreduce_gradients, shard_batch
+from cai_labs.data_parallel.formulas import ring_allreduce_sent
 from cai_labs.models import MLP
 
 WORLD_SIZE = 4  # ranks for the parallel runs
@@ -307,7 +308,7 @@ rows = [
         "max |θ - θ_serial|": 0.0,
     }
 ]
-formula = round(2 * (WORLD_SIZE - 1) / WORLD_SIZE * grad_bytes)
+formula = round(ring_allreduce_sent(grad_bytes, WORLD_SIZE))
 for name, r in results.items():
     ar = r["comm"].get("all_reduce", {"calls": 0, "bytes": 0, "sent_bytes": 0})
     rows.append(
@@ -376,6 +377,40 @@ ax2.set(
     title=f"{WORLD_SIZE} CPU ranks on shared cores",
 )
 fig.tight_layout()
+
+# %%
+# At real scale
+# -------------
+# The ring formula the ledger confirmed above, :math:`2\,\frac{N-1}{N}\,P`, is the one
+# :mod:`cai_labs.scale` uses for a data-parallel step on GPUs. Here OPT-1.3B in bf16 with plain
+# data parallelism (the gradient all-reduce overlapped with the last backward, as DDP does), 8
+# sequences of 2,048 tokens per GPU, on 8 to 512 A100 80 GB. Every number below is **modeled**
+# from datasheet bandwidths and one efficiency constant per GPU type (the scale model is checked
+# against published runs on the site's "Published runs" page), not measured in this build.
+
+from cai_labs.scale import ScaleLayout, get_model, params_per_gpu, predict
+
+opt = get_model("opt-1.3b")
+real = []
+for gpus in (8, 64, 512):
+    layout = ScaleLayout(dp=gpus, micro_batch_size=8, global_batch=8 * gpus, recompute="selective")
+    p = predict(opt, "a100-80gb", layout)
+    sent = ring_allreduce_sent(2 * params_per_gpu(opt, layout), gpus)  # bf16 gradients
+    real.append(
+        {
+            "GPUs": gpus,
+            "sent per GPU per step (GB)": sent / 1e9,
+            "step (s)": p.step_time_s,
+            "exposed all-reduce (s)": p.times_s["data-parallel communication"],
+            "tokens/s/GPU": p.tokens_per_s_per_gpu,
+            "MFU": p.mfu,
+            "bound": p.bound,
+        }
+    )
+real = pd.DataFrame(real).set_index("GPUs")
+change = real["tokens/s/GPU"].iloc[-1] / real["tokens/s/GPU"].iloc[0]
+print(f"modeled tokens/s per GPU, 512 GPUs / 8 GPUs: {change:.3f}")
+real.style.format("{:.3g}", subset=list(real.columns[:-1]))
 
 # %%
 # Running it on GPUs, or on several machines

@@ -666,6 +666,65 @@ ax.set(xlabel="median step time (ms), measured in this build, shared CPU cores")
 fig.tight_layout()
 
 # %%
+# At real scale
+# -------------
+# The per-rank bytes of each tensor-parallel mode that the ledger matched above come from
+# :func:`cai_labs.tensor_parallel.formulas.linear_cost`; :mod:`cai_labs.scale` applies the same
+# function to GPT-3 175B (one sequence of 2,048 tokens per micro-batch, bf16) on 64 GPUs split
+# 64 ways in each mode. **Modeled**, per GPU and per micro-batch forward + backward. A layout
+# the mode cannot take gets the same error as on CPU ranks.
+
+from cai_labs.scale import ScaleLayout, get_model, predict
+from cai_labs.scale.memory import layer_cost
+
+gpt3 = get_model("gpt-3-175b")
+modes = []
+for mode, depth in (("1d", 1), ("2d", 1), ("2.5d", 4), ("3d", 1)):
+    layout = ScaleLayout(tp=64, tp_mode=mode, tp_depth=depth, global_batch=1)
+    try:
+        p = predict(gpt3, "a100-80gb", layout)
+    except ValueError as e:
+        modes.append({"mode": mode, "error": str(e)})
+        continue
+    per_layer = layer_cost(gpt3, layout, rows=gpt3.seq)
+    modes.append(
+        {
+            "mode": mode,
+            "TP bytes per GPU (GB)": gpt3.layers * per_layer.comm_bytes / 1e9,
+            "collective calls": gpt3.layers * per_layer.comm_calls,
+            "params per GPU (GB)": p.memory_per_gpu_bytes["params"] / 1e9,
+            "error": "",
+        }
+    )
+pd.DataFrame(modes).set_index("mode")
+
+# %%
+# The bubble formula :math:`\frac{p-1}{m+p-1}` measured above on CPU ranks (where shared cores
+# stretch it) sets the pipeline's idle time on GPUs too: GPT-3 175B on 64 A100 80 GB as 8-way
+# tensor x 8-way pipeline parallelism, selective recomputation, by the number of micro-batches
+# per step, with the 1F1B schedule and with two interleaved chunks per stage. **Modeled.**
+
+bubble_rows = []
+for m in (8, 16, 32, 64, 128):
+    for schedule, chunks in (("1f1b", 1), ("interleaved", 2)):
+        layout = ScaleLayout(
+            tp=8, pp=8, schedule=schedule, chunks=chunks, global_batch=m, recompute="selective"
+        )
+        p = predict(gpt3, "a100-80gb", layout)
+        bubble_rows.append(
+            {
+                "micro-batches": m,
+                "schedule": f"{schedule} (v={chunks})",
+                "bubble share of step": p.times_s["pipeline bubble"] / p.step_time_s,
+                "tokens/s/GPU": p.tokens_per_s_per_gpu,
+                "MFU": p.mfu,
+                "activations (GB)": p.memory_per_gpu_bytes["activations"] / 1e9,
+            }
+        )
+bubbles = pd.DataFrame(bubble_rows).set_index(["micro-batches", "schedule"])
+bubbles.style.format("{:.3g}")
+
+# %%
 # On GPUs, and with Colossal-AI
 # -----------------------------
 # ``launch`` uses NCCL when there is a GPU per rank, and under ``torchrun`` it joins the process

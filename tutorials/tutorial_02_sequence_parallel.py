@@ -49,12 +49,18 @@ from transformers.utils import logging as hf_logging
 from cai_labs import Ledger, comm_totals, device, launch
 from cai_labs.data.mlm import mlm_batch
 from cai_labs.data.stdlib_text import stdlib_docstrings, token_stream, train_wordpiece
+from cai_labs.pipeline.formulas import in_flight_microbatches, p2p_sent_bytes
 from cai_labs.sequence_parallel import serial_attention, split_sequence
 from cai_labs.sequence_parallel.all_to_all_attention import all_to_all_attention
 from cai_labs.sequence_parallel.bert import (
     allreduce_sum_gradients,
     sequence_parallel_mlm_loss,
     tiny_bert_config,
+)
+from cai_labs.sequence_parallel.formulas import (
+    attention_sent_bytes,
+    mask_gather_sent_bytes,
+    replica_grad_sent_bytes,
 )
 from cai_labs.sequence_parallel.groups import make_sequence_groups, make_sp_dp_groups
 from cai_labs.sequence_parallel.pipelined import PipelinedSequenceBert, traffic_by_kind
@@ -471,11 +477,8 @@ for name, r in runs.items():
     attn = r["comm"].get("isend", {}).get("sent_bytes", 0) + r["comm"].get(
         "all_to_all_single", {}
     ).get("sent_bytes", 0)
-    formula = (
-        0
-        if n == 1
-        else LAYERS * (8 * (n - 1) / n * chunk if "all-to-all" in name else 6 * (n - 1) * chunk)
-    )
+    kind = "all_to_all" if "all-to-all" in name else "ring"
+    formula = LAYERS * attention_sent_bytes(kind, n, chunk)
     grads = r["comm"].get("all_reduce", {}).get("sent_bytes", 0)
     rows.append(
         {
@@ -653,13 +656,17 @@ TWO_STEP = "grad all-reduce, SP then DP"
 
 def traffic_formula(r: dict, sp: int, dp: int, pp: int) -> dict:
     act = BATCH // dp * SEQ_LEN // sp * HIDDEN * 4
-    p, n = r["stage param bytes"], sp * dp
+    p = r["stage param bytes"]
     return {
-        "SP attention": r["layers"] * (6 * (sp - 1) * act + (sp - 1) / sp * BATCH // dp * SEQ_LEN),
-        "PP p2p": act * ((r["stage"] < pp - 1) + (r["stage"] > 0)),
-        "grad all-reduce": 2 * (n - 1) / n * p,
+        "SP attention": r["layers"]
+        * (
+            attention_sent_bytes("ring", sp, act)
+            + mask_gather_sent_bytes(sp, BATCH // dp * SEQ_LEN)
+        ),
+        "PP p2p": p2p_sent_bytes(act, r["stage"], pp),
+        "grad all-reduce": replica_grad_sent_bytes(p, sp, dp),
         "tied embedding all-reduce": VOCAB * HIDDEN * 4 if r["tied"] else 0,
-        TWO_STEP: 2 * (sp - 1) / sp * p + 2 * (dp - 1) / dp * p,
+        TWO_STEP: replica_grad_sent_bytes(p, sp, dp, two_step=True),
     }
 
 
@@ -745,7 +752,7 @@ print(
 
 def peak_formula(r: dict, sp: int, dp: int, pp: int, n_micro: int) -> tuple[int, float]:
     """Micro-batches in flight and predicted peak bytes of rank ``r``."""
-    in_flight = min(pp - r["stage"], n_micro)
+    in_flight = in_flight_microbatches("1f1b", r["stage"], pp, n_micro)
     tokens = BATCH // (dp * n_micro) * SEQ_LEN // sp
     per_token_bytes = (
         per_token["e"] * (r["stage"] == 0)
@@ -788,6 +795,44 @@ memory_table.style.format(
         "vs SP=2 alone": "{:.2f}",
     }
 )
+
+# %%
+# At real scale
+# -------------
+# Ring attention's bytes (:func:`cai_labs.sequence_parallel.formulas.attention_sent_bytes`,
+# equal to the ledger above) and the per-layer activations of Korthikanti et al. (checked
+# against the ledger in the tests) give the longest sequence BERT-large can train on A100 80 GB
+# GPUs as the sequence is split over more of them: one sequence per step, bf16, no
+# recomputation, the longest power of two whose memory per GPU fits. **Modeled.**
+
+from cai_labs.scale import ScaleLayout, predict
+
+
+def fits(n: int, seq: int) -> bool:
+    return predict("bert-large", "a100-80gb", ScaleLayout(sp=n, seq=seq, global_batch=1)).fits
+
+
+longest = []
+for n in (1, 2, 4, 8, 16, 32, 64):
+    lo, hi = 1, 2  # in units of 1,024 tokens; lo fits, hi is being tried
+    while fits(n, 1024 * hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(n, 1024 * mid) else (lo, mid)
+    p = predict("bert-large", "a100-80gb", ScaleLayout(sp=n, seq=1024 * lo, global_batch=1))
+    longest.append(
+        {
+            "SP ranks": n,
+            "longest sequence": 1024 * lo,
+            "memory per GPU (GB)": p.memory_per_gpu_bytes["total"] / 1e9,
+            "tokens/s/GPU": p.tokens_per_s_per_gpu,
+            "bound": p.bound,
+        }
+    )
+longest = pd.DataFrame(longest).set_index("SP ranks")
+assert longest["longest sequence"].is_monotonic_increasing
+longest.style.format({"memory per GPU (GB)": "{:.1f}", "tokens/s/GPU": "{:,.0f}"})
 
 # %%
 # The formula, with three constants fitted on the SP=2 run, predicts the peak of every rank of

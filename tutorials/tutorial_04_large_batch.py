@@ -650,6 +650,43 @@ else:
     )
 
 # %%
+# At real scale
+# -------------
+# Large batches matter because each step's gradient all-reduce is paid once per batch: with
+# more GPUs at a fixed 32 images per GPU, the step time stays nearly flat while the epoch takes
+# fewer steps. :mod:`cai_labs.scale` on ResNet-50 (ImageNet-1k, 1,281,167 training images, 90
+# epochs as in Goyal et al. 2017), data parallel in bf16 on A100 80 GB, for global batches
+# from 256 to 32,768 (the LARS and LAMB papers' range). **Modeled** (model states and FLOPs;
+# the page's measured accuracy per batch size is what says whether a batch still converges).
+# The efficiency constant comes from transformer runs; convolutions reach less of the peak, so
+# read the times as a lower bound and the columns relative to each other.
+
+from cai_labs.scale import ScaleLayout, predict
+
+IMAGENET, EPOCHS = 1_281_167, 90
+big = []
+for batch in (256, 1024, 4096, 8192, 32768):
+    gpus = batch // 32
+    p = predict(
+        "resnet-50", "a100-80gb", ScaleLayout(dp=gpus, micro_batch_size=32, global_batch=batch)
+    )
+    hours = EPOCHS * IMAGENET / batch * p.step_time_s / 3600
+    big.append(
+        {
+            "global batch": batch,
+            "GPUs": gpus,
+            "step (ms)": 1e3 * p.step_time_s,
+            "images/s/GPU": p.tokens_per_s_per_gpu,
+            f"{EPOCHS} epochs (h)": hours,
+            "bound": p.bound,
+        }
+    )
+big = pd.DataFrame(big).set_index("global batch")
+big.style.format(
+    {"step (ms)": "{:.1f}", "images/s/GPU": "{:,.0f}", f"{EPOCHS} epochs (h)": "{:.2f}"}
+)
+
+# %%
 # Running it on GPUs
 # ------------------
 # ``launch`` uses NCCL when as many GPUs as ranks are visible, and runs in place under

@@ -780,6 +780,38 @@ work_dir.cleanup()
 torch.set_num_threads(threads_before)
 
 # %%
+# At real scale
+# -------------
+# The ZeRO formula the ledger matched above (:func:`cai_labs.zero.formulas.zero_memory_formula`,
+# here in mixed precision: ``2 + 2 + 12`` bytes per parameter) decides which OPT sizes one node
+# of 8 A100 80 GB can train: memory per GPU (model states + activations of one 2,048-token
+# sequence with selective recomputation), under data parallelism, ZeRO-1/2/3 and ZeRO-2 with the
+# optimizer state offloaded to host memory. **Modeled**; GB per GPU, ``*`` where it fits.
+
+from cai_labs.scale import GPUS, ScaleLayout, predict
+
+setups = {
+    "DDP": (0, False),
+    "ZeRO-1": (1, False),
+    "ZeRO-2": (2, False),
+    "ZeRO-3": (3, False),
+    "ZeRO-2 + offload": (2, True),
+}
+fit_rows = {}
+for size in ("opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b"):
+    row = {}
+    for name, (stage, offload) in setups.items():
+        layout = ScaleLayout(
+            dp=8, zero=stage, offload=offload, global_batch=8, recompute="selective"
+        )
+        p = predict(size, "a100-80gb", layout)
+        row[name] = f"{p.memory_per_gpu_bytes['total'] / 1e9:,.1f}" + (" *" if p.fits else "")
+    fit_rows[size] = row
+fit_table = pd.DataFrame(fit_rows).T
+print(f"HBM per GPU: {GPUS['a100-80gb'].hbm_bytes / 1e9:.0f} GB")
+fit_table
+
+# %%
 # Running it on GPUs: Colossal-AI
 # -------------------------------
 # The same worker runs under ``torchrun --nproc-per-node=4 tutorial_05_opt_zero_offload.py`` on a

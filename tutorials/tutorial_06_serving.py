@@ -443,6 +443,37 @@ for server in servers.values():
 print("server processes ended:", [s.proc.poll() is not None for s in servers.values()])
 
 # %%
+# At real scale
+# -------------
+# A served model's weights are split over the GPUs of a tensor-parallel group, and what is left
+# of each GPU's memory holds the key/value cache that continuous batching fills. From
+# :mod:`cai_labs.scale`: weights per GPU in bf16 (the same per-rank parameter counts as
+# training, :func:`cai_labs.tensor_parallel.formulas.linear_cost`) and how many cached tokens
+# fit in the rest of an H100 80 GB, for OPT models and tensor-parallel sizes 1 to 8.
+# **Modeled** (no allocator or activation overhead counted).
+
+from cai_labs.scale import GPUS, ScaleLayout, get_model, params_per_gpu
+
+hbm = GPUS["h100"].hbm_bytes
+serve_rows = []
+for name in ("opt-6.7b", "opt-13b", "opt-30b", "opt-66b"):
+    m = get_model(name)
+    for tp in (1, 2, 4, 8):
+        weights = 2 * params_per_gpu(m, ScaleLayout(tp=tp))
+        free = hbm - weights
+        tokens = free / (m.kv_cache_bytes_per_token() / tp) if free > 0 else 0
+        serve_rows.append(
+            {
+                "model": name,
+                "TP": tp,
+                "weights per GPU (GB)": weights / 1e9,
+                "KV-cache tokens that fit": tokens,
+            }
+        )
+serving = pd.DataFrame(serve_rows).set_index(["model", "TP"])
+serving.style.format({"weights per GPU (GB)": "{:.1f}", "KV-cache tokens that fit": "{:,.0f}"})
+
+# %%
 # Serving on GPUs, and Colossal-AI's inference engine
 # ---------------------------------------------------
 # The same service runs a real checkpoint on a GPU machine: load the model in half precision on
