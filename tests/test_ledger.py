@@ -124,3 +124,97 @@ def test_timeline_events_are_ordered_and_carry_meta():
 def test_tensor_bytes_counts_shared_storage_once():
     a = torch.zeros(100)
     assert tensor_bytes([a, a[:10], a.view(10, 10)]) == 400
+
+
+def test_peak_total_includes_activations_saved_between_snapshots():
+    """No snapshot while the activations live: the peak must come from the saves themselves."""
+    model = nn.Linear(100, 50)  # 5050 float32 parameters
+    with Ledger(model=model) as ledger:
+        ledger.snapshot("start")
+        y = torch.relu(model(torch.randn(256, 100)))  # saves x (256*100*4 B) and y (256*50*4 B)
+        y.sum().backward()
+        del y
+        after = ledger.snapshot("after backward")
+    acts = 256 * 100 * 4 + 256 * 50 * 4
+    assert after["total"] == 2 * 5050 * 4 < 5050 * 4 + acts  # the peak is not at a snapshot
+    assert ledger.report()["memory"]["peak_total"] == 5050 * 4 + acts
+
+
+def _saved_activation_bytes(model: nn.Module, fn) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves while ``fn()`` runs forward,
+    counted by the test's own hooks (independently of the ledger)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    total = sum(seen.values())
+    del out
+    return total
+
+
+def test_activation_peak_of_a_gpt_matches_an_independent_count():
+    from cai_labs.models import GPT, GPTConfig
+
+    cfg = GPTConfig(n_layers=2, d_model=32, n_heads=4, seq_len=16)
+    model = GPT(cfg, seed=0)
+    x = torch.randint(
+        0, cfg.vocab_size, (16, cfg.seq_len), generator=torch.Generator().manual_seed(0)
+    )
+    want = _saved_activation_bytes(model, lambda: model(x).logsumexp(-1).mean())
+    params = sum(p.numel() * 4 for p in model.parameters())
+    with Ledger(model=model) as ledger:
+        ledger.snapshot("start")  # parameters only: no gradients yet
+        model(x).logsumexp(-1).mean().backward()
+        ledger.snapshot("after backward")  # parameters + gradients, no activations
+    mem = ledger.report()["memory"]
+    assert want > params  # the activations, not a snapshot, set the peak
+    assert mem["peak_activations"] == want
+    assert mem["peak_total"] == params + want
+
+
+# -- deliberate breaks: the memory checks above fail on a plausible bug ------------------------
+
+
+def _pack_without_peak_total(self, t):
+    """``Ledger._pack`` with the ``peak_total`` update deleted (the audit's break)."""
+    peak = self.peak_total
+    out = _REAL_PACK(self, t)
+    self.peak_total = peak
+    return out
+
+
+_REAL_PACK = Ledger._pack
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        test_peak_total_includes_activations_saved_between_snapshots,
+        test_activation_peak_of_a_gpt_matches_an_independent_count,
+    ],
+)
+def test_peak_total_without_saved_activations_is_caught(monkeypatch, check):
+    monkeypatch.setattr(Ledger, "_pack", _pack_without_peak_total)
+    with pytest.raises(AssertionError):
+        check()
+
+
+def test_activation_undercount_is_caught(monkeypatch):
+    """A ledger that counts only the first save of each op's tensors (drops relu's output)."""
+
+    def pack_first_only(self, t):
+        if getattr(self, "_dropped", False):
+            return _REAL_PACK(self, t)
+        self._dropped = True  # skips one storage: the count is short by its bytes
+        return t
+
+    monkeypatch.setattr(Ledger, "_pack", pack_first_only)
+    with pytest.raises(AssertionError):
+        test_activation_peak_of_a_gpt_matches_an_independent_count()

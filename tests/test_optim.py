@@ -237,6 +237,9 @@ def test_schedules_match_their_formulas():
         sched.step()
     assert seen == pytest.approx([2.0 * f for f in expected])
     assert expected[4] == 1.0 and seen[-1] > 2.0 * final
+    # The code (not the list above) reaches the peak right after warm-up and ends at the floor.
+    assert warmup_cosine_factor(warm, total, warm, final) == 1.0 and seen[warm] == 2.0
+    assert warmup_cosine_factor(total, total, warm, final) == pytest.approx(final, abs=1e-15)
 
 
 # ---- data parallel: the large-batch step on N ranks equals the serial step -------------------

@@ -218,20 +218,55 @@ def test_overlapped_reduce_scatter_equals_synchronous(stage):
     assert len(out["async"]) == STEPS * out["units"] and all(out["async"])
 
 
-def _prefetch_worker() -> dict:
+# Enough layer units that gathering all of them at once would exceed the two-unit bound.
+PREFETCH_LAYERS = 6
+
+
+class _GatheredStorage:
+    """Bytes of gathered layer units, read off the full buffers' storages after every gather
+    (independent of the wrapper's own ``gathered_peak_bytes`` bookkeeping)."""
+
+    def __init__(self):
+        self.units: list = []
+        self.peak = 0
+
+    def __call__(self, real):
+        def gather(unit, async_op: bool = False):
+            real(unit, async_op)
+            now = sum(u.full.untyped_storage().nbytes() for u in self.units)
+            self.peak = max(self.peak, now)
+
+        return gather
+
+
+def _prefetch_worker(layers: int = PREFETCH_LAYERS) -> dict:
+    from _opt_cases import SIZES, setup
+
+    from cai_labs.models.opt import tiny_opt
     from cai_labs.zero import Zero3, ZeroOptimizer
+    from cai_labs.zero.flat import FlatParamUnit
 
     rank, world = dist.get_rank(), dist.get_world_size()
     out = {}
+    real_gather = FlatParamUnit.gather
     for prefetch in (False, True):
-        wrapped = Zero3(model(seed=0), prefetch=prefetch)
+        module = tiny_opt(setup()[0], seed=0, **dict(SIZES, num_hidden_layers=layers)).train()
+        wrapped = Zero3(module, prefetch=prefetch)
         opt = ZeroOptimizer(wrapped, torch.optim.Adam, lr=LR)
-        with Ledger(track_activations=False) as ledger:
-            for x, y in batches(rank, world):
-                opt.zero_grad()
-                wrapped(input_ids=x, labels=y).loss.backward()
-                opt.step()
+        storage = _GatheredStorage()
+        storage.units = [u for u in wrapped.units if u is not wrapped.root]
+        FlatParamUnit.gather = storage(real_gather)
+        try:
+            with Ledger(track_activations=False) as ledger:
+                for x, y in batches(rank, world):
+                    opt.zero_grad()
+                    wrapped(input_ids=x, labels=y).loss.backward()
+                    opt.step()
+        finally:
+            FlatParamUnit.gather = real_gather
         gathers = [r for r in ledger.report()["comm"] if r["op"].startswith("all_gather")]
+        # A layer unit's full buffer, from its parameters' shapes: numel padded to N shards.
+        sizes = [-(-sum(p.numel() for p in u.params) // world) * world * 4 for u in storage.units]
         out[prefetch] = {
             "flat": torch.cat([v.reshape(-1) for v in wrapped.full_state_dict().values()]),
             "calls": len(gathers),
@@ -241,6 +276,8 @@ def _prefetch_worker() -> dict:
             "bound": wrapped.gathered_bound_bytes(),
             "unit_bytes": max(u.gathered_bytes for u in wrapped.units if u is not wrapped.root),
             "layers": len(wrapped.units) - 1,
+            "storage_peak": storage.peak,
+            "param_unit_bytes": sizes,
         }
     return out
 
@@ -258,8 +295,51 @@ def test_zero3_prefetch_is_bit_identical_and_bounded(n):
     assert on["calls"] == STEPS * (2 * layers + 1)  # root once, every layer twice, per step
     # Step 1 records the order; on steps 2.. every layer is prefetched in forward and backward.
     assert off["async"] == 0 and on["async"] == (STEPS - 1) * 2 * layers
+    assert layers == PREFETCH_LAYERS
+    _assert_gathered_bound(off, on)
+
+
+def _assert_gathered_bound(off: dict, on: dict) -> None:
+    """Without prefetch one layer unit is gathered at a time, with it at most two."""
     assert off["peak"] == off["bound"] == off["unit_bytes"]  # depth 0: one unit at a time
     assert on["peak"] <= on["bound"] == 2 * on["unit_bytes"]
+    # The same bound on what is really allocated: the gathered layer units' storages, against
+    # two of the largest units computed from the parameter shapes. With PREFETCH_LAYERS units,
+    # gathering them all would break it.
+    unit = max(on["param_unit_bytes"])
+    assert sum(on["param_unit_bytes"]) > 2 * unit
+    assert off["storage_peak"] == unit
+    assert unit < on["storage_peak"] <= 2 * unit
+
+
+# -- deliberate breaks: the prefetch bound fails on a plausible bug ------------------------------
+
+
+def _use_prefetching_everything(self, u, phase):
+    """``Zero3._use`` that prefetches every remaining unit of the order, with no memory bound."""
+    u.gather()
+    if self._recording:
+        if u not in self._order[phase]:
+            self._order[phase].append(u)
+    elif self.prefetch_depth:
+        order = self._order[phase]
+        i = self._position[phase].get(id(u))
+        if i is not None:
+            for nxt in order[i + 1 :]:
+                if not nxt.gathered and nxt is not self.root:
+                    nxt.gather(async_op=True)
+    self._track_peak()
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_zero3_unbounded_prefetch_is_caught(monkeypatch, n):
+    from cai_labs.zero import Zero3
+
+    monkeypatch.setattr(Zero3, "_use", _use_prefetching_everything)
+    out = launch(_prefetch_worker, n)
+    assert out[True]["storage_peak"] > 2 * max(out[True]["param_unit_bytes"])  # it did gather more
+    with pytest.raises(AssertionError):
+        _assert_gathered_bound(out[False], out[True])
 
 
 def test_zero3_bad_prefetch_is_a_clear_error():
