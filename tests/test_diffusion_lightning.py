@@ -140,12 +140,13 @@ def _sgd_good_and_broken() -> dict:
 
 def _assert_same_sgd_updates(init, ref, got) -> None:
     """ZeRO-2's parameter updates equal DDP's, relative to the size of the update. Both sum the
-    same gradients in float32 in different orders: 3 steps of rounding, far below 1e-3."""
+    same gradients in float32 (reduce-scatter vs all-reduce): a few roundings per step, 3 steps.
+    (Measured on 2 ranks: equal to the bit; the forgotten /N is off by 1.8 x the update.)"""
     upd_ref = [r - i for r, i in zip(ref["params"], init)]
     upd_got = [g - i for g, i in zip(got["params"], init)]
     scale = max(u.abs().max().item() for u in upd_ref)
     assert scale > 0
-    assert _max_diff(upd_got, upd_ref) <= 1e-3 * scale
+    assert _max_diff(upd_got, upd_ref) <= 16 * torch.finfo(torch.float32).eps * scale
 
 
 def test_zero2_sgd_updates_equal_ddp_and_a_forgotten_division_is_caught():
