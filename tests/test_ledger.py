@@ -218,3 +218,25 @@ def test_activation_undercount_is_caught(monkeypatch):
     monkeypatch.setattr(Ledger, "_pack", pack_first_only)
     with pytest.raises(AssertionError):
         test_activation_peak_of_a_gpt_matches_an_independent_count()
+
+
+# -- deliberate breaks: the byte checks fail on a plausible bug ----------------------------------
+
+
+def _buffer_of_one_shard(real):
+    """``_buffer_bytes`` that reports an all-gather's input (one shard), not its output."""
+
+    def buffer_bytes(op, args, kwargs):
+        if op == "all_gather_into_tensor":
+            return real("all_reduce", (args[1],), {})
+        return real(op, args, kwargs)
+
+    return buffer_bytes
+
+
+def test_wrong_buffer_bytes_are_caught(monkeypatch):
+    from cai_labs import ledger as ledger_mod
+
+    monkeypatch.setattr(ledger_mod, "_buffer_bytes", _buffer_of_one_shard(ledger_mod._buffer_bytes))
+    with pytest.raises(AssertionError):
+        test_bytes_of_known_collectives(2)

@@ -80,11 +80,7 @@ def test_zero_equals_data_parallel_after_three_steps(stage, n):
         err = (flat - out["ref"]).abs().max().item()
         assert err < 1e-2 * LR, f"ZeRO-{stage} on {n} ranks differs from data parallel by {err}"
     assert out["eval_gap"] < 1e-3
-    # Memory per rank after a step: within 5% of the paper's formula (fp32, Adam: K = 8).
-    want = zero_memory_formula(out["numel"], stage, n)
-    for kind in ("params", "grads", "optimizer"):
-        got = out["mem"][kind]
-        assert abs(got - want[kind]) <= 0.05 * want[kind], (stage, n, kind, got, want[kind])
+    _assert_memory_matches_formula(out, stage, n)
     # Data parallel itself matches the stage-0 formula.
     base = zero_memory_formula(out["numel"], 0, n)
     for kind in ("params", "grads", "optimizer"):
@@ -105,6 +101,14 @@ def test_zero_equals_data_parallel_after_three_steps(stage, n):
         assert STEPS * psi <= ag["bytes"] <= STEPS * (psi + 256)
 
 
+def _assert_memory_matches_formula(out: dict, stage: int, n: int) -> None:
+    # Memory per rank after a step: within 5% of the paper's formula (fp32, Adam: K = 8).
+    want = zero_memory_formula(out["numel"], stage, n)
+    for kind in ("params", "grads", "optimizer"):
+        got = out["mem"][kind]
+        assert abs(got - want[kind]) <= 0.05 * want[kind], (stage, n, kind, got, want[kind])
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_equals_data_parallel_sgd_tight(stage):
     out = launch(_worker, 2, stage, False, "sgd")
@@ -118,11 +122,66 @@ def test_missing_gradient_reduction_is_caught():
     assert err > 1e-1 * LR
 
 
+def _reduce_keeping_full_gradients(real):
+    """ZeRO-2 that reduce-scatters but keeps every parameter's full gradient as well."""
+
+    def reduce_unit(self, u):
+        kept = [p.grad for p in u.params]
+        real(self, u)
+        for p, g in zip(u.params, kept):
+            p.grad = g
+
+    return reduce_unit
+
+
+def test_zero2_keeping_full_gradients_is_caught_by_the_memory_check(monkeypatch):
+    monkeypatch.setattr(Zero2, "_reduce_unit", _reduce_keeping_full_gradients(Zero2._reduce_unit))
+    out = launch(_worker, 2, 2)
+    with pytest.raises(AssertionError, match="grads"):
+        _assert_memory_matches_formula(out, 2, 2)
+
+
 def test_bad_stage_is_a_clear_error():
     with pytest.raises(ValueError, match="stage must be"):
         zero_wrap(torch.nn.Linear(2, 2), stage=4)
     with pytest.raises(ValueError, match="stage must be"):
         zero_memory_formula(10, 5, 2)
+
+
+def test_memory_formula_reproduces_the_papers_figure():
+    """ZeRO paper, Figure 1: Psi = 7.5B, N = 64, mixed-precision Adam (2 + 2 + K bytes, K = 12):
+    120 GB per device for data parallel, 31.4 GB, 16.6 GB and 1.88 GB for stages 1, 2, 3."""
+    psi, n = 7.5e9, 64
+    published = {0: 120.0, 1: 31.4, 2: 16.6, 3: 1.88}
+    for stage, gb in published.items():
+        got = zero_memory_formula(psi, stage, n, param_bytes=2, grad_bytes=2, optimizer_bytes=12)
+        assert got["total"] / 1e9 == pytest.approx(gb, abs=0.05), stage
+        assert got["total"] == got["params"] + got["grads"] + got["optimizer"]
+    one = zero_memory_formula(1000, 3, 1)  # one rank: every stage is data parallel
+    assert (
+        one
+        == zero_memory_formula(1000, 0, 1)
+        == {
+            "params": 4000,
+            "grads": 4000,
+            "optimizer": 8000,
+            "total": 16000,
+        }
+    )
+    with pytest.raises(ValueError, match="world_size must be"):
+        zero_memory_formula(10, 1, 0)
+
+
+def test_memory_by_kind_folds_the_shard_categories():
+    snap = {"params": 1, "param_shards": 20, "grads": 300, "grad_shards": 4000, "optimizer": 50000}
+    snap["activations"] = 7  # not model state: left out
+    assert memory_by_kind(snap) == {
+        "params": 21,
+        "grads": 4300,
+        "optimizer": 50000,
+        "total": 54321,
+    }
+    assert memory_by_kind({}) == {"params": 0, "grads": 0, "optimizer": 0, "total": 0}
 
 
 def _fsdp2_worker() -> dict:
