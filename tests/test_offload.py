@@ -118,3 +118,27 @@ def test_leaky_eviction_is_caught_by_the_measured_peak(monkeypatch):
     assert out["stats"]["device_peak"] <= out["budget"]  # the account alone does not see it
     with pytest.raises(AssertionError):
         _assert_under_budget(out)
+
+
+def test_memory_pool_accounts_and_refuses():
+    from cai_labs.offload.pool import MemoryPool
+
+    pool = MemoryPool("device", budget=1)  # one byte is a budget
+    assert (pool.used, pool.peak, pool.free_bytes) == (0, 0, 1) and pool.fits(1)
+    pool = MemoryPool("device", budget=100)
+    pool.allocate(60)
+    pool.allocate(40)  # exactly full is allowed
+    pool.release(30)
+    pool.allocate(20)
+    assert (pool.used, pool.peak, pool.free_bytes) == (90, 100, 10)
+    with pytest.raises(PoolBudgetExceeded, match="device pool: allocating 11 bytes with 90 of"):
+        pool.allocate(11)
+    pool.release(90)
+    assert pool.used == 0  # everything back is fine; more than that is a bug
+    with pytest.raises(AssertionError, match="device pool released more than it allocated"):
+        pool.release(1)
+    free = MemoryPool("host")
+    free.allocate(10**12)
+    assert free.free_bytes == float("inf") and free.peak == 10**12
+    with pytest.raises(ValueError, match="pool 'x': budget must be a positive number"):
+        MemoryPool("x", budget=0)

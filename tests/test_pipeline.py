@@ -189,6 +189,44 @@ def test_measured_bubble_of_an_ideal_pipeline_equals_the_formula(schedule, p, m)
     assert b["bubble"] == pytest.approx(bubble_formula(p, m), abs=4 * 2**-52)
 
 
+def test_measured_bubble_averages_copies_of_a_stage_and_needs_events():
+    """Clock readings start anywhere (an offset), and a stage may run on several ranks (data or
+    tensor parallel copies): their bubbles are averaged, then the stages'."""
+    events = simulated_events("gpipe", 2, 4, f=1.0, b=2.0)
+    t0 = 1024.0
+    shifted = [
+        dict(e, start=e["start"] + t0, end=e["end"] + t0, rank=2 * e["stage"]) for e in events
+    ]
+    # A second copy of stage 1 (rank 3) that is idle half of its busy time's worth longer:
+    # its last backward is cut short by 3 time units.
+    copy = [dict(e, rank=3) for e in shifted if e["stage"] == 1]
+    copy[-1] = dict(copy[-1], end=copy[-1]["end"] - 3.0)
+    for e in shifted:  # rank 0's forwards carry no rank: it defaults to 0, the same copy
+        if e["stage"] == 0 and e["name"] == "F":
+            del e["rank"]
+    b = bubble_mod.measured_bubble(shifted + copy)
+    span = 15.0
+    assert b["span"] == span
+    assert b["stage0"] == 1 - 12 / span
+    assert b["stage1"] == ((1 - 12 / span) + (1 - 9 / span)) / 2
+    assert b["bubble"] == (b["stage0"] + b["stage1"]) / 2
+    with pytest.raises(ValueError, match="no F/B events given: record the step with a Ledger"):
+        bubble_mod.measured_bubble([])
+
+
+def test_step_events_keep_one_step_of_forwards_and_backwards():
+    tl0 = [
+        {"name": "F", "step": 1, "stage": 0},
+        {"name": "B", "step": 1, "stage": 0},
+        {"name": "F", "step": 2, "stage": 0},
+        {"name": "optimizer", "step": 1},
+        {"name": "F"},
+    ]
+    tl1 = [{"name": "B", "step": 1, "stage": 1}]
+    assert step_events([tl0, tl1], step=1) == [tl0[0], tl0[1], tl1[0]]
+    assert step_events([tl0], step=3) == []
+
+
 class _Equal(nn.Module):
     """A stage of ``layers`` tanh(Linear) of width ``d``: every stage does the same work."""
 

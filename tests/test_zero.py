@@ -170,6 +170,8 @@ def test_memory_formula_reproduces_the_papers_figure():
     )
     with pytest.raises(ValueError, match="world_size must be"):
         zero_memory_formula(10, 1, 0)
+    with pytest.raises(ValueError, match=r"stage must be 0 \(data parallel\), 1, 2 or 3; got 4"):
+        zero_memory_formula(10, 4, 2)
 
 
 def test_memory_by_kind_folds_the_shard_categories():
