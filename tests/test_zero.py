@@ -338,6 +338,7 @@ def _prefetch_worker(layers: int = PREFETCH_LAYERS) -> dict:
             "unit_bytes": max(u.gathered_bytes for u in wrapped.units if u is not wrapped.root),
             "layers": len(wrapped.units) - 1,
             "storage_peak": storage.peak,
+            "wrapper_storage_peak": wrapped.gathered_storage_peak_bytes,
             "param_unit_bytes": sizes,
         }
     return out
@@ -371,6 +372,8 @@ def _assert_gathered_bound(off: dict, on: dict) -> None:
     assert sum(on["param_unit_bytes"]) > 2 * unit
     assert off["storage_peak"] == unit
     assert unit < on["storage_peak"] <= 2 * unit
+    for r in (off, on):  # what the wrapper reports as allocated is what the test saw
+        assert r["wrapper_storage_peak"] == r["storage_peak"]
 
 
 # -- deliberate breaks: the prefetch bound fails on a plausible bug ------------------------------
