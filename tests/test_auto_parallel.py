@@ -144,6 +144,10 @@ def _measure(sg, x, plans: list[dict]) -> list[float]:
     peaks = []
     for plan in plans:
         r = measure_step(parallelize(sg, plan, mg), x, steps=1)
+        # The peak is not only the snapshot of parameters and gradients: the activations saved
+        # in the step are in it (their count is checked against an independent one in
+        # tests/test_ledger.py), so a ledger that under-counts cannot pass the budget check.
+        assert r["peak_total"] == r["static"] + r["peak_activations"] > r["static"], r
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, r["peak_total"])
         peaks.append(max(every))
