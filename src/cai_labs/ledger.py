@@ -53,7 +53,7 @@ import functools
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -62,7 +62,14 @@ from torch import nn
 
 from cai_labs import wire
 
-__all__ = ["Ledger", "tensor_bytes", "comm_totals", "gather_reports", "ring_sent_bytes"]
+__all__ = [
+    "Ledger",
+    "tensor_bytes",
+    "comm_totals",
+    "gather_reports",
+    "ring_sent_bytes",
+    "wire_by_kind",
+]
 
 # Collective name -> how to find its buffer in (args, kwargs) and its ring traffic factor.
 _RING = {
@@ -232,6 +239,7 @@ class Ledger:
         self._wire = wire.WireCounter() if wire.available() else None
         self._wire_start: wire.WireBytes | None = None
         self._wire_total: wire.WireBytes | None = None
+        self._in_flight: list[Any] = []  # work handles of asynchronous sends not known done
         self.t0 = time.perf_counter()
 
     # -- what to account ---------------------------------------------------------------
@@ -325,11 +333,16 @@ class Ledger:
         def recorded(*args: Any, **kwargs: Any) -> Any:
             group = _group_of(op, args, kwargs)
             is_async = bool(kwargs.get("async_op")) or op in ("isend", "irecv")
-            counter = self._wire if not is_async and _on_host(args, kwargs) else None
+            # A send still in flight from an earlier asynchronous call would be counted here.
+            self._in_flight = [w for w in self._in_flight if not w.is_completed()]
+            alone = not is_async and not self._in_flight and _on_host(args, kwargs)
+            counter = self._wire if alone else None
             before = counter.read() if counter is not None else None
             start = time.perf_counter()
             out = fn(*args, **kwargs)
             seconds = time.perf_counter() - start
+            if is_async and op != "irecv" and hasattr(out, "is_completed"):
+                self._in_flight.append(out)
             sent = (counter.read() - before).sent if counter is not None else None
             nbytes = _buffer_bytes(op, args, kwargs)
             ranks = (
@@ -454,6 +467,40 @@ def comm_totals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         t["modeled_sent_bytes"] += rec["modeled_sent_bytes"]
         t["seconds"] += rec["seconds"]
     return dict(totals)
+
+
+def wire_by_kind(
+    report: dict[str, Any], kind_of: Callable[[dict[str, Any]], str]
+) -> dict[str, int] | None:
+    """Measured bytes sent per kind of traffic (``kind_of(record)`` names a record's kind).
+
+    Synchronous calls are measured one by one. What asynchronous calls sent is the ledger's
+    settled total minus the synchronous calls: it goes to the one kind that has asynchronous
+    calls, or, when several kinds do, to one entry named by them, sorted, joined with " + " (the
+    counters cannot split overlapping transfers). Bytes sent by no recorded call (DDP's C++
+    reducer) appear under ``"unrecorded"``. None when the report was not measured.
+    """
+    if not report.get("wire", {}).get("measured") or report["wire"].get("sent") is None:
+        return None
+    out: dict[str, int] = defaultdict(int)
+    async_kinds: list[str] = []
+    for rec in report["comm"]:
+        kind = kind_of(rec)
+        out[kind] += 0
+        if rec.get("wire_sent") is None:
+            if kind not in async_kinds:
+                async_kinds.append(kind)
+        else:
+            out[kind] += rec["wire_sent"]
+    rest = report["wire"]["sent"] - sum(out.values())
+    if len(async_kinds) == 1:
+        out[async_kinds[0]] += rest
+    elif async_kinds:
+        joined = " + ".join(sorted(async_kinds))
+        out[joined] = rest + sum(out.pop(k) for k in async_kinds)
+    elif rest:
+        out["unrecorded"] = rest
+    return dict(out)
 
 
 def gather_reports(report: dict[str, Any]) -> list[dict[str, Any]] | None:

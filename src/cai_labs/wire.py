@@ -25,7 +25,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-__all__ = ["WireCounter", "WireBytes", "available"]
+__all__ = ["WireCounter", "WireBytes", "available", "GLOO_HEADER_BYTES", "gloo_headers"]
+
+#: gloo's TCP transport sends six 8-byte fields (size, opcode, slot, offsets) before each message.
+GLOO_HEADER_BYTES = 48
 
 # Offsets in Linux's struct tcp_info (include/uapi/linux/tcp.h); bytes_sent needs Linux >= 4.19.
 _UNACKED, _BYTES_RECEIVED, _NOTSENT = 24, 128, 144
@@ -48,6 +51,18 @@ class WireBytes:
             self.store_sent - other.store_sent,
             self.store_received - other.store_received,
         )
+
+
+def gloo_headers(measured: int, payload: int) -> int | None:
+    """How many gloo message headers ``measured`` holds on top of ``payload`` bytes.
+
+    None when the difference is negative or not a whole number of headers: then the measured
+    bytes are not the payload plus framing, and the payload model is wrong.
+    """
+    extra = measured - payload
+    if extra < 0 or extra % GLOO_HEADER_BYTES:
+        return None
+    return extra // GLOO_HEADER_BYTES
 
 
 def _info(sock: socket.socket) -> tuple[int, int, int, int] | None:
