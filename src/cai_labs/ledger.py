@@ -336,7 +336,7 @@ class Ledger:
             # A send still in flight from an earlier asynchronous call would be counted here.
             self._in_flight = [w for w in self._in_flight if not w.is_completed()]
             alone = not is_async and not self._in_flight and _on_host(args, kwargs)
-            counter = self._wire if alone else None
+            counter = self._wire if alone and self._wire_start is not None else None
             before = counter.read() if counter is not None else None
             start = time.perf_counter()
             out = fn(*args, **kwargs)
@@ -378,8 +378,8 @@ class Ledger:
 
     # -- context -------------------------------------------------------------------------------
     def __enter__(self) -> Ledger:
-        if self._wire is not None:
-            self._wire_start = self._wire.read(settle=_SETTLE)
+        if self._wire is not None and dist.is_available() and dist.is_initialized():
+            self._wire_start = self._wire.read(settle=_SETTLE, rescan=True)
         self.t0 = time.perf_counter()
         self._stack = contextlib.ExitStack()
         if dist.is_available():
@@ -399,7 +399,8 @@ class Ledger:
 
     def __exit__(self, *exc: Any) -> None:
         if self._wire is not None and self._wire_start is not None:
-            self._wire_total = self._wire.read(settle=_SETTLE) - self._wire_start
+            self._wire_total = self._wire.read(settle=_SETTLE, rescan=True) - self._wire_start
+            self._wire.close()
         for op, fn in self._patched.items():
             setattr(dist, op, fn)
         self._patched.clear()
@@ -415,6 +416,8 @@ class Ledger:
         """
         if self._wire is None:
             return {"measured": False, "why": "TCP_INFO byte counters are not available here"}
+        if self._wire_start is None:
+            return {"measured": False, "why": "no process group: nothing was sent"}
         if self._wire_total is None:
             return {"measured": False, "why": "the ledger is still open"}
         t = self._wire_total

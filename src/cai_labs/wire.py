@@ -104,9 +104,10 @@ class WireCounter:
     """Reads the byte counters of this process's TCP sockets.
 
     ``read()`` returns the totals now; the difference of two reads is what happened between
-    them. Sockets opened in between count from zero, sockets closed in between are lost (their
-    bytes are not subtracted twice, but are missing), so keep a counter's reads within the life
-    of the process group.
+    them. The sockets are found by :meth:`scan` (reading ``/proc`` is slow, a few milliseconds
+    on some kernels) and held until :meth:`close`; a read with ``rescan=True`` also counts
+    sockets opened since, from zero. Keep a counter's reads within the life of the process
+    group, and close it when done.
 
     Args:
         store_ports: ports whose sockets belong to the rendezvous store (default: ``MASTER_PORT``).
@@ -118,6 +119,8 @@ class WireCounter:
             store_ports = {int(port)} if port.isdigit() else set()
         self.store_ports = store_ports
         self._kind: dict[str, bool | None] = {}  # socket inode -> is_store (None: not TCP)
+        self._held: list[tuple[socket.socket, bool]] = []  # duplicates of the sockets read
+        self._scanned = False
 
     def _sockets(self) -> list[tuple[socket.socket, bool]]:
         """This process's TCP sockets (each a dup to close), with whether it is the store's."""
@@ -150,17 +153,27 @@ class WireCounter:
         ports = {sock.getsockname()[1], sock.getpeername()[1]}  # OSError: not connected
         return bool(ports & self.store_ports)
 
-    def read(self, settle: float = 0.0) -> WireBytes:
-        """Totals now. With ``settle`` > 0, first wait up to that many seconds until every
-        socket has transmitted its queue and has it acknowledged, so nothing is still in flight."""
+    def scan(self) -> None:
+        """Find this process's TCP sockets now (slow: it reads ``/proc``) and hold a duplicate
+        of each, so that later reads cost one ``getsockopt`` per socket."""
+        self.close()
+        self._held, self._scanned = self._sockets(), True
+
+    def close(self) -> None:
+        """Let go of the duplicates (a held duplicate keeps its socket open)."""
+        for sock, _ in self._held:
+            sock.close()
+        self._held = []
+
+    def read(self, settle: float = 0.0, rescan: bool = False) -> WireBytes:
+        """Totals now, over the sockets of the last :meth:`scan` (made now if ``rescan`` or if
+        none was made). With ``settle`` > 0, first wait up to that many seconds until every
+        socket has transmitted its queue and has it acknowledged, so nothing is in flight."""
+        if rescan or not self._scanned:
+            self.scan()
         deadline = time.monotonic() + settle
         while True:
-            socks = self._sockets()
-            try:
-                infos = [(_info(s), is_store) for s, is_store in socks]
-            finally:
-                for s, _ in socks:
-                    s.close()
+            infos = [(_info(s), is_store) for s, is_store in self._held]
             busy = any(i is not None and (i[2] or i[3]) for i, _ in infos)
             if not busy or time.monotonic() >= deadline:
                 break
