@@ -36,9 +36,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cai_labs import Ledger, comm_totals, launch
+from cai_labs import Ledger, build_env, comm_totals, launch
 from cai_labs.data import load_digits_split
 from cai_labs.data_parallel import BucketedDataParallel, allreduce_gradients, shard_batch
+from cai_labs.exercises import Exercises
 from cai_labs.models import MLP
 from cai_labs.wire import GLOO_HEADER_BYTES
 
@@ -49,6 +50,7 @@ HIDDEN = (256, 256)  # hidden layer widths of the MLP
 LR = 0.05
 SEED = 0
 
+print(build_env.describe(ranks=WORLD_SIZE))  # where this page's numbers were measured
 data = load_digits_split(seed=SEED)
 print(f"train: {tuple(data.x_train.shape)}, test: {tuple(data.x_test.shape)}")
 print(f"parameters: {sum(p.numel() for p in MLP(hidden=HIDDEN).parameters()):,}")
@@ -523,3 +525,36 @@ print(
 # **Next:** data parallelism keeps a full copy of model, gradients and optimizer state on every
 # rank. The following tutorials split those up: tensor and pipeline parallelism split the model,
 # ZeRO splits the optimizer state, gradients and parameters.
+
+# %%
+# Predict, then check
+# -------------------
+# Answer each question before opening its answer; the answers are this build's numbers.
+
+bucketed = results["cai_labs bucketed"]
+exercises = Exercises()
+w0 = wire_rows[0]
+seen = (
+    f"its sockets counted {w0['measured sent (B)']:,} B with {w0['gloo headers']} headers of 48 B"
+    if "gloo headers" in w0
+    else "this build could not read socket counters"
+)
+exercises.add(
+    f"Rank 0 all-reduces P = {grad_bytes:,} bytes of gradients on N = {WORLD_SIZE} ranks with "
+    "the ring algorithm. How many bytes does it send, before gloo's message headers?",
+    f"2(N-1)/N·P = {formula:,} B; {seen} (table 'Bytes on the wire').",
+)
+exercises.add(
+    f"BucketedDataParallel with bucket_mb=0.25 on this {grad_bytes:,}-byte model: how many "
+    "all-reduce calls per step, and what does bucketing change in the bytes sent?",
+    f"{bucketed['calls_per_step'][1]} calls (buckets of {bucketed['buckets']} bytes); the "
+    "bytes stay 2(N-1)/N·P: only the number of messages changes.",
+)
+faster = speed[4]["samples/s"] > speed[two]["samples/s"]
+exercises.add(
+    f"Would 4 ranks on {cores} cores train faster than {two} ranks on {two} cores?",
+    f"{'Yes' if faster else 'No'}: measured {speed[4]['samples/s']:,.0f} against "
+    f"{speed[two]['samples/s']:,.0f} samples/s, with {speed[4]['exchange ms']:.0f} against "
+    f"{speed[two]['exchange ms']:.0f} ms per step in the exchange.",
+)
+exercises

@@ -46,9 +46,10 @@ import torch.distributed as dist
 from transformers import BertForMaskedLM
 from transformers.utils import logging as hf_logging
 
-from cai_labs import Ledger, comm_totals, launch
+from cai_labs import Ledger, build_env, comm_totals, launch
 from cai_labs.data.mlm import mlm_batch
 from cai_labs.data.stdlib_text import stdlib_docstrings, token_stream, train_wordpiece
+from cai_labs.exercises import Exercises
 from cai_labs.ledger import wire_by_kind
 from cai_labs.sequence_parallel import serial_attention, split_sequence
 from cai_labs.sequence_parallel.all_to_all_attention import all_to_all_attention
@@ -88,6 +89,7 @@ torch.set_num_threads(1)
 # train such a vocabulary with the ``tokenizers`` library on text every Python installation
 # carries: the docstrings of the standard library, gathered with :mod:`inspect`.
 
+print(build_env.describe(ranks=8))  # where this page's numbers were measured (up to 8 ranks)
 start = time.perf_counter()
 texts = stdlib_docstrings()
 tokenizer = train_wordpiece(texts, vocab_size=VOCAB)
@@ -864,3 +866,26 @@ memory_table.style.format(
 # naming the world size it needs.
 #
 # Only the CPU runs on this page were executed for this build.
+
+# %%
+# Predict, then check
+# -------------------
+# Answer each question before opening its answer; the answers are this build's numbers.
+
+ring4, chunk4 = runs["SP=4 ring"], BATCH * (SEQ_LEN // 4) * HIDDEN * 4
+hybrid0 = hybrid["SP=2 x DP=2 x PP=2"]["ranks"][0]
+exercises = Exercises()
+exercises.add(
+    f"Ring attention on N = 4 ranks, {LAYERS} layers, chunks of E = {chunk4:,} bytes: how many "
+    "bytes of attention does a rank send per training step?",
+    f"6(N-1)E per layer: {LAYERS * 6 * 3 * chunk4:,} B; rank 0's sockets counted "
+    f"{measured(ring4, 'attn') / ring4['steps']:,.0f} B per step (with the padding masks and "
+    "gloo's headers).",
+)
+exercises.add(
+    "On SP=2 x DP=2 x PP=2, does one all-reduce over the stage's 4 ranks send more or less "
+    "than two sums (over SP, then over DP), and by what factor?",
+    f"Less: rank 0 sent {hybrid0['grad all-reduce']:,} B against {hybrid0[TWO_STEP]:,} B, "
+    f"a factor {hybrid0['grad all-reduce'] / hybrid0[TWO_STEP]:.3f} (formula 1.5 P / 2 P = 0.75).",
+)
+exercises
