@@ -11,7 +11,7 @@ import importlib.metadata
 import os
 import platform
 
-__all__ = ["environment", "describe"]
+__all__ = ["environment", "describe", "cpu_flags"]
 
 _LIBRARIES = ("torch", "numpy", "transformers", "diffusers", "lightning", "colossalai")
 
@@ -25,6 +25,16 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_flags(*wanted: str) -> list[str]:
+    """Which of ``wanted`` (``/proc/cpuinfo`` flags, e.g. ``"avx512_bf16"``) this CPU has."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return [w for w in wanted if w in flags]
 
 
 def _cores() -> int:
