@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cai_labs import Ledger, RankFailed, comm_totals, launch
+from cai_labs import Ledger, RankFailed, comm_totals, launch, wire
 from cai_labs.data.mlm import mlm_batch
 from cai_labs.sequence_parallel import check_sequence_split, serial_attention, split_sequence
 from cai_labs.sequence_parallel import ring_attention as ring_module  # patched by one test
@@ -53,7 +53,8 @@ def _attention_worker(kind: str, broken: bool = False) -> dict:
     pieces = [None] * n
     dist.all_gather_object(pieces, [out.detach()] + [t.grad for t in local])
     full = [torch.cat([p[i] for p in pieces], dim=2) for i in range(4)]
-    return {"full": full, "comm": comm_totals(ledger.report())}
+    report = ledger.report()
+    return {"full": full, "comm": comm_totals(report), "wire": report["wire"]}
 
 
 def _assert_equals_serial(out: dict, reference: list) -> None:
@@ -70,10 +71,15 @@ def test_attention_equals_serial_outputs_and_gradients(kind, n):
     chunk_bytes = B * H * (L // n) * D * 8
     comm = out["comm"]
     if kind == "ring":  # 6 (N-1) chunk transfers per rank: 2 forward, 4 backward
-        assert comm["isend"]["sent_bytes"] == 6 * (n - 1) * chunk_bytes
-    else:  # 8 all-to-alls of one chunk-sized buffer per rank
+        assert comm["isend"]["bytes"] == 6 * (n - 1) * chunk_bytes
+    else:  # 8 all-to-alls of one chunk-sized buffer per rank, (N-1)/N of it sent
         assert comm["all_to_all_single"]["calls"] == 8
         assert comm["all_to_all_single"]["bytes"] == 8 * chunk_bytes
+    # measured on rank 0's sockets: each op's payload (sends whole; all-to-all (N-1)/N of its
+    # buffer, like any masks' all-gather) plus whole gloo headers
+    payload = sum(op["modeled_sent_bytes"] for op in comm.values())
+    if out["wire"]["measured"]:  # what rank 0 put on the wire: the payload + gloo headers
+        assert wire.gloo_headers(out["wire"]["sent"], payload) is not None, (out["wire"], payload)
 
 
 def test_broken_ring_reduce_is_caught():

@@ -283,11 +283,11 @@ def train_one(name: str, batch: int, sgd_rate_for_excluded: bool = True) -> dict
                 if record_ratios:
                     out["ratios"].append(opt.trust_ratios())
         totals = comm_totals(ledger.report())["all_reduce"]
-        buffer, sent = buffer + totals["bytes"], sent + totals["sent_bytes"]
+        buffer, sent = buffer + totals["bytes"], sent + totals["modeled_sent_bytes"]
         out["epoch_time"].append(elapsed)
         out["acc"].append(evaluate(model.module, rank, world))
     out["diverged"] = not all(math.isfinite(v) for v in out["loss"])
-    out["allreduce_bytes"], out["sent_bytes"] = buffer, sent
+    out["allreduce_bytes"], out["modeled_sent_bytes"] = buffer, sent
     return out
 
 

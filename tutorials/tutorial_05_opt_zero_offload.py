@@ -267,6 +267,7 @@ def train_worker(method: str, steps: int, keep_weights: bool = False) -> dict:
         "memory": memory,
         "memory_all": every_rank,
         "comm": comm_totals(ledger.report()),
+        "wire": ledger.report()["wire"],
         "steps": steps,
         "tokens_per_rank": x.numel(),
     }
@@ -384,26 +385,38 @@ balance.style.format("{:,.0f}").format("{:.2f}", subset=pd.IndexSlice["largest /
 #
 # Communication and step time
 # ---------------------------
-# Elements sent per rank per step under ring algorithms, from the ledger (FSDP2 calls the same
-# ``torch.distributed`` collectives from Python, so the ledger records it too), next to the
-# formulas above; and the median step time on this machine.
+# Elements sent per rank per step: modeled (the ring algorithms' traffic for each recorded
+# collective; FSDP2 calls the same ``torch.distributed`` collectives from Python, so the ledger
+# records it too), next to the formulas above; measured on the wire (rank 0's socket counters,
+# gloo's 48-byte message headers included); and the median step time on this machine. gloo has
+# no reduce-scatter of its own: PyTorch's gloo backend all-reduces the whole buffer and keeps its
+# chunk, so on gloo every reduce-scatter sends :math:`2\frac{N-1}{N}` of its buffer, twice the
+# ring's (``tests/test_wire.py`` measures it); NCCL's ring reduce-scatter sends the formula's.
 
 comm_rows = []
 for method, r in runs.items():
-    sent = sum(v["sent_bytes"] for v in r["comm"].values()) / r["steps"] / 4
+    sent = sum(v["modeled_sent_bytes"] for v in r["comm"].values()) / r["steps"] / 4
+    wire = r["wire"]["sent"] / r["steps"] / 4 if r["wire"]["measured"] else np.nan
     factor = {"DDP": 2, "ZeRO-1": 2, "ZeRO-2": 2, "ZeRO-3": 3, "FSDP2": 3}[method]
     comm_rows.append(
         {
             "technique": method,
             "collectives": ", ".join(sorted(r["comm"])),
-            "sent elements/rank/step": sent,
+            "modeled elements/rank/step": sent,
             "formula": factor * (WORLD_SIZE - 1) / WORLD_SIZE * PSI,
+            "measured on the wire": wire,
             "median step (ms)": 1e3 * r["step_time"],
         }
     )
 comm_table = pd.DataFrame(comm_rows).set_index("technique")
 comm_table.style.format(
-    {"sent elements/rank/step": "{:,.0f}", "formula": "{:,.0f}", "median step (ms)": "{:.1f}"}
+    {
+        "modeled elements/rank/step": "{:,.0f}",
+        "formula": "{:,.0f}",
+        "measured on the wire": "{:,.0f}",
+        "median step (ms)": "{:.1f}",
+    },
+    na_rep="not measured",
 )
 
 # %%

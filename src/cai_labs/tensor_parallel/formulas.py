@@ -128,6 +128,23 @@ def _dims(mode: str, size: int, depth: int) -> tuple[int, int]:
     return shape[-1], (shape[0] if mode == "2.5d" else 1)
 
 
+def _check_divides(mode: str, size: int, q: int, d: int, M: int, K: int, N: int, kind: str) -> None:
+    """Raise unless every block of this mode's split holds a whole number of elements."""
+    if mode == "1d":
+        need = [("out_features", N, size)] if kind == "column" else [("in_features", K, size)]
+    elif mode in ("2d", "2.5d"):  # activations (M/dq, K/q), weights (K/q, N/q), bias N/q
+        need = [("rows", M, d * q), ("in_features", K, q), ("out_features", N, q)]
+    else:  # 3d: activation and weight blocks of (M K)/q^3 and (K N)/q^3 elements, bias N/q
+        need = [("rows x in_features", M * K, q**3), ("in_features x out_features", K * N, q**3)]
+        need += [("out_features", N, q)]
+    bad = [f"{name}={v} by {by}" for name, v, by in need if v % by]
+    if bad:
+        raise ValueError(
+            f"{mode} on {size} ranks (q={q}, depth={d}) cannot split {', '.join(bad)} evenly: "
+            "choose sizes that are multiples of these"
+        )
+
+
 def linear_cost(
     mode: str,
     size: int,
@@ -142,10 +159,12 @@ def linear_cost(
 ) -> Cost:
     """Cost of one linear layer ``(rows, K) -> (rows, N)`` on one rank of a ``size``-rank grid.
 
-    ``kind`` chooses ``"column"`` or ``"row"`` for 1D (ignored by the other modes).
+    ``kind`` chooses ``"column"`` or ``"row"`` for 1D (ignored by the other modes). Sizes that
+    the mode's grid does not split evenly raise ``ValueError`` (the layers refuse them too).
     """
     M, K, N = rows, in_features, out_features
     q, d = _dims(mode, size, depth)
+    _check_divides(mode, size, q, d, M, K, N, kind)
     nb = N if bias else 0
     if mode == "1d":
         P = size
