@@ -1,0 +1,10 @@
+"""Colossal-AI 0.5.0 next to cai_labs: the snippet check, the CPU probes and their shims.
+
+Nothing here is needed to run the tutorials: these modules check the Colossal-AI code that the
+pages show (:mod:`~cai_labs.colossal.check`) and run the parts of Colossal-AI that work on CPU
+ranks against the matching cai_labs technique (:mod:`~cai_labs.colossal.probes`).
+"""
+
+from cai_labs.colossal.check import checked_here
+
+__all__ = ["checked_here"]
