@@ -156,6 +156,7 @@ def colossalai(session: nox.Session) -> None:
     """
     _install(session, "test")
     _install_colossalai(session)
-    session.install("transformers==4.51.3")
+    session.install("transformers==4.51.3", "diffusers==0.29.0")  # the release's own pins
     session.run("python", "-m", "cai_labs.colossal.check", env=ENV)
+    session.run("python", "-m", "cai_labs.colossal.probes", env=ENV)
     session.run("pytest", "-m", "colossalai", "-p", "no:cacheprovider", *session.posargs, env=ENV)
