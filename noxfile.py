@@ -69,6 +69,7 @@ def docs(session: nox.Session) -> None:
     ``GALLERY_PATTERN=tutorial_00 nox -s docs`` executes only the matching tutorial(s).
     """
     _install(session, "docs,test")
+    _install_colossalai(session)  # the pages' Colossal-AI cells run (CPU) or are checked (CUDA)
     _sphinx(session, execute=True)
     session.run("python", "docs/check_build.py", "docs/_build/html", env=ENV)
 
