@@ -31,9 +31,9 @@ ENV = {
 }
 
 
-def _install(session: nox.Session, extras: str) -> None:
+def _install(session: nox.Session, extras: str, *pins: str) -> None:
     session.install(*TORCH_SPEC)
-    session.install("-e", f".[{extras}]")
+    session.install("-e", f".[{extras}]", *pins)
 
 
 @nox.session(python=PYTHON)
@@ -141,6 +141,11 @@ COLOSSALAI_DEPS = [
 ]
 
 
+# The release's own pins where the tensor-parallel cross-checks need them (resolved together with
+# the project, so that a reused environment is not upgraded and downgraded on every run).
+COLOSSALAI_PINS = ("transformers==4.51.3", "diffusers==0.29.0")
+
+
 def _install_colossalai(session: nox.Session) -> None:
     session.install("--no-deps", "colossalai==0.5.0")
     session.install(*COLOSSALAI_DEPS)
@@ -155,9 +160,8 @@ def colossalai(session: nox.Session) -> None:
     Transformers is the release's own 4.51.3 here: its ShardFormer policies import modules
     that transformers 5 removed.
     """
-    _install(session, "test")
+    _install(session, "test", *COLOSSALAI_PINS)
     _install_colossalai(session)
-    session.install("transformers==4.51.3", "diffusers==0.29.0")  # the release's own pins
     session.run("python", "-m", "cai_labs.colossal.check", env=ENV)
     session.run("python", "-m", "cai_labs.colossal.probes", env=ENV)
     session.run("pytest", "-m", "colossalai", "-p", "no:cacheprovider", *session.posargs, env=ENV)

@@ -37,7 +37,7 @@ def rows():
 def test_runs_on_cpu_and_matches_its_twin(rows, feature):
     row = rows[feature]
     assert row["runs on CPU"] == "yes", row
-    assert float(row["max |difference|"]) <= TOL, row
+    assert float(row["max abs difference"]) <= TOL, row
 
 
 @pytest.mark.parametrize(

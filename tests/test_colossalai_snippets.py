@@ -7,6 +7,7 @@ removed module (what ``lightning_colossalai`` 0.1.0 imports), a name never defin
 
 from __future__ import annotations
 
+import importlib
 import re
 import textwrap
 from pathlib import Path
@@ -22,6 +23,7 @@ from cai_labs.colossal.check import (  # noqa: E402
     check_source,
     find_snippets,
 )
+from cai_labs.colossal.components import COMPONENTS  # noqa: E402
 
 pytestmark = pytest.mark.colossalai
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +49,7 @@ def test_every_tutorial_with_colossalai_has_its_snippets():
     for page in sorted((ROOT / "tutorials").glob("tutorial_*.py")):
         if "colossalai" in page.read_text():
             assert page.name in pages, f"{page.name} names Colossal-AI but has no checked snippet"
-    assert len(SNIPPETS) >= 9
+    assert len(SNIPPETS) >= 11
 
 
 def test_no_snippet_left_in_a_comment_block():
@@ -127,3 +129,13 @@ def test_a_tutorial_function_sees_the_page_imports():
     )
     assert check_source(source, first=5).ok
     assert not check_source(source.replace("import torch\n", ""), first=4).ok
+
+
+@pytest.mark.parametrize("component", COMPONENTS, ids=[c.name for c in COMPONENTS])
+def test_every_component_resolves_and_links(component):
+    count, problems = check_names(" ".join(f"``{api}``" for api in component.apis))
+    assert count == len(component.apis) and not problems, problems
+    importlib.import_module(component.module)
+    assert (ROOT / "tutorials" / f"{component.tutorial}.py").is_file()
+    labels = {s.label for s in SNIPPETS}
+    assert f"{component.tutorial}.py:{component.snippet}" in labels

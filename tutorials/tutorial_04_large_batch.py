@@ -694,6 +694,8 @@ def colossalai_large_batch(name: str = "LARS", steps: int = 6, batch: int = 512)
 # differs by a few float32 epsilons of the update, per step.
 
 if HAVE_COLOSSALAI:
+    import colossalai.booster.plugin  # noqa: F401 -- imported once, inherited by forked ranks
+
     ddp_gaps = {}
     for name in ("LARS", "LAMB"):
         many, one = (launch(colossalai_large_batch, n, name) for n in (WORLD_SIZE, 1))

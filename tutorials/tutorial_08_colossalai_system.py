@@ -70,14 +70,16 @@ fig.tight_layout()
 # resolves every API in it against the release and checks that each snippet exists on its page.
 
 pd.DataFrame(
-    {
-        "component": c.name,
-        "Colossal-AI 0.5.0 API": ", ".join(c.apis),
-        "cai_labs module": c.module,
-        "tutorial": c.tutorial,
-        "checked snippet": c.snippet,
-    }
-    for c in COMPONENTS
+    [
+        {
+            "component": c.name,
+            "Colossal-AI 0.5.0 API": ", ".join(c.apis),
+            "cai_labs module": c.module,
+            "tutorial": c.tutorial,
+            "checked snippet": c.snippet,
+        }
+        for c in COMPONENTS
+    ]
 )
 
 # %%
@@ -209,13 +211,20 @@ rows
 
 # %%
 # The tensor-parallel rows need the release's own transformers, 4.51.3: ShardFormer's OPT policy
-# imports ``transformers.modeling_attn_mask_utils``, which transformers 5 removed, and the rest of
-# this site is built with transformers 5. So in the site build those rows show that import
-# error, and ``nox -s colossalai`` (transformers 4.51.3) runs them and asserts the match
-# (``tests/test_colossalai_probes.py``; it prints this same table). The rows that stop with a
-# CUDA error (ZeRO, Gemini, ``HybridAdam``'s CPU kernel, FSDP) are what the pages label
-# "checked against colossalai 0.5.0, needs CUDA".
-#
+# imports ``transformers.modeling_attn_mask_utils``, which transformers 5 removed, and the rest
+# of this site is built with transformers 5. Where the build has transformers 5, those rows show
+# that import error, and ``nox -s colossalai`` (transformers 4.51.3) runs them and asserts the
+# match (``tests/test_colossalai_probes.py``; it prints this same table). The rows that stop
+# with a CUDA error are what the pages label "checked against colossalai 0.5.0, needs CUDA".
+
+import transformers
+
+tp = [f for f in rows.index if "tensor parallel" in f or "(TP)" in f]
+print(f"transformers {transformers.__version__} in this build; tensor-parallel rows:")
+for feature in tp:
+    print(f"  {feature}: {rows.loc[feature, 'runs on CPU']} {rows.loc[feature, 'error']}")
+
+# %%
 # Exercises
 # ---------
 # - **Predict, then check**: remove the shim (call ``probes.shardformer_opt`` directly under

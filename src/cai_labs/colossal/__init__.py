@@ -5,6 +5,12 @@ pages show (:mod:`~cai_labs.colossal.check`) and run the parts of Colossal-AI th
 ranks against the matching cai_labs technique (:mod:`~cai_labs.colossal.probes`).
 """
 
-from cai_labs.colossal.check import checked_here
-
 __all__ = ["checked_here"]
+
+
+def checked_here(function) -> str:
+    """:func:`cai_labs.colossal.check.checked_here`, imported on first use (so that
+    ``python -m cai_labs.colossal.check`` does not find its module already imported)."""
+    from cai_labs.colossal.check import checked_here as check
+
+    return check(function)

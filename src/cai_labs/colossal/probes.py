@@ -130,7 +130,7 @@ def _rank_slice(full: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
 
 def shardformer_opt() -> float:
     """ShardFormer's OPT policy, 1D tensor parallel over all ranks, vs the serial model in
-    float64: max |difference| of the loss and of every gradient (each rank's slice).
+    float64: max abs difference of the loss and of every gradient (each rank's slice).
 
     cai_labs' :func:`~cai_labs.tensor_parallel.opt_1d.parallelize_opt` is the same split; it is
     checked against the same serial model by ``tests/test_opt_tensor_parallel.py`` under the
@@ -247,9 +247,9 @@ def _run(probe: Probe, world_size: int) -> dict:
             gap = launch(probe.worker, world_size, timeout=240)
     except Exception as exc:  # noqa: BLE001 -- the error that stops it is the finding
         text = str(exc).strip().splitlines()
-        row.update({"runs on CPU": "no", "max |difference|": "", "error": _last_error(text)})
+        row.update({"runs on CPU": "no", "max abs difference": "", "error": _last_error(text)})
         return row
-    row.update({"runs on CPU": "yes", "max |difference|": f"{gap:.1e}", "error": ""})
+    row.update({"runs on CPU": "yes", "max abs difference": f"{gap:.1e}", "error": ""})
     return row
 
 
@@ -280,7 +280,7 @@ def probe_all(world_size: int = 2, extra: list[Probe] | None = None) -> list[dic
 
 def table(rows: list[dict]) -> str:
     """The rows as a Markdown table (what ``python -m cai_labs.colossal.probes`` prints)."""
-    cols = ["feature", "runs on CPU", "shim", "compared with", "max |difference|", "error"]
+    cols = ["feature", "runs on CPU", "shim", "compared with", "max abs difference", "error"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
