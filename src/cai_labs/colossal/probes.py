@@ -254,8 +254,11 @@ def _run(probe: Probe, world_size: int) -> dict:
 
 
 def _last_error(lines: list[str]) -> str:
-    errors = [ln for ln in lines if "Error" in ln or "Exception" in ln]
-    return (errors[-1] if errors else lines[-1] if lines else "").strip()[:160]
+    """The failing rank's last error line, and the function that raised it."""
+    errors = [ln.strip() for ln in lines if "Error" in ln or "Exception" in ln]
+    frames = [ln.rsplit(" in ", 1)[-1] for ln in lines if ln.strip().startswith("File ")]
+    where = f" (in {frames[-1]})" if frames else ""
+    return ((errors[-1] if errors else lines[-1] if lines else "") + where)[:200]
 
 
 def probe_all(world_size: int = 2, extra: list[Probe] | None = None) -> list[dict]:
