@@ -27,6 +27,7 @@ You will:
 # torch 2.13 (``nox -s colossalai`` and the site build do the same).
 
 import time
+import warnings
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -34,6 +35,8 @@ import pandas as pd
 from cai_labs.colossal.components import COMPONENTS, draw
 
 page_start = time.perf_counter()
+pd.set_option("display.max_colwidth", None)  # the tables' cells whole
+warnings.filterwarnings("ignore", module=r"colossalai\.")  # its notes about CUDA-only kernels
 try:
     import colossalai
 
