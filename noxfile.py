@@ -32,9 +32,9 @@ ENV = {
 }
 
 
-def _install(session: nox.Session, extras: str) -> None:
+def _install(session: nox.Session, extras: str, *pins: str) -> None:
     session.install(*TORCH_SPEC)
-    session.install("-e", f".[{extras}]")
+    session.install("-e", f".[{extras}]", *pins)
 
 
 @nox.session(python=PYTHON)
@@ -70,6 +70,7 @@ def docs(session: nox.Session) -> None:
     ``GALLERY_PATTERN=tutorial_00 nox -s docs`` executes only the matching tutorial(s).
     """
     _install(session, "docs,test")
+    _install_colossalai(session)  # the pages' Colossal-AI cells run (CPU) or are checked (CUDA)
     _sphinx(session, execute=True)
     session.run("python", "docs/check_build.py", "docs/_build/html", env=ENV)
 
@@ -151,34 +152,52 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", *paths)
 
 
+# What Colossal-AI 0.5.0's CPU code paths import, installed next to it without its pins (it pins
+# torch<=2.5.1); pyflakes is for the snippet check.
+COLOSSALAI_DEPS = [
+    "packaging",
+    "psutil",
+    "tqdm",
+    "rich",
+    "click",
+    "contexttimer",
+    "einops",
+    "pydantic",
+    "safetensors",
+    "sentencepiece",
+    "ninja",
+    "fabric",
+    "protobuf",
+    "galore-torch",
+    "peft",
+    "diffusers",
+    "pyflakes",
+]
+
+
+# The release's own pins where the tensor-parallel cross-checks need them (resolved together with
+# the project, so that a reused environment is not upgraded and downgraded on every run).
+COLOSSALAI_PINS = ("transformers==4.51.3", "diffusers==0.29.0")
+
+
+def _install_colossalai(session: nox.Session) -> None:
+    session.install("--no-deps", "colossalai==0.5.0")
+    session.install(*COLOSSALAI_DEPS)
+
+
 @nox.session(python=PYTHON)
 def colossalai(session: nox.Session) -> None:
-    """Cross-check cai_labs against Colossal-AI 0.5.0 where Colossal-AI runs on CPU.
+    """Check every Colossal-AI snippet of the site against 0.5.0; cross-check what runs on CPU.
 
     Colossal-AI 0.5.0 pins torch<=2.5.1 and transformers==4.51.3; we install it without its
     dependencies and add the ones its CPU code paths import, keeping this project's torch.
+    Transformers is the release's own 4.51.3 here: its ShardFormer policies import modules
+    that transformers 5 removed.
     """
-    _install(session, "test")
-    session.install("--no-deps", "colossalai==0.5.0")
-    session.install(
-        "packaging",
-        "psutil",
-        "tqdm",
-        "rich",
-        "click",
-        "contexttimer",
-        "einops",
-        "pydantic",
-        "safetensors",
-        "sentencepiece",
-        "ninja",
-        "fabric",
-        "protobuf",
-        "galore-torch",
-        "transformers>=4.40",
-        "peft",
-        "diffusers",
-    )
+    _install(session, "test", *COLOSSALAI_PINS)
+    _install_colossalai(session)
+    session.run("python", "-m", "cai_labs.colossal.check", env=ENV)
+    session.run("python", "-m", "cai_labs.colossal.probes", env=ENV)
     session.run("pytest", "-m", "colossalai", "-p", "no:cacheprovider", *session.posargs, env=ENV)
 
 

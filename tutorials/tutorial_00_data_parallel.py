@@ -244,8 +244,8 @@ for name, r in results.items():
 # -------------------------
 # Colossal-AI wraps the same idea behind its ``Booster``: a plugin decides how the model is
 # parallelised, and ``booster.boost`` returns the wrapped model and optimizer. Its
-# ``TorchDDPPlugin`` is PyTorch DDP underneath, and it runs on CPU. If ``colossalai`` is
-# installed where this page is built, the cell below trains with it; otherwise it is shown only.
+# ``TorchDDPPlugin`` is PyTorch DDP underneath, and it runs on CPU: the site's build installs
+# ``colossalai`` 0.5.0, and the cell below trains with it.
 
 try:
     import colossalai  # noqa: F401
@@ -284,8 +284,8 @@ if HAVE_COLOSSALAI:
     print(f"Colossal-AI {colossalai.__version__}: executed on {WORLD_SIZE} CPU ranks")
 else:
     print(
-        "colossalai is not installed in this build: the Colossal-AI cell was shown, not run "
-        "(`nox -s colossalai` runs it against cai_labs)"
+        "colossalai is not installed where this page ran; install it as `nox -s colossalai` "
+        "does to run this cell (that session runs it against cai_labs as a test)"
     )
 
 # %%

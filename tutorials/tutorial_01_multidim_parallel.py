@@ -812,33 +812,37 @@ bubbles.style.format("{:.3g}")
 # every layer, the pipeline only at stage boundaries.
 #
 # Colossal-AI does all three dimensions with one plugin, on Hugging Face models through its
-# Shardformer policies. **Not executed on CPU** (Colossal-AI's hybrid plugin needs CUDA)::
-#
-#     import colossalai
-#     import torch
-#     from colossalai.booster import Booster
-#     from colossalai.booster.plugin import HybridParallelPlugin
-#     from colossalai.nn.optimizer import HybridAdam
-#     from transformers import GPT2Config, GPT2LMHeadModel
-#
-#     colossalai.launch_from_torch()            # torchrun --nproc-per-node=8 train.py
-#     model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=64, n_head=4, vocab_size=64))
-#     plugin = HybridParallelPlugin(
-#         tp_size=2,                            # 1D (Megatron) tensor parallel inside a stage
-#         pp_size=2,                            # two pipeline stages
-#         num_microbatches=2,                   # micro-batches per step (1F1B schedule)
-#         zero_stage=0, precision="fp16",       # the remaining 2 = data parallel
-#     )
-#     booster = Booster(plugin=plugin)
-#     optimizer = HybridAdam(model.parameters(), lr=3e-3)
-#     criterion = lambda outputs, inputs: outputs.loss
-#     model, optimizer, criterion, loader, _ = booster.boost(model, optimizer, criterion, loader)
-#     for step in range(steps):
-#         out = booster.execute_pipeline(iter(loader), model, criterion, optimizer,
-#                                        return_loss=True)
-#         optimizer.step()
-#         optimizer.zero_grad()
-#
+# Shardformer policies. **Checked against colossalai 0.5.0, needs CUDA** (its hybrid plugin
+# does): the cell defines the training function and checks it against the installed release.
+
+from cai_labs.colossal import checked_here
+
+
+def colossalai_hybrid_parallel(steps: int = 10) -> None:
+    """TP 2 x PP 2 x DP 2 in Colossal-AI 0.5.0: ``colossalai run --nproc_per_node 8 train.py``."""
+    import colossalai
+    from colossalai.booster import Booster
+    from colossalai.booster.plugin import HybridParallelPlugin
+    from colossalai.nn.optimizer import HybridAdam
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    colossalai.launch_from_torch()
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=64, n_head=4, vocab_size=64))
+    plugin = HybridParallelPlugin(tp_size=2, pp_size=2, num_microbatches=2, precision="fp16")
+    booster = Booster(plugin=plugin)  # the world size left over, 8 / (2 * 2), is data parallel
+    optimizer = HybridAdam(model.parameters(), lr=3e-3)
+    model, optimizer, *_ = booster.boost(model, optimizer)
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (8, 32), device="cuda")
+        batches = iter([{"input_ids": ids, "labels": ids}])  # split into 2 micro-batches
+        booster.execute_pipeline(batches, model, lambda out, batch: out.loss, optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+print(checked_here(colossalai_hybrid_parallel))
+
+# %%
 # Colossal-AI's 2D, 2.5D and 3D tensor parallelism live in its legacy ``colossalai.legacy.nn``
 # layers (``config = dict(parallel=dict(tensor=dict(mode="2.5d", size=8, depth=2)))``), also
 # CUDA only. Only the CPU runs on this page were executed for this build.

@@ -894,19 +894,39 @@ longest.style.format({"memory per GPU (GB)": "{:.1f}", "tokens/s/GPU": "{:,.0f}"
 # sequence parallelism through its ``HybridParallelPlugin`` for the models its Shardformer has
 # policies for, with the modes ``"split_gather"`` and ``"ring"`` (Megatron-style, alongside
 # tensor parallelism), ``"all_to_all"`` (Ulysses) and ``"ring_attn"`` (ring attention on flash
-# attention kernels). Not executed on CPU (the plugin needs CUDA)::
-#
-#     from colossalai.booster import Booster
-#     from colossalai.booster.plugin import HybridParallelPlugin
-#
-#     plugin = HybridParallelPlugin(
-#         tp_size=1, pp_size=1, sp_size=4,
-#         enable_sequence_parallelism=True,
-#         sequence_parallelism_mode="all_to_all",   # or "ring_attn"
-#         precision="bf16",
-#     )
-#     model, optimizer, *_ = Booster(plugin=plugin).boost(model, optimizer)
-#
+# attention kernels). **Checked against colossalai 0.5.0, needs CUDA** (the plugin does): the
+# cell defines a training function for a small Llama and checks it against the installed
+# release.
+
+from cai_labs.colossal import checked_here
+
+
+def colossalai_sequence_parallel(steps: int = 10, seq_len: int = 4096) -> None:
+    """Ulysses over 4 GPUs in Colossal-AI 0.5.0: ``colossalai run --nproc_per_node 4``."""
+    import colossalai
+    from colossalai.booster import Booster
+    from colossalai.booster.plugin import HybridParallelPlugin
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    colossalai.launch_from_torch()
+    config = LlamaConfig(256, hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    model = LlamaForCausalLM(config)
+    plugin = HybridParallelPlugin(  # tp_size=1, pp_size=1; Ulysses, or "ring_attn"
+        1, 1, sp_size=4, enable_sequence_parallelism=True, sequence_parallelism_mode="all_to_all"
+    )
+    booster = Booster(plugin=plugin)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer, *_ = booster.boost(model, optimizer)
+    for _ in range(steps):
+        ids = torch.randint(0, 256, (1, seq_len), device="cuda")  # each GPU: seq_len / 4
+        booster.backward(model(input_ids=ids, labels=ids).loss, optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+print(checked_here(colossalai_sequence_parallel))
+
+# %%
 # The same plugin takes ``pp_size`` (with ``num_microbatches``) next to ``sp_size``; in the
 # ``"all_to_all"`` mode the data-parallel size is what remains of the world size,
 # ``world // (sp_size * pp_size * tp_size)``. Check your release before relying on it: some

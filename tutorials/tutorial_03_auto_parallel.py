@@ -641,19 +641,34 @@ best.style.format({"step (s)": "{:.2f}", "MFU": "{:.3f}", "memory (GB)": "{:.1f}
 # -----------------------------------
 # Colossal-AI's auto-parallel (``colossalai.auto_parallel``) does the same five steps with a
 # richer strategy space (sharding specs over every dimension, reduce-scatter, more ops), a
-# profiler-based cost model, and activation checkpointing solved jointly (rotor). It needs CUDA,
-# so the block below is **not executed on CPU**; it is the Colossal-AI 0.3-0.5 API::
-#
-#     import colossalai
-#     from colossalai.auto_parallel.tensor_shard.initialize import autoparallelize
-#
-#     colossalai.launch_from_torch()                # torchrun --nproc-per-node=4 train.py
-#     model = resnet50(width=64).cuda()
-#     data = {"x": torch.rand(128, 3, 224, 224, device="meta")}
-#     gm = autoparallelize(model, data, device_mesh=None,  # 2 x 2 mesh found from 4 GPUs
-#                          alpha_beta_dict=None,           # profiled alpha-beta per mesh axis
-#                          memory_budget=8 * 1024**3)      # bytes per GPU
-#     out = gm(x.cuda()); loss_fn(out, y).backward()
-#
+# profiler-based cost model, and activation checkpointing solved jointly (rotor). Its entry
+# point takes the model, the input shapes as ``meta`` tensors keyed by ``forward``'s argument
+# names, and the logical mesh. **Checked against colossalai 0.5.0, needs CUDA**: the cell
+# defines the function and checks it against the installed release; it does not run it.
+
+from cai_labs.colossal import checked_here
+
+
+def colossalai_autoparallel(steps: int = 10) -> None:
+    """Colossal-AI 0.5.0 on 4 GPUs: ``colossalai run --nproc_per_node 4 train.py``."""
+    import colossalai
+    from colossalai.auto_parallel.tensor_shard.initialize import autoparallelize
+
+    colossalai.launch_from_torch()
+    model = resnet50(width=64, seed=SEED).cuda()
+    meta_args = {"x": torch.empty(128, 3, 224, 224, device="meta")}  # shapes, no data
+    gm = autoparallelize(model, meta_args, logical_mesh_shape=(2, 2), memory_budget=8 * 1024**3)
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1)
+    for _ in range(steps):
+        x = torch.randn(128, 3, 224, 224, device="cuda")
+        y = torch.randint(0, 10, (128,), device="cuda")
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(gm(x), y).backward()
+        optimizer.step()
+
+
+print(checked_here(colossalai_autoparallel))
+
+# %%
 # The same page runs under ``torchrun --nproc-per-node=4`` with cai_labs: ``launch`` joins the
 # process group from the environment, and the calibration then measures NCCL instead of gloo.

@@ -485,21 +485,32 @@ serving.style.format({"weights per GPU (GB)": "{:.1f}", "KV-cache tokens that fi
 # longest request ends: *continuous batching* admits new requests into the running batch at
 # every decoding step, and a *paged* key/value cache stores each request's keys and values in
 # fixed-size blocks so that batches of very different lengths share GPU memory. Colossal-AI's
-# inference engine does both, for the model families in its support matrix (Llama-style models
-# among them; check the matrix of your Colossal-AI version for yours). Its use looks like this
-# (**not executed on CPU**: it requires CUDA)::
-#
-#     import colossalai
-#     import torch
-#     import transformers
-#     from colossalai.inference import InferenceConfig, InferenceEngine
-#
-#     colossalai.launch_from_torch()
-#     model = transformers.AutoModelForCausalLM.from_pretrained(CHECKPOINT_DIR).cuda()
-#     tokenizer = transformers.AutoTokenizer.from_pretrained(CHECKPOINT_DIR)
-#     config = InferenceConfig(dtype=torch.float16, max_batch_size=16,
-#                              max_input_len=256, max_output_len=64)
-#     engine = InferenceEngine(model, tokenizer, config, verbose=True)
-#     print(engine.generate(prompts=["Who trained this model?"]))
-#
+# inference engine does both, for the model families it has policies for: in 0.5.0,
+# ``LlamaForCausalLM`` and ``BaichuanForCausalLM`` (not OPT, which this page serves), so the
+# checkpoint below is a Llama one. Its use looks like this
+# (**checked against colossalai 0.5.0, needs CUDA**: the cell defines the function and checks
+# it against the installed release).
+
+from cai_labs.colossal import checked_here
+
+
+def colossalai_generate(llama_dir: str, prompts: list[str]) -> list[str]:
+    """Colossal-AI 0.5.0's engine on a GPU: ``colossalai run --nproc_per_node 1 serve.py``."""
+    import colossalai
+    import transformers
+    from colossalai.inference import InferenceConfig, InferenceEngine
+
+    colossalai.launch_from_torch()
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).cuda()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    config = InferenceConfig(
+        dtype=torch.float16, max_batch_size=16, max_input_len=256, max_output_len=64
+    )
+    engine = InferenceEngine(model, tokenizer, config, verbose=True)
+    return engine.generate(prompts=prompts)
+
+
+print(checked_here(colossalai_generate))
+
+# %%
 # Only the CPU runs on this page were executed for this build.

@@ -549,28 +549,41 @@ unet.style.format("{:.2f}")
 # %%
 # Running it on GPUs with Colossal-AI
 # -----------------------------------
-# On a GPU cluster the same ``LightningModule`` trains with Colossal-AI's strategy instead of
-# ``ZeroStrategy``: ``lightning-colossalai`` wraps the module in Gemini (ZeRO-3 over chunks,
-# with parameters and optimizer state placed between GPU and CPU memory by a policy) and needs
-# fp16 mixed precision and Colossal-AI's ``HybridAdam``. This code was **not executed on CPU**
-# (Colossal-AI's ZeRO/Gemini require CUDA)::
-#
-#     import lightning as L
-#     from colossalai.nn.optimizer import HybridAdam
-#     from lightning_colossalai import ColossalAIStrategy
-#
-#     class GPUDiffusionModule(DiffusionModule):
-#         def configure_sharded_model(self):      # ColossalAIStrategy builds the model here
-#             ...
-#         def configure_optimizers(self):
-#             return HybridAdam(self.parameters(), lr=1e-4)
-#
-#     strategy = ColossalAIStrategy(placement_policy="auto",   # or "cuda" / "cpu" offload
-#                                   initial_scale=2**16)
-#     trainer = L.Trainer(accelerator="gpu", devices=8, num_nodes=1, precision="16-mixed",
-#                         strategy=strategy, max_steps=100_000)
-#     trainer.fit(GPUDiffusionModule(), dataloader)
-#
+# Colossal-AI's Lightning strategy, ``lightning_colossalai.ColossalAIStrategy``, stopped at
+# release 0.1.0, written against Colossal-AI 0.2: it imports ``colossalai.nn.parallel.GeminiDDP``,
+# ``colossalai.zero.ZeroOptimizer`` and ``colossalai.core``, none of which exist in 0.5.0. With
+# 0.5.0 the same module trains through the ``Booster`` instead: Gemini (ZeRO-3 over chunks, with
+# parameters and optimizer state placed between GPU and CPU memory by a policy) wraps the UNet,
+# the part that trains, as Colossal-AI's own DreamBooth example does, with fp16 and its
+# ``HybridAdam``. **Checked against colossalai 0.5.0, needs CUDA** (Gemini does).
+
+from cai_labs.colossal import checked_here
+
+
+def colossalai_gemini_unet(module: DiffusionModule, steps: int = 100) -> None:
+    """The page's module with Gemini on its UNet: ``colossalai run --nproc_per_node 8``."""
+    import itertools
+
+    import colossalai
+    from colossalai.booster import Booster
+    from colossalai.booster.plugin import GeminiPlugin
+    from colossalai.nn.optimizer import HybridAdam
+
+    colossalai.launch_from_torch()
+    booster = Booster(plugin=GeminiPlugin(placement_policy="auto", precision="fp16"))
+    optimizer = HybridAdam(module.unet.parameters(), lr=1e-4)
+    module.unet, optimizer, *_ = booster.boost(module.unet, optimizer)
+    module.text_encoder.cuda()
+    for images, captions, _ in itertools.islice(loader(), steps):
+        loss = module.diffusion_loss(images.cuda(), captions, module.step_generator())
+        booster.backward(loss, optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+print(checked_here(colossalai_gemini_unet))
+
+# %%
 # With this page's own pieces, the same run on GPUs is ``torchrun --nproc-per-node=8`` over this
 # page: ``rank_trainer`` picks Lightning's ``"gpu"`` accelerator and the rank's own GPU when
 # ``cai_labs.device()`` is one (the process group then comes from ``torchrun``'s environment).
