@@ -186,7 +186,7 @@ class Scheduler:
             return []
         budget = self.max_batch_tokens - self.active - self.prefill_chunk * len(self.prefilling)
         group: list[Sequence] = []
-        longest = 0
+        longest, now = 0, time.perf_counter()
         while self.waiting and self.active + len(group) < self.max_batch_size:
             seq = self.waiting[0]
             n = len(seq.job.prompt_ids)
@@ -195,7 +195,7 @@ class Scheduler:
             if cost > budget and (group or self.active):
                 break
             self.waiting.popleft()
-            seq.admitted = time.perf_counter()
+            seq.admitted = now
             budget -= cost
             if n > self.prefill_chunk:
                 self.prefilling.append(seq)

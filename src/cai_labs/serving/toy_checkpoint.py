@@ -80,8 +80,13 @@ def make_toy_checkpoint(
     vocab_size: int = 512,
     max_positions: int = 256,
     seed: int = 0,
+    init_std: float = 0.02,
+    chat_template: str | None = None,
 ) -> Path:
     """Save a random ``OPTForCausalLM`` and its tokenizer to ``path``; return the path.
+
+    ``init_std`` is the weights' initial spread (larger: less uniform, more varied text);
+    ``chat_template`` (Jinja, as in transformers) is saved with the tokenizer if given.
 
     Load it back with :meth:`cai_labs.serving.GenerationEngine.from_pretrained` or
     ``OPTForCausalLM.from_pretrained(path)``.
@@ -103,11 +108,14 @@ def make_toy_checkpoint(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        init_std=init_std,
     )
     torch.manual_seed(seed)
     model = OPTForCausalLM(config).eval()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(path)
     return path
