@@ -14,6 +14,8 @@ One concept per module:
 * :mod:`~cai_labs.serving.service` — :class:`Service`: engine, batcher, cache, metrics and the
   one path of a request.
 * :mod:`~cai_labs.serving.openai_api` — the OpenAI-compatible bodies.
+* :mod:`~cai_labs.serving.tensor_parallel` — the scheduler on a 1D tensor-parallel OPT, every
+  rank in step with rank 0.
 * :mod:`~cai_labs.serving.cache` — :class:`LRUCache` of deterministic results.
 * :mod:`~cai_labs.serving.metrics` — :class:`ServerMetrics` behind ``/metrics``.
 * :mod:`~cai_labs.serving.schemas` — the JSON bodies (and so the OpenAPI docs).
