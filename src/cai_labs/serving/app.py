@@ -71,7 +71,10 @@ def _error(service: Service, status: int, message: str, headers=None, detail=Non
 
 class _BodyLimit:
     """ASGI middleware refusing bodies whose Content-Length exceeds ``limit`` bytes (413),
-    before anything reads or parses them."""
+    before anything parses them. The body is read and dropped first (up to ``DRAIN`` times the
+    limit), so that the client, still sending, gets the answer instead of a reset connection."""
+
+    DRAIN = 64
 
     def __init__(self, app, limit: int, service: Service) -> None:
         self.app, self.limit, self.service = app, limit, service
@@ -80,6 +83,7 @@ class _BodyLimit:
         if scope["type"] == "http":
             length = dict(scope.get("headers") or []).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.limit:
+                await self._drain(receive)
                 message = (
                     f"request body is {int(length)} bytes; the limit is {self.limit} bytes: "
                     "send a shorter prompt"
@@ -87,6 +91,14 @@ class _BodyLimit:
                 await _error(self.service, 413, message)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    async def _drain(self, receive) -> None:
+        seen = 0
+        while seen <= self.DRAIN * self.limit:
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
 
 
 def _describe(errors: list[dict]) -> str:

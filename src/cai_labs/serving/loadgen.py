@@ -9,7 +9,8 @@ tool for measuring a server on this machine, not for loading anyone else's.
 
 Latency is measured by the client, from sending to the full answer; throughput is successful
 answers per second of the run's wall time; p50/p99 are the 50th/99th percentiles of the
-successful requests' latencies (p99: 1 request in 100 is slower).
+successful requests' latencies (p99: 1 request in 100 is slower). A payload is a JSON-able dict
+sent to ``path``, or a ``(path, raw bytes)`` pair (malformed bodies, other endpoints).
 """
 
 from __future__ import annotations
@@ -72,9 +73,28 @@ def check_loopback(url: str) -> None:
     )
 
 
+async def _post(client: httpx.AsyncClient, path: str, payload) -> httpx.Response:
+    if isinstance(payload, tuple):
+        where, body = payload
+        return await client.post(where, content=body, headers={"content-type": "application/json"})
+    return await client.post(path, json=payload)
+
+
+def _count(r: httpx.Response, counters: dict) -> None:
+    """Tokens (and cache hits) of a JSON answer of /generate or /v1/completions."""
+    if not r.headers.get("content-type", "").startswith("application/json"):
+        return
+    body = r.json()
+    if "completion_tokens" in body:
+        counters["tokens"] += body["completion_tokens"]
+        counters["cached"] += body.get("cached", False)
+    elif "usage" in body:
+        counters["tokens"] += body["usage"]["completion_tokens"]
+
+
 async def run_load(
     url: str,
-    payloads: list[dict],
+    payloads: list,
     *,
     concurrency: int,
     max_requests: int,
@@ -103,17 +123,14 @@ async def run_load(
                 counters["next"] += 1
                 sent = time.perf_counter()
                 try:
-                    r = await client.post(path, json=payload)
+                    r = await _post(client, path, payload)
                 except httpx.HTTPError:
                     statuses[-1] += 1
                     continue
                 statuses[r.status_code] += 1
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - sent)
-                    if path == "/generate":
-                        body = r.json()
-                        counters["tokens"] += body["completion_tokens"]
-                        counters["cached"] += body["cached"]
+                    _count(r, counters)
 
         await asyncio.gather(*(user() for _ in range(concurrency)))
     seconds = time.perf_counter() - start
@@ -138,7 +155,7 @@ async def run_load(
     )
 
 
-def load_test(url: str, payloads: list[dict], **kwargs) -> LoadResult:
+def load_test(url: str, payloads: list, **kwargs) -> LoadResult:
     """Blocking wrapper of :func:`run_load` (works in scripts and inside a running event loop,
     e.g. Jupyter, by running in a helper thread)."""
     try:

@@ -13,7 +13,17 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-__all__ = ["stdlib_text", "train_toy_tokenizer", "make_toy_checkpoint"]
+__all__ = [
+    "stdlib_text",
+    "train_toy_tokenizer",
+    "make_toy_checkpoint",
+    "OPT_125M_SHAPE",
+    "make_opt_125m_shaped_checkpoint",
+]
+
+# facebook/opt-125m's config.json (hidden size, layers, heads, MLP width, positions); the
+# vocabulary is the toy tokenizer's.
+OPT_125M_SHAPE = dict(hidden=768, layers=12, heads=12, ffn=3072, max_positions=2048)
 
 
 def stdlib_text(max_docs: int = 400) -> list[str]:
@@ -119,3 +129,9 @@ def make_toy_checkpoint(
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(path)
     return path
+
+
+def make_opt_125m_shaped_checkpoint(path: str | Path, vocab_size: int = 4096, seed: int = 0):
+    """A random OPT with facebook/opt-125m's shape (about 90M parameters with this
+    vocabulary), for benchmarks: real per-token compute and KV-cache sizes, gibberish text."""
+    return make_toy_checkpoint(path, vocab_size=vocab_size, seed=seed, **OPT_125M_SHAPE)
