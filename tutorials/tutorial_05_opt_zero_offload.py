@@ -202,7 +202,7 @@ def ddp_comm_hook(state, bucket):
     return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
 
 
-def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
+def train_worker(method: str, steps: int, keep_weights: bool = False) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     model, tok = load_checkpoint(base_dir)
     model.train()
@@ -274,13 +274,8 @@ def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
         out["chunks"] = model.manager.stats()
         out["trace"] = model.manager.trace
         out["states"] = model.state_bytes()
-    if save_to is not None:  # gather the full weights (a collective), save on rank 0
-        full = model.full_state_dict()
-        if rank == 0:
-            plain, _ = load_checkpoint(base_dir)
-            plain.load_state_dict(full)
-            plain.save_pretrained(save_to)
-            tok.save_pretrained(save_to)
+    if keep_weights:  # gather the full weights (a collective); rank 0 hands them back
+        out["weights"] = model.full_state_dict()
     return out
 
 
@@ -581,13 +576,18 @@ fig.tight_layout()
 # Fine-tune with ZeRO-3, save, reload, measure
 # --------------------------------------------
 # The real run: ``FINETUNE_STEPS`` steps of ZeRO-3 on 4 ranks. At the end the ranks all-gather
-# the full weights (``full_state_dict``) and rank 0 writes them with ``save_pretrained``: the
-# checkpoint is an ordinary Hugging Face directory that the serving tutorial loads, and that
-# ``from_pretrained`` reads back here for the final measurement.
+# the full weights (``full_state_dict``) and rank 0 hands them back; the page writes them with
+# ``save_pretrained`` (under torchrun every process gets rank 0's weights and writes its own
+# copy): the checkpoint is an ordinary Hugging Face directory that the serving tutorial loads,
+# and that ``from_pretrained`` reads back here for the final measurement.
 
 finetuned_dir = WORK_DIR / "finetuned"
 start = time.perf_counter()
-final = launch(train_worker, WORLD_SIZE, "ZeRO-3", FINETUNE_STEPS, str(finetuned_dir))
+final = launch(train_worker, WORLD_SIZE, "ZeRO-3", FINETUNE_STEPS, True)
+tuned, tuned_tok = load_checkpoint(base_dir)  # the architecture; the weights come next
+tuned.load_state_dict(final.pop("weights"))
+tuned.save_pretrained(finetuned_dir)
+tuned_tok.save_pretrained(finetuned_dir)
 print(
     f"ZeRO-3 fine-tuning: {FINETUNE_STEPS} steps in {time.perf_counter() - start:.1f} s, "
     f"loss {final['losses'][0]:.3f} -> {final['losses'][-1]:.4f}"
