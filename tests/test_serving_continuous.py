@@ -54,12 +54,23 @@ def _staggered(scheduler: Scheduler, jobs: list[GenerationJob]):
     return seqs, reports
 
 
-def test_each_request_gets_its_text_alone(engine):
+def test_each_request_gets_its_text_alone(engine, monkeypatch):
     jobs = _jobs(engine)
     alone = [engine.generate_batch([job])[0].token_ids for job in jobs]  # transformers generate
+    widths = []  # tokens per row of every forward pass
+    forward = engine.forward
+    monkeypatch.setattr(
+        engine, "forward", lambda ids, *a: widths.append(ids.shape) or forward(ids, *a)
+    )
     scheduler = Scheduler(engine, max_batch_size=3, max_batch_tokens=64, prefill_chunk=16)
     seqs, reports = _staggered(scheduler, jobs)
     assert [s.tokens for s in seqs] == alone
+    # Short newcomers joining a running batch were prefilled inside its decoding pass; the
+    # long prompt (81 tokens) went alone, in chunks of 16 tokens (the last one of 1 token).
+    mixed = [r for r in reports if r.mixed]
+    assert mixed and all(r.decoded > sum(r.joined) for r in mixed)
+    chunks = [shape for shape in widths if shape[0] == 1 and shape[1] > 1]
+    assert len(chunks) == len(jobs[4].prompt_ids) // 16 and max(s[1] for s in chunks) == 16
     assert all(s.finish_reason == "length" for s in seqs)
     # It was continuous: requests joined while others decoded, and rows left as they finished.
     assert any(r.joined and r.decoded > sum(r.joined) for r in reports)

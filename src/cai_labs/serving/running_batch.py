@@ -4,9 +4,11 @@ Every row is one request. Its keys and values live in a transformers ``DynamicCa
 layers hold ``(b, heads, L, head_dim)`` tensors, **left**-padded to the longest row ``L``; the
 mask ``(b, L)`` marks real positions with 1 (OPT derives its position ids from it, so a padded
 row computes what the request computes alone). A request joins by concatenating its own cache,
-made by its prefill, padded to a common length (:meth:`RunningBatch.extend`); it leaves by
-dropping its row, after which columns that only held padding are cut (:meth:`RunningBatch.keep`).
-This is the batch surgery of Orca-style iteration-level scheduling on a contiguous cache.
+made by its prefill, padded to a common length (:meth:`RunningBatch.extend`), or is prefilled
+inside a decoding step (:meth:`RunningBatch.add_rows`, then :meth:`RunningBatch.close_gap`); it
+leaves by dropping its row, after which columns that only held padding are cut
+(:meth:`RunningBatch.keep`). This is the batch surgery of Orca-style iteration-level scheduling
+on a contiguous cache.
 """
 
 from __future__ import annotations
@@ -50,12 +52,44 @@ class RunningBatch:
         self.seqs = [self.seqs[i] for i in rows]
         self.mask = self.mask[index]
         self.last = self.last[index]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index]
+            layer.values = layer.values[index]
+        self._trim()
+
+    def _trim(self) -> None:
         real = self.mask.any(dim=0)
         start = int(real.float().argmax()) if bool(real.any()) else self.length
-        self.mask = self.mask[:, start:]
+        if start:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, start:]
+                layer.values = layer.values[:, :, start:]
+
+    def add_rows(self, n: int) -> None:
+        """Append ``n`` rows of padding to the cache (new requests prefilled by the next step)."""
         for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
+            layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((n, *layer.keys.shape[1:]))])
+            layer.values = torch.cat(
+                [layer.values, layer.values.new_zeros((n, *layer.values.shape[1:]))]
+            )
+
+    def close_gap(self, rows: int, at: int, size: int) -> None:
+        """The first ``rows`` rows hold ``size`` padding columns at ``at``: move them to the
+        front of those rows (masked either way; at the front they can be cut)."""
+        if size == 0:
+            return
+
+        def move(t: torch.Tensor, dim: int) -> torch.Tensor:
+            old, end = t[:rows], t.shape[dim] - at - size
+            parts = [old.narrow(dim, at, size), old.narrow(dim, 0, at)]
+            moved = torch.cat([*parts, old.narrow(dim, at + size, end)], dim)
+            return torch.cat([moved, t[rows:]])
+
+        self.mask = move(self.mask, 1)
+        for layer in self.cache.layers:
+            layer.keys, layer.values = move(layer.keys, 2), move(layer.values, 2)
+        self._trim()
 
     def extend(self, other: RunningBatch) -> None:
         """Append ``other``'s rows, left-padding the shorter of the two caches."""

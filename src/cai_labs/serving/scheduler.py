@@ -5,8 +5,11 @@ and the token budget allow), prefill them (short prompts together in one left-pa
 long prompts alone in chunks of ``prefill_chunk`` tokens, one chunk per iteration, so decoding of
 the others goes on between chunks), sample their first token, merge their KV caches into the
 running batch, run one decoding step over every running request, and let finished requests
-leave. ``policy="static"`` admits only into an empty batch: the batch then runs until its
-longest request ends (what one ``generate`` call per batch does), the baseline of the benchmark.
+leave. Short prompts (at most ``mix_tokens``) are prefilled *inside* the decoding step: one
+forward pass feeds each running request its last token and each new request its prompt, so a
+join costs no extra pass over the weights (on memory-bound hardware, most of a step's time).
+``policy="static"`` admits only into an empty batch: the batch then runs until its longest
+request ends (what one ``generate`` call per batch does), the baseline of the benchmark.
 
 The scheduler is synchronous and single-threaded; :mod:`~cai_labs.serving.batcher` drives it
 from the event loop, one step per call on a worker thread.
@@ -20,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from cai_labs.serving.engine import Completion, GenerationEngine, GenerationJob
 from cai_labs.serving.running_batch import RunningBatch
@@ -83,6 +87,7 @@ class StepReport:
     prefill_tokens: int
     seconds: float
     joined: list[int] = field(default_factory=list)  # sizes of the prefill groups that joined
+    mixed: bool = False  # a group was prefilled inside the decoding pass
 
 
 class Scheduler:
@@ -95,6 +100,8 @@ class Scheduler:
             plus the prefill tokens, padding included); bounds an iteration's time and memory.
         prefill_chunk: prompts longer than this are prefilled in chunks of this many tokens.
         policy: ``"continuous"`` or ``"static"``.
+        mix_tokens: newcomers whose prompts are at most this long are prefilled in the decoding
+            step (0: always in a pass of their own).
     """
 
     def __init__(
@@ -104,6 +111,7 @@ class Scheduler:
         max_batch_tokens: int = 2048,
         prefill_chunk: int = 256,
         policy: str = "continuous",
+        mix_tokens: int = 32,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -117,6 +125,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.prefill_chunk = prefill_chunk
         self.policy = policy
+        self.mix_tokens = mix_tokens
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.running: RunningBatch | None = None
@@ -163,15 +172,24 @@ class Scheduler:
         self._retire_cancelled()
         group = self._admit()
         prefill_tokens, joined = self._prefill_chunks()
-        if group:
-            prefill_tokens += len(group) * max(len(s.job.prompt_ids) for s in group)
-            self._prefill_group(group)
-            joined.append(len(group))
         decoded = len(self.running) if self.running else 0
-        if decoded:
-            self._decode()
+        width = max((len(s.job.prompt_ids) for s in group), default=0)
+        if group:
+            prefill_tokens += len(group) * width
+            joined.append(len(group))
+        mixed = bool(group and decoded and width <= self.mix_tokens)
+        if mixed:
+            self._decode(group)  # one pass: prefill the newcomers, decode the others
+            decoded += len(group)
+        else:
+            if group:
+                self._prefill_group(group)
+            decoded = len(self.running) if self.running else 0
+            if decoded:
+                self._decode()
         done, self._done = self._done, []
-        return StepReport(done, decoded, prefill_tokens, time.perf_counter() - start, joined)
+        seconds = time.perf_counter() - start
+        return StepReport(done, decoded, prefill_tokens, seconds, joined, mixed)
 
     def run(self, jobs: list[GenerationJob]) -> list[Completion]:
         """Serve ``jobs`` (all queued now) to the end, offline; one completion per job."""
@@ -243,10 +261,27 @@ class Scheduler:
         else:
             self.running.extend(piece)
 
-    def _decode(self) -> None:
-        batch = self.running
-        batch.mask = torch.cat([batch.mask, torch.ones((len(batch), 1), dtype=torch.long)], 1)
-        logits = self.engine.forward(batch.last[:, None], batch.mask, batch.cache)
+    def _decode(self, group: list[Sequence] = ()) -> None:
+        """One decoding step of the running batch; with ``group``, the same forward pass also
+        prefills those newcomers (their prompts left-padded to a common width ``w``; each
+        running row gets ``w - 1`` pads before its last token, then moved to its front)."""
+        batch, n = self.running, len(self.running)
+        ids, mask = batch.last[:, None], torch.ones((n, 1), dtype=torch.long)
+        length = batch.length
+        if group:
+            new_ids, new_mask = self.engine.pad_left([s.job.prompt_ids for s in group])
+            width = new_ids.shape[1]
+            ids = torch.cat([F.pad(ids, (width - 1, 0), value=self.engine.pad_id), new_ids])
+            mask = torch.cat([F.pad(mask, (width - 1, 0)), new_mask])
+            batch.mask = torch.cat(
+                [batch.mask, torch.zeros((len(group), length), dtype=torch.long)]
+            )
+            batch.add_rows(len(group))
+            batch.seqs = batch.seqs + list(group)
+        batch.mask = torch.cat([batch.mask, mask], 1)
+        logits = self.engine.forward(ids, batch.mask, batch.cache)
+        if group:
+            batch.close_gap(n, length, width - 1)
         tokens = self.agree([s.sampler(logits[i]) for i, s in enumerate(batch.seqs)])
         batch.last = torch.tensor(tokens, dtype=torch.long)
         for seq, token in zip(batch.seqs, tokens):
