@@ -5,9 +5,10 @@ and the token budget allow), prefill them (short prompts together in one left-pa
 long prompts alone in chunks of ``prefill_chunk`` tokens, one chunk per iteration, so decoding of
 the others goes on between chunks), sample their first token, merge their KV caches into the
 running batch, run one decoding step over every running request, and let finished requests
-leave. Short prompts (at most ``mix_tokens``) are prefilled *inside* the decoding step: one
-forward pass feeds each running request its last token and each new request its prompt, so a
-join costs no extra pass over the weights (on memory-bound hardware, most of a step's time).
+leave. While the batch is at least half full, newcomers wait up to ``join_wait`` iterations to
+join together, so that one prefill pass serves several. When the padding it costs is small
+(``mix_tokens``), the prefill happens *inside* the decoding step: one forward pass feeds each
+running request its last token and each new request its prompt.
 ``policy="static"`` admits only into an empty batch: the batch then runs until its longest
 request ends (what one ``generate`` call per batch does), the baseline of the benchmark.
 
@@ -66,6 +67,7 @@ class Sequence:
     cache: object | None = None  # its own cache while a long prompt is prefilled in chunks
     prefilled: int = 0
     most_company: int = 0  # largest running batch it was decoded in
+    queued_step: int = 0  # the scheduler iteration it arrived at
 
     def completion(self) -> Completion:
         start = self.admitted or self.arrived
@@ -100,8 +102,12 @@ class Scheduler:
             plus the prefill tokens, padding included); bounds an iteration's time and memory.
         prefill_chunk: prompts longer than this are prefilled in chunks of this many tokens.
         policy: ``"continuous"`` or ``"static"``.
-        mix_tokens: newcomers whose prompts are at most this long are prefilled in the decoding
-            step (0: always in a pass of their own).
+        mix_tokens: newcomers are prefilled inside the decoding pass when that costs at most
+            this many padding tokens (each running row gets ``prompt width - 1`` pads); else in
+            a pass of their own.
+        join_wait: a running batch less than half empty admits newcomers only once the oldest
+            has waited this many iterations, so that prefill passes are shared by several
+            newcomers instead of interrupting every step (as TGI's ``max_waiting_tokens``).
     """
 
     def __init__(
@@ -112,6 +118,7 @@ class Scheduler:
         prefill_chunk: int = 256,
         policy: str = "continuous",
         mix_tokens: int = 32,
+        join_wait: int = 4,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -126,6 +133,8 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.policy = policy
         self.mix_tokens = mix_tokens
+        self.join_wait = join_wait
+        self.steps = 0
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.running: RunningBatch | None = None
@@ -137,6 +146,7 @@ class Scheduler:
     def add(self, job: GenerationJob, arrived: float | None = None) -> Sequence:
         """Queue ``job``; returns its :class:`Sequence` (finished when ``finish_reason`` is set)."""
         seq = Sequence(job, job.sampler(self.engine.eos_id))
+        seq.queued_step = self.steps
         if arrived is not None:
             seq.arrived = arrived
         self.waiting.append(seq)
@@ -169,6 +179,7 @@ class Scheduler:
     def step(self) -> StepReport:
         """Admit, prefill, decode once, retire finished requests (see the module docstring)."""
         start = time.perf_counter()
+        self.steps += 1
         self._retire_cancelled()
         group = self._admit()
         prefill_tokens, joined = self._prefill_chunks()
@@ -177,7 +188,7 @@ class Scheduler:
         if group:
             prefill_tokens += len(group) * width
             joined.append(len(group))
-        mixed = bool(group and decoded and width <= self.mix_tokens)
+        mixed = bool(group and decoded and decoded * (width - 1) <= self.mix_tokens)
         if mixed:
             self._decode(group)  # one pass: prefill the newcomers, decode the others
             decoded += len(group)
@@ -200,7 +211,7 @@ class Scheduler:
 
     def _admit(self) -> list[Sequence]:
         """Move waiting requests in: short prompts into one prefill group, long ones to chunks."""
-        if self.policy == "static" and self.active:
+        if self.policy == "static" and self.active or self._defer():
             return []
         budget = self.max_batch_tokens - self.active - self.prefill_chunk * len(self.prefilling)
         group: list[Sequence] = []
@@ -221,6 +232,12 @@ class Scheduler:
                 group.append(seq)
                 longest = max(longest, n)
         return group
+
+    def _defer(self) -> bool:
+        """Continuous: let newcomers gather while the batch is at least half full."""
+        if not self.waiting or not self.running or 2 * self.active < self.max_batch_size:
+            return False
+        return self.steps - self.waiting[0].queued_step < self.join_wait
 
     def _prefill_group(self, group: list[Sequence]) -> None:
         ids, mask = self.engine.pad_left([s.job.prompt_ids for s in group])
