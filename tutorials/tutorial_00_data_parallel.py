@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cai_labs import Ledger, comm_totals, launch
+from cai_labs import Ledger, comm_totals, device, launch
 from cai_labs.data import load_digits_split
 from cai_labs.data_parallel import BucketedDataParallel, allreduce_gradients, shard_batch
 from cai_labs.models import MLP
@@ -67,12 +67,13 @@ def batches(epoch: int):
     order = epoch_order(epoch)
     for start in range(0, len(order) - GLOBAL_BATCH + 1, GLOBAL_BATCH):
         idx = order[start : start + GLOBAL_BATCH]
-        yield data.x_train[idx], data.y_train[idx]
+        yield data.x_train[idx].to(device()), data.y_train[idx].to(device())
 
 
 def accuracy(model: nn.Module) -> float:
     with torch.no_grad():
-        return (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+        x, y = data.x_test.to(device()), data.y_test.to(device())
+        return (model(x).argmax(1) == y).float().mean().item()
 
 
 model = MLP(hidden=HIDDEN, seed=SEED)
@@ -125,7 +126,7 @@ def ddp_comm_hook(state, bucket):
 def summarize(plain: nn.Module, local_losses: list, times: list, **extra) -> dict:
     """What a worker hands back. The full-batch loss of a step is the mean of the ranks' losses
     (gathered after training, outside the ledger: it is reporting, not training)."""
-    losses = torch.tensor(local_losses)
+    losses = torch.tensor(local_losses, device=device())
     dist.all_reduce(losses)
     return {
         "losses": (losses / dist.get_world_size()).tolist(),
@@ -139,7 +140,7 @@ def summarize(plain: nn.Module, local_losses: list, times: list, **extra) -> dic
 
 def train_worker(sync: str) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = MLP(hidden=HIDDEN, seed=SEED)
+    model = MLP(hidden=HIDDEN, seed=SEED).to(device())
     if sync == "bucketed":
         model = BucketedDataParallel(model, bucket_mb=0.25)
     elif sync == "ddp":
@@ -192,8 +193,9 @@ reference_grads = [p.grad.clone() for p in reference.parameters()]
 
 
 def one_gradient() -> list[torch.Tensor]:
-    model = MLP(hidden=HIDDEN, seed=SEED)
-    xs, ys = shard_batch(x0, y0, rank=dist.get_rank(), world_size=dist.get_world_size())
+    model = MLP(hidden=HIDDEN, seed=SEED).to(device())
+    x, y = x0.to(device()), y0.to(device())
+    xs, ys = shard_batch(x, y, rank=dist.get_rank(), world_size=dist.get_world_size())
     nn.functional.cross_entropy(model(xs), ys).backward()
     allreduce_gradients(model)
     return [p.grad for p in model.parameters()]
@@ -250,7 +252,7 @@ def colossalai_worker() -> dict:
     from colossalai.booster.plugin import TorchDDPPlugin
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = MLP(hidden=HIDDEN, seed=SEED)
+    model = MLP(hidden=HIDDEN, seed=SEED).to(device())
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     booster = Booster(plugin=TorchDDPPlugin())
     model, optimizer, *_ = booster.boost(model, optimizer)
@@ -384,7 +386,8 @@ fig.tight_layout()
 #
 #     torchrun --nproc-per-node=4 tutorial_00_data_parallel.py
 #
-# (move the batch and model to ``cai_labs.launcher.device()`` for GPU speed). Colossal-AI's
+# (the workers already put their model and batches on ``cai_labs.device()``, the rank's GPU
+# there and the CPU here). Colossal-AI's
 # launch of the same Booster code on a GPU cluster is::
 #
 #     colossalai run --nproc_per_node 4 train.py   # train.py calls colossalai.launch_from_torch()

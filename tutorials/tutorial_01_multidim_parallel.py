@@ -60,7 +60,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from cai_labs import Ledger, launch
+from cai_labs import Ledger, device, launch
 from cai_labs.data.char_corpus import load_char_corpus
 from cai_labs.layout_costs import classify_comm, predicted_cost
 from cai_labs.layouts import PRESETS, Layout
@@ -91,7 +91,8 @@ print(f"parameters: {sum(p.numel() for p in GPT(CFG).parameters()):,}")
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same global batch for step ``step`` on every rank: a seeded draw, no communication."""
-    return corpus.batch(step, BATCH, CFG.seq_len, seed=SEED)
+    x, y = corpus.batch(step, BATCH, CFG.seq_len, seed=SEED)
+    return x.to(device()), y.to(device())
 
 
 # %%
@@ -407,8 +408,8 @@ LOSS_RANKS = (2, 4)
 def loss_worker() -> dict:
     n, r, group = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
     gen = torch.Generator().manual_seed(SEED)
-    logits = torch.randn(LOSS_BATCH, CFG.seq_len, LOSS_VOCAB, generator=gen)
-    targets = torch.randint(LOSS_VOCAB, (LOSS_BATCH, CFG.seq_len), generator=gen)
+    logits = torch.randn(LOSS_BATCH, CFG.seq_len, LOSS_VOCAB, generator=gen).to(device())
+    targets = torch.randint(LOSS_VOCAB, (LOSS_BATCH, CFG.seq_len), generator=gen).to(device())
     serial = logits.clone().requires_grad_()
     serial_loss = F.cross_entropy(serial.flatten(0, 1), targets.flatten(), reduction="sum")
     serial_loss.backward()
@@ -502,7 +503,7 @@ def pipeline_worker() -> list[dict]:
         with Ledger(model=model) as ledger:
             for step in range(PIPE_STEPS):
                 dist.barrier()
-                x, y = corpus.batch(step, PIPE_BATCH, CFG.seq_len)
+                x, y = (t.to(device()) for t in corpus.batch(step, PIPE_BATCH, CFG.seq_len))
                 model.train_step(x, y, optimizer, ledger=ledger, step=step)
         out[schedule] = {"timeline": ledger.timeline, "peak_activations": ledger.peak_activations}
     everyone = [None] * dist.get_world_size()
@@ -672,7 +673,8 @@ fig.tight_layout()
 #
 #     torchrun --nproc-per-node=8 tutorial_01_multidim_parallel.py
 #
-# (move batches to ``cai_labs.launcher.device()``). On a cluster, put the tensor-parallel
+# (its workers already put their batches on ``cai_labs.device()``, and ``ParallelGPT`` its
+# weights: the rank's GPU there, the CPU here). On a cluster, put the tensor-parallel
 # dimension inside a node and the pipeline across nodes: tensor parallelism communicates in
 # every layer, the pipeline only at stage boundaries.
 #

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from transformers import BertForMaskedLM
 from transformers.utils import logging as hf_logging
 
-from cai_labs import Ledger, comm_totals, launch
+from cai_labs import Ledger, comm_totals, device, launch
 from cai_labs.data.mlm import mlm_batch
 from cai_labs.data.stdlib_text import stdlib_docstrings, token_stream, train_wordpiece
 from cai_labs.sequence_parallel import serial_attention, split_sequence
@@ -147,9 +147,10 @@ ATT_B, ATT_H, ATT_L, ATT_D = 2, 4, 32, 8
 def attention_inputs():
     g = torch.Generator().manual_seed(SEED)
     q, k, v, d_out = (
-        torch.randn(ATT_B, ATT_H, ATT_L, ATT_D, generator=g, dtype=torch.float64) for _ in range(4)
+        torch.randn(ATT_B, ATT_H, ATT_L, ATT_D, generator=g, dtype=torch.float64).to(device())
+        for _ in range(4)
     )
-    mask = torch.ones(ATT_B, ATT_L, dtype=torch.long)
+    mask = torch.ones(ATT_B, ATT_L, dtype=torch.long, device=device())
     mask[0, 21:] = 0
     mask[1, 5:9] = 0
     return q, k, v, mask, d_out
@@ -164,7 +165,7 @@ def attention_worker() -> dict:
         out = fn(*local, split_sequence(mask, rank, n, dim=1))
         out.backward(split_sequence(d_out, rank, n, dim=2))
         pieces = [None] * n
-        dist.all_gather_object(pieces, [out.detach()] + [t.grad for t in local])
+        dist.all_gather_object(pieces, [t.cpu() for t in [out.detach()] + [t.grad for t in local]])
         results[name] = [torch.cat([p[i] for p in pieces], dim=2) for i in range(4)]
     return results
 
@@ -221,7 +222,7 @@ print(f"BertForMaskedLM: {LAYERS} layers, hidden {HIDDEN}, {HEADS} heads, {n_par
 def train_worker(sp: int, attention: str, steps: int = STEPS) -> dict:
     """Train on ``sp`` ranks; with more ranks than ``sp``, the rest is data parallelism."""
     grid = make_sp_dp_groups(sp)
-    model = BertForMaskedLM.from_pretrained(checkpoint)
+    model = BertForMaskedLM.from_pretrained(checkpoint).to(device())
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     per_dp = BATCH // grid.dp_size
     rows_mine = slice(grid.dp_rank * per_dp, (grid.dp_rank + 1) * per_dp)
@@ -230,7 +231,7 @@ def train_worker(sp: int, attention: str, steps: int = STEPS) -> dict:
         for step in range(steps):
             b = batch_at(step)
             parts = [
-                split_sequence(t[rows_mine], grid.sp_rank, sp)
+                split_sequence(t[rows_mine].to(device()), grid.sp_rank, sp)
                 for t in (b.input_ids, b.attention_mask, b.labels)
             ]
             start = time.perf_counter()
@@ -319,12 +320,14 @@ def peak_activations(model, length: int, attention: str = "ring") -> float:
     """Peak bytes saved for backward on the busiest rank, one MLM step at sequence ``length``."""
     rank, n = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     b = batch_at(0, seq_len=length, batch=MEMORY_BATCH)
-    parts = [split_sequence(t, rank, n) for t in (b.input_ids, b.attention_mask, b.labels)]
+    parts = [
+        split_sequence(t.to(device()), rank, n) for t in (b.input_ids, b.attention_mask, b.labels)
+    ]
     with Ledger(model=model) as ledger:
         loss = sequence_parallel_mlm_loss(model, *parts, attention=attention)
         loss.backward()
     model.zero_grad(set_to_none=True)
-    peak = torch.tensor(float(ledger.peak_activations))
+    peak = torch.tensor(float(ledger.peak_activations), device=device())
     if n > 1:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the busiest rank sets the need
     return peak.item()
@@ -332,7 +335,7 @@ def peak_activations(model, length: int, attention: str = "ring") -> float:
 
 def memory_worker(budget_bytes: float) -> list[dict]:
     n = dist.get_world_size() if dist.is_initialized() else 1
-    model = BertForMaskedLM.from_pretrained(checkpoint)
+    model = BertForMaskedLM.from_pretrained(checkpoint).to(device())
     points = []
     length = LENGTH_STEP
     while length <= config.max_position_embeddings:
@@ -405,7 +408,7 @@ table.style.format(
 
 
 def variant_memory_worker(length: int) -> dict:
-    model = BertForMaskedLM.from_pretrained(checkpoint)
+    model = BertForMaskedLM.from_pretrained(checkpoint).to(device())
     return {v: peak_activations(model, length, v) / 2**20 for v in ("ring", "all_to_all")}
 
 
@@ -808,7 +811,8 @@ memory_table.style.format(
 #
 #     torchrun --nproc-per-node=4 tutorial_02_sequence_parallel.py
 #
-# (move the model and batches to ``cai_labs.launcher.device()``). Colossal-AI 0.5.0 exposes
+# (the workers already put the model and batches on ``cai_labs.device()``: the rank's GPU
+# there, the CPU here). Colossal-AI 0.5.0 exposes
 # sequence parallelism through its ``HybridParallelPlugin`` for the models its Shardformer has
 # policies for, with the modes ``"split_gather"`` and ``"ring"`` (Megatron-style, alongside
 # tensor parallelism), ``"all_to_all"`` (Ulysses) and ``"ring_attn"`` (ring attention on flash

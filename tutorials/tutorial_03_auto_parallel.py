@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from scipy.stats import spearmanr
 
-from cai_labs import launch
+from cai_labs import device, launch
 from cai_labs.auto_parallel import (
     MemoryBudgetError,
     Mesh,
@@ -85,15 +85,15 @@ torch.set_num_threads(1)  # the ranks use one thread each; so does the serial re
 
 def make_resnet(dtype=torch.float32):
     torch.manual_seed(SEED)
-    model = resnet50(width=RESNET_WIDTH, seed=SEED).to(dtype)
-    return model, torch.randn(BATCH, 3, IMAGE, IMAGE, dtype=dtype)
+    model = resnet50(width=RESNET_WIDTH, seed=SEED).to(device(), dtype)
+    return model, torch.randn(BATCH, 3, IMAGE, IMAGE, dtype=dtype).to(device())
 
 
 def make_gpt(dtype=torch.float32):
     torch.manual_seed(SEED)
-    return Block(GPT_CFG).to(dtype), torch.randn(
+    return Block(GPT_CFG).to(device(), dtype), torch.randn(
         GPT_BATCH, GPT_CFG.seq_len, GPT_CFG.d_model, dtype=dtype
-    )
+    ).to(device())
 
 
 # %%

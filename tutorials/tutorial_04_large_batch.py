@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cai_labs import Ledger, comm_totals, launch
+from cai_labs import Ledger, comm_totals, device, launch
 from cai_labs.data.mnist1d import load_mnist1d_split
 from cai_labs.data_parallel import BucketedDataParallel, allreduce_gradients, shard_batch
 from cai_labs.models.cnn1d import CNN1d
@@ -155,13 +155,14 @@ CHECK_STEPS = 3
 
 
 def check_steps(name: str, world: int, rank: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    m = CNN1d(channels=CHANNELS, seed=SEED).to(dtype)
+    m = CNN1d(channels=CHANNELS, seed=SEED).to(device(), dtype)
     groups = param_groups(m, 5e-4, excluded_lr=0.1 if name == "LARS" else None)
     opt = LARS(groups, lr=5.0) if name == "LARS" else LAMB(groups, lr=0.02)
     for s in range(CHECK_STEPS):
         b = BATCH_SIZES[-1]
         idx = torch.arange(s * b, (s + 1) * b) % N_TRAIN
-        xs, ys = shard_batch(data.x_train[idx], data.y_train[idx], rank=rank, world_size=world)
+        x, y = data.x_train[idx].to(device()), data.y_train[idx].to(device())
+        xs, ys = shard_batch(x, y, rank=rank, world_size=world)
         opt.zero_grad()
         nn.functional.cross_entropy(m(xs.to(dtype)), ys).backward()
         if world > 1:
@@ -232,16 +233,18 @@ def make_optimizer(name: str, model: nn.Module, batch: int, sgd_rate_for_exclude
 
 
 def evaluate(model: nn.Module, rank: int, world: int) -> float:
-    xs, ys = shard_batch(data.x_test, data.y_test, rank=rank, world_size=world)
+    x, y = data.x_test.to(device()), data.y_test.to(device())
+    xs, ys = shard_batch(x, y, rank=rank, world_size=world)
     with torch.no_grad():
-        correct = torch.tensor([(model(xs).argmax(1) == ys).sum().item()], dtype=torch.float64)
+        hits = (model(xs).argmax(1) == ys).sum().item()
+        correct = torch.tensor([hits], dtype=torch.float64, device=device())
     dist.all_reduce(correct)
     return correct.item() / N_TEST
 
 
 def train_one(name: str, batch: int, sgd_rate_for_excluded: bool = True) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = BucketedDataParallel(CNN1d(channels=CHANNELS, seed=SEED), bucket_mb=1.0)
+    model = BucketedDataParallel(CNN1d(channels=CHANNELS, seed=SEED).to(device()), bucket_mb=1.0)
     opt = make_optimizer(name, model.module, batch, sgd_rate_for_excluded)
     peak = opt.param_groups[0]["lr"]
     steps_per_epoch = N_TRAIN // batch
@@ -266,9 +269,8 @@ def train_one(name: str, batch: int, sgd_rate_for_excluded: bool = True) -> dict
         with Ledger(track_activations=False) as ledger:  # counts the training all-reduces
             for s in range(steps_per_epoch):
                 idx = order[s * batch : (s + 1) * batch]
-                xs, ys = shard_batch(
-                    data.x_train[idx], data.y_train[idx], rank=rank, world_size=world
-                )
+                x, y = data.x_train[idx].to(device()), data.y_train[idx].to(device())
+                xs, ys = shard_batch(x, y, rank=rank, world_size=world)
                 start = time.perf_counter()
                 opt.zero_grad()
                 loss = nn.functional.cross_entropy(model(xs), ys)
@@ -652,8 +654,9 @@ else:
 # ------------------
 # ``launch`` uses NCCL when as many GPUs as ranks are visible, and runs in place under
 # ``torchrun``, so this page runs on a 4-GPU node as
-# ``torchrun --nproc-per-node=4 tutorial_04_large_batch.py`` (move data and model to
-# ``cai_labs.launcher.device()``). With Colossal-AI the training loop of a GPU cluster would be
+# ``torchrun --nproc-per-node=4 tutorial_04_large_batch.py`` (the workers already put data and
+# model on ``cai_labs.device()``: the rank's GPU there, the CPU here). With Colossal-AI the
+# training loop of a GPU cluster would be
 # (not executed on CPU)::
 #
 #     import colossalai

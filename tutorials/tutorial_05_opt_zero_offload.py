@@ -54,7 +54,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from cai_labs import Ledger, comm_totals, launch
+from cai_labs import Ledger, comm_totals, device, launch
 from cai_labs.data_parallel import shard_batch
 from cai_labs.offload import ChunkedAdam, ChunkedModel
 from cai_labs.recipes.opt_finetune import (
@@ -257,7 +257,7 @@ def train_worker(method: str, steps: int, keep_weights: bool = False) -> dict:
             optimizer.zero_grad()
             losses.append(loss.item())
     # Full-batch loss per step: the mean of the ranks' losses (outside the ledger).
-    mean_losses = torch.tensor(losses)
+    mean_losses = torch.tensor(losses, device=device())
     dist.all_reduce(mean_losses)
     every_rank = [None] * world
     dist.all_gather_object(every_rank, memory)

@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from cai_labs import gather_reports, launch
+from cai_labs import device, gather_reports, launch
 from cai_labs.diffusion.data import CAPTION_TEMPLATES, load_captioned_digits, prompt_for
 from cai_labs.diffusion.judge import classify, train_digit_classifier
 from cai_labs.diffusion.lightning_module import DiffusionModule, collate
@@ -167,7 +167,7 @@ def loader() -> torch.utils.data.DataLoader:
 
 
 def mean_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values)
+    t = torch.tensor(values, device=device())
     dist.all_reduce(t)
     return (t / dist.get_world_size()).tolist()
 
@@ -532,8 +532,8 @@ probe.style.format("{:.4f}")
 #                         strategy=strategy, max_steps=100_000)
 #     trainer.fit(GPUDiffusionModule(), dataloader)
 #
-# With this page's own pieces, the same run on GPUs is ``torchrun --nproc-per-node=8`` over a
-# script that calls ``rank_trainer("zero2", accelerator="gpu", ...)`` (the process group then
-# comes from ``torchrun``'s environment).
+# With this page's own pieces, the same run on GPUs is ``torchrun --nproc-per-node=8`` over this
+# page: ``rank_trainer`` picks Lightning's ``"gpu"`` accelerator and the rank's own GPU when
+# ``cai_labs.device()`` is one (the process group then comes from ``torchrun``'s environment).
 
 print(f"page executed in {time.perf_counter() - page_start:.0f} s")
