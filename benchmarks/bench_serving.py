@@ -179,7 +179,12 @@ def soak(requests: int, concurrency: int) -> None:
             before = rss_kb(pid)
             start = time.perf_counter()
             r = load_test(
-                url, bodies, concurrency=concurrency, max_requests=requests, time_limit_s=1800
+                url,
+                bodies,
+                concurrency=concurrency,
+                max_requests=requests,
+                time_limit_s=1800,
+                request_timeout_s=600,
             )
             after = rss_kb(pid)
             alive = httpx.get(f"{url}/health").status_code == 200
@@ -188,7 +193,8 @@ def soak(requests: int, concurrency: int) -> None:
         print(
             f"soak: {r.sent} requests at concurrency {concurrency} in "
             f"{time.perf_counter() - start:.0f} s; statuses {dict(sorted(r.statuses.items()))}; "
-            f"unanswered or 5xx other than 503: {r.sent - answered}; server alive: {alive}; "
+            f"unanswered or 5xx other than 503: {r.sent - answered} {r.client_errors}; "
+            f"server alive: {alive}; "
             f"RSS {before / 1024:.0f} MiB after warm-up -> {after / 1024:.0f} MiB "
             f"({100 * (after - before) / before:+.1f}%)",
             flush=True,

@@ -46,7 +46,7 @@ from cai_labs.serving.schemas import (
 )
 from cai_labs.serving.service import Ask, Run, Service, ServiceError
 
-__all__ = ["create_app", "ServiceError"]
+__all__ = ["create_app"]
 
 ERRORS = {
     400: {"model": ErrorResponse, "description": "Malformed JSON, or not UTF-8"},

@@ -47,6 +47,7 @@ class LoadResult:
     tokens_per_s: float
     cached: int
     statuses: dict = field(default_factory=dict)
+    client_errors: dict = field(default_factory=dict)
     latencies_ms: list = field(default_factory=list, repr=False)
 
     def row(self) -> dict:
@@ -54,6 +55,7 @@ class LoadResult:
         out = asdict(self)
         out.pop("latencies_ms")
         out.pop("statuses")
+        out.pop("client_errors")
         return out
 
 
@@ -110,6 +112,7 @@ async def run_load(
             "need concurrency >= 1, max_requests >= 1, time_limit_s > 0 and at least one payload"
         )
     statuses: Counter[int] = Counter()
+    client_errors: Counter[str] = Counter()
     latencies: list[float] = []
     counters = {"next": 0, "tokens": 0, "cached": 0}
     start = time.perf_counter()
@@ -124,8 +127,9 @@ async def run_load(
                 sent = time.perf_counter()
                 try:
                     r = await _post(client, path, payload)
-                except httpx.HTTPError:
+                except httpx.HTTPError as exc:  # counted as status -1, by kind in client_errors
                     statuses[-1] += 1
+                    client_errors[type(exc).__name__] += 1
                     continue
                 statuses[r.status_code] += 1
                 if r.status_code == 200:
@@ -151,6 +155,7 @@ async def run_load(
         tokens_per_s=counters["tokens"] / seconds,
         cached=counters["cached"],
         statuses=dict(statuses),
+        client_errors=dict(client_errors),
         latencies_ms=lat.tolist(),
     )
 
