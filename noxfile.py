@@ -138,7 +138,7 @@ def docs_noexec(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Run every ``benchmarks/bench_*.py``: each prints measured ratios against PyTorch."""
-    _install(session, "test")
+    _install(session, "bench")
     for script in sorted(Path("benchmarks").glob("bench_*.py")):
         session.run("python", str(script), *session.posargs, env=ENV)
 
