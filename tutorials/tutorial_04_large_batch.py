@@ -695,8 +695,9 @@ big.style.format(
 # model on ``cai_labs.device()``: the rank's GPU there, the CPU here). With Colossal-AI the
 # training loop of a GPU cluster is the function below; its ``TorchDDPPlugin`` and optimizers
 # run on CPU too, so this build runs it on ``WORLD_SIZE`` CPU ranks and once on one rank with
-# the whole batch: data parallelism must not change the trajectory. On a GPU cluster, start it with ``colossalai run --nproc_per_node 4``
-# and call ``colossalai.launch_from_torch()`` before it (here ``launch`` made the group).
+# the whole batch: data parallelism must not change the trajectory. On a GPU cluster, start it
+# with ``colossalai run --nproc_per_node 4`` and call ``colossalai.launch_from_torch()`` before
+# it (here ``launch`` made the group).
 
 
 def colossalai_large_batch(name: str = "LARS", steps: int = 6, batch: int = 512) -> list:
