@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from cai_labs import Ledger, launch
+from cai_labs.hybrid import lm_loss
 from cai_labs.models import GPT, GPTConfig
 from cai_labs.pipeline import (
     GPTStage,
@@ -19,7 +20,6 @@ from cai_labs.pipeline import (
     split_microbatches,
     step_events,
 )
-from cai_labs.unified import lm_loss
 
 CFG = GPTConfig(n_layers=4, d_model=32, n_heads=4, seq_len=16)
 N_MICRO = 4

@@ -54,9 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cai_labs.comm import copy_to_group
 from cai_labs.tensor_parallel.grid import Grid
 from cai_labs.tensor_parallel.layers_1d import ColumnParallelLinear, RowParallelLinear
-from cai_labs.tensor_parallel.mappings import copy_to_group
 
 __all__ = [
     "check_opt_tp_size",

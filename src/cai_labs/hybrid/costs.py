@@ -1,30 +1,30 @@
-"""What one rank of a layout should hold and send per training step: the formulas.
+"""What one rank of a layout holds and sends per training step: the formulas.
 
-For a :class:`~cai_labs.layouts.Layout` on a GPT of width ``d``, ``L`` blocks, vocabulary ``V``,
-sequence ``s`` and global batch ``B``, rank ``(replica, stage, grid position)`` holds and sends:
+For a :class:`~cai_labs.hybrid.layout.Layout` on a GPT of width ``d``, ``L`` blocks, vocabulary
+``V``, sequence ``s`` and global batch ``B`` (``m`` micro-batches of ``B / (dp m)`` samples):
 
-* **parameters**: its stage's blocks, each at the per-rank size of the tensor-parallel mode
-  (:func:`cai_labs.tensor_parallel.formulas.block_cost`), plus the replicated embeddings
-  ``(V + s) d`` on the first stage and the final norm and head ``2d + dV + V`` on the last;
-* **tensor-parallel traffic** (buffer bytes of the grid's collectives): per micro-batch of
-  ``B / (dp * m)`` samples, the block formula times the stage's blocks, plus for 2D/2.5D/3D
-  the all-gather that assembles the whole activation before the final norm (forward) and the
-  one that assembles the embeddings' gradient (backward): ``(B/dp) s d`` elements each;
-* **pipeline traffic** (bytes this rank sends): ``(B/dp) s d / t`` elements forward (not on the
-  last stage) and as many back (not on the first), with ``t = 1`` in 1D (activations between
-  blocks are whole) and ``t = tp`` in 2D/2.5D/3D (every rank holds ``1/tp`` of them);
-* **data-parallel traffic**: one all-reduce of this rank's gradients, as many bytes as its
-  parameters (the ring makes each rank send ``2 (dp-1)/dp`` of that).
+* **parameters**: the stage's blocks at the mode's per-rank size
+  (:func:`cai_labs.tensor_parallel.formulas.block_cost`); the embeddings ``(V/t_v + s) d`` on the
+  first stage, the final norm and head ``2d + (dV + V)/t_v`` on the last, where ``t_v = tp``
+  with a vocabulary-parallel embedding and head and ``t_v = 1`` when they are replicated;
+* **tensor-parallel traffic** (buffer bytes): the block formula per micro-batch and block;
+  for 2D/2.5D/3D the all-gathers of the whole activation ``(B/dp) s d`` before the final norm
+  (forward) and of the embeddings' gradient (backward); vocabulary-parallel adds the token
+  embedding's all-reduce ``(B/dp) s d`` (first stage), the head input's gradient all-reduce
+  ``(B/dp) s d`` and the loss's 3 all-reduces of ``(B/dp) s`` (last stage);
+* **pipeline traffic** (bytes sent): ``(B/dp) s d / t`` forward (not on the last stage) and as
+  many back (not on the first), ``t = 1`` in 1D, ``t = tp`` in 2D/2.5D/3D;
+* **data-parallel traffic**: one all-reduce of this rank's gradients (its parameter bytes).
 
 Everything is in fp32 bytes. The first step also carries a 64-byte shape header per pipeline
-link and direction, not counted here.
+link and direction, not counted here. Sequence parallelism and ZeRO are not modelled here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cai_labs.layouts import Layout
+from cai_labs.hybrid.layout import Layout
 from cai_labs.models.gpt import GPTConfig
 from cai_labs.pipeline.partition import partition_layers
 
@@ -45,7 +45,7 @@ class RankCost:
 
 def predicted_cost(cfg: GPTConfig, layout: Layout, batch: int, rank: int) -> RankCost:
     """The formulas of the module docstring for global ``rank`` with global batch ``batch``."""
-    from cai_labs.tensor_parallel.formulas import block_cost, serial_block_params
+    from cai_labs.tensor_parallel.formulas import block_cost, serial_block_params, vocab_loss_cost
 
     layout.validate(cfg, batch_size=batch)
     _, s, _ = layout.coords(rank)
@@ -67,9 +67,13 @@ def predicted_cost(cfg: GPTConfig, layout: Layout, batch: int, rank: int) -> Ran
         shard = layout.tp if split else 1
     else:
         block_params, tp, shard = serial_block_params(h, cfg.mlp_ratio), 0, 1
+    tv = layout.tp if layout.tp > 1 and layout.vocab_parallel else 1
+    if tv > 1:  # the embedding's and the head input's all-reduces, the loss's three
+        tp += act * (int(first) + int(last))
+        tp += int(last) * layout.n_micro * vocab_loss_cost(tv, micro * seq, V).comm_bytes
     params = n_blocks * block_params
-    params += (V + seq) * h * ELEM if first else 0
-    params += (2 * h + h * V + V) * ELEM if last else 0
+    params += (V // tv + seq) * h * ELEM if first else 0
+    params += (2 * h + (h * V + V) // tv) * ELEM if last else 0
     pp = (int(not last) + int(not first)) * act // shard if layout.pp > 1 else 0
     dp = params if layout.dp > 1 else 0
     return RankCost(params, tp, pp, dp)
