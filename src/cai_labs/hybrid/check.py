@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
+from cai_labs.hybrid.apply import parallelize
 from cai_labs.hybrid.layout import Layout
-from cai_labs.hybrid.parallelize import parallelize
 from cai_labs.models.gpt import GPT, GPTConfig
 from cai_labs.tensor_parallel.check import max_errors
 from cai_labs.tensor_parallel.grid import Grid

@@ -1,6 +1,6 @@
 """:class:`ParallelGPT`: this rank's part of a GPT under a :class:`~.layout.Layout`.
 
-Built by :func:`~cai_labs.hybrid.parallelize.parallelize`. Holds this rank's pipeline stage
+Built by :func:`~cai_labs.hybrid.apply.parallelize`. Holds this rank's pipeline stage
 (:class:`~cai_labs.pipeline.partition.GPTStage`), its process groups and its loss, and runs a
 training step on the *global* batch: each replica keeps its rows, each SP rank its tokens, the
 pipeline runs micro-batches, and gradients are summed and averaged before the optimizer step.

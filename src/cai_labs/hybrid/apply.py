@@ -1,4 +1,4 @@
-"""``parallelize(model, layout)``: apply each parallel dimension to a GPT, in a fixed order.
+"""``parallelize(model, layout)`` and its steps: each parallel dimension applied in a fixed order.
 
 Like torchtitan's ``parallelize.py``, each ``apply_*`` takes the model and returns it changed:
 
