@@ -1,4 +1,5 @@
-"""Sessions: tests, docs (build + execute every tutorial), docs-noexec, lint, bench, colossalai.
+"""Sessions: tests, docs (build + execute every tutorial), notebooks, torchrun, gpu, browser,
+docs-noexec, lint, bench, colossalai.
 
 torch is installed first and pinned, by ``TORCH_SPEC`` below, so that pip never resolves a
 multi-GB CUDA build by itself. The default is the CPU build that the tutorials are verified on.
@@ -71,6 +72,32 @@ def docs(session: nox.Session) -> None:
     _install(session, "docs,test")
     _sphinx(session, execute=True)
     session.run("python", "docs/check_build.py", "docs/_build/html", env=ENV)
+
+
+@nox.session(python=PYTHON)
+def notebooks(session: nox.Session) -> None:
+    """Execute every notebook download of the built site in a Jupyter kernel (after docs)."""
+    _install(session, "docs,test")
+    session.run("python", "docs/run_notebooks.py", *session.posargs, env=ENV)
+
+
+@nox.session(python=PYTHON)
+def torchrun(session: nox.Session) -> None:
+    """Run every tutorial under torchrun (gloo, CPU) with as many processes as its largest
+    launch; then one page as two torchrun agents joined on loopback (a two-node cluster)."""
+    _install(session, "docs,test")
+    pattern = session.posargs or ["tutorial_"]
+    session.run("python", "docs/run_torchrun.py", *pattern, env=ENV)
+    if not session.posargs:
+        session.run("python", "docs/run_torchrun.py", "tutorial_00", "--nnodes", "2", env=ENV)
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """On a machine with CUDA, in the current environment (its own torch build): the
+    parallel-vs-serial tests and every page, results under docs/gpu_results/. Skips without
+    CUDA."""
+    session.run("python", "docs/run_gpu.py", env=ENV)
 
 
 @nox.session(python=PYTHON)

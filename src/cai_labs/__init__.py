@@ -2,8 +2,9 @@
 
 Each module holds one technique and is checked against its serial twin in ``tests/``:
 
-* :mod:`cai_labs.launcher` — run a function on N ranks (fork + gloo on CPU, NCCL on GPUs,
-  or in place under ``torchrun``) and get rank 0's result back.
+* :mod:`cai_labs.launcher` — run a function on N ranks (fork + gloo on CPU,
+  ``cpu:gloo,cuda:nccl`` on GPUs, or on torchrun's first N ranks) and get rank 0's result back;
+  :func:`device` is the device each rank's model and data go on.
 * :mod:`cai_labs.ledger` — per-rank record of communication bytes, memory and a timeline.
 * :mod:`cai_labs.comm` — collectives, and the autograd mappings that pair each with its
   conjugate in backward (used by every technique).
@@ -21,12 +22,13 @@ Each module holds one technique and is checked against its serial twin in ``test
 * :mod:`cai_labs.peers` — PyTorch's own engines (DTensor, pipelining), run side by side.
 """
 
-from cai_labs.hybrid import Layout, parallelize  # noqa: I001 - after the layers it builds on
-from cai_labs.launcher import LaunchTimeout, RankFailed, launch, rank_info
+from cai_labs.hybrid import Layout, parallelize
+from cai_labs.launcher import LaunchTimeout, RankFailed, device, launch, rank_info
 from cai_labs.ledger import Ledger, comm_totals, gather_reports, tensor_bytes
 
 __all__ = [
     "launch",
+    "device",
     "rank_info",
     "RankFailed",
     "LaunchTimeout",

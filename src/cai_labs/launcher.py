@@ -10,7 +10,8 @@ A forked child inherits the function as it is. The same is true in a notebook.
 
 What the parent guarantees:
 
-* rank 0's return value comes back (it must be picklable: numbers, lists, dicts, tensors);
+* rank 0's return value comes back, its tensors moved to the CPU (it must be picklable:
+  numbers, lists, dicts, tensors);
 * whatever rank 0 prints is replayed in the parent, so it shows on the page;
 * if any rank raises, every rank is ended and :class:`RankFailed` is raised in the parent with that
   rank's traceback, within about a second;
@@ -23,9 +24,10 @@ What the parent guarantees:
   fork (a child asking for more threads after the parent used its pool can hang), and ranks
   that share a machine's cores should not oversubscribe them anyway.
 
-Under ``torchrun`` the process group comes from the environment instead (``RANK``,
-``WORLD_SIZE``, ``MASTER_ADDR``, ...): ``launch(fn, n)`` then runs ``fn`` in place on this rank,
-so the same worker code runs on one laptop or many GPU nodes.
+Under ``torchrun`` nothing is forked: ``launch(fn, n)`` runs ``fn`` on a process group of the
+first ``n`` of torchrun's ranks and returns rank 0's result on every rank
+(:mod:`cai_labs.torchrun`), and only rank 0 prints, so the same page runs on one laptop or many
+GPU nodes. With GPUs the group is ``cpu:gloo,cuda:nccl`` (:mod:`cai_labs.devices`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from cai_labs.devices import device, pick_backend, to_host, use_rank_device
+from cai_labs.torchrun import quiet_other_ranks, run_under_torchrun, under_torchrun
 
 __all__ = [
     "RankFailed",
@@ -86,26 +91,6 @@ class RankInfo:
     backend: str
 
 
-def under_torchrun() -> bool:
-    """True when this process was started by ``torchrun`` (or any launcher that sets the env)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
-
-
-def _pick_backend(world_size: int, backend: str | None) -> str:
-    if backend is not None:
-        return backend
-    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
-        return "nccl"
-    return "gloo"
-
-
-def device() -> torch.device:
-    """The device of this rank: its own GPU under NCCL, else the CPU."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def rank_info() -> RankInfo:
     """This rank's :class:`RankInfo` (rank 0 of 1 when no process group exists)."""
     if not dist.is_initialized():
@@ -138,8 +123,7 @@ def _worker(
         faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
         _one_thread()
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
+        use_rank_device(backend, rank)
         dist.init_process_group(
             backend,
             init_method=f"file://{store_path}",
@@ -150,7 +134,7 @@ def _worker(
         out = captured if rank == 0 else sys.__stdout__
         with contextlib.redirect_stdout(out):
             result = fn(*args, **kwargs)
-        _send(conn, ("ok", rank, result if rank == 0 else None, captured.getvalue()))
+        _send(conn, ("ok", rank, to_host(result) if rank == 0 else None, captured.getvalue()))
         status = 0
         # Stay alive until the parent has every rank's report: a rank that exits early closes
         # sockets its peers may still be using (gloo reports "connection closed by peer").
@@ -236,7 +220,8 @@ def launch(
     Args:
         fn: the worker. Defined anywhere (a page, a notebook, a module): the children are forked.
         world_size: number of ranks, 1 or more. More ranks than cores works (gloo), just slower.
-        backend: ``"gloo"`` or ``"nccl"``; by default NCCL when ``world_size`` GPUs are visible.
+        backend: by default ``cpu:gloo,cuda:nccl`` when ``world_size`` GPUs are visible, else
+            ``gloo`` (``CAI_LABS_BACKEND`` overrides the default).
         timeout: seconds for the whole call before every rank is stopped. The environment
             variable ``CAI_LABS_LAUNCH_TIMEOUT`` caps it (the docs build sets it, so that a page
             that hangs fails within minutes whatever its own ``timeout=``).
@@ -245,17 +230,18 @@ def launch(
     Raises:
         RankFailed: a rank raised or died; carries that rank's traceback.
         LaunchTimeout: the call outlived ``timeout``.
-        ValueError: ``world_size`` < 1, or it disagrees with ``torchrun``'s ``WORLD_SIZE``.
+        ValueError: ``world_size`` < 1, or more than ``torchrun``'s ``WORLD_SIZE``.
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer; got {world_size!r}")
-    if under_torchrun():
-        return _run_in_place(fn, world_size, args, kwargs, backend, collective_timeout)
-
-    backend = _pick_backend(world_size, backend)
     cap = os.environ.get("CAI_LABS_LAUNCH_TIMEOUT")
     if cap:
         timeout = min(timeout, float(cap))
+    if under_torchrun():
+        return run_under_torchrun(
+            fn, world_size, args, kwargs, backend, collective_timeout, timeout
+        )
+    backend = pick_backend(world_size, backend)
     ctx = get_context("fork")
     workdir = tempfile.mkdtemp(prefix="cai_labs_launch_")
     store_path = os.path.join(workdir, "store")  # the FileStore creates it
@@ -381,21 +367,4 @@ def _death_note(proc) -> str:
     return f"the process died ({how}) before reporting a result or an exception"
 
 
-def _run_in_place(fn, world_size, args, kwargs, backend, collective_timeout) -> Any:
-    """torchrun path: this process is already one rank; join the group from the environment."""
-    env_world = int(os.environ["WORLD_SIZE"])
-    if world_size != env_world:
-        raise ValueError(
-            f"launch(fn, {world_size}) under torchrun with WORLD_SIZE={env_world}: start torchrun "
-            f"with {world_size} processes in total (e.g. --nproc-per-node={world_size}) or ask "
-            f"for {env_world} ranks"
-        )
-    if not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=collective_timeout))
-    result = fn(*args, **kwargs)
-    box = [result if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+quiet_other_ranks()

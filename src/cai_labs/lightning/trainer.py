@@ -20,8 +20,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
 
+from cai_labs.lightning.ddp import ExistingRanksDDPStrategy
 from cai_labs.lightning.environment import ProcessGroupEnvironment
 from cai_labs.lightning.zero_strategy import ZeroStrategy
 
@@ -30,7 +30,7 @@ __all__ = ["STRATEGIES", "make_strategy", "rank_trainer"]
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 
 
-def make_strategy(name: str, **options: Any) -> DDPStrategy:
+def make_strategy(name: str, **options: Any) -> ExistingRanksDDPStrategy:
     """The strategy called ``name`` (see the module docstring), on the existing process group."""
     if name not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {name!r}")
@@ -39,7 +39,7 @@ def make_strategy(name: str, **options: Any) -> DDPStrategy:
     backend = dist.get_backend() if dist.is_initialized() else "gloo"
     common = {"cluster_environment": ProcessGroupEnvironment(), "process_group_backend": backend}
     if name == "ddp":
-        return DDPStrategy(**common)
+        return ExistingRanksDDPStrategy(**common)
     return ZeroStrategy(stage=int(name[-1]), **options, **common)
 
 
