@@ -12,9 +12,13 @@ Formatting only: nothing here computes a number a page reports.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from pandas.io.formats.style import Styler
 
 __all__ = [
     "column_format",
@@ -58,7 +62,7 @@ def table(
     index: str | list[str] | None = None,
     formats: Mapping[str, str] | None = None,
     caption: str | None = None,
-):
+) -> Styler:
     """``rows`` (dicts, or a DataFrame) as a pandas ``Styler``: the last expression of a page's
     cell, which sphinx-gallery shows as an HTML table. ``formats`` overrides the format of
     named columns; text cells (and ``None``) are shown as they are."""
@@ -91,7 +95,7 @@ def loss_curves(
     title: str,
     ylabel: str = "training loss",
     reference_label: str = "serial",
-):
+) -> Figure:
     """Every run's losses drawn over a thick reference curve; returns the figure."""
     import matplotlib.pyplot as plt
 
@@ -105,7 +109,7 @@ def loss_curves(
     return fig
 
 
-def pipeline_timeline(schedules: Mapping[str, list[dict]], titles: Mapping[str, str]):
+def pipeline_timeline(schedules: Mapping[str, list[dict]], titles: Mapping[str, str]) -> Figure:
     """One Gantt chart per schedule of a step's ``F``/``B`` events (``stage``, ``start``,
     ``end``, ``microbatch`` each); returns the figure."""
     import matplotlib.pyplot as plt
@@ -128,7 +132,7 @@ def pipeline_timeline(schedules: Mapping[str, list[dict]], titles: Mapping[str, 
     return fig
 
 
-def bar_times(times_ms: Mapping[str, float], xlabel: str):
+def bar_times(times_ms: Mapping[str, float], xlabel: str) -> Figure:
     """Horizontal bars, one per name, in the given order; returns the figure."""
     import matplotlib.pyplot as plt
 

@@ -322,7 +322,7 @@ class SPMDModule(nn.Module):
         self.origin = origin  # local param name -> (module path, its param name, serial shape)
         self.replicas = replicas  # local param name -> ranks holding the same slice
 
-    def forward(self, *args):
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
         return self.gm(*args)
 
     def full_tensors(self, which: str = "grad") -> dict[str, torch.Tensor]:

@@ -11,6 +11,11 @@ versions, never between runs on one installation.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import tokenizers
+
 import contextlib
 import importlib
 import inspect
@@ -173,7 +178,7 @@ def stdlib_text(modules: Sequence[str] = DEFAULT_MODULES, max_chars: int | None 
     return text if max_chars is None else text[:max_chars]
 
 
-def train_wordpiece(texts: Iterable[str], vocab_size: int = 2000):
+def train_wordpiece(texts: Iterable[str], vocab_size: int = 2000) -> tokenizers.Tokenizer:
     """Train a BERT-style (lower-cased) WordPiece tokenizer on ``texts``; returns a
     ``tokenizers.Tokenizer`` whose first ids are :data:`SPECIAL_TOKENS` (``[PAD]`` = 0)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
