@@ -48,6 +48,8 @@ def predicted_cost(cfg: GPTConfig, layout: Layout, batch: int, rank: int) -> Ran
     from cai_labs.tensor_parallel.formulas import block_cost, serial_block_params, vocab_loss_cost
 
     layout.validate(cfg, batch_size=batch)
+    if layout.sp > 1 or layout.zero:
+        raise ValueError("these formulas cover DP x PP x TP; use sp=1 and zero=0")
     _, s, _ = layout.coords(rank)
     n_blocks = len(partition_layers(cfg.n_layers, layout.pp)[s])
     first, last = s == 0, s == layout.pp - 1
@@ -83,8 +85,12 @@ def classify_comm(records: list[dict], layout: Layout) -> dict[str, int]:
     """Split ledger records into ``tp``/``pp``/``dp`` bytes (buffer bytes; sends for ``pp``).
 
     Point-to-point calls are the pipeline's (only the sender's ``isend``/``send`` is counted);
-    collectives over a data-parallel group are ``dp``; every other collective is ``tp``.
+    collectives over a data-parallel group are ``dp``; every other collective is ``tp``. With
+    ``sp > 1`` the ring's sends would count as ``pp``: classify SP traffic with
+    :func:`cai_labs.sequence_parallel.pipelined.traffic_by_kind` instead.
     """
+    if layout.sp > 1:
+        raise ValueError("classify_comm does not split sequence-parallel traffic; use sp=1")
     dp_groups = {tuple(g) for g in layout.dp_rank_lists()} if layout.dp > 1 else set()
     out = {"tp": 0, "pp": 0, "dp": 0}
     for r in records:
