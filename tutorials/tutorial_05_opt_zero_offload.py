@@ -44,6 +44,8 @@ import copy
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -54,7 +56,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from cai_labs import Ledger, comm_totals, launch
+from cai_labs import Ledger, comm_totals, launch, report
 from cai_labs.data_parallel import shard_batch
 from cai_labs.offload import ChunkedAdam, ChunkedModel
 from cai_labs.recipes.opt_finetune import (
@@ -202,47 +204,95 @@ def ddp_comm_hook(state, bucket):
     return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
 
 
-def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model, tok = load_checkpoint(base_dir)
-    model.train()
-    watch_model = model
-    if method == "DDP":
-        model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-        model.register_comm_hook(None, ddp_comm_hook)
-        optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    elif method == "ZeroRedundancyOptimizer":  # PyTorch's ZeRO-1, next to DDP
-        from torch.distributed.optim import ZeroRedundancyOptimizer
+def wrap_ddp(model: nn.Module) -> nn.Module:
+    model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+    model.register_comm_hook(None, ddp_comm_hook)
+    return model
 
-        model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-        model.register_comm_hook(None, ddp_comm_hook)
-        optimizer = ZeroRedundancyOptimizer(
-            model.parameters(), optimizer_class=torch.optim.Adam, lr=LR
-        )
-    elif method.startswith("ZeRO-"):
-        model, optimizer = zero_wrap(model, torch.optim.Adam, stage=int(method[-1]), lr=LR)
-        watch_model = None
-    elif method == "FSDP2":
-        model = fsdp2_wrap(model)
-        optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    elif method == "chunks":
-        model = ChunkedModel(model, CHUNK_ELEMENTS, BUDGET_CHUNKS * CHUNK_ELEMENTS * 4)
-        optimizer = ChunkedAdam(model, lr=LR)
-        watch_model = None
-    elif method == "TP":  # 1D tensor parallel over all ranks (last section of the page)
-        model = parallelize_opt(model, make_grid("1d"))
-        optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+
+def zero_redundancy(model: nn.Module) -> tuple:
+    """PyTorch's ZeRO-1 next to DDP."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = wrap_ddp(model)
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=LR)
+    return model, opt
+
+
+def adam(model: nn.Module) -> tuple:
+    return model, torch.optim.Adam(model.parameters(), lr=LR)
+
+
+def chunked(model: nn.Module) -> tuple:
+    model = ChunkedModel(model, CHUNK_ELEMENTS, BUDGET_CHUNKS * CHUNK_ELEMENTS * 4)
+    return model, ChunkedAdam(model, lr=LR)
+
+
+def chunk_stats(model) -> dict:
+    return {
+        "chunks": model.manager.stats(),
+        "trace": model.manager.trace,
+        "states": model.state_bytes(),
+    }
+
+
+# %%
+# Each technique is a few named pieces: how it wraps the model and builds the optimizer, what
+# the ledger watches (ZeRO and the chunks account their own buffers), and how its memory is
+# read at the end of a step.
+
+
+@dataclass
+class Technique:
+    wrap: Callable[[nn.Module], tuple]  # model -> (wrapped model, optimizer)
+    watch: Callable = lambda ledger, plain, model, opt: ledger.watch(model=plain, optimizer=opt)
+    memory: Callable = lambda model, opt, ledger: memory_by_kind(ledger.snapshot("after step"))
+    whole_batch: bool = False  # tensor-parallel ranks all work on the whole batch
+    extras: Callable = lambda model: {}  # what else the page reads from the wrapped model
+
+
+def _zero(stage: int) -> Technique:
+    return Technique(
+        wrap=lambda m: zero_wrap(m, torch.optim.Adam, stage=stage, lr=LR),
+        watch=lambda ledger, plain, model, opt: model.watch(ledger, opt),
+    )
+
+
+# %%
+# The registry the worker loops over: one entry per technique on this page.
+
+TECHNIQUES = {
+    "DDP": Technique(wrap=lambda m: adam(wrap_ddp(m))),
+    "ZeroRedundancyOptimizer": Technique(
+        wrap=zero_redundancy,
+        watch=lambda ledger, plain, model, opt: ledger.watch(model=plain, optimizer=opt.optim),
+    ),
+    **{f"ZeRO-{k}": _zero(k) for k in (1, 2, 3)},
+    "FSDP2": Technique(
+        wrap=lambda m: adam(fsdp2_wrap(m)), memory=lambda model, opt, _: fsdp2_memory(model, opt)
+    ),
+    "chunks": Technique(
+        wrap=chunked, watch=lambda *_: None, memory=lambda *_: None, extras=chunk_stats
+    ),
+    # 1D tensor parallel over all ranks (last section of the page)
+    "TP": Technique(wrap=lambda m: adam(parallelize_opt(m, make_grid("1d"))), whole_batch=True),
+}
+
+# %%
+# The worker: the ordinary training loop, whatever the technique.
+
+
+def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
+    rank, world, how = dist.get_rank(), dist.get_world_size(), TECHNIQUES[method]
+    plain, tok = load_checkpoint(base_dir)
+    plain.train()
+    model, optimizer = how.wrap(plain)
     losses, times, memory = [], [], None
-    with Ledger(model=watch_model, track_activations=False) as ledger:
-        if method.startswith("ZeRO-"):
-            model.watch(ledger, optimizer)
-        elif method == "ZeroRedundancyOptimizer":
-            ledger.watch(optimizer=optimizer.optim)  # the local optimizer over this rank's part
-        elif method != "chunks":
-            ledger.watch(optimizer=optimizer)
+    with Ledger(track_activations=False) as ledger:
+        how.watch(ledger, plain, model, optimizer)
         for step in range(steps):
             x, y = task_batch(tok, task, sample_words(task, GLOBAL_BATCH, step))
-            if method != "TP":  # tensor-parallel ranks all work on the whole batch
+            if not how.whole_batch:
                 x, y = shard_batch(x, y, rank=rank, world_size=world)
             start = time.perf_counter()
             loss = model(input_ids=x, labels=y).loss
@@ -250,39 +300,46 @@ def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
             optimizer.step()
             times.append(time.perf_counter() - start)
             if step == steps - 1:  # the account at the end of a step
-                if method == "FSDP2":
-                    memory = fsdp2_memory(model, optimizer)
-                elif method != "chunks":
-                    memory = memory_by_kind(ledger.snapshot("after step"))
+                memory = how.memory(model, optimizer, ledger)
             optimizer.zero_grad()
             losses.append(loss.item())
-    # Full-batch loss per step: the mean of the ranks' losses (outside the ledger).
+    if save_to is not None:
+        save_full(model, tok, save_to)
+    return summary(losses, times, memory, ledger, steps, x.numel()) | how.extras(model)
+
+
+# %%
+# What comes back to the page, and how the fine-tuned model is saved:
+
+
+def summary(losses, times, memory, ledger, steps: int, tokens: int) -> dict:
+    """The full-batch loss per step (mean over ranks, outside the ledger) and the accounts."""
+    world = dist.get_world_size()
     mean_losses = torch.tensor(losses)
     dist.all_reduce(mean_losses)
-    every_rank = [None] * world
-    dist.all_gather_object(every_rank, memory)
-    out = {
+    return {
         "losses": (mean_losses / world).tolist(),
         "step_time": float(np.median(times[1:])),
         "memory": memory,
-        "memory_all": every_rank,
+        "memory_all": report.from_every_rank(memory),
         "comm": comm_totals(ledger.report()),
         "steps": steps,
-        "tokens_per_rank": x.numel(),
+        "tokens_per_rank": tokens,
     }
-    if method == "chunks":
-        out["chunks"] = model.manager.stats()
-        out["trace"] = model.manager.trace
-        out["states"] = model.state_bytes()
-    if save_to is not None:  # gather the full weights (a collective), save on rank 0
-        full = model.full_state_dict()
-        if rank == 0:
-            plain, _ = load_checkpoint(base_dir)
-            plain.load_state_dict(full)
-            plain.save_pretrained(save_to)
-            tok.save_pretrained(save_to)
-    return out
 
+
+def save_full(model, tok, save_to: str) -> None:
+    """Gather the full weights (a collective) and save them on rank 0."""
+    full = model.full_state_dict()
+    if dist.get_rank() == 0:
+        plain, _ = load_checkpoint(base_dir)
+        plain.load_state_dict(full)
+        plain.save_pretrained(save_to)
+        tok.save_pretrained(save_to)
+
+
+# %%
+# Data parallel, the three ZeRO stages and FSDP2 on the same batches:
 
 runs = {}
 for method in ["DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3", "FSDP2"]:
