@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cai_labs import Ledger, comm_totals, launch
+from cai_labs import Ledger, comm_totals, launch, report
 from cai_labs.data import load_digits_split
 from cai_labs.data_parallel import BucketedDataParallel, allreduce_gradients, shard_batch
 from cai_labs.models import MLP
@@ -74,6 +74,9 @@ def accuracy(model: nn.Module) -> float:
     with torch.no_grad():
         return (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
 
+
+# %%
+# The loop, each step timed:
 
 model = MLP(hidden=HIDDEN, seed=SEED)
 optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
@@ -122,6 +125,10 @@ def ddp_comm_hook(state, bucket):
     return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
 
 
+# %%
+# What a worker hands back to the page:
+
+
 def summarize(plain: nn.Module, local_losses: list, times: list, **extra) -> dict:
     """What a worker hands back. The full-batch loss of a step is the mean of the ranks' losses
     (gathered after training, outside the ledger: it is reporting, not training)."""
@@ -137,14 +144,27 @@ def summarize(plain: nn.Module, local_losses: list, times: list, **extra) -> dic
     }
 
 
-def train_worker(sync: str) -> dict:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model = MLP(hidden=HIDDEN, seed=SEED)
+# %%
+# The worker. ``sync`` picks how gradients are averaged: ``"allreduce"`` after backward,
+# ``"bucketed"`` or ``"ddp"`` during it (the wrapper does it).
+
+
+def wrap(model: nn.Module, sync: str) -> nn.Module:
     if sync == "bucketed":
-        model = BucketedDataParallel(model, bucket_mb=0.25)
-    elif sync == "ddp":
+        return BucketedDataParallel(model, bucket_mb=0.25)
+    if sync == "ddp":
         model = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.25)
         model.register_comm_hook(None, ddp_comm_hook)
+    return model
+
+
+# %%
+# Each rank trains on its ``B/N`` samples of every global batch, under the ledger:
+
+
+def train_worker(sync: str) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = wrap(MLP(hidden=HIDDEN, seed=SEED), sync)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     local_losses, times = [], []
     with Ledger(model=model, optimizer=optimizer, track_activations=False) as ledger:
@@ -162,14 +182,13 @@ def train_worker(sync: str) -> dict:
                 local_losses.append(loss.item())
         ledger.snapshot("end")
     plain = model.module if hasattr(model, "module") else model
-    return summarize(
-        plain,
-        local_losses,
-        times,
-        comm=comm_totals(ledger.report()),
-        buckets=model.bucket_sizes() if sync == "bucketed" else None,
-    )
+    buckets = model.bucket_sizes() if sync == "bucketed" else None
+    comm = comm_totals(ledger.report())
+    return summarize(plain, local_losses, times, comm=comm, buckets=buckets)
 
+
+# %%
+# Data parallel with one all-reduce per gradient tensor, after backward:
 
 results = {"cai_labs all-reduce": launch(train_worker, WORLD_SIZE, "allreduce")}
 first = results["cai_labs all-reduce"]
@@ -292,6 +311,7 @@ else:
 # parameters are from the serial run's.
 
 grad_bytes = sum(p.numel() * p.element_size() for p in serial_params)
+formula = round(2 * (WORLD_SIZE - 1) / WORLD_SIZE * grad_bytes)
 rows = [
     {
         "variant": "serial (1 process)",
@@ -305,7 +325,11 @@ rows = [
         "max |θ - θ_serial|": 0.0,
     }
 ]
-formula = round(2 * (WORLD_SIZE - 1) / WORLD_SIZE * grad_bytes)
+
+# %%
+# One row per variant, from its ledger (the formula column is the ring's
+# :math:`2\,\frac{N-1}{N}\,P`):
+
 for name, r in results.items():
     ar = r["comm"].get("all_reduce", {"calls": 0, "bytes": 0, "sent_bytes": 0})
     rows.append(
@@ -323,19 +347,18 @@ for name, r in results.items():
             ),
         }
     )
+# %%
+# Measured next to the formula, with each variant's largest distance from the serial weights:
+
 table = pd.DataFrame(rows).set_index("variant")
-pd.set_option("display.width", 200)
-table.style.format(
-    {
+report.table(
+    table,
+    formats={
         "all-reduce calls/step": "{:.2f}",
-        "bytes all-reduced/step": "{:,.0f}",
-        "gradient bytes P": "{:,.0f}",
         "sent/rank/step": "{:,.0f}",
-        "formula 2(N-1)/N·P": "{:,.0f}",
-        "step time (ms)": "{:.2f}",
         "test accuracy": "{:.3f}",
         "max |θ - θ_serial|": "{:.1e}",
-    }
+    },
 )
 
 # %%
