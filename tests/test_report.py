@@ -48,3 +48,16 @@ def test_figures_draw():
     assert fig.axes[0].get_title() == "GPipe"
     assert report.loss_curves([3.0, 2.0], {"DP2": [3.0, 2.0]}, "t").axes
     assert report.bar_times({"serial": 1.0, "DP2": 2.0}, "ms").axes
+
+
+def test_predicted_vs_measured_draws_one_panel_per_pair():
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {"model": ["a", "a", "b"], "plan": ["x", "y", "x"], "p": [1.0, 2.0, 3.0], "m": [1.1, 2, 3]}
+    )
+    fig = report.predicted_vs_measured(
+        frame, [("p", "m", "time", True), ("p", "m", "memory", False)], group="model", label="plan"
+    )
+    assert [ax.get_title() for ax in fig.axes] == ["time", "memory"]
+    assert len(fig.axes[0].texts) == 3 and not fig.axes[1].texts

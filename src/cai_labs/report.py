@@ -27,6 +27,7 @@ __all__ = [
     "loss_curves",
     "pipeline_timeline",
     "bar_times",
+    "predicted_vs_measured",
 ]
 
 _RULES: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -141,5 +142,35 @@ def bar_times(times_ms: Mapping[str, float], xlabel: str) -> Figure:
     ax.barh(names, [times_ms[n] for n in names], color=[f"C{i}" for i in range(len(names))])
     ax.invert_yaxis()
     ax.set(xlabel=xlabel)
+    fig.tight_layout()
+    return fig
+
+
+def predicted_vs_measured(
+    frame: Any,
+    panels: Sequence[tuple[str, str, str, bool]],
+    group: str,
+    label: str | None = None,
+) -> Figure:
+    """One scatter per ``(x column, y column, title, log axes)`` panel of ``frame``, a marker
+    per value of ``group``, the line ``y = x``, and the first panel's points labelled by the
+    ``label`` column; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    axes = [axes] if len(panels) == 1 else list(axes)
+    for i, (ax, (x, y, title, log)) in enumerate(zip(axes, panels)):
+        for (name, part), marker in zip(frame.groupby(group, sort=False), "os^v"):
+            ax.scatter(part[x], part[y], marker=marker, label=name)
+            for _, row in part.iterrows() if (i == 0 and label) else ():
+                ax.annotate(row[label], (row[x], row[y]), fontsize=7)
+        both = frame[[x, y]]
+        lo, hi = (
+            (both.min().min() * 0.8, both.max().max() * 1.2) if log else (0, both.max().max() * 1.1)
+        )
+        ax.plot([lo, hi], [lo, hi], "k:", lw=1)
+        scale = "log" if log else "linear"
+        ax.set(xscale=scale, yscale=scale, xlabel=x, ylabel=y, title=title)
+    axes[0].legend()
     fig.tight_layout()
     return fig
