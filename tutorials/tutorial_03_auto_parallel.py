@@ -43,7 +43,9 @@ import torch
 import torch.distributed as dist
 from scipy.stats import spearmanr
 
-from cai_labs import launch
+# %%
+# The package's auto-parallel steps:
+from cai_labs import launch, report
 from cai_labs.auto_parallel import (
     MemoryBudgetError,
     Mesh,
@@ -68,6 +70,9 @@ from cai_labs.auto_parallel.cost_model import fit_compute_scale, replicated_plan
 from cai_labs.auto_parallel.runtime import measure_step
 from cai_labs.models.gpt import Block, GPTConfig
 from cai_labs.models.resnet import resnet50
+
+# %%
+# The sizes of the two models and of the runs (raise them on a bigger machine):
 
 MESH = Mesh((2, 2))  # 4 ranks: rank r sits at (r // 2, r % 2)
 RESNET_WIDTH = 16  # channels of the first stage; 64 in the paper
@@ -192,6 +197,9 @@ def calibrate_worker() -> dict:
     return {"machine": machine, "serial": serial}
 
 
+# %%
+# Run it on the mesh; the fitted prices:
+
 cal = launch(calibrate_worker, MESH.size)
 machines = {
     name: fit_compute_scale(graphs[name], cal["machine"], cal["serial"][name]) for name in MAKERS
@@ -261,6 +269,10 @@ except MemoryBudgetError as err:
     print("GPT block at a tenth of that budget:", err)
 
 
+# %%
+# The plan the solver chose for the GPT block, node by node:
+
+
 def plan_table(name: str, plan: dict) -> pd.DataFrame:
     sgn = graphs[name]
     rows = []
@@ -326,6 +338,9 @@ def correctness_worker(plans: dict) -> dict:
     return out
 
 
+# %%
+# Both solved plans on the 4 ranks, against the serial model:
+
 parallel = launch(correctness_worker, MESH.size, {n: s.plan for n, s in solutions.items()})
 rows = []
 for name, make in MAKERS.items():
@@ -389,6 +404,10 @@ for name in MAKERS:
     }
 
 
+# %%
+# Each plan is run on the mesh: its fastest step and the ledger's memory per rank.
+
+
 def measure_worker(plans: dict) -> dict:
     mg = MeshGroups(MESH)
     out = {}
@@ -405,6 +424,9 @@ def measure_worker(plans: dict) -> dict:
             }
     return out
 
+
+# %%
+# Predicted next to measured, per plan:
 
 measured = launch(measure_worker, MESH.size, plans)
 rows = []
@@ -446,34 +468,15 @@ for name in MAKERS:
 rho_all = spearmanr(results["predicted step (ms)"], results["measured step (ms)"]).statistic
 print(f"both models together: rho = {rho_all:.2f} over {len(results)} plans")
 
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-for name, marker in zip(MAKERS, "os"):
-    r = results[results.model == name]
-    ax1.scatter(r["predicted step (ms)"], r["measured step (ms)"], marker=marker, label=name)
-    ax2.scatter(r["predicted MiB/rank"], r["measured MiB/rank"], marker=marker, label=name)
-    for _, row in r.iterrows():
-        ax1.annotate(row.plan, (row["predicted step (ms)"], row["measured step (ms)"]), fontsize=7)
-lim = [
-    results[["predicted step (ms)", "measured step (ms)"]].min().min() * 0.8,
-    results[["predicted step (ms)", "measured step (ms)"]].max().max() * 1.2,
-]
-ax1.plot(lim, lim, "k:", lw=1)
-ax1.set(
-    xscale="log",
-    yscale="log",
-    xlabel="predicted step time (ms)",
-    ylabel="measured step time (ms)",
-    title="Time: cost model vs stopwatch",
+report.predicted_vs_measured(
+    results,
+    [
+        ("predicted step (ms)", "measured step (ms)", "Time: cost model vs stopwatch", True),
+        ("predicted MiB/rank", "measured MiB/rank", "Memory: cost model vs ledger", False),
+    ],
+    group="model",
+    label="plan",
 )
-mlim = [0, results[["predicted MiB/rank", "measured MiB/rank"]].max().max() * 1.1]
-ax2.plot(mlim, mlim, "k:", lw=1)
-ax2.set(
-    xlabel="predicted MiB per rank",
-    ylabel="measured MiB per rank (ledger)",
-    title="Memory: cost model vs ledger",
-)
-ax1.legend()
-fig.tight_layout()
 
 # %%
 # Which plan won on the stopwatch, and which the model picked:
@@ -519,6 +522,10 @@ print(
     f"activations saved without checkpointing (sum of m_i): {full_act / 2**20:.2f} MiB; "
     f"smallest budget any plan fits: {least / 2**20:.2f} MiB"
 )
+# %%
+# One plan per budget, from no recomputation down to just above the smallest feasible budget,
+# each run and measured (the page fails if a measured peak exceeds its budget):
+
 rows = []
 for budget in np.linspace(full_act, 1.02 * least, CKPT_POINTS):
     plan = solve_checkpoint(profiles, budget)
