@@ -48,6 +48,9 @@ from cai_labs.data_parallel import BucketedDataParallel, allreduce_gradients, sh
 from cai_labs.models.cnn1d import CNN1d
 from cai_labs.optim import LAMB, LARS, linear_scaled_lr, param_groups, warmup_cosine
 
+# %%
+# The sizes of the sweep and each optimizer's base rate:
+
 WORLD_SIZE = 4  # data-parallel ranks
 N_TRAIN, N_TEST = 8192, 2048  # MNIST-1D samples generated for this page
 BATCH_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # global batches (divisible by 4)
@@ -65,6 +68,9 @@ WARMUP_EPOCHS = 1.0  # linear warm-up length, then cosine decay to 0
 TARGET_ACCURACY = 0.7  # for "time to target accuracy"
 CHANNELS = (16, 32, 32)
 SEED = 0
+
+# %%
+# The data, generated procedurally on this machine; every batch size must split over the ranks:
 
 data = load_mnist1d_split(N_TRAIN, N_TEST, seed=42)
 n_params = sum(p.numel() for p in CNN1d(channels=CHANNELS).parameters())
@@ -177,6 +183,9 @@ def check_worker() -> dict:
     return {c: check_steps(c[0], dist.get_world_size(), dist.get_rank(), c[1]) for c in CHECKS}
 
 
+# %%
+# The same steps on 4 ranks, against one process on the whole batch:
+
 parallel = launch(check_worker, WORLD_SIZE)
 check_rows = []
 for name, dtype in CHECKS:
@@ -239,6 +248,38 @@ def evaluate(model: nn.Module, rank: int, world: int) -> float:
     return correct.item() / N_TEST
 
 
+# %%
+# One epoch on this rank's share of every batch; the timer covers only the training steps.
+
+
+def train_epoch(model: nn.Module, opt, sched, epoch: int, batch: int, out: dict) -> tuple:
+    """Seconds in training steps and the epoch's all-reduce totals; appends the learning rate,
+    the loss and (LARS) the trust ratios of every step to ``out``."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    order = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(epoch))
+    elapsed = 0.0
+    with Ledger(track_activations=False) as ledger:  # counts the training all-reduces
+        for s in range(N_TRAIN // batch):
+            idx = order[s * batch : (s + 1) * batch]
+            xs, ys = shard_batch(data.x_train[idx], data.y_train[idx], rank=rank, world_size=world)
+            start = time.perf_counter()
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(xs), ys)
+            loss.backward()  # the bucket's all-reduce runs inside backward
+            opt.step()
+            elapsed += time.perf_counter() - start
+            out["lr"].append(opt.param_groups[0]["lr"])
+            sched.step()
+            out["loss"].append(loss.item())
+            if isinstance(opt, LARS):
+                out["ratios"].append(opt.trust_ratios())
+    return elapsed, comm_totals(ledger.report())["all_reduce"]
+
+
+# %%
+# One run: a fresh CNN from the seed, ``EPOCHS`` epochs, the test accuracy after each.
+
+
 def train_one(name: str, batch: int, sgd_rate_for_excluded: bool = True) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     model = BucketedDataParallel(CNN1d(channels=CHANNELS, seed=SEED), bucket_mb=1.0)
@@ -247,46 +288,21 @@ def train_one(name: str, batch: int, sgd_rate_for_excluded: bool = True) -> dict
     steps_per_epoch = N_TRAIN // batch
     total = EPOCHS * steps_per_epoch
     sched = warmup_cosine(opt, total, max(1, round(WARMUP_EPOCHS * steps_per_epoch)))
-    record_ratios = isinstance(opt, LARS)
-    out = {
-        "optimizer": name,
-        "batch": batch,
-        "peak_lr": peak,
-        "steps": total,
-        "acc": [],
-        "epoch_time": [],
-        "ratios": [],
-        "lr": [],
-        "loss": [],
-    }
+    out = {"optimizer": name, "batch": batch, "peak_lr": peak, "steps": total}
+    out |= {k: [] for k in ("acc", "epoch_time", "ratios", "lr", "loss")}
     sent = buffer = 0
     for epoch in range(EPOCHS):
-        order = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(epoch))
-        elapsed = 0.0
-        with Ledger(track_activations=False) as ledger:  # counts the training all-reduces
-            for s in range(steps_per_epoch):
-                idx = order[s * batch : (s + 1) * batch]
-                xs, ys = shard_batch(
-                    data.x_train[idx], data.y_train[idx], rank=rank, world_size=world
-                )
-                start = time.perf_counter()
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(xs), ys)
-                loss.backward()  # the bucket's all-reduce runs inside backward
-                opt.step()
-                elapsed += time.perf_counter() - start
-                out["lr"].append(opt.param_groups[0]["lr"])
-                sched.step()
-                out["loss"].append(loss.item())
-                if record_ratios:
-                    out["ratios"].append(opt.trust_ratios())
-        totals = comm_totals(ledger.report())["all_reduce"]
+        elapsed, totals = train_epoch(model, opt, sched, epoch, batch, out)
         buffer, sent = buffer + totals["bytes"], sent + totals["sent_bytes"]
         out["epoch_time"].append(elapsed)
         out["acc"].append(evaluate(model.module, rank, world))
     out["diverged"] = not all(math.isfinite(v) for v in out["loss"])
     out["allreduce_bytes"], out["sent_bytes"] = buffer, sent
     return out
+
+
+# %%
+# Every (optimizer, batch) pair, one after the other on the same 4 ranks:
 
 
 def sweep_worker(jobs: list[tuple]) -> list[dict]:
@@ -352,6 +368,9 @@ for r in runs:
             "formula P/B": grad_bytes / r["batch"],
         }
     )
+# %%
+# Accuracy is coloured from red (chance) to green:
+
 results = pd.DataFrame(rows).set_index(["batch", "optimizer"])
 pd.set_option("display.width", 220)
 results.style.format(
@@ -453,6 +472,10 @@ for a in (ax1, ax2):
     a.set_xticks(BATCH_SIZES, [str(b) for b in BATCH_SIZES])
     a.legend()
 fig.tight_layout()
+
+# %%
+# In numbers:
+
 print(
     f"throughput, mean over optimizers: {speed['samples / s'].iloc[0]:,.0f} samples/s at "
     f"B={BATCH_SIZES[0]}, {speed['samples / s'].iloc[-1]:,.0f} at B={BATCH_SIZES[-1]} "
@@ -535,6 +558,10 @@ for ax, b in zip(axes, shown):
     twin.set_ylabel("global lr γ (dashed)")
 axes[0].legend(fontsize=8)
 fig.tight_layout()
+
+# %%
+# The first and last step's ratio of each layer:
+
 for b in shown:
     first, last = lars_runs[b]["ratios"][0], lars_runs[b]["ratios"][-1]
     print(f"B={b}: " + ", ".join(f"{n} {first[n]:.2e}->{last[n]:.2e}" for n in layers))
