@@ -165,3 +165,11 @@ def test_no_module_imports_in_a_circle():
 
 def test_the_circle_check_finds_a_circle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_every_grid_mode_has_one_registered_mode():
+    from cai_labs.tensor_parallel.grid import MODES
+    from cai_labs.tensor_parallel.modes import TP_MODES
+
+    assert tuple(TP_MODES) == MODES
+    assert len({id(m.layers) for m in TP_MODES.values()}) == len(MODES)  # one module each

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from cai_labs.mesh import RankMesh
 from cai_labs.models.gpt import GPTConfig
+from cai_labs.tensor_parallel.grid import MODES
 
-__all__ = ["Layout", "PRESETS", "TP_MODE_NAMES", "SCHEDULES", "SP_ATTENTIONS"]
+__all__ = ["Layout", "PRESETS", "SCHEDULES", "SP_ATTENTIONS"]
 
-TP_MODE_NAMES = ("1d", "2d", "2.5d", "3d")
 SCHEDULES = ("gpipe", "1f1b")
 SP_ATTENTIONS = ("ring", "all_to_all")
 
@@ -102,7 +102,7 @@ def _check_degrees(lay: Layout) -> None:
     if not isinstance(lay.n_micro, int) or lay.n_micro < 1:
         raise ValueError(f"n_micro must be a positive integer; got {lay.n_micro!r}")
     for what, v, choices in (
-        ("tp_mode", lay.tp_mode, TP_MODE_NAMES),
+        ("tp_mode", lay.tp_mode, MODES),
         ("schedule", lay.schedule, SCHEDULES),
         ("sp_attention", lay.sp_attention, SP_ATTENTIONS),
         ("zero", lay.zero, (0, 1, 2, 3)),
