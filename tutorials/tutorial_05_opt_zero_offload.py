@@ -56,6 +56,8 @@ import torch.distributed as dist
 from torch import nn
 from transformers.utils import logging as hf_logging
 
+# %%
+# The package's pieces this page uses:
 from cai_labs import Ledger, comm_totals, launch, report
 from cai_labs.data_parallel import shard_batch
 from cai_labs.offload import ChunkedAdam, ChunkedModel
@@ -77,6 +79,9 @@ from cai_labs.zero.fsdp2 import fsdp2_memory, fsdp2_wrap
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
+
+# %%
+# The sizes of the runs (raise them on a bigger machine) and the fine-tuning task:
 
 WORLD_SIZE = 4  # ranks for every parallel run
 HIDDEN, LAYERS, HEADS, FFN = 64, 2, 4, 256  # OPT sizes of the base model
@@ -737,6 +742,9 @@ def tp_check_worker() -> dict:
     }
 
 
+# %%
+# On 2 and 4 ranks, against the serial model:
+
 tp_checks = {n: launch(tp_check_worker, n) for n in TP_SIZES}
 for n, c in tp_checks.items():
     print(
@@ -770,6 +778,10 @@ tp_rows = [
         "largest loss gap vs DDP": 0.0,
     }
 ]
+
+# %%
+# One row per tensor-parallel size, next to its formulas (the page fails on a difference):
+
 for n, r in tp_runs.items():
     cost = opt_1d_cost(config, n, r["tokens_per_rank"])
     measured_comm = r["comm"]["all_reduce"]["bytes"] / r["steps"]
@@ -790,6 +802,10 @@ for n, r in tp_runs.items():
             "largest loss gap vs DDP": tp_gap,
         }
     )
+
+# %%
+# The parameters that stay whole on every rank:
+
 tp_table = pd.DataFrame(tp_rows).set_index("run")
 serial_param_bytes = opt_1d_cost(config, 1, 0).param_bytes
 replicated = 2 * opt_1d_cost(config, 2, 0).param_bytes - serial_param_bytes  # R = 2 p(2) - p(1)
