@@ -497,6 +497,21 @@ comm_table.style.format(
 # prefetch off and on (in one launch, alternating), and the largest gathered bytes the hooks saw.
 
 
+def gathered(model: Zero3, times: list, losses: list) -> dict:
+    """One ZeRO-3 run's median step, losses, and the gathered bytes its hooks saw."""
+    return {
+        "step_time": float(np.median(times[1:])),
+        "losses": losses,
+        "peak": model.gathered_peak_bytes,
+        "bound": model.gathered_bound_bytes(),
+        "unit": max(u.gathered_bytes for u in model.units if u is not model.root),
+    }
+
+
+# %%
+# Both runs in one launch, their steps alternating on the same batches:
+
+
 def prefetch_worker(steps: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     runs_pf = {}
@@ -515,44 +530,31 @@ def prefetch_worker(steps: int) -> dict:
             times.append(time.perf_counter() - start)
             optimizer.zero_grad()
             losses.append(loss.item())
-    return {
-        pf: {
-            "step_time": float(np.median(t[1:])),
-            "losses": losses,
-            "peak": m.gathered_peak_bytes,
-            "bound": m.gathered_bound_bytes(),
-            "unit": max(u.gathered_bytes for u in m.units if u is not m.root),
-        }
-        for pf, (m, _, t, losses) in runs_pf.items()
-    }
+    return {pf: gathered(m, t, losses) for pf, (m, _, t, losses) in runs_pf.items()}
 
+
+# %%
+# Same losses to the bit and gathered peaks within the bound (asserted):
 
 pf = launch(prefetch_worker, WORLD_SIZE, MEASURE_STEPS)
 assert pf[True]["losses"] == pf[False]["losses"], "prefetch changed the arithmetic"
 for r in pf.values():
     assert r["peak"] <= r["bound"], "more units gathered than the prefetch bound allows"
-prefetch_table = pd.DataFrame(
-    [
-        {
-            "ZeRO-3": "prefetch off (depth 0)",
-            "median step (ms)": 1e3 * pf[False]["step_time"],
-            "gathered peak (B, rank 0)": pf[False]["peak"],
-            "bound (B)": pf[False]["bound"],
-        },
-        {
-            "ZeRO-3": "prefetch on (depth 1)",
-            "median step (ms)": 1e3 * pf[True]["step_time"],
-            "gathered peak (B, rank 0)": pf[True]["peak"],
-            "bound (B)": pf[True]["bound"],
-        },
-    ]
-).set_index("ZeRO-3")
 print(
     f"step time with prefetch / without: {pf[True]['step_time'] / pf[False]['step_time']:.2f}; "
     f"largest layer unit {pf[True]['unit']:,} B gathered"
 )
-prefetch_table.style.format(
-    {"median step (ms)": "{:.1f}", "gathered peak (B, rank 0)": "{:,.0f}", "bound (B)": "{:,.0f}"}
+report.table(
+    [
+        {
+            "ZeRO-3": "prefetch on (depth 1)" if on else "prefetch off (depth 0)",
+            "median step (ms)": 1e3 * pf[on]["step_time"],
+            "gathered peak (B, rank 0)": pf[on]["peak"],
+            "bound (B)": pf[on]["bound"],
+        }
+        for on in (False, True)
+    ],
+    index="ZeRO-3",
 )
 
 # %%
