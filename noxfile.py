@@ -89,7 +89,14 @@ def torchrun(session: nox.Session) -> None:
     pattern = session.posargs or ["tutorial_"]
     session.run("python", "docs/run_torchrun.py", *pattern, env=ENV)
     if not session.posargs:
-        session.run("python", "docs/run_torchrun.py", "tutorial_00", "--nnodes", "2", env=ENV)
+        session.run(
+            "python",
+            "docs/run_torchrun.py",
+            "tutorial_00",
+            "--nnodes=2",
+            "--nproc-per-node=4",
+            env=ENV,
+        )
 
 
 @nox.session(venv_backend="none")

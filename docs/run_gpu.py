@@ -84,7 +84,7 @@ def run_pages() -> list[dict]:
     for script in sorted(TUTORIALS.glob("tutorial_*.py")):
         nproc, lines = PAGES[script.name[:11]]
         start = time.monotonic()
-        problem = run_page(script, nproc, lines, nnodes=1, timeout=900)
+        problem = run_page(script, nproc, lines)
         rows.append(
             {
                 "page": script.name,

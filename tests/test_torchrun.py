@@ -34,6 +34,7 @@ def test_launches_of_every_size_under_an_8_rank_torchrun():
         assert run.stdout.count(f"n={n}: rank 0 of {n} says hi") == 1, run.stdout
     assert "rank 1 of" not in run.stdout  # ranks other than 0 stay quiet
     assert run.stdout.count("all launches done") == 1
+    assert run.stdout.count("a 24 MiB result came back") == 1
 
 
 def test_more_ranks_than_torchrun_started_is_a_clear_error():

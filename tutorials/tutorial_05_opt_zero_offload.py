@@ -287,7 +287,7 @@ TECHNIQUES = {
 # The worker: the ordinary training loop, whatever the technique.
 
 
-def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
+def train_worker(method: str, steps: int, keep_weights: bool = False) -> dict:
     rank, world, how = dist.get_rank(), dist.get_world_size(), TECHNIQUES[method]
     plain, tok = load_checkpoint(base_dir)
     plain.train()
@@ -308,13 +308,14 @@ def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
                 memory = how.memory(model, optimizer, ledger)
             optimizer.zero_grad()
             losses.append(loss.item())
-    if save_to is not None:
-        save_full(model, tok, save_to)
-    return summary(losses, times, memory, ledger, steps, x.numel()) | how.extras(model)
+    out = summary(losses, times, memory, ledger, steps, x.numel()) | how.extras(model)
+    if keep_weights:  # gather the full weights (a collective); rank 0 hands them back
+        out["weights"] = model.full_state_dict()
+    return out
 
 
 # %%
-# What comes back to the page, and how the fine-tuned model is saved:
+# What comes back to the page:
 
 
 def summary(losses, times, memory, ledger, steps: int, tokens: int) -> dict:
@@ -331,16 +332,6 @@ def summary(losses, times, memory, ledger, steps: int, tokens: int) -> dict:
         "steps": steps,
         "tokens_per_rank": tokens,
     }
-
-
-def save_full(model, tok, save_to: str) -> None:
-    """Gather the full weights (a collective) and save them on rank 0."""
-    full = model.full_state_dict()
-    if dist.get_rank() == 0:
-        plain, _ = load_checkpoint(base_dir)
-        plain.load_state_dict(full)
-        plain.save_pretrained(save_to)
-        tok.save_pretrained(save_to)
 
 
 # %%
@@ -645,13 +636,18 @@ fig.tight_layout()
 # Fine-tune with ZeRO-3, save, reload, measure
 # --------------------------------------------
 # The real run: ``FINETUNE_STEPS`` steps of ZeRO-3 on 4 ranks. At the end the ranks all-gather
-# the full weights (``full_state_dict``) and rank 0 writes them with ``save_pretrained``: the
-# checkpoint is an ordinary Hugging Face directory that the serving tutorial loads, and that
-# ``from_pretrained`` reads back here for the final measurement.
+# the full weights (``full_state_dict``) and rank 0 hands them back; the page writes them with
+# ``save_pretrained`` (under torchrun every process gets rank 0's weights and writes its own
+# copy): the checkpoint is an ordinary Hugging Face directory that the serving tutorial loads,
+# and that ``from_pretrained`` reads back here for the final measurement.
 
 finetuned_dir = WORK_DIR / "finetuned"
 start = time.perf_counter()
-final = launch(train_worker, WORLD_SIZE, "ZeRO-3", FINETUNE_STEPS, str(finetuned_dir))
+final = launch(train_worker, WORLD_SIZE, "ZeRO-3", FINETUNE_STEPS, True)
+tuned, tuned_tok = load_checkpoint(base_dir)  # the architecture; the weights come next
+tuned.load_state_dict(final.pop("weights"))
+tuned.save_pretrained(finetuned_dir)
+tuned_tok.save_pretrained(finetuned_dir)
 print(
     f"ZeRO-3 fine-tuning: {FINETUNE_STEPS} steps in {time.perf_counter() - start:.1f} s, "
     f"loss {final['losses'][0]:.3f} -> {final['losses'][-1]:.4f}"

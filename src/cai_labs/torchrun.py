@@ -93,7 +93,7 @@ def run_under_torchrun(
     if rank < world_size:
         _run_member(fn, rank, world_size, args, kwargs, backend, collective_timeout, store)
     store.wait(["result"], datetime.timedelta(seconds=timeout))
-    status, payload = pickle.loads(store.get("result"))
+    status, payload = pickle.loads(_get_large(store, "result"))
     if status == "error":
         raise RankFailed(0, payload)
     return payload
@@ -122,4 +122,20 @@ def _run_member(fn, rank, world_size, args, kwargs, backend, collective_timeout,
         finally:
             dist.destroy_process_group()
     if rank == 0:
-        store.set("result", pickle.dumps(result))
+        _set_large(store, "result", pickle.dumps(result))
+
+
+_PIECE = 4 * 2**20  # a store message holds at most 8 MiB; results may be larger
+
+
+def _set_large(store: dist.Store, key: str, data: bytes) -> None:
+    """Store ``data`` under ``key`` in pieces; ``key`` itself, set last, holds their count."""
+    pieces = range(0, max(len(data), 1), _PIECE)
+    for i, start in enumerate(pieces):
+        store.set(f"{key}/{i}", data[start : start + _PIECE])
+    store.set(key, str(len(pieces)))
+
+
+def _get_large(store: dist.Store, key: str) -> bytes:
+    count = int(store.get(key))
+    return b"".join(store.get(f"{key}/{i}") for i in range(count))

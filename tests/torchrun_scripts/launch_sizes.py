@@ -31,3 +31,6 @@ for n in sorted({1, 2, 4, world}):
         print(f"launch {n} of {world}: ok {out}")
 assert not dist.is_initialized() and int(os.environ["WORLD_SIZE"]) == world
 print("all launches done")
+big = launch(lambda: torch.arange(3 * 2**20, dtype=torch.float64), 2)  # 24 MiB: several pieces
+assert torch.equal(big, torch.arange(3 * 2**20, dtype=torch.float64))
+print("a 24 MiB result came back")
