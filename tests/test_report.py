@@ -61,3 +61,8 @@ def test_predicted_vs_measured_draws_one_panel_per_pair():
     )
     assert [ax.get_title() for ax in fig.axes] == ["time", "memory"]
     assert len(fig.axes[0].texts) == 3 and not fig.axes[1].texts
+
+
+def test_missing_cells_are_blank():
+    html = report.table([{"a": 1, "bytes": 5.0}, {"a": 2}], index="a").to_html()
+    assert "nan" not in html and "5" in html

@@ -53,7 +53,7 @@ def _format_or_text(fmt: str):
     def f(v: Any) -> str:
         if isinstance(v, bool) or not isinstance(v, int | float):
             return "" if v is None else str(v)
-        return fmt.format(v)
+        return "" if v != v else fmt.format(v)  # NaN: a cell the row does not have
 
     return f
 
