@@ -291,12 +291,11 @@ def matches(x: dict) -> bool:
 def measured_and_formula(x: dict) -> dict:
     """One rank's measurements, each next to its formula."""
     f = x["formula"]
-    return {
-        "params (B)": x["params"],
-        "params formula": f.param_bytes,
-        **{f"{d.upper()} bytes/step": x[f"{d} bytes"] for d in ("tp", "pp", "dp")},
-        **{f"{d.upper()} formula": getattr(f, f"{d}_bytes") for d in ("tp", "pp", "dp")},
-    }
+    out = {"params (B)": x["params"], "params formula": f.param_bytes}
+    for d in ("tp", "pp", "dp"):
+        out[f"{d.upper()} bytes/step"] = x[f"{d} bytes"]
+        out[f"{d.upper()} formula"] = getattr(f, f"{d}_bytes")
+    return out
 
 
 # %%
