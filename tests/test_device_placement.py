@@ -25,8 +25,10 @@ import pytest
 import torch
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
-# tutorial_06 (serving) launches no training workers; its engine places itself.
-PAGES = sorted(p for p in TUTORIALS.glob("tutorial_0*.py") if not p.name.startswith("tutorial_06"))
+# tutorial_06 (serving) launches no training workers, its engine places itself; tutorial_08
+# (Colossal-AI's components) launches none.
+NO_LAUNCH = ("tutorial_06", "tutorial_08")
+PAGES = sorted(p for p in TUTORIALS.glob("tutorial_0*.py") if not p.name.startswith(NO_LAUNCH))
 
 # Tensor factories whose result must be put on a device. ``arange`` and ``randperm`` are left
 # out: pages use them for indices into their datasets, which stay on the host.
@@ -285,13 +287,15 @@ def _devices(module: torch.nn.Module) -> set[str]:
 
 
 def test_parallel_gpt_puts_its_weights_and_batches_on_device(monkeypatch):
-    import cai_labs.unified as unified
-    from cai_labs.layouts import Layout
-    from cai_labs.models.gpt import GPTConfig
+    import cai_labs.hybrid.apply as apply
+    import cai_labs.hybrid.model as hybrid_model
+    from cai_labs.hybrid import Layout, parallelize
+    from cai_labs.models.gpt import GPT, GPTConfig
 
-    monkeypatch.setattr(unified, "device", lambda: META)
+    for module in (apply, hybrid_model):
+        monkeypatch.setattr(module, "device", lambda: META)
     cfg = GPTConfig(vocab_size=16, d_model=16, n_heads=2, seq_len=8)
-    model = unified.ParallelGPT(cfg, Layout())
+    model = parallelize(GPT(cfg), Layout())
     assert _devices(model) == {"meta"}
     moved = []
 
@@ -302,7 +306,7 @@ def test_parallel_gpt_puts_its_weights_and_batches_on_device(monkeypatch):
         moved.extend(tensors)
         raise Stop
 
-    monkeypatch.setattr(unified, "shard_batch", shard_batch)
+    monkeypatch.setattr(hybrid_model, "shard_batch", shard_batch)
     ids = torch.zeros(2, cfg.seq_len, dtype=torch.long)
     with pytest.raises(Stop):
         model.train_step(ids, ids, None)

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cai_labs import Ledger, launch
+from cai_labs.hybrid import lm_loss
 from cai_labs.models import GPT, GPTConfig
 from cai_labs.pipeline import (
     GPTStage,
@@ -24,7 +25,6 @@ from cai_labs.pipeline import (
 )
 from cai_labs.pipeline import bubble as bubble_mod
 from cai_labs.pipeline.schedules import SCHEDULES
-from cai_labs.unified import lm_loss
 
 CFG = GPTConfig(n_layers=4, d_model=32, n_heads=4, seq_len=16)
 N_MICRO = 4

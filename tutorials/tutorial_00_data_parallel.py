@@ -362,8 +362,9 @@ table.style.format(
 
 
 def flat_allreduce() -> list[dict]:
-    flat = torch.cat([p.flatten() for p in MLP(hidden=HIDDEN, seed=SEED).parameters()])
-    dist.all_reduce(torch.ones(1))  # connections up before anything is counted
+    model = MLP(hidden=HIDDEN, seed=SEED).to(device())
+    flat = torch.cat([p.flatten() for p in model.parameters()])
+    dist.all_reduce(torch.ones(1, device=device()))  # connections up before anything is counted
     with Ledger(track_activations=False) as ledger:
         dist.all_reduce(flat)
     every = [None] * dist.get_world_size()
@@ -450,9 +451,9 @@ def speed_worker() -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cores[rank % len(cores)]})  # rank r on core r mod cores
-    model = MLP(hidden=SPEED_HIDDEN, seed=SEED)
+    model = MLP(hidden=SPEED_HIDDEN, seed=SEED).to(device())
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    x, y = data.x_train[:SPEED_BATCH], data.y_train[:SPEED_BATCH]
+    x, y = data.x_train[:SPEED_BATCH].to(device()), data.y_train[:SPEED_BATCH].to(device())
     x, y = shard_batch(x, y, rank=rank, world_size=world)
     compute, exchange, cpu, wall = [], [], 0.0, 0.0
     for step in range(SPEED_STEPS + 2):  # the first two steps warm up

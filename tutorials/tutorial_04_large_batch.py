@@ -714,7 +714,7 @@ def colossalai_large_batch(name: str = "LARS", steps: int = 6, batch: int = 512)
     scheduler = warmup_cosine(optimizer, total_steps=steps, warmup_steps=2)
     booster = Booster(plugin=TorchDDPPlugin())
     model, optimizer, loss_fn, _, scheduler = booster.boost(
-        model, optimizer, nn.CrossEntropyLoss(), lr_scheduler=scheduler
+        model, optimizer, nn.CrossEntropyLoss().to(device()), lr_scheduler=scheduler
     )
     for s in range(steps):  # each rank: its batch / world_size samples
         x, y = data.x_train[s * batch : (s + 1) * batch], data.y_train[s * batch : (s + 1) * batch]

@@ -44,6 +44,8 @@ import copy
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -54,7 +56,9 @@ import torch.distributed as dist
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from cai_labs import Ledger, comm_totals, device, launch
+# %%
+# The package's pieces this page uses:
+from cai_labs import Ledger, comm_totals, device, launch, report
 from cai_labs.data_parallel import shard_batch
 from cai_labs.offload import ChunkedAdam, ChunkedModel
 from cai_labs.recipes.opt_finetune import (
@@ -75,6 +79,9 @@ from cai_labs.zero.fsdp2 import fsdp2_memory, fsdp2_wrap
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
+
+# %%
+# The sizes of the runs (raise them on a bigger machine) and the fine-tuning task:
 
 WORLD_SIZE = 4  # ranks for every parallel run
 HIDDEN, LAYERS, HEADS, FFN = 64, 2, 4, 256  # OPT sizes of the base model
@@ -202,47 +209,95 @@ def ddp_comm_hook(state, bucket):
     return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
 
 
-def train_worker(method: str, steps: int, keep_weights: bool = False) -> dict:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model, tok = load_checkpoint(base_dir)
-    model.train()
-    watch_model = model
-    if method == "DDP":
-        model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-        model.register_comm_hook(None, ddp_comm_hook)
-        optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    elif method == "ZeroRedundancyOptimizer":  # PyTorch's ZeRO-1, next to DDP
-        from torch.distributed.optim import ZeroRedundancyOptimizer
+def wrap_ddp(model: nn.Module) -> nn.Module:
+    model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+    model.register_comm_hook(None, ddp_comm_hook)
+    return model
 
-        model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-        model.register_comm_hook(None, ddp_comm_hook)
-        optimizer = ZeroRedundancyOptimizer(
-            model.parameters(), optimizer_class=torch.optim.Adam, lr=LR
-        )
-    elif method.startswith("ZeRO-"):
-        model, optimizer = zero_wrap(model, torch.optim.Adam, stage=int(method[-1]), lr=LR)
-        watch_model = None
-    elif method == "FSDP2":
-        model = fsdp2_wrap(model)
-        optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    elif method == "chunks":
-        model = ChunkedModel(model, CHUNK_ELEMENTS, BUDGET_CHUNKS * CHUNK_ELEMENTS * 4)
-        optimizer = ChunkedAdam(model, lr=LR)
-        watch_model = None
-    elif method == "TP":  # 1D tensor parallel over all ranks (last section of the page)
-        model = parallelize_opt(model, make_grid("1d"))
-        optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+
+def zero_redundancy(model: nn.Module) -> tuple:
+    """PyTorch's ZeRO-1 next to DDP."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = wrap_ddp(model)
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=LR)
+    return model, opt
+
+
+def adam(model: nn.Module) -> tuple:
+    return model, torch.optim.Adam(model.parameters(), lr=LR)
+
+
+def chunked(model: nn.Module) -> tuple:
+    model = ChunkedModel(model, CHUNK_ELEMENTS, BUDGET_CHUNKS * CHUNK_ELEMENTS * 4)
+    return model, ChunkedAdam(model, lr=LR)
+
+
+def chunk_stats(model) -> dict:
+    return {
+        "chunks": model.manager.stats(),
+        "trace": model.manager.trace,
+        "states": model.state_bytes(),
+    }
+
+
+# %%
+# Each technique is a few named pieces: how it wraps the model and builds the optimizer, what
+# the ledger watches (ZeRO and the chunks account their own buffers), and how its memory is
+# read at the end of a step.
+
+
+@dataclass
+class Technique:
+    wrap: Callable[[nn.Module], tuple]  # model -> (wrapped model, optimizer)
+    watch: Callable = lambda ledger, plain, model, opt: ledger.watch(model=plain, optimizer=opt)
+    memory: Callable = lambda model, opt, ledger: memory_by_kind(ledger.snapshot("after step"))
+    whole_batch: bool = False  # tensor-parallel ranks all work on the whole batch
+    extras: Callable = lambda model: {}  # what else the page reads from the wrapped model
+
+
+def _zero(stage: int) -> Technique:
+    return Technique(
+        wrap=lambda m: zero_wrap(m, torch.optim.Adam, stage=stage, lr=LR),
+        watch=lambda ledger, plain, model, opt: model.watch(ledger, opt),
+    )
+
+
+# %%
+# The registry the worker loops over: one entry per technique on this page.
+
+TECHNIQUES = {
+    "DDP": Technique(wrap=lambda m: adam(wrap_ddp(m))),
+    "ZeroRedundancyOptimizer": Technique(
+        wrap=zero_redundancy,
+        watch=lambda ledger, plain, model, opt: ledger.watch(model=plain, optimizer=opt.optim),
+    ),
+    **{f"ZeRO-{k}": _zero(k) for k in (1, 2, 3)},
+    "FSDP2": Technique(
+        wrap=lambda m: adam(fsdp2_wrap(m)), memory=lambda model, opt, _: fsdp2_memory(model, opt)
+    ),
+    "chunks": Technique(
+        wrap=chunked, watch=lambda *_: None, memory=lambda *_: None, extras=chunk_stats
+    ),
+    # 1D tensor parallel over all ranks (last section of the page)
+    "TP": Technique(wrap=lambda m: adam(parallelize_opt(m, make_grid("1d"))), whole_batch=True),
+}
+
+# %%
+# The worker: the ordinary training loop, whatever the technique.
+
+
+def train_worker(method: str, steps: int, keep_weights: bool = False) -> dict:
+    rank, world, how = dist.get_rank(), dist.get_world_size(), TECHNIQUES[method]
+    plain, tok = load_checkpoint(base_dir)
+    plain.train()
+    model, optimizer = how.wrap(plain)
     losses, times, memory = [], [], None
-    with Ledger(model=watch_model, track_activations=False) as ledger:
-        if method.startswith("ZeRO-"):
-            model.watch(ledger, optimizer)
-        elif method == "ZeroRedundancyOptimizer":
-            ledger.watch(optimizer=optimizer.optim)  # the local optimizer over this rank's part
-        elif method != "chunks":
-            ledger.watch(optimizer=optimizer)
+    with Ledger(track_activations=False) as ledger:
+        how.watch(ledger, plain, model, optimizer)
         for step in range(steps):
             x, y = task_batch(tok, task, sample_words(task, GLOBAL_BATCH, step))
-            if method != "TP":  # tensor-parallel ranks all work on the whole batch
+            if not how.whole_batch:
                 x, y = shard_batch(x, y, rank=rank, world_size=world)
             start = time.perf_counter()
             loss = model(input_ids=x, labels=y).loss
@@ -250,35 +305,38 @@ def train_worker(method: str, steps: int, keep_weights: bool = False) -> dict:
             optimizer.step()
             times.append(time.perf_counter() - start)
             if step == steps - 1:  # the account at the end of a step
-                if method == "FSDP2":
-                    memory = fsdp2_memory(model, optimizer)
-                elif method != "chunks":
-                    memory = memory_by_kind(ledger.snapshot("after step"))
+                memory = how.memory(model, optimizer, ledger)
             optimizer.zero_grad()
             losses.append(loss.item())
-    # Full-batch loss per step: the mean of the ranks' losses (outside the ledger).
-    mean_losses = torch.tensor(losses, device=device())
-    dist.all_reduce(mean_losses)
-    every_rank = [None] * world
-    dist.all_gather_object(every_rank, memory)
-    out = {
-        "losses": (mean_losses / world).tolist(),
-        "step_time": float(np.median(times[1:])),
-        "memory": memory,
-        "memory_all": every_rank,
-        "comm": comm_totals(ledger.report()),
-        "wire": ledger.report()["wire"],
-        "steps": steps,
-        "tokens_per_rank": x.numel(),
-    }
-    if method == "chunks":
-        out["chunks"] = model.manager.stats()
-        out["trace"] = model.manager.trace
-        out["states"] = model.state_bytes()
+    out = summary(losses, times, memory, ledger, steps, x.numel()) | how.extras(model)
     if keep_weights:  # gather the full weights (a collective); rank 0 hands them back
         out["weights"] = model.full_state_dict()
     return out
 
+
+# %%
+# What comes back to the page:
+
+
+def summary(losses, times, memory, ledger, steps: int, tokens: int) -> dict:
+    """The full-batch loss per step (mean over ranks, outside the ledger) and the accounts."""
+    world = dist.get_world_size()
+    mean_losses = torch.tensor(losses, device=device())
+    dist.all_reduce(mean_losses)
+    return {
+        "losses": (mean_losses / world).tolist(),
+        "step_time": float(np.median(times[1:])),
+        "memory": memory,
+        "memory_all": report.from_every_rank(memory),
+        "comm": comm_totals(ledger.report()),
+        "wire": ledger.report()["wire"],
+        "steps": steps,
+        "tokens_per_rank": tokens,
+    }
+
+
+# %%
+# Data parallel, the three ZeRO stages and FSDP2 on the same batches:
 
 runs = {}
 for method in ["DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3", "FSDP2"]:
@@ -443,6 +501,22 @@ comm_table.style.format(
 # prefetch off and on (in one launch, alternating), and the largest gathered bytes the hooks saw.
 
 
+def gathered(model: Zero3, times: list, losses: list) -> dict:
+    """One ZeRO-3 run's median step, losses, and the gathered bytes its hooks saw."""
+    return {
+        "step_time": float(np.median(times[1:])),
+        "losses": losses,
+        "peak": model.gathered_peak_bytes,
+        "bound": model.gathered_bound_bytes(),
+        "unit": max(u.gathered_bytes for u in model.units if u is not model.root),
+        "allocated": model.gathered_storage_peak_bytes,  # measured from the storages
+    }
+
+
+# %%
+# Both runs in one launch, their steps alternating on the same batches:
+
+
 def prefetch_worker(steps: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     runs_pf = {}
@@ -461,40 +535,17 @@ def prefetch_worker(steps: int) -> dict:
             times.append(time.perf_counter() - start)
             optimizer.zero_grad()
             losses.append(loss.item())
-    return {
-        pf: {
-            "step_time": float(np.median(t[1:])),
-            "losses": losses,
-            "peak": m.gathered_peak_bytes,
-            "bound": m.gathered_bound_bytes(),
-            "unit": max(u.gathered_bytes for u in m.units if u is not m.root),
-            "allocated": m.gathered_storage_peak_bytes,  # measured from the storages
-        }
-        for pf, (m, _, t, losses) in runs_pf.items()
-    }
+    return {pf: gathered(m, t, losses) for pf, (m, _, t, losses) in runs_pf.items()}
 
+
+# %%
+# Same losses to the bit and gathered peaks within the bound (asserted):
 
 pf = launch(prefetch_worker, WORLD_SIZE, MEASURE_STEPS)
 assert pf[True]["losses"] == pf[False]["losses"], "prefetch changed the arithmetic"
 for r in pf.values():
     assert r["peak"] <= r["bound"], "more units gathered than the prefetch bound allows"
     assert r["allocated"] <= r["bound"], "more storage allocated than the prefetch bound allows"
-prefetch_table = pd.DataFrame(
-    [
-        {
-            "ZeRO-3": "prefetch off (depth 0)",
-            "median step (ms)": 1e3 * pf[False]["step_time"],
-            "gathered peak (B, rank 0)": pf[False]["peak"],
-            "bound (B)": pf[False]["bound"],
-        },
-        {
-            "ZeRO-3": "prefetch on (depth 1)",
-            "median step (ms)": 1e3 * pf[True]["step_time"],
-            "gathered peak (B, rank 0)": pf[True]["peak"],
-            "bound (B)": pf[True]["bound"],
-        },
-    ]
-).set_index("ZeRO-3")
 print(
     f"step time with prefetch / without: {pf[True]['step_time'] / pf[False]['step_time']:.2f}; "
     f"largest layer unit {pf[True]['unit']:,} B gathered; allocated at most "
@@ -503,8 +554,17 @@ print(
     f"{'would exceed' if LAYERS * pf[True]['unit'] > pf[True]['bound'] else 'stays within'} "
     "the bound here"
 )
-prefetch_table.style.format(
-    {"median step (ms)": "{:.1f}", "gathered peak (B, rank 0)": "{:,.0f}", "bound (B)": "{:,.0f}"}
+report.table(
+    [
+        {
+            "ZeRO-3": "prefetch on (depth 1)" if on else "prefetch off (depth 0)",
+            "median step (ms)": 1e3 * pf[on]["step_time"],
+            "gathered peak (B, rank 0)": pf[on]["peak"],
+            "bound (B)": pf[on]["bound"],
+        }
+        for on in (False, True)
+    ],
+    index="ZeRO-3",
 )
 
 # %%
@@ -702,6 +762,9 @@ def tp_check_worker() -> dict:
     }
 
 
+# %%
+# On 2 and 4 ranks, against the serial model:
+
 tp_checks = {n: launch(tp_check_worker, n) for n in TP_SIZES}
 for n, c in tp_checks.items():
     print(
@@ -735,6 +798,10 @@ tp_rows = [
         "largest loss gap vs DDP": 0.0,
     }
 ]
+
+# %%
+# One row per tensor-parallel size, next to its formulas (the page fails on a difference):
+
 for n, r in tp_runs.items():
     cost = opt_1d_cost(config, n, r["tokens_per_rank"])
     measured_comm = r["comm"]["all_reduce"]["bytes"] / r["steps"]
@@ -755,6 +822,10 @@ for n, r in tp_runs.items():
             "largest loss gap vs DDP": tp_gap,
         }
     )
+
+# %%
+# The parameters that stay whole on every rank:
+
 tp_table = pd.DataFrame(tp_rows).set_index("run")
 serial_param_bytes = opt_1d_cost(config, 1, 0).param_bytes
 replicated = 2 * opt_1d_cost(config, 2, 0).param_bytes - serial_param_bytes  # R = 2 p(2) - p(1)

@@ -53,6 +53,9 @@ from cai_labs.diffusion.sampling import encode_prompts, generate
 from cai_labs.lightning.measure import LedgerCallback
 from cai_labs.lightning.trainer import rank_trainer
 
+# %%
+# The sizes of the run (raise ``TRAIN_STEPS`` for better samples):
+
 WORLD_SIZE = 2  # ranks
 CONFIG = TinyDiffusionConfig(image_size=16, block_channels=(16, 32), text_dim=32)
 BATCH_PER_RANK = 32  # images per rank per step (global batch = WORLD_SIZE x this)
@@ -216,6 +219,10 @@ VARIANTS = {
 }
 
 
+# %%
+# The offloaded variant's device budget:
+
+
 def offload_budget(module: DiffusionModule) -> int:
     """OFFLOAD_SHARE of this rank's Adam moments (8 Psi / N bytes), but at least the two moment
     chunks of the largest unit's shard, which one update needs on the device at once."""
@@ -224,6 +231,10 @@ def offload_budget(module: DiffusionModule) -> int:
     largest = max(*units, psi - sum(units))
     n = dist.get_world_size()
     return max(int(OFFLOAD_SHARE * 8 * psi / n), 8 * (largest // n + 1))
+
+
+# %%
+# The worker trains each variant for ``MEASURE_STEPS`` steps under the ledger:
 
 
 def measure_worker() -> dict:
@@ -250,6 +261,9 @@ def measure_worker() -> dict:
 
 measured = launch(measure_worker, WORLD_SIZE)
 
+# %%
+# Rank 0's memory by kind at its peak, every rank's peak, the step time and the host traffic:
+
 MiB = 2**20
 rows = []
 for name, r in measured.items():
@@ -273,6 +287,9 @@ for name, r in measured.items():
     )
     row["final loss"] = r["losses"][-1]
     rows.append(row)
+# %%
+# In MiB per rank:
+
 table = pd.DataFrame(rows).set_index("variant")
 print(table.round(3).to_string())
 table.style.format(
@@ -371,6 +388,9 @@ print(
     f"-> {np.mean(trained['losses'][-20:]):.3f} (last 20)"
 )
 
+# %%
+# The loss curve of the real run, and those of the measured variants from the same start:
+
 fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
 ax[0].plot(trained["losses"], color="0.7", lw=0.8, label="per step")
 k = min(10, len(trained["losses"]))
@@ -440,6 +460,9 @@ assert hits.mean() > 0.3, (
     f"only {hits.mean():.2f} of the samples show the prompted digit: raise TRAIN_STEPS"
 )
 
+# %%
+# Every sample, framed green where the judge reads the prompted digit and red where not:
+
 fig, axes = plt.subplots(10, SAMPLES_PER_DIGIT, figsize=(SAMPLES_PER_DIGIT * 0.8, 10 * 0.85))
 for i, ax in enumerate(axes.flat):
     ax.imshow(samples[i, 0].numpy(), cmap="gray_r", vmin=-1, vmax=1)
@@ -469,23 +492,35 @@ x0 = test_set.images[:PROBE_IMAGES]
 y = test_set.labels[:PROBE_IMAGES]
 scheduler = pipeline.noise_scheduler
 probe_gen = torch.Generator().manual_seed(SEED)
+
+
+def v_losses(level: int, captions: dict) -> dict:
+    """The v-prediction loss at noise level ``level`` for each set of caption embeddings."""
+    t = torch.full((PROBE_IMAGES,), level)
+    noise = torch.randn(x0.shape, generator=probe_gen)
+    xt = scheduler.add_noise(x0, noise, t)
+    v = scheduler.get_velocity(x0, noise, t)
+    return {
+        name: torch.nn.functional.mse_loss(
+            pipeline.unet(xt, t, encoder_hidden_states=text).sample, v
+        ).item()
+        for name, text in captions.items()
+    }
+
+
+# %%
+# Five noise levels, the right caption and a wrong one (the digit three further on):
+
 probe_rows = []
 with torch.no_grad():
     pipeline.unet.eval()
     pipeline.text_encoder.eval()
-    right = encode_prompts(pipeline, [prompt_for(int(d)) for d in y])
-    wrong = encode_prompts(pipeline, [prompt_for(int(d + 3) % 10) for d in y])
+    captions = {
+        "right": encode_prompts(pipeline, [prompt_for(int(d)) for d in y]),
+        "wrong": encode_prompts(pipeline, [prompt_for(int(d + 3) % 10) for d in y]),
+    }
     for level in (50, 250, 500, 750, 950):
-        t = torch.full((PROBE_IMAGES,), level)
-        noise = torch.randn(x0.shape, generator=probe_gen)
-        xt = scheduler.add_noise(x0, noise, t)
-        v = scheduler.get_velocity(x0, noise, t)
-        loss = {
-            name: torch.nn.functional.mse_loss(
-                pipeline.unet(xt, t, encoder_hidden_states=text).sample, v
-            ).item()
-            for name, text in (("right", right), ("wrong", wrong))
-        }
+        loss = v_losses(level, captions)
         abar = scheduler.alphas_cumprod[level].item()
         gap = loss["wrong"] - loss["right"]
         probe_rows.append(
@@ -498,6 +533,9 @@ with torch.no_grad():
                 "same gap in eps loss": abar * gap,
             }
         )
+# %%
+# The gap grows with the noise level (asserted):
+
 probe = pd.DataFrame(probe_rows).set_index("t")
 print(probe.round(4).to_string())
 assert probe["gap in v loss"].iloc[-1] > probe["gap in v loss"].iloc[0], "prompt gap does not grow"

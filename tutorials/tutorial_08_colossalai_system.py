@@ -94,7 +94,7 @@ pd.DataFrame(
 #   :doc:`tutorial_05_opt_zero_offload`
 # - ``GeminiPlugin`` (chunks, ``HybridAdam``): :mod:`cai_labs.offload`,
 #   :doc:`tutorial_05_opt_zero_offload`
-# - ``HybridParallelPlugin``: :mod:`cai_labs.unified` and :mod:`cai_labs.pipeline`,
+# - ``HybridParallelPlugin``: :mod:`cai_labs.hybrid` and :mod:`cai_labs.pipeline`,
 #   :doc:`tutorial_01_multidim_parallel`
 # - ShardFormer and its policies: :mod:`cai_labs.tensor_parallel.opt_1d`,
 #   :doc:`tutorial_05_opt_zero_offload`; sequence parallelism: :mod:`cai_labs.sequence_parallel`,

@@ -69,7 +69,7 @@ COMPONENTS = [
     Component(
         "HybridParallelPlugin",
         ("colossalai.booster.plugin.HybridParallelPlugin",),
-        "cai_labs.unified",
+        "cai_labs.hybrid",
         "tutorial_01_multidim_parallel",
         "colossalai_hybrid_parallel",
         2,

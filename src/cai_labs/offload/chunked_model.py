@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -184,7 +185,7 @@ class ChunkedModel(nn.Module):
         self._queued = False
         self._recording = False
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
     # -- results ---------------------------------------------------------------------------------

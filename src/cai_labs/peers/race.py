@@ -18,11 +18,10 @@ import torch
 import torch.distributed as dist
 
 from cai_labs.devices import device
-from cai_labs.layouts import Layout
-from cai_labs.models.gpt import GPTConfig
+from cai_labs.hybrid import Layout, ParallelGPT, lm_loss, parallelize
+from cai_labs.models.gpt import GPT, GPTConfig
 from cai_labs.peers.dtensor_tp import dtensor_tp_gpt
 from cai_labs.peers.torch_pipelining import TorchPipeline
-from cai_labs.unified import ParallelGPT, lm_loss
 
 __all__ = ["race_tensor_parallel", "race_pipeline"]
 
@@ -71,7 +70,9 @@ def race_tensor_parallel(
 ) -> dict[str, dict]:
     """cai_labs 1D tensor parallel vs DTensor ``ColwiseParallel``/``RowwiseParallel`` over all
     ranks. Returns ``{"cai_labs": {...}, "pytorch": {...}}`` with ``losses`` and ``step_s``."""
-    ours = ParallelGPT(cfg, Layout(tp=dist.get_world_size(), tp_mode="1d"), seed=seed)
+    # embeddings and head replicated, as in the DTensor plan
+    layout = Layout(tp=dist.get_world_size(), tp_mode="1d", vocab_parallel=False)
+    ours = parallelize(GPT(cfg, seed=seed), layout)
     theirs = dtensor_tp_gpt(cfg, seed=seed)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=lr)
 
@@ -103,7 +104,7 @@ def race_pipeline(
     """cai_labs pipeline vs ``torch.distributed.pipelining``, one stage per rank, same schedule.
     Returns ``{"cai_labs": {...}, "pytorch": {...}}`` with ``losses`` and ``step_s``."""
     n = dist.get_world_size()
-    ours = ParallelGPT(cfg, Layout(pp=n, n_micro=n_micro, schedule=schedule), seed=seed)
+    ours = parallelize(GPT(cfg, seed=seed), Layout(pp=n, n_micro=n_micro, schedule=schedule))
     theirs = TorchPipeline(cfg, n_micro, schedule, lm_loss, seed=seed)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=lr)
 

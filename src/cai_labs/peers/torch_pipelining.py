@@ -9,6 +9,8 @@ gradients are those of the full batch's mean loss.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
@@ -41,7 +43,7 @@ class TorchPipeline:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(kinds)}")
         self.schedule = kinds[schedule](stage, n_microbatches=n_micro, loss_fn=loss_fn)
 
-    def parameters(self):
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
         return self.module.parameters()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:

@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
-from cai_labs.tensor_parallel.block import ParallelAttention, ParallelBlock, ParallelMLP
-from cai_labs.tensor_parallel.grid import Grid, check_divisible
-from cai_labs.tensor_parallel.mappings import (
+from cai_labs.comm import (
     copy_to_group,
     gather_from_group,
     reduce_from_group,
     scatter_to_group,
 )
+from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
+from cai_labs.tensor_parallel.block import ParallelAttention, ParallelBlock, ParallelMLP
+from cai_labs.tensor_parallel.grid import Grid, check_divisible
 from cai_labs.tensor_parallel.sharding import (
     gather_by_position,
     init_like_linear,
@@ -77,7 +77,7 @@ class ColumnParallelLinear(nn.Module):
     ``reduce_input_grad=False`` leaves out the backward all-reduce of ``dX``: for several
     column-parallel layers reading the *same* input (separate ``q``, ``k``, ``v`` projections,
     as in Hugging Face models) the caller applies
-    :func:`~cai_labs.tensor_parallel.mappings.copy_to_group` once to that input, so the three
+    :func:`~cai_labs.comm.copy_to_group` once to that input, so the three
     partial ``dX`` are summed locally and all-reduced in one call, as with a fused ``qkv``.
     """
 

@@ -25,6 +25,8 @@ the root unit. A parameter shared by two modules (tied embeddings) belongs to ex
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -127,7 +129,7 @@ class ZeroModel(nn.Module):
         for s in self.shards:
             s.grad = None
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
