@@ -79,6 +79,7 @@ def docs(session: nox.Session) -> None:
 def notebooks(session: nox.Session) -> None:
     """Execute every notebook download of the built site in a Jupyter kernel (after docs)."""
     _install(session, "docs,test")
+    _install_colossalai(session)  # as in the docs build
     session.run("python", "docs/run_notebooks.py", *session.posargs, env=ENV)
 
 
@@ -87,6 +88,7 @@ def torchrun(session: nox.Session) -> None:
     """Run every tutorial under torchrun (gloo, CPU) with as many processes as its largest
     launch; then one page as two torchrun agents joined on loopback (a two-node cluster)."""
     _install(session, "docs,test")
+    _install_colossalai(session)  # as in the docs build
     pattern = session.posargs or ["tutorial_"]
     session.run("python", "docs/run_torchrun.py", *pattern, env=ENV)
     if not session.posargs:
