@@ -24,6 +24,11 @@ CPU ranks; the throughput rows add one efficiency constant per GPU type
 ({efficiency}), the same for every row of that GPU. All values are **modeled**; the published
 column is **measured** by the cited authors. Assumptions about what a table leaves out are in
 the last column. Rows that are not modeled say why.
+
+Where the published numbers come from: the torchtitan rows from that repository's benchmark
+file; the ZeRO, Korthikanti and Narayanan rows were typed in by hand from the papers' tables
+(cited per section) and have not yet been checked against a second copy of the papers. Korthikanti
+Table 2 is a closed form, not a measurement: its rows compare two ways of writing one formula.
 """
 
 
