@@ -331,13 +331,32 @@ def test_ring_sent_bytes_are_the_bandwidth_optimal_ring_traffic():
 
 def test_comm_totals_sum_per_op():
     recs = [
-        {"op": "all_reduce", "bytes": 10, "sent_bytes": 15, "seconds": 0.5},
-        {"op": "send", "bytes": 4, "sent_bytes": 4, "seconds": 0.25},
-        {"op": "all_reduce", "bytes": 30, "sent_bytes": 45, "seconds": 1.0},
+        {
+            "op": "all_reduce",
+            "bytes": 10,
+            "modeled_sent_bytes": 15,
+            "wire_sent": 63,
+            "seconds": 0.5,
+        },
+        {"op": "send", "bytes": 4, "modeled_sent_bytes": 4, "wire_sent": None, "seconds": 0.25},
+        {
+            "op": "all_reduce",
+            "bytes": 30,
+            "modeled_sent_bytes": 45,
+            "wire_sent": 93,
+            "seconds": 1.0,
+        },
     ]
+    t = {"calls": 2, "bytes": 40, "wire_sent": 156, "modeled_sent_bytes": 60, "seconds": 1.5}
     assert comm_totals({"comm": recs}) == {
-        "all_reduce": {"calls": 2, "bytes": 40, "sent_bytes": 60, "seconds": 1.5},
-        "send": {"calls": 1, "bytes": 4, "sent_bytes": 4, "seconds": 0.25},
+        "all_reduce": t,  # measured bytes add up; one unmeasured call makes the op's None
+        "send": {
+            "calls": 1,
+            "bytes": 4,
+            "wire_sent": None,
+            "modeled_sent_bytes": 4,
+            "seconds": 0.25,
+        },
     }
 
 
@@ -374,14 +393,14 @@ def test_calls_are_recorded_in_process(monkeypatch):
         dist.all_reduce(torch.ones(5), group="pair", async_op=True)
     assert dist.all_reduce is fake_all_reduce and calls == [10, 5]
     first, second = ledger.report()["comm"]
-    assert {k: first[k] for k in ("op", "group", "bytes", "sent_bytes", "async")} == {
+    assert {k: first[k] for k in ("op", "group", "bytes", "modeled_sent_bytes", "async")} == {
         "op": "all_reduce",
         "group": (0, 1, 2, 3),
         "bytes": 40,
-        "sent_bytes": 60,
+        "modeled_sent_bytes": 60,
         "async": False,
     }
-    assert (second["group"], second["bytes"], second["sent_bytes"], second["async"]) == (
+    assert (second["group"], second["bytes"], second["modeled_sent_bytes"], second["async"]) == (
         (0, 2),
         20,
         20,
