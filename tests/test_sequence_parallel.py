@@ -90,7 +90,7 @@ def test_broken_ring_reduce_is_caught():
 
 
 def _heads_in_reverse_order(real):
-    """``heads_to_seq`` that puts the received head groups back in reverse rank order."""
+    """``heads_to_seq_group`` that puts the received head groups back in reverse rank order."""
 
     def heads_to_seq(x, group):
         out = real(x, group)
@@ -104,7 +104,8 @@ def _heads_in_reverse_order(real):
 def test_all_to_all_with_head_groups_in_the_wrong_order_is_caught(monkeypatch):
     from cai_labs.sequence_parallel import all_to_all_attention as a2a
 
-    monkeypatch.setattr(a2a, "heads_to_seq", _heads_in_reverse_order(a2a.heads_to_seq))
+    broken = _heads_in_reverse_order(a2a.heads_to_seq_group)
+    monkeypatch.setattr(a2a, "heads_to_seq_group", broken)
     out = launch(_attention_worker, 2, "all_to_all", timeout=120)
     with pytest.raises(AssertionError, match="out"):
         _assert_equals_serial(out, _serial_attention())

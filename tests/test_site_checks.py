@@ -127,7 +127,7 @@ def _built_page(root: Path, stem: str, output=True, figure=True, downloads=True)
     (root / "_downloads" / f"{stem}.ipynb").write_text(nbformat.writes(nbformat.v4.new_notebook()))
     body = ['<div class="sphx-glr-script-out"><pre>ran</pre></div>'] if output else []
     if figure:
-        body.append(f'<img src="../_images/sphx_glr_{stem}_001.png">')
+        body.append(f'<img alt="A titled figure" src="../_images/sphx_glr_{stem}_001.png">')
     for ext in ("py", "ipynb"):
         target = f"../_downloads/{stem}.{ext}" if downloads else f"../_downloads/gone.{ext}"
         body.append(f'<a href="{target}">download</a>')

@@ -223,7 +223,7 @@ def _finetune(
     task = cfg.task()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     model.train()
-    here = next(model.parameters()).device
+    here = next((p.device for p in model.parameters()), torch.device("cpu"))  # the model's
     losses = []
     for step in range(cfg.steps):
         x, y = task_batch(tokenizer, task, sample_words(task, cfg.batch_size, step, cfg.seed))
@@ -273,7 +273,7 @@ def exact_match(
         groups.setdefault((len(ids), n_new), []).append((w, ids))
     was_training = model.training
     model.eval()
-    here = next(model.parameters()).device
+    here = next((p.device for p in model.parameters()), torch.device("cpu"))  # the model's
     hits = 0
     for (length, n_new), items in groups.items():
         prompts = torch.tensor([ids for _, ids in items], device=here)
