@@ -80,7 +80,7 @@ class RowSampler:
         self.samplers = [job.sampler(eos_id) for job in jobs]
 
     def _pick(self, i: int, row: torch.Tensor) -> int:
-        return self.samplers[i](row)
+        return self.samplers[i](row.cpu())  # each request's generator lives on the host
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         chosen = torch.full((len(self.jobs),), self.eos_id, dtype=torch.long)
@@ -99,7 +99,7 @@ class RowSampler:
             if job.on_token is not None:
                 job.on_token(token, self.decode(self.tokens[i]))
         out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(len(self.jobs)), chosen] = 0.0
+        out[torch.arange(len(self.jobs), device=out.device), chosen.to(out.device)] = 0.0
         return out
 
 
@@ -177,9 +177,14 @@ class GenerationEngine:
         """One forward pass over ``ids (b, s)`` after the ``cache``'s positions; ``mask (b,
         cached + s)`` marks real tokens with 1. Appends to ``cache``; returns the last
         position's logits ``(b, V)``."""
+        dev = (
+            self.model.device
+        )  # the scheduler's tensors live on the host; the cache with the model
         with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
-        return out.logits[:, -1, :]
+            out = self.model(
+                input_ids=ids.to(dev), attention_mask=mask.to(dev), cache=cache, use_cache=True
+            )
+        return out.logits[:, -1, :].cpu()  # sampled on the host, per request
 
     def pad_left(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)``, both ``(b, longest)``, pads on the left."""
@@ -200,8 +205,8 @@ class GenerationEngine:
         start = time.perf_counter()
         with torch.inference_mode():
             self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(self.model.device),
+                attention_mask=mask.to(self.model.device),
                 logits_processor=[sampler],
                 do_sample=False,
                 num_beams=1,
