@@ -1,5 +1,5 @@
 """Sessions: tests, docs (build + execute every tutorial), notebooks, torchrun, gpu, browser,
-docs-noexec, lint, bench, colossalai.
+docs-noexec, lint, bench, colossalai, mutants.
 
 torch is installed first and pinned, by ``TORCH_SPEC`` below, so that pip never resolves a
 multi-GB CUDA build by itself. The default is the CPU build that the tutorials are verified on.
@@ -32,9 +32,9 @@ ENV = {
 }
 
 
-def _install(session: nox.Session, extras: str) -> None:
+def _install(session: nox.Session, extras: str, *pins: str) -> None:
     session.install(*TORCH_SPEC)
-    session.install("-e", f".[{extras}]")
+    session.install("-e", f".[{extras}]", *pins)
 
 
 @nox.session(python=PYTHON)
@@ -70,6 +70,7 @@ def docs(session: nox.Session) -> None:
     ``GALLERY_PATTERN=tutorial_00 nox -s docs`` executes only the matching tutorial(s).
     """
     _install(session, "docs,test")
+    _install_colossalai(session)  # the pages' Colossal-AI cells run (CPU) or are checked (CUDA)
     _sphinx(session, execute=True)
     session.run("python", "docs/check_build.py", "docs/_build/html", env=ENV)
 
@@ -78,6 +79,7 @@ def docs(session: nox.Session) -> None:
 def notebooks(session: nox.Session) -> None:
     """Execute every notebook download of the built site in a Jupyter kernel (after docs)."""
     _install(session, "docs,test")
+    _install_colossalai(session)  # as in the docs build
     session.run("python", "docs/run_notebooks.py", *session.posargs, env=ENV)
 
 
@@ -86,6 +88,7 @@ def torchrun(session: nox.Session) -> None:
     """Run every tutorial under torchrun (gloo, CPU) with as many processes as its largest
     launch; then one page as two torchrun agents joined on loopback (a two-node cluster)."""
     _install(session, "docs,test")
+    _install_colossalai(session)  # as in the docs build
     pattern = session.posargs or ["tutorial_"]
     session.run("python", "docs/run_torchrun.py", *pattern, env=ENV)
     if not session.posargs:
@@ -137,7 +140,7 @@ def docs_noexec(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Run every ``benchmarks/bench_*.py``: each prints measured ratios against PyTorch."""
-    _install(session, "test")
+    _install(session, "bench")
     for script in sorted(Path("benchmarks").glob("bench_*.py")):
         session.run("python", str(script), *session.posargs, env=ENV)
 
@@ -151,32 +154,83 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", *paths)
 
 
+# What Colossal-AI 0.5.0's CPU code paths import, installed next to it without its pins (it pins
+# torch<=2.5.1); pyflakes is for the snippet check.
+COLOSSALAI_DEPS = [
+    "packaging",
+    "psutil",
+    "tqdm",
+    "rich",
+    "click",
+    "contexttimer",
+    "einops",
+    "pydantic",
+    "safetensors",
+    "sentencepiece",
+    "ninja",
+    "fabric",
+    "protobuf",
+    "galore-torch",
+    "peft",
+    "diffusers",
+    "pyflakes",
+]
+
+
+# The release's own pins where the tensor-parallel cross-checks need them (resolved together with
+# the project, so that a reused environment is not upgraded and downgraded on every run).
+COLOSSALAI_PINS = ("transformers==4.51.3", "diffusers==0.29.0")
+
+
+def _install_colossalai(session: nox.Session) -> None:
+    session.install("--no-deps", "colossalai==0.5.0")
+    session.install(*COLOSSALAI_DEPS)
+
+
 @nox.session(python=PYTHON)
 def colossalai(session: nox.Session) -> None:
-    """Cross-check cai_labs against Colossal-AI 0.5.0 where Colossal-AI runs on CPU.
+    """Check every Colossal-AI snippet of the site against 0.5.0; cross-check what runs on CPU.
 
     Colossal-AI 0.5.0 pins torch<=2.5.1 and transformers==4.51.3; we install it without its
     dependencies and add the ones its CPU code paths import, keeping this project's torch.
+    Transformers is the release's own 4.51.3 here: its ShardFormer policies import modules
+    that transformers 5 removed.
     """
-    _install(session, "test")
-    session.install("--no-deps", "colossalai==0.5.0")
-    session.install(
-        "packaging",
-        "psutil",
-        "tqdm",
-        "rich",
-        "click",
-        "contexttimer",
-        "einops",
-        "pydantic",
-        "safetensors",
-        "sentencepiece",
-        "ninja",
-        "fabric",
-        "protobuf",
-        "galore-torch",
-        "transformers>=4.40",
-        "peft",
-        "diffusers",
-    )
+    _install(session, "test", *COLOSSALAI_PINS)
+    _install_colossalai(session)
+    session.run("python", "-m", "cai_labs.colossal.check", env=ENV)
+    session.run("python", "-m", "cai_labs.colossal.probes", env=ENV)
     session.run("pytest", "-m", "colossalai", "-p", "no:cacheprovider", *session.posargs, env=ENV)
+
+
+MUTATION_SCORE = 0.85  # share of mutants of the formula and accounting code the tests must kill
+
+
+@nox.session(python=PYTHON)
+def mutants(session: nox.Session) -> None:
+    """Mutation testing (mutmut) of the formula and accounting modules against their fast tests.
+
+    What is mutated and which tests run are in ``[tool.mutmut]`` of ``pyproject.toml``. Prints
+    the score (killed / mutants that some test reaches) and every surviving mutant; fails below
+    ``MUTATION_SCORE``. Not part of ``.ci/run``: it takes about 15 minutes on 2 cores.
+    ``nox -s mutants -- show NAME`` prints one mutant's diff.
+    """
+    import json
+    import shutil
+
+    _install(session, "test")
+    session.install("mutmut==3.8.1")
+    if session.posargs[:1] == ["show"]:
+        session.run("mutmut", "show", *session.posargs[1:], env=ENV)
+        return
+    shutil.rmtree("mutants", ignore_errors=True)  # a clean run: no stale results
+    session.run("mutmut", "run", "--max-children", str(os.cpu_count() or 2), env=ENV)
+    session.run("mutmut", "export-cicd-stats", env=ENV)
+    stats = json.loads(Path("mutants/mutmut-cicd-stats.json").read_text())
+    session.run("mutmut", "results", env=ENV)  # every mutant not killed, by name
+    killed = stats["killed"] + stats.get("timeout", 0)
+    reached = stats["total"] - stats.get("no_tests", 0) - stats.get("skipped", 0)
+    score = killed / max(reached, 1)
+    session.log(f"mutation score: {killed}/{reached} = {score:.1%} killed ({stats})")
+    if score < MUTATION_SCORE:
+        session.error(f"mutation score {score:.1%} is below {MUTATION_SCORE:.0%}")

@@ -76,6 +76,9 @@ def _draw_diagrams(app) -> None:
     from diagrams import draw_all
 
     draw_all(Path(app.srcdir) / "_static")
+    from scale_pages import write_all
+
+    write_all(Path(app.srcdir))
 
 
 _CDN_BLOCK = re.compile(r"\n  \.\. raw:: html\n\n(?:    .*\n|\n)*?(?=  \.\. list-table::)")

@@ -36,8 +36,9 @@ PAGES: dict[str, tuple[int, list[str]]] = {
     "tutorial_03": (4, ["FLOP rates", "Spearman rho"]),
     "tutorial_04": (4, ["B= 4096"]),
     "tutorial_05": (4, ["largest loss difference from DDP", "ZeRO-3 fine-tuning:"]),
-    "tutorial_06": (2, ["exact match"]),
+    "tutorial_06": (1, ["identical to one at a time", "server processes ended:"]),
     "tutorial_07": (2, ["judge accuracy"]),
+    "tutorial_08": (1, ["colossalai:"]),
 }
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from cai_labs.hybrid.check import check_gpt
 from cai_labs.models.gpt import GPTConfig
 from cai_labs.tensor_parallel import make_grid
-from cai_labs.tensor_parallel.check import check_block, check_gpt, check_linear
+from cai_labs.tensor_parallel.check import check_block, check_linear
 from cai_labs.tensor_parallel.formulas import block_cost, linear_cost
 
 CFG = GPTConfig(d_model=16, n_heads=4, seq_len=8, mlp_ratio=4)

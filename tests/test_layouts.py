@@ -7,10 +7,8 @@ import torch.distributed as dist
 
 from cai_labs import Ledger, RankFailed, launch
 from cai_labs.data.char_corpus import load_char_corpus
-from cai_labs.layout_costs import classify_comm, predicted_cost
-from cai_labs.layouts import Layout
+from cai_labs.hybrid import Layout, classify_comm, lm_loss, parallelize, predicted_cost
 from cai_labs.models import GPT, GPTConfig
-from cai_labs.unified import ParallelGPT, lm_loss
 
 CFG = GPTConfig(n_layers=4, d_model=32, n_heads=4, seq_len=16)
 BATCH, STEPS, LR = 8, 3, 3e-3
@@ -33,7 +31,7 @@ def serial_losses() -> list[float]:
 
 def train_worker(layout: Layout) -> tuple[list[float], list]:
     """Train STEPS steps; also return, per rank, the last step's measured bytes and the formula."""
-    model = ParallelGPT(CFG, layout, seed=0)
+    model = parallelize(GPT(CFG, seed=0), layout)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses = []
     with Ledger(model=model, track_activations=False) as ledger:
@@ -61,6 +59,7 @@ def train_worker(layout: Layout) -> tuple[list[float], list]:
         Layout(dp=2, pp=2, n_micro=2),
         Layout(dp=2, pp=2, tp=2, tp_mode="1d", n_micro=2),
         Layout(pp=2, tp=4, tp_mode="2d", n_micro=2, schedule="gpipe"),
+        Layout(dp=2, tp=2, tp_mode="1d", vocab_parallel=False),
     ],
     ids=lambda lay: lay.name,
 )
@@ -69,8 +68,7 @@ def test_layout_losses_and_bytes_equal_serial_and_formula(layout):
     got, per_rank = launch(train_worker, layout.world_size, layout)
     assert got == pytest.approx(ref, abs=1e-5)
     assert got[-1] < got[0]  # it learns
-    for rank, (measured, formula) in enumerate(per_rank):
-        assert measured == formula, f"rank {rank}: measured {measured} != formula {formula}"
+    _assert_bytes_match_formula(per_rank)
     assert any(m["tp"] for m, _ in per_rank) == (layout.tp > 1)
 
 
@@ -81,9 +79,55 @@ def test_formula_catches_a_wrong_count():
     assert a != b
 
 
+def _assert_bytes_match_formula(per_rank) -> None:
+    for rank, (measured, formula) in enumerate(per_rank):
+        assert measured == formula, f"rank {rank}: measured {measured} != formula {formula}"
+
+
+def _double_reduce(real):
+    """A data-parallel gradient average run twice per step (e.g. a hook and an explicit call)."""
+
+    def reduce(module, group=None):
+        real(module, group=group)
+        real(module, group=group)
+
+    return reduce
+
+
+def _recvs_counted(real):
+    """A classifier that counts the receiver's ``irecv`` as pipeline bytes too."""
+
+    def classify(records, layout):
+        out = real(records, layout)
+        out["pp"] += sum(r["bytes"] for r in records if r["op"] in ("irecv", "recv"))
+        return out
+
+    return classify
+
+
+@pytest.mark.parametrize(
+    "target, name, wrap",
+    [
+        ("cai_labs.hybrid.model", "allreduce_gradients", _double_reduce),
+        (__name__, "classify_comm", _recvs_counted),
+    ],
+    ids=["dp-all-reduce-twice", "classifier-counts-receives"],
+)
+def test_measured_bytes_check_catches_a_wrong_count(monkeypatch, target, name, wrap):
+    """The bytes check of the test above fails on a run that communicates (or is counted) wrong:
+    a measured DP x PP run, classified by ``classify_comm``, against the formula."""
+    import importlib
+
+    module = importlib.import_module(target)
+    monkeypatch.setattr(module, name, wrap(getattr(module, name)))
+    _, per_rank = launch(train_worker, 4, Layout(dp=2, pp=2, n_micro=2))
+    with pytest.raises(AssertionError, match="measured"):
+        _assert_bytes_match_formula(per_rank)
+
+
 def broken_worker(layout: Layout) -> list[float]:
     """DP2 x PP2 with the gradient average switched off: replicas step on their half alone."""
-    model = ParallelGPT(CFG, layout, seed=0)
+    model = parallelize(GPT(CFG, seed=0), layout)
     model.dp_group = None  # the bug
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     return [
@@ -115,9 +159,13 @@ def test_bad_layouts_raise(layout, batch, message):
         layout.validate(CFG, batch_size=batch)
 
 
+def _build(cfg: GPTConfig, layout: Layout) -> None:
+    parallelize(GPT(cfg, seed=0), layout)
+
+
 def test_wrong_world_size_raises_on_the_ranks():
     with pytest.raises(RankFailed, match="needs dp\\*pp\\*tp = 4 ranks; this run has 2"):
-        launch(ParallelGPT, 2, CFG, Layout(dp=2, pp=2, n_micro=2))
+        launch(_build, 2, CFG, Layout(dp=2, pp=2, n_micro=2))
 
 
 def test_layout_coordinates():

@@ -57,13 +57,17 @@ def _attention_worker(kind: str, broken: bool = False) -> dict:
     return {"full": full, "comm": comm_totals(report), "wire": report["wire"]}
 
 
+def _assert_equals_serial(out: dict, reference: list) -> None:
+    for name, got, want in zip(["out", "dq", "dk", "dv"], out["full"], reference):
+        assert torch.allclose(got, want, atol=1e-12, rtol=0), (name, (got - want).abs().max())
+
+
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("kind", ["ring", "all_to_all"])
 def test_attention_equals_serial_outputs_and_gradients(kind, n):
     reference = _serial_attention()
     out = launch(_attention_worker, n, kind, timeout=120)
-    for name, got, want in zip(["out", "dq", "dk", "dv"], out["full"], reference):
-        assert torch.allclose(got, want, atol=1e-12, rtol=0), (name, (got - want).abs().max())
+    _assert_equals_serial(out, reference)
     chunk_bytes = B * H * (L // n) * D * 8
     comm = out["comm"]
     if kind == "ring":  # 6 (N-1) chunk transfers per rank: 2 forward, 4 backward
@@ -83,6 +87,27 @@ def test_broken_ring_reduce_is_caught():
     out = launch(_attention_worker, 2, "ring", True, timeout=120)
     assert torch.allclose(out["full"][1], reference[1], atol=1e-12)  # dQ does not use the reduce
     assert not torch.allclose(out["full"][2], reference[2], atol=1e-3)  # dK does
+
+
+def _heads_in_reverse_order(real):
+    """``heads_to_seq`` that puts the received head groups back in reverse rank order."""
+
+    def heads_to_seq(x, group):
+        out = real(x, group)
+        b, h, c, d = out.shape
+        n = dist.get_world_size(group)
+        return out.reshape(b, n, h // n, c, d).flip(1).reshape(b, h, c, d)
+
+    return heads_to_seq
+
+
+def test_all_to_all_with_head_groups_in_the_wrong_order_is_caught(monkeypatch):
+    from cai_labs.sequence_parallel import all_to_all_attention as a2a
+
+    monkeypatch.setattr(a2a, "heads_to_seq", _heads_in_reverse_order(a2a.heads_to_seq))
+    out = launch(_attention_worker, 2, "all_to_all", timeout=120)
+    with pytest.raises(AssertionError, match="out"):
+        _assert_equals_serial(out, _serial_attention())
 
 
 def test_indivisible_sequence_raises_clear_error():

@@ -14,10 +14,11 @@ from cai_labs import launch
 
 def _no_dx_reduce_scatter() -> None:
     """Keep the local partial dX instead of reduce-scattering it (a classic 3D bug)."""
-    from cai_labs.tensor_parallel import layers_3d, mappings
+    from cai_labs import comm
+    from cai_labs.tensor_parallel import layers_3d
 
     def wrong(x, group, dim):
-        return mappings.split_along(x, group, dim)
+        return comm.split_along(x, group, dim)
 
     layers_3d.reduce_scatter = wrong
 

@@ -3,6 +3,8 @@ all-reduces of b*s elements, and a version missing one of them is caught."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -32,14 +34,14 @@ def _worker(skip: int | None = None, ignore_index: int = IGNORE) -> dict:
     """On every rank: compare with PyTorch for each reduction; ``skip`` = index (0 max, 1 target
     logit, 2 sum-exp) of an all-reduce to leave out, to show the test catches it."""
     if skip is not None:
-        real, calls = CE._all_reduce, [0]
+        real, calls = CE.all_reduce_, [0]
 
         def broken(x, group, op=dist.ReduceOp.SUM):
             calls[0] += 1
             if (calls[0] - 1) % 3 != skip:
                 real(x, group, op)
 
-        CE._all_reduce = broken
+        CE.all_reduce_ = broken
     group, n, r = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
     logits, targets = _problem(n, ignore_index)
     out = {
@@ -137,7 +139,7 @@ def test_gather_then_cross_entropy_formula():
     """The formula of the baseline (all-gather, then F.cross_entropy) is what the ledger sees."""
 
     def work() -> dict:
-        from cai_labs.tensor_parallel.mappings import gather_from_group
+        from cai_labs.comm import gather_from_group
 
         n, r = dist.get_world_size(), dist.get_rank()
         logits, targets = _problem(n)
@@ -156,13 +158,12 @@ def test_gather_then_cross_entropy_formula():
     assert (out["comm"], out["saved"]) == (cost.comm_bytes, cost.activation_bytes)
 
 
-def test_tensor_parallel_gpt_1d_never_gathers_the_logits():
+def test_parallel_gpt_1d_never_gathers_the_logits():
     """The whole 1D model's loss: equal to serial, and its traffic is the embedding's and the
     blocks' all-reduces of (b, s, d), the head's dX all-reduce and the loss's 3 of (b, s)."""
+    from cai_labs import Layout, parallelize
     from cai_labs.models.gpt import GPT, GPTConfig
-    from cai_labs.tensor_parallel import make_grid
     from cai_labs.tensor_parallel.formulas import block_cost
-    from cai_labs.tensor_parallel.model import TensorParallelGPT
 
     cfg = GPTConfig(vocab_size=V, seq_len=S, d_model=16, n_heads=4, n_layers=2)
 
@@ -170,7 +171,7 @@ def test_tensor_parallel_gpt_1d_never_gathers_the_logits():
         gen = torch.Generator().manual_seed(1)
         idx, tgt = (torch.randint(V, (B, S), generator=gen) for _ in range(2))
         serial = GPT(cfg, seed=0)
-        par = TensorParallelGPT(serial, make_grid("1d"))
+        par = parallelize(copy.deepcopy(serial), Layout(tp=dist.get_world_size()))
         ref = F.cross_entropy(serial(idx).flatten(0, 1), tgt.flatten())
         with Ledger() as ledger:
             loss = par.loss(idx, tgt)

@@ -36,9 +36,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cai_labs import Ledger, build_env, comm_totals, launch
+from cai_labs import Ledger, build_env, comm_totals, device, launch
 from cai_labs.data import load_digits_split
 from cai_labs.data_parallel import BucketedDataParallel, allreduce_gradients, shard_batch
+from cai_labs.data_parallel.formulas import ring_allreduce_sent
 from cai_labs.exercises import Exercises
 from cai_labs.models import MLP
 from cai_labs.wire import GLOO_HEADER_BYTES
@@ -71,12 +72,13 @@ def batches(epoch: int):
     order = epoch_order(epoch)
     for start in range(0, len(order) - GLOBAL_BATCH + 1, GLOBAL_BATCH):
         idx = order[start : start + GLOBAL_BATCH]
-        yield data.x_train[idx], data.y_train[idx]
+        yield data.x_train[idx].to(device()), data.y_train[idx].to(device())
 
 
 def accuracy(model: nn.Module) -> float:
     with torch.no_grad():
-        return (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+        x, y = data.x_test.to(device()), data.y_test.to(device())
+        return (model(x).argmax(1) == y).float().mean().item()
 
 
 model = MLP(hidden=HIDDEN, seed=SEED)
@@ -129,7 +131,7 @@ def ddp_comm_hook(state, bucket):
 def summarize(plain: nn.Module, local_losses: list, times: list, **extra) -> dict:
     """What a worker hands back. The full-batch loss of a step is the mean of the ranks' losses
     (gathered after training, outside the ledger: it is reporting, not training)."""
-    losses = torch.tensor(local_losses)
+    losses = torch.tensor(local_losses, device=device())
     dist.all_reduce(losses)
     return {
         "losses": (losses / dist.get_world_size()).tolist(),
@@ -143,7 +145,7 @@ def summarize(plain: nn.Module, local_losses: list, times: list, **extra) -> dic
 
 def train_worker(sync: str) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = MLP(hidden=HIDDEN, seed=SEED)
+    model = MLP(hidden=HIDDEN, seed=SEED).to(device())
     if sync == "bucketed":
         model = BucketedDataParallel(model, bucket_mb=0.25)
     elif sync == "ddp":
@@ -200,8 +202,9 @@ reference_grads = [p.grad.clone() for p in reference.parameters()]
 
 
 def one_gradient() -> list[torch.Tensor]:
-    model = MLP(hidden=HIDDEN, seed=SEED)
-    xs, ys = shard_batch(x0, y0, rank=dist.get_rank(), world_size=dist.get_world_size())
+    model = MLP(hidden=HIDDEN, seed=SEED).to(device())
+    x, y = x0.to(device()), y0.to(device())
+    xs, ys = shard_batch(x, y, rank=dist.get_rank(), world_size=dist.get_world_size())
     nn.functional.cross_entropy(model(xs), ys).backward()
     allreduce_gradients(model)
     return [p.grad for p in model.parameters()]
@@ -241,8 +244,8 @@ for name, r in results.items():
 # -------------------------
 # Colossal-AI wraps the same idea behind its ``Booster``: a plugin decides how the model is
 # parallelised, and ``booster.boost`` returns the wrapped model and optimizer. Its
-# ``TorchDDPPlugin`` is PyTorch DDP underneath, and it runs on CPU. If ``colossalai`` is
-# installed where this page is built, the cell below trains with it; otherwise it is shown only.
+# ``TorchDDPPlugin`` is PyTorch DDP underneath, and it runs on CPU: the site's build installs
+# ``colossalai`` 0.5.0, and the cell below trains with it.
 
 try:
     import colossalai  # noqa: F401
@@ -257,7 +260,7 @@ def colossalai_worker() -> dict:
     from colossalai.booster.plugin import TorchDDPPlugin
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = MLP(hidden=HIDDEN, seed=SEED)
+    model = MLP(hidden=HIDDEN, seed=SEED).to(device())
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     booster = Booster(plugin=TorchDDPPlugin())
     model, optimizer, *_ = booster.boost(model, optimizer)
@@ -281,8 +284,8 @@ if HAVE_COLOSSALAI:
     print(f"Colossal-AI {colossalai.__version__}: executed on {WORLD_SIZE} CPU ranks")
 else:
     print(
-        "colossalai is not installed in this build: the Colossal-AI cell was shown, not run "
-        "(`nox -s colossalai` runs it against cai_labs)"
+        "colossalai is not installed where this page ran; install it as `nox -s colossalai` "
+        "does to run this cell (that session runs it against cai_labs as a test)"
     )
 
 # %%
@@ -300,7 +303,7 @@ else:
 # run's. Rank 0's bytes are shown; the next cell shows every rank.
 
 grad_bytes = sum(p.numel() * p.element_size() for p in serial_params)
-formula = round(2 * (WORLD_SIZE - 1) / WORLD_SIZE * grad_bytes)
+formula = round(ring_allreduce_sent(grad_bytes, WORLD_SIZE))
 
 
 def row(name: str, r: dict) -> dict:
@@ -359,8 +362,9 @@ table.style.format(
 
 
 def flat_allreduce() -> list[dict]:
-    flat = torch.cat([p.flatten() for p in MLP(hidden=HIDDEN, seed=SEED).parameters()])
-    dist.all_reduce(torch.ones(1))  # connections up before anything is counted
+    model = MLP(hidden=HIDDEN, seed=SEED).to(device())
+    flat = torch.cat([p.flatten() for p in model.parameters()])
+    dist.all_reduce(torch.ones(1, device=device()))  # connections up before anything is counted
     with Ledger(track_activations=False) as ledger:
         dist.all_reduce(flat)
     every = [None] * dist.get_world_size()
@@ -447,9 +451,9 @@ def speed_worker() -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cores[rank % len(cores)]})  # rank r on core r mod cores
-    model = MLP(hidden=SPEED_HIDDEN, seed=SEED)
+    model = MLP(hidden=SPEED_HIDDEN, seed=SEED).to(device())
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    x, y = data.x_train[:SPEED_BATCH], data.y_train[:SPEED_BATCH]
+    x, y = data.x_train[:SPEED_BATCH].to(device()), data.y_train[:SPEED_BATCH].to(device())
     x, y = shard_batch(x, y, rank=rank, world_size=world)
     compute, exchange, cpu, wall = [], [], 0.0, 0.0
     for step in range(SPEED_STEPS + 2):  # the first two steps warm up
@@ -506,6 +510,39 @@ print(
     f"{two} ranks {speed[two]['exchange ms']:.0f} ms, 4 ranks {speed[4]['exchange ms']:.0f} ms"
 )
 
+# At real scale
+# -------------
+# The ring formula the ledger confirmed above, :math:`2\,\frac{N-1}{N}\,P`, is the one
+# :mod:`cai_labs.scale` uses for a data-parallel step on GPUs. Here OPT-1.3B in bf16 with plain
+# data parallelism (the gradient all-reduce overlapped with the last backward, as DDP does), 8
+# sequences of 2,048 tokens per GPU, on 8 to 512 A100 80 GB. Every number below is **modeled**
+# from datasheet bandwidths and one efficiency constant per GPU type (the scale model is checked
+# against published runs on the site's "Published runs" page), not measured in this build.
+
+from cai_labs.scale import ScaleLayout, get_model, params_per_gpu, predict
+
+opt = get_model("opt-1.3b")
+real = []
+for gpus in (8, 64, 512):
+    layout = ScaleLayout(dp=gpus, micro_batch_size=8, global_batch=8 * gpus, recompute="selective")
+    p = predict(opt, "a100-80gb", layout)
+    sent = ring_allreduce_sent(2 * params_per_gpu(opt, layout), gpus)  # bf16 gradients
+    real.append(
+        {
+            "GPUs": gpus,
+            "sent per GPU per step (GB)": sent / 1e9,
+            "step (s)": p.step_time_s,
+            "exposed all-reduce (s)": p.times_s["data-parallel communication"],
+            "tokens/s/GPU": p.tokens_per_s_per_gpu,
+            "MFU": p.mfu,
+            "bound": p.bound,
+        }
+    )
+real = pd.DataFrame(real).set_index("GPUs")
+change = real["tokens/s/GPU"].iloc[-1] / real["tokens/s/GPU"].iloc[0]
+print(f"modeled tokens/s per GPU, 512 GPUs / 8 GPUs: {change:.3f}")
+real.style.format("{:.3g}", subset=list(real.columns[:-1]))
+
 # %%
 # Running it on GPUs, or on several machines
 # ------------------------------------------
@@ -515,7 +552,8 @@ print(
 #
 #     torchrun --nproc-per-node=4 tutorial_00_data_parallel.py
 #
-# (move the batch and model to ``cai_labs.launcher.device()`` for GPU speed). Colossal-AI's
+# (the workers already put their model and batches on ``cai_labs.device()``, the rank's GPU
+# there and the CPU here). Colossal-AI's
 # launch of the same Booster code on a GPU cluster is::
 #
 #     colossalai run --nproc_per_node 4 train.py   # train.py calls colossalai.launch_from_torch()

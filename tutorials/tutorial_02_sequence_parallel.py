@@ -46,17 +46,23 @@ import torch.distributed as dist
 from transformers import BertForMaskedLM
 from transformers.utils import logging as hf_logging
 
-from cai_labs import Ledger, build_env, comm_totals, launch
+from cai_labs import Ledger, build_env, comm_totals, device, launch
 from cai_labs.data.mlm import mlm_batch
 from cai_labs.data.stdlib_text import stdlib_docstrings, token_stream, train_wordpiece
 from cai_labs.exercises import Exercises
 from cai_labs.ledger import wire_by_kind
+from cai_labs.pipeline.formulas import in_flight_microbatches, p2p_sent_bytes
 from cai_labs.sequence_parallel import serial_attention, split_sequence
 from cai_labs.sequence_parallel.all_to_all_attention import all_to_all_attention
 from cai_labs.sequence_parallel.bert import (
     allreduce_sum_gradients,
     sequence_parallel_mlm_loss,
     tiny_bert_config,
+)
+from cai_labs.sequence_parallel.formulas import (
+    attention_sent_bytes,
+    mask_gather_sent_bytes,
+    replica_grad_sent_bytes,
 )
 from cai_labs.sequence_parallel.groups import make_sequence_groups, make_sp_dp_groups
 from cai_labs.sequence_parallel.pipelined import PipelinedSequenceBert, traffic_by_kind
@@ -151,9 +157,10 @@ ATT_B, ATT_H, ATT_L, ATT_D = 2, 4, 32, 8
 def attention_inputs():
     g = torch.Generator().manual_seed(SEED)
     q, k, v, d_out = (
-        torch.randn(ATT_B, ATT_H, ATT_L, ATT_D, generator=g, dtype=torch.float64) for _ in range(4)
+        torch.randn(ATT_B, ATT_H, ATT_L, ATT_D, generator=g, dtype=torch.float64).to(device())
+        for _ in range(4)
     )
-    mask = torch.ones(ATT_B, ATT_L, dtype=torch.long)
+    mask = torch.ones(ATT_B, ATT_L, dtype=torch.long, device=device())
     mask[0, 21:] = 0
     mask[1, 5:9] = 0
     return q, k, v, mask, d_out
@@ -168,7 +175,7 @@ def attention_worker() -> dict:
         out = fn(*local, split_sequence(mask, rank, n, dim=1))
         out.backward(split_sequence(d_out, rank, n, dim=2))
         pieces = [None] * n
-        dist.all_gather_object(pieces, [out.detach()] + [t.grad for t in local])
+        dist.all_gather_object(pieces, [t.cpu() for t in [out.detach()] + [t.grad for t in local]])
         results[name] = [torch.cat([p[i] for p in pieces], dim=2) for i in range(4)]
     return results
 
@@ -225,7 +232,7 @@ print(f"BertForMaskedLM: {LAYERS} layers, hidden {HIDDEN}, {HEADS} heads, {n_par
 def train_worker(sp: int, attention: str, steps: int = STEPS) -> dict:
     """Train on ``sp`` ranks; with more ranks than ``sp``, the rest is data parallelism."""
     grid = make_sp_dp_groups(sp)
-    model = BertForMaskedLM.from_pretrained(checkpoint)
+    model = BertForMaskedLM.from_pretrained(checkpoint).to(device())
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     per_dp = BATCH // grid.dp_size
     rows_mine = slice(grid.dp_rank * per_dp, (grid.dp_rank + 1) * per_dp)
@@ -234,7 +241,7 @@ def train_worker(sp: int, attention: str, steps: int = STEPS) -> dict:
         for step in range(steps):
             b = batch_at(step)
             parts = [
-                split_sequence(t[rows_mine], grid.sp_rank, sp)
+                split_sequence(t[rows_mine].to(device()), grid.sp_rank, sp)
                 for t in (b.input_ids, b.attention_mask, b.labels)
             ]
             start = time.perf_counter()
@@ -325,12 +332,14 @@ def peak_activations(model, length: int, attention: str = "ring") -> float:
     """Peak bytes saved for backward on the busiest rank, one MLM step at sequence ``length``."""
     rank, n = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     b = batch_at(0, seq_len=length, batch=MEMORY_BATCH)
-    parts = [split_sequence(t, rank, n) for t in (b.input_ids, b.attention_mask, b.labels)]
+    parts = [
+        split_sequence(t.to(device()), rank, n) for t in (b.input_ids, b.attention_mask, b.labels)
+    ]
     with Ledger(model=model) as ledger:
         loss = sequence_parallel_mlm_loss(model, *parts, attention=attention)
         loss.backward()
     model.zero_grad(set_to_none=True)
-    peak = torch.tensor(float(ledger.peak_activations))
+    peak = torch.tensor(float(ledger.peak_activations), device=device())
     if n > 1:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the busiest rank sets the need
     return peak.item()
@@ -338,7 +347,7 @@ def peak_activations(model, length: int, attention: str = "ring") -> float:
 
 def memory_worker(budget_bytes: float) -> list[dict]:
     n = dist.get_world_size() if dist.is_initialized() else 1
-    model = BertForMaskedLM.from_pretrained(checkpoint)
+    model = BertForMaskedLM.from_pretrained(checkpoint).to(device())
     points = []
     length = LENGTH_STEP
     while length <= config.max_position_embeddings:
@@ -411,7 +420,7 @@ table.style.format(
 
 
 def variant_memory_worker(length: int) -> dict:
-    model = BertForMaskedLM.from_pretrained(checkpoint)
+    model = BertForMaskedLM.from_pretrained(checkpoint).to(device())
     return {v: peak_activations(model, length, v) / 2**20 for v in ("ring", "all_to_all")}
 
 
@@ -479,11 +488,8 @@ for name, r in runs.items():
     n = 1 if name.startswith("SP=1") else int(name.split()[0].split("=")[1])
     chunk = BATCH * (SEQ_LEN // n) * HIDDEN * 4
     masks = r["comm"].get("all_gather", {}).get("modeled_sent_bytes", 0)  # padding masks
-    formula = (
-        0
-        if n == 1
-        else LAYERS * (8 * (n - 1) / n * chunk if "all-to-all" in name else 6 * (n - 1) * chunk)
-    )
+    kind = "all_to_all" if "all-to-all" in name else "ring"
+    formula = LAYERS * attention_sent_bytes(kind, n, chunk)
     attn = 0 if n == 1 else measured(r, "attn")
     if n > 1 and not np.isnan(attn):  # measured = payload + whole gloo headers
         payload = round(formula * r["steps"]) + masks
@@ -672,13 +678,17 @@ TWO_STEP = "grad all-reduce, SP then DP"
 
 def traffic_formula(r: dict, sp: int, dp: int, pp: int) -> dict:
     act = BATCH // dp * SEQ_LEN // sp * HIDDEN * 4
-    p, n = r["stage param bytes"], sp * dp
+    p = r["stage param bytes"]
     return {
-        "SP attention": r["layers"] * (6 * (sp - 1) * act + (sp - 1) / sp * BATCH // dp * SEQ_LEN),
-        "PP p2p": act * ((r["stage"] < pp - 1) + (r["stage"] > 0)),
-        "grad all-reduce": 2 * (n - 1) / n * p,
+        "SP attention": r["layers"]
+        * (
+            attention_sent_bytes("ring", sp, act)
+            + mask_gather_sent_bytes(sp, BATCH // dp * SEQ_LEN)
+        ),
+        "PP p2p": p2p_sent_bytes(act, r["stage"], pp),
+        "grad all-reduce": replica_grad_sent_bytes(p, sp, dp),
         "tied embedding all-reduce": VOCAB * HIDDEN * 4 if r["tied"] else 0,
-        TWO_STEP: 2 * (sp - 1) / sp * p + 2 * (dp - 1) / dp * p,
+        TWO_STEP: replica_grad_sent_bytes(p, sp, dp, two_step=True),
     }
 
 
@@ -775,7 +785,7 @@ print(
 
 def peak_formula(r: dict, sp: int, dp: int, pp: int, n_micro: int) -> tuple[int, float]:
     """Micro-batches in flight and predicted peak bytes of rank ``r``."""
-    in_flight = min(pp - r["stage"], n_micro)
+    in_flight = in_flight_microbatches("1f1b", r["stage"], pp, n_micro)
     tokens = BATCH // (dp * n_micro) * SEQ_LEN // sp
     per_token_bytes = (
         per_token["e"] * (r["stage"] == 0)
@@ -820,6 +830,44 @@ memory_table.style.format(
 )
 
 # %%
+# At real scale
+# -------------
+# Ring attention's bytes (:func:`cai_labs.sequence_parallel.formulas.attention_sent_bytes`,
+# equal to the ledger above) and the per-layer activations of Korthikanti et al. (checked
+# against the ledger in the tests) give the longest sequence BERT-large can train on A100 80 GB
+# GPUs as the sequence is split over more of them: one sequence per step, bf16, no
+# recomputation, the longest power of two whose memory per GPU fits. **Modeled.**
+
+from cai_labs.scale import ScaleLayout, predict
+
+
+def fits(n: int, seq: int) -> bool:
+    return predict("bert-large", "a100-80gb", ScaleLayout(sp=n, seq=seq, global_batch=1)).fits
+
+
+longest = []
+for n in (1, 2, 4, 8, 16, 32, 64):
+    lo, hi = 1, 2  # in units of 1,024 tokens; lo fits, hi is being tried
+    while fits(n, 1024 * hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(n, 1024 * mid) else (lo, mid)
+    p = predict("bert-large", "a100-80gb", ScaleLayout(sp=n, seq=1024 * lo, global_batch=1))
+    longest.append(
+        {
+            "SP ranks": n,
+            "longest sequence": 1024 * lo,
+            "memory per GPU (GB)": p.memory_per_gpu_bytes["total"] / 1e9,
+            "tokens/s/GPU": p.tokens_per_s_per_gpu,
+            "bound": p.bound,
+        }
+    )
+longest = pd.DataFrame(longest).set_index("SP ranks")
+assert longest["longest sequence"].is_monotonic_increasing
+longest.style.format({"memory per GPU (GB)": "{:.1f}", "tokens/s/GPU": "{:,.0f}"})
+
+# %%
 # The formula, with three constants fitted on the SP=2 run, predicts the peak of every rank of
 # the pipelined layouts to within the largest gap printed above the table (the page fails if it
 # exceeds 5 %): what a rank keeps for backward is (micro-batches in flight) x (its local tokens
@@ -841,23 +889,44 @@ memory_table.style.format(
 #
 #     torchrun --nproc-per-node=4 tutorial_02_sequence_parallel.py
 #
-# (move the model and batches to ``cai_labs.launcher.device()``). Colossal-AI 0.5.0 exposes
+# (the workers already put the model and batches on ``cai_labs.device()``: the rank's GPU
+# there, the CPU here). Colossal-AI 0.5.0 exposes
 # sequence parallelism through its ``HybridParallelPlugin`` for the models its Shardformer has
 # policies for, with the modes ``"split_gather"`` and ``"ring"`` (Megatron-style, alongside
 # tensor parallelism), ``"all_to_all"`` (Ulysses) and ``"ring_attn"`` (ring attention on flash
-# attention kernels). Not executed on CPU (the plugin needs CUDA)::
-#
-#     from colossalai.booster import Booster
-#     from colossalai.booster.plugin import HybridParallelPlugin
-#
-#     plugin = HybridParallelPlugin(
-#         tp_size=1, pp_size=1, sp_size=4,
-#         enable_sequence_parallelism=True,
-#         sequence_parallelism_mode="all_to_all",   # or "ring_attn"
-#         precision="bf16",
-#     )
-#     model, optimizer, *_ = Booster(plugin=plugin).boost(model, optimizer)
-#
+# attention kernels). **Checked against colossalai 0.5.0, needs CUDA** (the plugin does): the
+# cell defines a training function for a small Llama and checks it against the installed
+# release.
+
+from cai_labs.colossal import checked_here
+
+
+def colossalai_sequence_parallel(steps: int = 10, seq_len: int = 4096) -> None:
+    """Ulysses over 4 GPUs in Colossal-AI 0.5.0: ``colossalai run --nproc_per_node 4``."""
+    import colossalai
+    from colossalai.booster import Booster
+    from colossalai.booster.plugin import HybridParallelPlugin
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    colossalai.launch_from_torch()
+    config = LlamaConfig(256, hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    model = LlamaForCausalLM(config)
+    plugin = HybridParallelPlugin(  # tp_size=1, pp_size=1; Ulysses, or "ring_attn"
+        1, 1, sp_size=4, enable_sequence_parallelism=True, sequence_parallelism_mode="all_to_all"
+    )
+    booster = Booster(plugin=plugin)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer, *_ = booster.boost(model, optimizer)
+    for _ in range(steps):
+        ids = torch.randint(0, 256, (1, seq_len), device="cuda")  # each GPU: seq_len / 4
+        booster.backward(model(input_ids=ids, labels=ids).loss, optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+print(checked_here(colossalai_sequence_parallel))
+
+# %%
 # The same plugin takes ``pp_size`` (with ``num_microbatches``) next to ``sp_size``; in the
 # ``"all_to_all"`` mode the data-parallel size is what remains of the world size,
 # ``world // (sp_size * pp_size * tp_size)``. Check your release before relying on it: some

@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from cai_labs import build_env, gather_reports, launch
+from cai_labs import build_env, device, gather_reports, launch
 from cai_labs.diffusion.data import CAPTION_TEMPLATES, load_captioned_digits, prompt_for
 from cai_labs.diffusion.judge import classify, train_digit_classifier
 from cai_labs.diffusion.lightning_module import DiffusionModule, collate
@@ -52,6 +52,9 @@ from cai_labs.diffusion.model import (
 from cai_labs.diffusion.sampling import encode_prompts, generate
 from cai_labs.lightning.measure import LedgerCallback
 from cai_labs.lightning.trainer import rank_trainer
+
+# %%
+# The sizes of the run (raise ``TRAIN_STEPS`` for better samples):
 
 WORLD_SIZE = 2  # ranks
 CONFIG = TinyDiffusionConfig(image_size=16, block_channels=(16, 32), text_dim=32)
@@ -168,7 +171,7 @@ def loader() -> torch.utils.data.DataLoader:
 
 
 def mean_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values)
+    t = torch.tensor(values, device=device())
     dist.all_reduce(t)
     return (t / dist.get_world_size()).tolist()
 
@@ -217,6 +220,10 @@ VARIANTS = {
 }
 
 
+# %%
+# The offloaded variant's device budget:
+
+
 def offload_budget(module: DiffusionModule) -> int:
     """OFFLOAD_SHARE of this rank's Adam moments (8 Psi / N bytes), but at least the two moment
     chunks of the largest unit's shard, which one update needs on the device at once."""
@@ -225,6 +232,10 @@ def offload_budget(module: DiffusionModule) -> int:
     largest = max(*units, psi - sum(units))
     n = dist.get_world_size()
     return max(int(OFFLOAD_SHARE * 8 * psi / n), 8 * (largest // n + 1))
+
+
+# %%
+# The worker trains each variant for ``MEASURE_STEPS`` steps under the ledger:
 
 
 def measure_worker() -> dict:
@@ -251,6 +262,9 @@ def measure_worker() -> dict:
 
 measured = launch(measure_worker, WORLD_SIZE)
 
+# %%
+# Rank 0's memory by kind at its peak, every rank's peak, the step time and the host traffic:
+
 MiB = 2**20
 rows = []
 for name, r in measured.items():
@@ -274,6 +288,9 @@ for name, r in measured.items():
     )
     row["final loss"] = r["losses"][-1]
     rows.append(row)
+# %%
+# In MiB per rank:
+
 table = pd.DataFrame(rows).set_index("variant")
 table.style.format(
     {c: "{:.2f}" for c in table.columns} | {"final loss": "{:.4f}", "step time (ms)": "{:.0f}"}
@@ -337,11 +354,14 @@ print(
 off = measured["ZeRO-2 + offloaded Adam"]["offload"]
 print(
     f"offload: device budget {off['device_budget'] / MiB:.3f} MiB, device peak "
-    f"{off['device_peak'] / MiB:.3f} MiB, host {off['host_bytes'] / MiB:.3f} MiB "
+    f"{off['device_peak'] / MiB:.3f} MiB (accounted), "
+    f"{off['device_storage_peak'] / MiB:.3f} MiB (measured: allocated storage), "
+    f"host {off['host_bytes'] / MiB:.3f} MiB "
     f"(8 Psi / N = {8 * psi / WORLD_SIZE / MiB:.3f} MiB); {off['fetch']} fetches, "
     f"{off['evict']} evictions in {MEASURE_STEPS} steps"
 )
 assert off["device_peak"] <= off["device_budget"]
+assert off["device_storage_peak"] <= off["device_budget"]
 assert abs(off["host_bytes"] - 8 * psi / WORLD_SIZE) <= 0.05 * 8 * psi / WORLD_SIZE
 
 # %%
@@ -382,6 +402,9 @@ print(
     f"{trained['seconds']:.0f} s; loss {np.mean(trained['losses'][:10]):.3f} (first 10 steps) "
     f"-> {np.mean(trained['losses'][-20:]):.3f} (last 20)"
 )
+
+# %%
+# The loss curve of the real run, and those of the measured variants from the same start:
 
 fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
 ax[0].plot(trained["losses"], color="0.7", lw=0.8, label="per step")
@@ -452,6 +475,9 @@ assert hits.mean() > 0.3, (
     f"only {hits.mean():.2f} of the samples show the prompted digit: raise TRAIN_STEPS"
 )
 
+# %%
+# Every sample, framed green where the judge reads the prompted digit and red where not:
+
 fig, axes = plt.subplots(10, SAMPLES_PER_DIGIT, figsize=(SAMPLES_PER_DIGIT * 0.8, 10 * 0.85))
 for i, ax in enumerate(axes.flat):
     ax.imshow(samples[i, 0].numpy(), cmap="gray_r", vmin=-1, vmax=1)
@@ -481,23 +507,35 @@ x0 = test_set.images[:PROBE_IMAGES]
 y = test_set.labels[:PROBE_IMAGES]
 scheduler = pipeline.noise_scheduler
 probe_gen = torch.Generator().manual_seed(SEED)
+
+
+def v_losses(level: int, captions: dict) -> dict:
+    """The v-prediction loss at noise level ``level`` for each set of caption embeddings."""
+    t = torch.full((PROBE_IMAGES,), level)
+    noise = torch.randn(x0.shape, generator=probe_gen)
+    xt = scheduler.add_noise(x0, noise, t)
+    v = scheduler.get_velocity(x0, noise, t)
+    return {
+        name: torch.nn.functional.mse_loss(
+            pipeline.unet(xt, t, encoder_hidden_states=text).sample, v
+        ).item()
+        for name, text in captions.items()
+    }
+
+
+# %%
+# Five noise levels, the right caption and a wrong one (the digit three further on):
+
 probe_rows = []
 with torch.no_grad():
     pipeline.unet.eval()
     pipeline.text_encoder.eval()
-    right = encode_prompts(pipeline, [prompt_for(int(d)) for d in y])
-    wrong = encode_prompts(pipeline, [prompt_for(int(d + 3) % 10) for d in y])
+    captions = {
+        "right": encode_prompts(pipeline, [prompt_for(int(d)) for d in y]),
+        "wrong": encode_prompts(pipeline, [prompt_for(int(d + 3) % 10) for d in y]),
+    }
     for level in (50, 250, 500, 750, 950):
-        t = torch.full((PROBE_IMAGES,), level)
-        noise = torch.randn(x0.shape, generator=probe_gen)
-        xt = scheduler.add_noise(x0, noise, t)
-        v = scheduler.get_velocity(x0, noise, t)
-        loss = {
-            name: torch.nn.functional.mse_loss(
-                pipeline.unet(xt, t, encoder_hidden_states=text).sample, v
-            ).item()
-            for name, text in (("right", right), ("wrong", wrong))
-        }
+        loss = v_losses(level, captions)
         abar = scheduler.alphas_cumprod[level].item()
         gap = loss["wrong"] - loss["right"]
         probe_rows.append(
@@ -510,6 +548,9 @@ with torch.no_grad():
                 "same gap in eps loss": abar * gap,
             }
         )
+# %%
+# The gap grows with the noise level (asserted):
+
 probe = pd.DataFrame(probe_rows).set_index("t")
 assert probe["gap in v loss"].iloc[-1] > probe["gap in v loss"].iloc[0], "prompt gap does not grow"
 probe.style.format("{:.4f}")
@@ -522,32 +563,81 @@ probe.style.format("{:.4f}")
 # (that variant was not run for this build).
 
 # %%
+# At real scale
+# -------------
+# The measurements above saved little with ZeRO because a toy UNet's activations dwarf its
+# model states. The real Stable Diffusion 1.5 UNet has 860 million parameters; with the ZeRO
+# formula of :func:`cai_labs.zero.formulas.zero_memory_formula` (checked against the ledger),
+# its model states per GPU on 8 A100 40 GB under DDP, ZeRO-1/2/3 and offload, in fp32 and in
+# bf16 with fp32 master weights. **Modeled**, model states only (the scale model does not model
+# a UNet's activations).
+
+from cai_labs.scale import ScaleLayout, predict
+
+unet_rows = []
+for precision in ("fp32", "bf16"):
+    for name, stage, offload in (
+        ("DDP", 0, False),
+        ("ZeRO-1", 1, False),
+        ("ZeRO-2", 2, False),
+        ("ZeRO-3", 3, False),
+        ("ZeRO-2 + offload", 2, True),
+    ):
+        layout = ScaleLayout(dp=8, zero=stage, offload=offload, precision=precision, global_batch=8)
+        m = predict("sd-1.5-unet", "a100-40gb", layout).memory_per_gpu_bytes
+        unet_rows.append(
+            {
+                "precision": precision,
+                "setup": name,
+                "GB per GPU": m["total"] / 1e9,
+                "of which optimizer": m["optimizer"] / 1e9,
+                "host (GB)": m["host_optimizer"] / 1e9,
+            }
+        )
+unet = pd.DataFrame(unet_rows).set_index(["precision", "setup"])
+assert unet.loc[("bf16", "ZeRO-3"), "GB per GPU"] < unet.loc[("bf16", "DDP"), "GB per GPU"] / 4
+unet.style.format("{:.2f}")
+
+# %%
 # Running it on GPUs with Colossal-AI
 # -----------------------------------
-# On a GPU cluster the same ``LightningModule`` trains with Colossal-AI's strategy instead of
-# ``ZeroStrategy``: ``lightning-colossalai`` wraps the module in Gemini (ZeRO-3 over chunks,
-# with parameters and optimizer state placed between GPU and CPU memory by a policy) and needs
-# fp16 mixed precision and Colossal-AI's ``HybridAdam``. This code was **not executed on CPU**
-# (Colossal-AI's ZeRO/Gemini require CUDA)::
-#
-#     import lightning as L
-#     from colossalai.nn.optimizer import HybridAdam
-#     from lightning_colossalai import ColossalAIStrategy
-#
-#     class GPUDiffusionModule(DiffusionModule):
-#         def configure_sharded_model(self):      # ColossalAIStrategy builds the model here
-#             ...
-#         def configure_optimizers(self):
-#             return HybridAdam(self.parameters(), lr=1e-4)
-#
-#     strategy = ColossalAIStrategy(placement_policy="auto",   # or "cuda" / "cpu" offload
-#                                   initial_scale=2**16)
-#     trainer = L.Trainer(accelerator="gpu", devices=8, num_nodes=1, precision="16-mixed",
-#                         strategy=strategy, max_steps=100_000)
-#     trainer.fit(GPUDiffusionModule(), dataloader)
-#
-# With this page's own pieces, the same run on GPUs is ``torchrun --nproc-per-node=8`` over a
-# script that calls ``rank_trainer("zero2", accelerator="gpu", ...)`` (the process group then
-# comes from ``torchrun``'s environment).
+# Colossal-AI's Lightning strategy, ``lightning_colossalai.ColossalAIStrategy``, stopped at
+# release 0.1.0, written against Colossal-AI 0.2: it imports ``colossalai.nn.parallel.GeminiDDP``,
+# ``colossalai.zero.ZeroOptimizer`` and ``colossalai.core``, none of which exist in 0.5.0. With
+# 0.5.0 the same module trains through the ``Booster`` instead: Gemini (ZeRO-3 over chunks, with
+# parameters and optimizer state placed between GPU and CPU memory by a policy) wraps the UNet,
+# the part that trains, as Colossal-AI's own DreamBooth example does, with fp16 and its
+# ``HybridAdam``. **Checked against colossalai 0.5.0, needs CUDA** (Gemini does).
+
+from cai_labs.colossal import checked_here
+
+
+def colossalai_gemini_unet(module: DiffusionModule, steps: int = 100) -> None:
+    """The page's module with Gemini on its UNet: ``colossalai run --nproc_per_node 8``."""
+    import itertools
+
+    import colossalai
+    from colossalai.booster import Booster
+    from colossalai.booster.plugin import GeminiPlugin
+    from colossalai.nn.optimizer import HybridAdam
+
+    colossalai.launch_from_torch()
+    booster = Booster(plugin=GeminiPlugin(placement_policy="auto", precision="fp16"))
+    optimizer = HybridAdam(module.unet.parameters(), lr=1e-4)
+    module.unet, optimizer, *_ = booster.boost(module.unet, optimizer)
+    module.text_encoder.cuda()
+    for images, captions, _ in itertools.islice(loader(), steps):
+        loss = module.diffusion_loss(images.cuda(), captions, module.step_generator())
+        booster.backward(loss, optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+print(checked_here(colossalai_gemini_unet))
+
+# %%
+# With this page's own pieces, the same run on GPUs is ``torchrun --nproc-per-node=8`` over this
+# page: ``rank_trainer`` picks Lightning's ``"gpu"`` accelerator and the rank's own GPU when
+# ``cai_labs.device()`` is one (the process group then comes from ``torchrun``'s environment).
 
 print(f"page executed in {time.perf_counter() - page_start:.0f} s")

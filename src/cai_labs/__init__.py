@@ -6,10 +6,13 @@ Each module holds one technique and is checked against its serial twin in ``test
   ``cpu:gloo,cuda:nccl`` on GPUs, or on torchrun's first N ranks) and get rank 0's result back;
   :func:`device` is the device each rank's model and data go on.
 * :mod:`cai_labs.ledger` — per-rank record of communication bytes, memory and a timeline.
+* :mod:`cai_labs.comm` — collectives, and the autograd mappings that pair each with its
+  conjugate in backward (used by every technique).
 * :mod:`cai_labs.data_parallel` — gradient all-reduce, then bucketed and overlapped.
 * :mod:`cai_labs.tensor_parallel` — 1D, 2D (SUMMA), 2.5D and 3D tensor-parallel layers.
 * :mod:`cai_labs.pipeline` — stages, micro-batches, GPipe and 1F1B schedules.
-* :mod:`cai_labs.layouts` and :mod:`cai_labs.unified` — one GPT built in any DP x PP x TP layout.
+* :mod:`cai_labs.hybrid` — ``parallelize(model, layout)``: one GPT in any DP x PP x TP (x SP,
+  ZeRO) layout, from one :class:`~cai_labs.hybrid.layout.Layout`.
 * :mod:`cai_labs.sequence_parallel` — ring and all-to-all self-attention, BERT on sequence chunks.
 * :mod:`cai_labs.auto_parallel` — trace, sharding strategies, cost model, solver, runtime, and
   automatic activation checkpointing.
@@ -19,6 +22,7 @@ Each module holds one technique and is checked against its serial twin in ``test
 * :mod:`cai_labs.peers` — PyTorch's own engines (DTensor, pipelining), run side by side.
 """
 
+from cai_labs.hybrid import Layout, parallelize
 from cai_labs.launcher import LaunchTimeout, RankFailed, device, launch, rank_info
 from cai_labs.ledger import Ledger, comm_totals, gather_reports, tensor_bytes
 
@@ -32,5 +36,7 @@ __all__ = [
     "comm_totals",
     "gather_reports",
     "tensor_bytes",
+    "Layout",
+    "parallelize",
 ]
 __version__ = "0.1.0"

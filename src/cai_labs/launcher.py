@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from cai_labs.devices import device, pick_backend, to_host, use_rank_device
+from cai_labs.errors import LaunchTimeout, RankFailed
 from cai_labs.torchrun import quiet_other_ranks, run_under_torchrun, under_torchrun
 
 __all__ = [
@@ -64,21 +65,6 @@ __all__ = [
     "device",
     "under_torchrun",
 ]
-
-
-class RankFailed(RuntimeError):
-    """A rank raised (or died). ``rank`` says which; ``remote_traceback`` is its traceback."""
-
-    def __init__(self, rank: int, remote_traceback: str):
-        self.rank = rank
-        self.remote_traceback = remote_traceback
-        super().__init__(
-            f"rank {rank} failed; all ranks were stopped. Its traceback:\n{remote_traceback}"
-        )
-
-
-class LaunchTimeout(TimeoutError):
-    """The call did not finish within ``timeout`` seconds; all ranks were stopped."""
 
 
 @dataclass(frozen=True)

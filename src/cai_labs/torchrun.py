@@ -22,6 +22,7 @@ from typing import Any
 import torch.distributed as dist
 
 from cai_labs.devices import pick_backend, to_host, use_rank_device
+from cai_labs.errors import RankFailed
 
 __all__ = ["run_under_torchrun", "under_torchrun", "quiet_other_ranks"]
 
@@ -75,8 +76,6 @@ def run_under_torchrun(
     """Run ``fn`` on ranks ``0..world_size-1`` of this torchrun job; every rank gets rank 0's
     result. ``world_size`` larger than torchrun's ``WORLD_SIZE`` is an error that says what to
     start."""
-    from cai_labs.launcher import RankFailed  # the launcher imports this module
-
     env_world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     if world_size > env_world:
         raise ValueError(

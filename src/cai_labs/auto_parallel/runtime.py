@@ -15,13 +15,14 @@ multiple data). :func:`parallelize` walks the serial ``fx`` graph in order and, 
 
 The output is gathered to be whole on every rank, so a loss written for the serial model works
 unchanged, and ``loss.backward()`` produces on every rank the gradient slices of the serial
-gradient. Every collective is an autograd function whose backward is its exact transpose:
+gradient. Every collective is a mapping of :mod:`cai_labs.comm`, whose backward is its exact
+transpose:
 
 ==========================  ==========================  ==========================
 op                          forward                     backward
 ==========================  ==========================  ==========================
-gather (split -> whole)     all-gather                  keep own chunk
-slice (whole -> split)      keep own chunk              all-gather
+gather (split -> whole)     all-gather                  keep own chunk (a copy)
+slice (whole -> split)      keep own chunk (a copy)     all-gather
 f (column input)            identity                    all-reduce
 g (row output)              all-reduce                  identity
 ==========================  ==========================  ==========================
@@ -43,6 +44,14 @@ from cai_labs.auto_parallel.strategies import (
     axes_of,
     reshard_steps,
 )
+from cai_labs.comm import (
+    all_reduce_,
+    copy_to_group,
+    gather_from_group,
+    reduce_from_group,
+    scatter_to_group,
+)
+from cai_labs.devices import device
 from cai_labs.models.gpt import CausalSelfAttention
 
 __all__ = [
@@ -94,76 +103,12 @@ class MeshGroups:
         return self.mesh.ways(tuple(axes))
 
 
-# -- collectives with exact transposes ---------------------------------------------------------
-def _all_gather(x: torch.Tensor, dim: int, mg: MeshGroups, axes) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(mg.ways(axes))]
-    dist.all_gather(parts, x.contiguous(), group=mg.group(axes))
-    return torch.cat(parts, dim=dim)
-
-
-def _chunk(x: torch.Tensor, dim: int, mg: MeshGroups, axes) -> torch.Tensor:
-    # a copy, not a view: a view would keep the whole tensor alive for as long as the chunk
-    return x.chunk(mg.ways(axes), dim=dim)[mg.chunk(axes)].clone(
-        memory_format=torch.contiguous_format
-    )
-
-
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, mg, axes):
-        ctx.args = (dim, mg, axes)
-        return _all_gather(x, dim, mg, axes)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _chunk(g, *ctx.args), None, None, None
-
-
-class _Slice(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, mg, axes):
-        ctx.args = (dim, mg, axes)
-        return _chunk(x, dim, mg, axes)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, *ctx.args), None, None, None
-
-
-class _ReduceInBackward(torch.autograd.Function):
-    """Megatron's *f*: identity forward, all-reduce of the input gradient in backward."""
-
-    @staticmethod
-    def forward(ctx, x, mg, axes):
-        ctx.args = (mg, axes)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        mg, axes = ctx.args
-        g = g.contiguous()
-        dist.all_reduce(g, group=mg.group(axes))
-        return g, None, None
-
-
-class _ReduceInForward(torch.autograd.Function):
-    """Megatron's *g*: all-reduce partial sums in forward, identity in backward."""
-
-    @staticmethod
-    def forward(ctx, x, mg, axes):
-        x = x.contiguous()
-        dist.all_reduce(x, group=mg.group(axes))
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None, None
-
-
+# -- resharding: the gather / slice mappings of cai_labs.comm ---------------------------------
 def reshard(x: torch.Tensor, src: tuple, dst: tuple, mg: MeshGroups) -> torch.Tensor:
     """Change ``x``'s layout from ``src`` to ``dst`` (the steps of ``reshard_steps``)."""
     for kind, dim, axes in reshard_steps(src, dst, x.dim()):
-        x = (_Gather if kind == "gather" else _Slice).apply(x, dim, mg, axes)
+        move = gather_from_group if kind == "gather" else scatter_to_group
+        x = move(x, mg.group(axes), dim, copy=True)
     return x
 
 
@@ -181,12 +126,14 @@ class Reshard(nn.Module):
         return f"{''.join(self.src)} -> {''.join(self.dst)}"
 
 
-def _f(x, mg, axes):
-    return _ReduceInBackward.apply(x, mg, axes) if axes else x
+def _f(x: torch.Tensor, mg: MeshGroups, axes: tuple) -> torch.Tensor:
+    """Megatron's *f* (column input): identity forward, all-reduce of the gradient."""
+    return copy_to_group(x, mg.group(axes)) if axes else x
 
 
-def _g(x, mg, axes):
-    return _ReduceInForward.apply(x, mg, axes) if axes else x
+def _g(x: torch.Tensor, mg: MeshGroups, axes: tuple) -> torch.Tensor:
+    """Megatron's *g* (row output): all-reduce of the partial sums, identity backward."""
+    return reduce_from_group(x, mg.group(axes)) if axes else x
 
 
 # -- sharded modules ---------------------------------------------------------------------------
@@ -196,15 +143,16 @@ class _Sharded(nn.Module):
     def _shard(self, name: str, full: torch.Tensor, index: dict[int, torch.Tensor]) -> None:
         local = full.detach()
         for dim, idx in index.items():
-            local = local.index_select(dim, idx)
+            local = local.index_select(dim, idx.to(local.device))
         self.register_parameter(name, nn.Parameter(local.clone()))
         self.shard_index[name] = index
 
     def embed(self, name: str, local: torch.Tensor, full_shape) -> torch.Tensor:
         """A zero tensor of the serial parameter's shape with ``local`` written into its slot."""
-        out = torch.zeros(full_shape, dtype=local.dtype)
+        out = torch.zeros(full_shape, dtype=local.dtype, device=local.device)
         index = self.shard_index[name]
         grid = [index.get(d, torch.arange(full_shape[d])) for d in range(len(full_shape))]
+        grid = [g.to(local.device) for g in grid]
         out[torch.meshgrid(*grid, indexing="ij")] = local
         return out
 
@@ -267,11 +215,9 @@ class _SyncBN(torch.autograd.Function):
         group = mg.group(axes)
         dims = (0, 2, 3)
         count = x.numel() // x.shape[1] * mg.ways(axes)
-        s = x.sum(dims)
-        dist.all_reduce(s, group=group)
+        s = all_reduce_(x.sum(dims), group)
         mean = s / count
-        sq = ((x - mean[None, :, None, None]) ** 2).sum(dims)
-        dist.all_reduce(sq, group=group)
+        sq = all_reduce_(((x - mean[None, :, None, None]) ** 2).sum(dims), group)
         var = sq / count
         invstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, weight, mean, invstd)
@@ -288,8 +234,7 @@ class _SyncBN(torch.autograd.Function):
         xhat = (x - mean.view(shape)) * invstd.view(shape)
         local = torch.stack([gy.sum(dims), (gy * xhat).sum(dims)])
         gbias, gweight = local[0].clone(), local[1].clone()
-        dist.all_reduce(local, group=mg.group(axes))
-        sum_gy, sum_gy_xhat = local
+        sum_gy, sum_gy_xhat = all_reduce_(local, mg.group(axes))
         gx = (weight * invstd).view(shape) * (
             gy - sum_gy.view(shape) / count - xhat * sum_gy_xhat.view(shape) / count
         )
@@ -379,7 +324,7 @@ class SPMDModule(nn.Module):
         self.origin = origin  # local param name -> (module path, its param name, serial shape)
         self.replicas = replicas  # local param name -> ranks holding the same slice
 
-    def forward(self, *args):
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
         return self.gm(*args)
 
     def full_tensors(self, which: str = "grad") -> dict[str, torch.Tensor]:
@@ -412,7 +357,8 @@ def _local_module(mod: nn.Module, strategy, mg: MeshGroups) -> nn.Module:
 
 
 def parallelize(sg: StrategyGraph, plan: dict[str, int], mg: MeshGroups) -> SPMDModule:
-    """Build this rank's :class:`SPMDModule` for ``plan`` (``{node name: strategy index}``)."""
+    """Build this rank's :class:`SPMDModule` for ``plan`` (``{node name: strategy index}``), on
+    :func:`cai_labs.device`."""
     missing = set(sg.nodes) - set(plan)
     if missing:
         raise ValueError(f"the plan has no strategy for nodes {sorted(missing)[:5]}")
@@ -453,7 +399,7 @@ def parallelize(sg: StrategyGraph, plan: dict[str, int], mg: MeshGroups) -> SPMD
         new = graph.node_copy(node, lambda a, m=new_inputs: m[a.name])
         env[node.name] = new
     gm = fx.GraphModule(modules, graph)
-    return SPMDModule(gm, origin, mg, replicas)
+    return SPMDModule(gm, origin, mg, replicas).to(device())
 
 
 def _param_axes(roles, local: nn.Module, pname: str) -> tuple[int, ...]:
@@ -488,6 +434,7 @@ def measure_step(pm: SPMDModule, x: torch.Tensor, steps: int = 3) -> dict:
     """
     from cai_labs.ledger import Ledger, comm_totals
 
+    x = x.to(device())
     pm(x).square().mean().backward()
     times = []
     with Ledger(model=pm) as ledger:
@@ -498,6 +445,8 @@ def measure_step(pm: SPMDModule, x: torch.Tensor, steps: int = 3) -> dict:
             dist.barrier()
             start = time.perf_counter()
             pm(x).square().mean().backward()
+            if x.is_cuda:  # the kernels may still run when backward returns
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     report = ledger.report()
     comm = comm_totals({"comm": [c for c in report["comm"] if c["op"] != "barrier"]})

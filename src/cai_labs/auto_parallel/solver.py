@@ -77,78 +77,91 @@ class Solution:
 Allowed = Callable[[NodeInfo, Strategy], bool]
 
 
+class _Problem:
+    """Columns (cost, memory, bounds, integrality) and equality rows of the MILP, in order."""
+
+    def __init__(self) -> None:
+        self.cost: list[float] = []
+        self.mem: list[float] = []
+        self.ub: list[float] = []
+        self.integrality: list[int] = []
+        self.rows: list[int] = []
+        self.cols: list[int] = []
+        self.vals: list[float] = []
+        self.rhs: list[float] = []
+
+    def column(self, cost: float, mem: float, ub: float, integer: bool) -> int:
+        self.cost.append(cost)
+        self.mem.append(mem)
+        self.ub.append(ub)
+        self.integrality.append(int(integer))
+        return len(self.cost) - 1
+
+    def row(self, entries: list[tuple[int, float]], rhs: float) -> None:
+        r = len(self.rhs)
+        for c, v in entries:
+            self.rows.append(r), self.cols.append(c), self.vals.append(v)
+        self.rhs.append(rhs)
+
+    def arrays(self):
+        n_rows, n_cols = len(self.rhs), len(self.cost)
+        a_eq = coo_array((self.vals, (self.rows, self.cols)), shape=(n_rows, n_cols)).tocsr()
+        rhs = np.array(self.rhs)
+        bounds = Bounds(np.zeros(n_cols), np.array(self.ub))
+        eq = [LinearConstraint(a_eq, rhs, rhs)]
+        return np.array(self.cost), np.array(self.mem), eq, bounds, np.array(self.integrality)
+
+
+def _node_columns(
+    p: _Problem, sg: StrategyGraph, name: str, m: MachineModel, allowed: Allowed | None
+) -> list[int]:
+    """One binary column per strategy of node ``name`` (upper bound 0 if not allowed)."""
+    info = sg.nodes[name]
+    ok = [allowed is None or allowed(info, s) for s in info.strategies]
+    if not any(ok):
+        raise ValueError(
+            f"node {name} ({info.op}) has no allowed strategy; "
+            f"it has {[s.name for s in info.strategies]}"
+        )
+    out = []
+    for i, s in enumerate(info.strategies):
+        t = node_time(s, m, info.op)
+        mm = node_memory(info, s, sg)
+        out.append(
+            p.column(t["compute"] + t["comm"], mm["params"] + mm["activations"], float(ok[i]), True)
+        )
+    return out
+
+
+def _edge_rows(p: _Problem, sg: StrategyGraph, e, m: MachineModel, xcol: dict) -> None:
+    """Columns ``z[lo, li]`` of an edge (its layout pair), tied to both ends' choices."""
+    src_s, dst_s = sg.nodes[e.src].strategies, sg.nodes[e.dst].strategies
+    outs = sorted({s.out_layout for s in src_s})
+    ins = sorted({s.in_layouts[e.pos] for s in dst_s})
+    zcol = {
+        (lo, li): p.column(edge_time(sg, e, lo, li, m), edge_memory(sg, e, lo, li), 1.0, False)
+        for lo in outs
+        for li in ins
+    }
+    for lo in outs:  # row sums = source's choice of output layout
+        mine = [(xcol[(e.src, i)], -1.0) for i, s in enumerate(src_s) if s.out_layout == lo]
+        p.row([(zcol[(lo, li)], 1.0) for li in ins] + mine, 0.0)
+    for li in ins:  # column sums = destination's choice of input layout
+        mine = [(xcol[(e.dst, i)], -1.0) for i, s in enumerate(dst_s) if s.in_layouts[e.pos] == li]
+        p.row([(zcol[(lo, li)], 1.0) for lo in outs] + mine, 0.0)
+
+
 def _build(sg: StrategyGraph, m: MachineModel, allowed: Allowed | None):
-    names = list(sg.nodes)
-    col = 0
+    p = _Problem()
     xcol: dict[tuple[str, int], int] = {}
-    cost, mem, lb, ub, integrality = [], [], [], [], []
-    for name in names:
-        info = sg.nodes[name]
-        ok = [allowed is None or allowed(info, s) for s in info.strategies]
-        if not any(ok):
-            raise ValueError(
-                f"node {name} ({info.op}) has no allowed strategy; "
-                f"it has {[s.name for s in info.strategies]}"
-            )
-        for i, s in enumerate(info.strategies):
-            t = node_time(s, m, info.op)
-            mm = node_memory(info, s, sg)
-            xcol[(name, i)] = col
-            cost.append(t["compute"] + t["comm"])
-            mem.append(mm["params"] + mm["activations"])
-            lb.append(0.0)
-            ub.append(1.0 if ok[i] else 0.0)
-            integrality.append(1)
-            col += 1
-    rows, cols, vals, rhs = [], [], [], []
-    r = 0
-    for name in names:
-        for i in range(len(sg.nodes[name].strategies)):
-            rows.append(r)
-            cols.append(xcol[(name, i)])
-            vals.append(1.0)
-        rhs.append(1.0)
-        r += 1
+    for name in sg.nodes:
+        for i, c in enumerate(_node_columns(p, sg, name, m, allowed)):
+            xcol[(name, i)] = c
+    for name in sg.nodes:  # every node picks exactly one strategy
+        p.row([(xcol[(name, i)], 1.0) for i in range(len(sg.nodes[name].strategies))], 1.0)
     for e in sg.edges:
-        src_s, dst_s = sg.nodes[e.src].strategies, sg.nodes[e.dst].strategies
-        outs = sorted({s.out_layout for s in src_s})
-        ins = sorted({s.in_layouts[e.pos] for s in dst_s})
-        zcol = {}
-        for lo in outs:
-            for li in ins:
-                zcol[(lo, li)] = col
-                cost.append(edge_time(sg, e, lo, li, m))
-                mem.append(edge_memory(sg, e, lo, li))
-                lb.append(0.0)
-                ub.append(1.0)
-                integrality.append(0)
-                col += 1
-        for lo in outs:  # row sums = source's choice of output layout
-            for li in ins:
-                rows.append(r), cols.append(zcol[(lo, li)]), vals.append(1.0)
-            for i, s in enumerate(src_s):
-                if s.out_layout == lo:
-                    rows.append(r), cols.append(xcol[(e.src, i)]), vals.append(-1.0)
-            rhs.append(0.0)
-            r += 1
-        for li in ins:  # column sums = destination's choice of input layout
-            for lo in outs:
-                rows.append(r), cols.append(zcol[(lo, li)]), vals.append(1.0)
-            for i, s in enumerate(dst_s):
-                if s.in_layouts[e.pos] == li:
-                    rows.append(r), cols.append(xcol[(e.dst, i)]), vals.append(-1.0)
-            rhs.append(0.0)
-            r += 1
-    a_eq = coo_array((vals, (rows, cols)), shape=(r, col)).tocsr()
-    eq = [LinearConstraint(a_eq, np.array(rhs), np.array(rhs))]
-    return (
-        np.array(cost),
-        np.array(mem),
-        eq,
-        Bounds(np.array(lb), np.array(ub)),
-        np.array(integrality),
-        xcol,
-    )
+        _edge_rows(p, sg, e, m, xcol)
+    return (*p.arrays(), xcol)
 
 
 def solve(

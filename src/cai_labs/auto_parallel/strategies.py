@@ -453,6 +453,46 @@ def _kind(node: fx.Node, mod: nn.Module | None) -> str:
     return node.op
 
 
+def _passes_through(node: fx.Node, mod: nn.Module | None, in_shapes: list) -> bool:
+    """Element-wise or reshaping ops whose output layout is their input's."""
+    if isinstance(mod, _PASSTHROUGH_MODULES) or (isinstance(mod, nn.Dropout) and mod.p == 0):
+        return True
+    return (
+        node.op == "call_function"
+        and node.target in _PASSTHROUGH_FUNCS
+        and (node.target is not torch.flatten or len(in_shapes[0] or ()) == 4)
+    )
+
+
+def _node_strategies(
+    node: fx.Node, mod: nn.Module | None, in_shapes: list, shape, mesh: Mesh, first_needs: bool
+) -> list[Strategy]:
+    """The legal strategies of one node; replicate it when none applies."""
+    n_in = len(in_shapes)
+    if node.op == "placeholder":
+        strategies = [Strategy(("R", "R"), (), ("R", "R"))]
+    elif node.op == "output":
+        strategies = [Strategy(("R", "R"), (("R", "R"),) * n_in, ("R", "R"))]
+    elif isinstance(mod, (nn.Conv2d, nn.Linear)) and (
+        not isinstance(mod, nn.Conv2d) or mod.groups == 1
+    ):
+        strategies = _matmul_strategies(mod, in_shapes[0], shape, mesh, first_needs)
+    elif isinstance(mod, CausalSelfAttention):
+        strategies = _attention_strategies(mod, shape, mesh, first_needs)
+    elif isinstance(mod, nn.BatchNorm2d):
+        strategies = _norm_strategies(mod, shape, mesh, allow_feature=True)
+    elif isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) == 1:
+        strategies = _norm_strategies(mod, shape, mesh, allow_feature=False)
+    elif _passes_through(node, mod, in_shapes):
+        strategies = _passthrough_strategies(n_in, in_shapes, shape, mesh)
+    else:
+        strategies = []
+    if not strategies:  # unknown op, or nothing divides evenly: replicate it
+        params = sum(p.numel() for p in mod.parameters()) * FLOAT_BYTES if mod else 0
+        strategies = [_replicate_strategy(n_in, shape, params)]
+    return strategies
+
+
 def build_strategy_graph(
     gm: fx.GraphModule, mesh: Mesh, profile: SavedProfile | None = None
 ) -> StrategyGraph:
@@ -476,36 +516,7 @@ def build_strategy_graph(
         if (mod is not None and any(True for _ in mod.parameters())) or needs_grad:
             grad_values.add(node.name)
         first_needs = bool(tensor_args) and tensor_args[0].name in grad_values
-        n_in = len(tensor_args)
-        if node.op == "placeholder":
-            strategies = [Strategy(("R", "R"), (), ("R", "R"))]
-        elif node.op == "output":
-            strategies = [Strategy(("R", "R"), (("R", "R"),) * n_in, ("R", "R"))]
-        elif isinstance(mod, (nn.Conv2d, nn.Linear)) and (
-            not isinstance(mod, nn.Conv2d) or mod.groups == 1
-        ):
-            strategies = _matmul_strategies(mod, in_shapes[0], shape, mesh, first_needs)
-        elif isinstance(mod, CausalSelfAttention):
-            strategies = _attention_strategies(mod, shape, mesh, first_needs)
-        elif isinstance(mod, nn.BatchNorm2d):
-            strategies = _norm_strategies(mod, shape, mesh, allow_feature=True)
-        elif isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) == 1:
-            strategies = _norm_strategies(mod, shape, mesh, allow_feature=False)
-        elif (
-            isinstance(mod, _PASSTHROUGH_MODULES)
-            or (isinstance(mod, nn.Dropout) and mod.p == 0)
-            or (
-                node.op == "call_function"
-                and node.target in _PASSTHROUGH_FUNCS
-                and (node.target is not torch.flatten or len(in_shapes[0] or ()) == 4)
-            )
-        ):
-            strategies = _passthrough_strategies(n_in, in_shapes, shape, mesh)
-        else:
-            strategies = []
-        if not strategies:  # unknown op, or nothing divides evenly: replicate it
-            params = sum(p.numel() for p in mod.parameters()) * FLOAT_BYTES if mod else 0
-            strategies = [_replicate_strategy(n_in, shape, params)]
+        strategies = _node_strategies(node, mod, in_shapes, shape, mesh, first_needs)
         nodes[node.name] = NodeInfo(
             node.name,
             _kind(node, mod),

@@ -11,12 +11,18 @@ versions, never between runs on one installation.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import tokenizers
+
 import contextlib
 import importlib
 import inspect
 import io
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from types import ModuleType
 
 import torch
 
@@ -107,6 +113,31 @@ DEFAULT_MODULES: tuple[str, ...] = (
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
+def _import_quietly(name: str) -> ModuleType | None:
+    """The module ``name``, imported without its warnings or prints; None if it is missing."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            return importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a module missing from this build of Python
+            return None
+
+
+def _own_members(mod: ModuleType) -> Iterator[object]:
+    """Classes and functions defined in ``mod``, each class followed by its own methods."""
+    for _, member in sorted(vars(mod).items()):
+        if getattr(member, "__module__", None) != mod.__name__:
+            continue
+        yield member
+        if inspect.isclass(member):
+            for _, attr in sorted(vars(member).items()):
+                # Skip methods other libraries patched in (transformers adds some to
+                # logging.Logger): the corpus must not depend on what else was imported.
+                own = getattr(attr, "__module__", None) in (None, mod.__name__)
+                if own and (inspect.isfunction(attr) or inspect.ismethoddescriptor(attr)):
+                    yield attr
+
+
 def stdlib_docstrings(modules: Sequence[str] = DEFAULT_MODULES, min_chars: int = 40) -> list[str]:
     """Docstrings (module, classes, functions, methods) of ``modules``, in a fixed order.
 
@@ -130,24 +161,12 @@ def stdlib_docstrings(modules: Sequence[str] = DEFAULT_MODULES, min_chars: int =
                 out.append(para)
 
     for name in modules:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            try:
-                mod = importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - a module missing from this build of Python
-                continue
+        mod = _import_quietly(name)
+        if mod is None:
+            continue
         add(mod)
-        for _, member in sorted(vars(mod).items()):
-            if getattr(member, "__module__", None) != mod.__name__:
-                continue
+        for member in _own_members(mod):
             add(member)
-            if inspect.isclass(member):
-                for _, attr in sorted(vars(member).items()):
-                    # Skip methods other libraries patched in (transformers adds some to
-                    # logging.Logger): the corpus must not depend on what else was imported.
-                    own = getattr(attr, "__module__", None) in (None, mod.__name__)
-                    if own and (inspect.isfunction(attr) or inspect.ismethoddescriptor(attr)):
-                        add(attr)
     return out
 
 
@@ -159,7 +178,7 @@ def stdlib_text(modules: Sequence[str] = DEFAULT_MODULES, max_chars: int | None 
     return text if max_chars is None else text[:max_chars]
 
 
-def train_wordpiece(texts: Iterable[str], vocab_size: int = 2000):
+def train_wordpiece(texts: Iterable[str], vocab_size: int = 2000) -> tokenizers.Tokenizer:
     """Train a BERT-style (lower-cased) WordPiece tokenizer on ``texts``; returns a
     ``tokenizers.Tokenizer`` whose first ids are :data:`SPECIAL_TOKENS` (``[PAD]`` = 0)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers

@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
+from cai_labs.devices import device
 from cai_labs.lightning.ddp import ExistingRanksDDPStrategy
 from cai_labs.lightning.environment import ProcessGroupEnvironment
 from cai_labs.lightning.zero_strategy import ZeroStrategy
@@ -49,9 +50,11 @@ def rank_trainer(
     strategy_options: dict[str, Any] | None = None,
     **trainer_kwargs: Any,
 ) -> pl.Trainer:
-    """A CPU Trainer for this rank: no logger, checkpoint callback, progress bar or summary
-    (tutorial output stays readable); ``strategy_options`` go to :func:`make_strategy`;
-    ``trainer_kwargs`` override (``max_steps``, ``precision``, ``callbacks``, ...)."""
+    """A Trainer for this rank on :func:`cai_labs.device` (Lightning's ``"gpu"`` accelerator on
+    the rank's own GPU when the group carries CUDA tensors, else ``"cpu"``): no logger,
+    checkpoint callback, progress bar or summary (tutorial output stays readable);
+    ``strategy_options`` go to :func:`make_strategy`; ``trainer_kwargs`` override
+    (``max_steps``, ``precision``, ``callbacks``, ...)."""
     if quiet:
         logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
         logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
@@ -64,9 +67,13 @@ def rank_trainer(
     # Pin Lightning to the thread count the rank already has.
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     world = dist.get_world_size() if dist.is_initialized() else 1
+    here = device()
+    gpu = here.type == "cuda"
     kwargs: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
+        # One device per rank ("node"): on a GPU, this rank's own (``devices=[index]``), since
+        # every rank's local rank is 0 to Lightning and ``devices=1`` would put all on cuda:0.
+        "accelerator": "gpu" if gpu else "cpu",
+        "devices": [here.index] if gpu else 1,
         "num_nodes": world,
         "strategy": make_strategy(strategy, **(strategy_options or {})),
         "logger": False,

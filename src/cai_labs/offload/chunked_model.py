@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from cai_labs.devices import device
 from cai_labs.offload.chunk import Chunk
 from cai_labs.offload.manager import ChunkManager
 
@@ -61,7 +63,7 @@ class ChunkedModel(nn.Module):
         group: dist.ProcessGroup | None = None,
     ):
         super().__init__()
-        self.module = module
+        self.module = module.to(device())  # buffers too; parameters become views of chunks
         self.group = group
         self.distributed = dist.is_initialized()
         self.rank = dist.get_rank(group) if self.distributed else 0
@@ -183,7 +185,7 @@ class ChunkedModel(nn.Module):
         self._queued = False
         self._recording = False
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
     # -- results ---------------------------------------------------------------------------------

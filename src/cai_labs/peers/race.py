@@ -4,7 +4,8 @@ Each function runs *both* engines inside one launch, on the same batches, altern
 steps (a cai_labs step, then a PyTorch step, ...) so that whatever else the machine is doing
 slows both alike. It returns both loss curves (they must agree: same weights, same data) and
 the median step time of each, from which the step-time ratio cai_labs / PyTorch follows.
-Call them inside a worker started by :func:`cai_labs.launch`.
+Call them inside a worker started by :func:`cai_labs.launch`; models and batches go on
+:func:`cai_labs.device`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from cai_labs.layouts import Layout
-from cai_labs.models.gpt import GPTConfig
+from cai_labs.devices import device
+from cai_labs.hybrid import Layout, ParallelGPT, lm_loss, parallelize
+from cai_labs.models.gpt import GPT, GPTConfig
 from cai_labs.peers.dtensor_tp import dtensor_tp_gpt
 from cai_labs.peers.torch_pipelining import TorchPipeline
-from cai_labs.unified import ParallelGPT, lm_loss
 
 __all__ = ["race_tensor_parallel", "race_pipeline"]
 
@@ -33,7 +34,7 @@ def _summary(losses: list[float], times: list[float], warmup: int) -> dict:
 
 def _global_loss(loss: torch.Tensor | None) -> float:
     """The loss held by the last pipeline rank, on every rank (not part of the timed step)."""
-    buf = torch.zeros(())
+    buf = torch.zeros((), device=device())
     if loss is not None:
         buf += float(loss)
     dist.all_reduce(buf)
@@ -49,7 +50,7 @@ def _race(engines: dict[str, Engine], batches: Batches, steps: int, warmup: int)
     ``loss_of(result)`` turns what it returned into the global loss (not timed)."""
     rec: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in engines}
     for i in range(steps):
-        x, y = batches(i)
+        x, y = (t.to(device()) for t in batches(i))
         for name, (step, loss_of) in engines.items():
             dist.barrier()
             t0 = time.perf_counter()
@@ -69,7 +70,9 @@ def race_tensor_parallel(
 ) -> dict[str, dict]:
     """cai_labs 1D tensor parallel vs DTensor ``ColwiseParallel``/``RowwiseParallel`` over all
     ranks. Returns ``{"cai_labs": {...}, "pytorch": {...}}`` with ``losses`` and ``step_s``."""
-    ours = ParallelGPT(cfg, Layout(tp=dist.get_world_size(), tp_mode="1d"), seed=seed)
+    # embeddings and head replicated, as in the DTensor plan
+    layout = Layout(tp=dist.get_world_size(), tp_mode="1d", vocab_parallel=False)
+    ours = parallelize(GPT(cfg, seed=seed), layout)
     theirs = dtensor_tp_gpt(cfg, seed=seed)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=lr)
 
@@ -101,7 +104,7 @@ def race_pipeline(
     """cai_labs pipeline vs ``torch.distributed.pipelining``, one stage per rank, same schedule.
     Returns ``{"cai_labs": {...}, "pytorch": {...}}`` with ``losses`` and ``step_s``."""
     n = dist.get_world_size()
-    ours = ParallelGPT(cfg, Layout(pp=n, n_micro=n_micro, schedule=schedule), seed=seed)
+    ours = parallelize(GPT(cfg, seed=seed), Layout(pp=n, n_micro=n_micro, schedule=schedule))
     theirs = TorchPipeline(cfg, n_micro, schedule, lm_loss, seed=seed)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=lr)
 

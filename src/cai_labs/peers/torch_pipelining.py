@@ -9,6 +9,8 @@ gradients are those of the full batch's mean loss.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
@@ -20,7 +22,8 @@ __all__ = ["TorchPipeline"]
 
 
 class TorchPipeline:
-    """This rank's stage of the GPT of ``seed`` under a PyTorch pipeline schedule. Collective.
+    """This rank's stage of the GPT of ``seed`` under a PyTorch pipeline schedule, on
+    :func:`cai_labs.device`. Collective.
 
     Args:
         cfg, seed: the model (same weights as the serial GPT of ``seed``).
@@ -33,18 +36,19 @@ class TorchPipeline:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.rank, self.n = dist.get_rank(), dist.get_world_size()
-        self.module = GPTStage(GPT(cfg, seed=seed), self.rank, self.n)
+        self.module = GPTStage(GPT(cfg, seed=seed), self.rank, self.n).to(device())
         stage = PipelineStage(self.module, self.rank, self.n, device())
         kinds = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
         if schedule not in kinds:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(kinds)}")
         self.schedule = kinds[schedule](stage, n_microbatches=n_micro, loss_fn=loss_fn)
 
-    def parameters(self):
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
         return self.module.parameters()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """Forward and backward of the batch; returns the mean loss on the last stage."""
+        x, y = x.to(device()), y.to(device())
         if self.rank == 0 and self.n == 1:
             losses: list[torch.Tensor] = []
             self.schedule.step(x, target=y, losses=losses)

@@ -13,7 +13,8 @@ one place where tokens meet; two ways to do it across ranks live here:
 :mod:`~cai_labs.sequence_parallel.bert` runs a transformers ``BertForMaskedLM`` on local chunks;
 :mod:`~cai_labs.sequence_parallel.groups` lays ranks out as SP x DP x PP and
 :mod:`~cai_labs.sequence_parallel.pipelined` cuts the BERT into pipeline stages whose layers run
-sequence-parallel.
+sequence-parallel; :mod:`~cai_labs.sequence_parallel.gpt` runs a GPT's causal attention on
+chunks (``Layout(sp=...)`` of :mod:`cai_labs.hybrid`).
 
 The attention functions are imported from their modules
 (``from cai_labs.sequence_parallel.ring_attention import ring_attention``); the package does not

@@ -24,6 +24,7 @@ ranks.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,9 @@ from torch import nn
 from cai_labs.sequence_parallel.all_to_all_attention import all_to_all_attention
 from cai_labs.sequence_parallel.chunking import serial_attention
 from cai_labs.sequence_parallel.ring_attention import ring_attention
+
+if TYPE_CHECKING:
+    from transformers import BertConfig
 
 __all__ = [
     "tiny_bert_config",
@@ -57,7 +61,7 @@ def tiny_bert_config(
     heads: int = 4,
     intermediate: int = 128,
     max_positions: int = 4096,
-):
+) -> BertConfig:
     """A small ``BertConfig`` without dropout (so parallel and serial runs are comparable)."""
     from transformers import BertConfig
 

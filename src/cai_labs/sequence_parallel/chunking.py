@@ -25,6 +25,7 @@ __all__ = [
     "gather_padding_mask",
     "serial_attention",
     "masked_scores",
+    "causal_scores",
 ]
 
 
@@ -77,19 +78,33 @@ def masked_scores(scores: torch.Tensor, key_mask: torch.Tensor | None) -> torch.
     return scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
 
 
+def causal_scores(scores: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
+    """Hide later keys: query row ``i`` (global position ``row_offset + i``) sees keys
+    ``j <= row_offset + i``. ``scores`` ``[B, H, Lq, Lk]``, keys at global positions ``0..Lk-1``."""
+    lq, lk = scores.shape[-2:]
+    rows = torch.arange(lq, device=scores.device)[:, None] + row_offset
+    later = torch.arange(lk, device=scores.device)[None, :] > rows
+    return scores.masked_fill(later, torch.finfo(scores.dtype).min)
+
+
 def serial_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Plain softmax attention on one process: the twin every parallel variant must equal.
 
-    ``q, k, v``: ``[B, H, L, D]``; ``key_mask``: ``[B, L]`` (1 = real token) or None.
+    ``q, k, v``: ``[B, H, L, D]``; ``key_mask``: ``[B, L]`` (1 = real token) or None;
+    ``causal``: each query sees only itself and earlier keys.
     Returns ``[B, H, L, D]``: ``softmax(q k^T * scale + mask) v``.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q * scale) @ k.transpose(-2, -1)
     mask = None if key_mask is None else key_mask.bool()
-    return torch.softmax(masked_scores(scores, mask), dim=-1) @ v
+    scores = masked_scores(scores, mask)
+    if causal:
+        scores = causal_scores(scores)
+    return torch.softmax(scores, dim=-1) @ v

@@ -1,8 +1,8 @@
 """Process groups for sequence parallelism combined with data and pipeline parallelism.
 
 ``world = dp * pp * sp`` ranks form a 3D grid with the rank order of
-:class:`cai_labs.layouts.Layout`, the sequence-parallel group taking the place of the tensor
-grid (the innermost dimension, because it talks most: a ring step in every attention layer)::
+:class:`cai_labs.mesh.RankMesh`, the sequence-parallel group being the inner group (it talks
+most: a ring step in every attention layer)::
 
     rank = dp_rank * (pp * sp) + pp_rank * sp + sp_rank
 
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from cai_labs.layouts import Layout
+from cai_labs.mesh import RankMesh
 
 __all__ = ["SequenceDataGroups", "sequence_layout", "make_sequence_groups", "make_sp_dp_groups"]
 
@@ -70,9 +70,9 @@ class SequenceDataGroups:
     replica_group: dist.ProcessGroup | None = None
 
 
-def sequence_layout(sp: int, dp: int = 1, pp: int = 1, world_size: int | None = None) -> Layout:
-    """The :class:`~cai_labs.layouts.Layout` ``(dp, pp, tp=sp)`` whose rank arithmetic the SP
-    grid uses; raise a ValueError saying what to change if ``world_size`` does not factor."""
+def sequence_layout(sp: int, dp: int = 1, pp: int = 1, world_size: int | None = None) -> RankMesh:
+    """The :class:`~cai_labs.mesh.RankMesh` ``(dp, pp, inner=sp)`` of the SP grid; raise a
+    ValueError saying what to change if ``world_size`` does not factor."""
     for what, v in (("sp", sp), ("dp", dp), ("pp", pp)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{what} must be a positive integer; got {v!r}")
@@ -83,7 +83,7 @@ def sequence_layout(sp: int, dp: int = 1, pp: int = 1, world_size: int | None = 
             f"{names} needs world_size = sp*dp*pp = {sp}*{dp}*{pp} = {need}; got {world_size}. "
             f"Launch {need} ranks or change sp, dp, pp"
         )
-    return Layout(dp=dp, pp=pp, tp=sp)
+    return RankMesh(dp=dp, pp=pp, inner=sp)
 
 
 def make_sequence_groups(sp: int, dp: int = 1, pp: int = 1) -> SequenceDataGroups:
@@ -104,13 +104,9 @@ def make_sequence_groups(sp: int, dp: int = 1, pp: int = 1) -> SequenceDataGroup
     }
     # The replica group of stage s: every (replica, sp rank) pair of that stage. With dp == 1
     # or sp == 1 it has the ranks of the SP or DP group and reuses that communicator.
-    replica_lists = (
-        [[layout.rank_of(dd, ss, tt) for dd in range(dp) for tt in range(sp)] for ss in range(pp)]
-        if sp > 1 and dp > 1
-        else []
-    )
+    replica_lists = layout.stage_rank_lists() if sp > 1 and dp > 1 else []
     for kind, lists in (
-        ("sp", layout.tp_rank_lists()),
+        ("sp", layout.inner_rank_lists()),
         ("dp", layout.dp_rank_lists()),
         ("replica", replica_lists),
     ):

@@ -128,7 +128,8 @@ class PipelinedSequenceBert(nn.Module):
     """This rank's part of a ``BertForMaskedLM`` laid out as ``dp x pp x sp`` (module docstring).
 
     Args:
-        model: the whole ``BertForMaskedLM``, the same weights on every rank.
+        model: the whole ``BertForMaskedLM``, the same weights on every rank (moved to
+            :func:`cai_labs.device`, as are the batches of :meth:`local_batch`).
         groups: from :func:`~cai_labs.sequence_parallel.groups.make_sequence_groups`.
         attention: ``"ring"`` or ``"all_to_all"`` inside each stage's SP group.
         n_micro: micro-batches per step on each pipeline.
@@ -153,6 +154,7 @@ class PipelinedSequenceBert(nn.Module):
         self.groups, self.n_micro, self.schedule = groups, n_micro, schedule
         self.grad_sum = grad_sum
         g = groups
+        model = model.to(device())
         self.stage = BertStage(
             model, g.pp_rank, g.pp_size, sp_rank=g.sp_rank, sp_group=g.sp_group, attention=attention
         )
@@ -176,7 +178,7 @@ class PipelinedSequenceBert(nn.Module):
         check_sequence_split(length, g.sp_size)
         rows = slice(g.dp_rank * b // g.dp_size, (g.dp_rank + 1) * b // g.dp_size)
         return tuple(
-            split_sequence(t[rows], g.sp_rank, g.sp_size)
+            split_sequence(t[rows].to(device()), g.sp_rank, g.sp_size)
             for t in (batch.input_ids, batch.attention_mask, batch.labels)
         )
 

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from cai_labs.sequence_parallel.chunking import gather_padding_mask, masked_scores
+from cai_labs.sequence_parallel.chunking import causal_scores, gather_padding_mask, masked_scores
 
 __all__ = ["ring_attention", "RingQK", "RingAV", "ring_pass", "ring_reduce"]
 
@@ -182,6 +182,7 @@ def ring_attention(
     *,
     group: dist.ProcessGroup | None = None,
     scale: float | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Softmax attention of this rank's queries over the whole (split) sequence.
 
@@ -190,6 +191,7 @@ def ring_attention(
         key_mask: this rank's padding mask ``[B, C]`` (1 = real token) or None.
         group: the sequence-parallel group (default: all ranks). Ranks are in group order.
         scale: score scale, default ``D ** -0.5``.
+        causal: each query sees only keys at its own or earlier global positions (a GPT).
 
     Returns:
         ``[B, H, C, D]``: rows ``r*C ... (r+1)*C - 1`` of the serial attention output.
@@ -202,5 +204,8 @@ def ring_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     full_mask = gather_padding_mask(key_mask, group)  # [B, L]
     scores = RingQK.apply(q * scale, k, ring)  # [B, H, C, L]
-    probs = torch.softmax(masked_scores(scores, full_mask), dim=-1)
+    scores = masked_scores(scores, full_mask)
+    if causal:  # a row of scores is whole here: mask by global positions
+        scores = causal_scores(scores, ring.rank * q.shape[2])
+    probs = torch.softmax(scores, dim=-1)
     return RingAV.apply(probs, v, ring)

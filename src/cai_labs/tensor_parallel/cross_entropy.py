@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from cai_labs.comm import all_reduce_, rank
 from cai_labs.tensor_parallel.grid import check_divisible
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_range"]
@@ -48,24 +49,18 @@ def vocab_range(vocab_per_rank: int, rank: int) -> tuple[int, int]:
     return rank * vocab_per_rank, (rank + 1) * vocab_per_rank
 
 
-def _all_reduce(x: torch.Tensor, group: ProcessGroup, op=dist.ReduceOp.SUM) -> None:
-    """In-place all-reduce; nothing to do for a group of one."""
-    if dist.get_world_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
-
-
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token loss ``(...)`` from local logits ``(..., V/N)``; see the module docstring."""
 
     @staticmethod
     def forward(ctx, local_logits, targets, group, ignore_index):
         v_local = local_logits.shape[-1]
-        start, end = vocab_range(v_local, dist.get_rank(group))
+        start, end = vocab_range(v_local, rank(group))
         z = local_logits.detach()
 
         # 1. the global row maximum (all-reduce MAX of b*s elements)
         row_max = z.amax(dim=-1)
-        _all_reduce(row_max, group, dist.ReduceOp.MAX)
+        all_reduce_(row_max, group, dist.ReduceOp.MAX)
         shifted = z - row_max.unsqueeze(-1)  # (..., V/N), <= 0
 
         # 2. the target's shifted logit, from the rank that holds it (all-reduce SUM)
@@ -74,12 +69,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_t = torch.where(mine, targets - start, torch.zeros_like(targets))
         target_logit = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1)
         target_logit = torch.where(mine, target_logit, torch.zeros_like(target_logit))
-        _all_reduce(target_logit, group)
+        all_reduce_(target_logit, group)
 
         # 3. the softmax denominator (all-reduce SUM)
         exp = shifted.exp_()  # reuse the buffer: it becomes the softmax numerator
         sum_exp = exp.sum(dim=-1)
-        _all_reduce(sum_exp, group)
+        all_reduce_(sum_exp, group)
 
         loss = torch.where(valid, sum_exp.log() - target_logit, torch.zeros_like(sum_exp))
         # Saved for backward: this rank's softmax, with the rows of ignored tokens zeroed (their

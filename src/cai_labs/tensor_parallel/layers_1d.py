@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
-from cai_labs.tensor_parallel.block import ParallelAttention, ParallelBlock, ParallelMLP
-from cai_labs.tensor_parallel.grid import Grid, check_divisible
-from cai_labs.tensor_parallel.mappings import (
+from cai_labs.comm import (
     copy_to_group,
     gather_from_group,
     reduce_from_group,
     scatter_to_group,
 )
+from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
+from cai_labs.tensor_parallel.block import ParallelAttention, ParallelBlock, ParallelMLP
+from cai_labs.tensor_parallel.grid import Grid, check_divisible
 from cai_labs.tensor_parallel.sharding import (
     gather_by_position,
     init_like_linear,
@@ -77,7 +77,7 @@ class ColumnParallelLinear(nn.Module):
     ``reduce_input_grad=False`` leaves out the backward all-reduce of ``dX``: for several
     column-parallel layers reading the *same* input (separate ``q``, ``k``, ``v`` projections,
     as in Hugging Face models) the caller applies
-    :func:`~cai_labs.tensor_parallel.mappings.copy_to_group` once to that input, so the three
+    :func:`~cai_labs.comm.copy_to_group` once to that input, so the three
     partial ``dX`` are summed locally and all-reduced in one call, as with a fused ``qkv``.
     """
 
@@ -113,7 +113,7 @@ class ColumnParallelLinear(nn.Module):
         out_f, in_f = linear.weight.shape
         m = cls(
             in_f, out_f, grid, linear.bias is not None, gather_output, chunks, reduce_input_grad
-        ).to(linear.weight.dtype)
+        ).to(linear.weight.device, linear.weight.dtype)  # where the serial layer is
         n, r = grid.size, grid.position
         with torch.no_grad():
             m.weight.copy_(_shard(linear.weight, n, r, 0, chunks))
@@ -170,7 +170,7 @@ class RowParallelLinear(nn.Module):
         """This rank's row slice of ``linear`` (same initial values as serial)."""
         out_f, in_f = linear.weight.shape
         m = cls(in_f, out_f, grid, linear.bias is not None, input_is_parallel).to(
-            linear.weight.dtype
+            linear.weight.device, linear.weight.dtype
         )
         with torch.no_grad():
             m.weight.copy_(_shard(linear.weight, grid.size, grid.position, 1))
@@ -280,7 +280,7 @@ class VocabParallelEmbedding(nn.Module):
 
     @classmethod
     def from_serial(cls, emb: nn.Embedding, grid: Grid) -> VocabParallelEmbedding:
-        m = cls(emb.num_embeddings, emb.embedding_dim, grid)
+        m = cls(emb.num_embeddings, emb.embedding_dim, grid).to(emb.weight.device)
         with torch.no_grad():
             m.weight.copy_(split_chunks(emb.weight, grid.size, grid.position, 0))
         return m

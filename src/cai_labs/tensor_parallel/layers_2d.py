@@ -18,9 +18,9 @@ Backward is two more SUMMAs: ``dX_it = sum_j dY_ij A_tj^T`` (broadcast ``A_tj`` 
 saved for backward: activation memory ``1/q²`` of serial.
 
 Around the linears: the bias block ``b_j`` and the layer-norm weights are replicated down a
-column, so their gradients are summed over the column (:func:`~.mappings.copy_to_group`); a
+column, so their gradients are summed over the column (:func:`~cai_labs.comm.copy_to_group`); a
 layer norm's mean and variance are sums over features split along a row, so they are
-all-reduced along the row (:func:`~.mappings.all_reduce_both`). Attention: ``qkv``'s output
+all-reduced along the row (:func:`~cai_labs.comm.all_reduce_both`). Attention: ``qkv``'s output
 block ``j`` is ``[q_j | k_j | v_j]`` of head group ``j``, and each rank holds whole sequences,
 so attention is local.
 
@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
+from cai_labs.comm import all_reduce, all_reduce_both, broadcast_, copy_to_group, reduce_
 from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
 from cai_labs.tensor_parallel.block import ParallelAttention, ParallelBlock, ParallelMLP
 from cai_labs.tensor_parallel.grid import Grid, check_divisible
-from cai_labs.tensor_parallel.mappings import all_reduce, all_reduce_both, copy_to_group
 from cai_labs.tensor_parallel.sharding import (
     gather_by_position,
     init_like_linear,
@@ -53,8 +52,6 @@ __all__ = [
     "Attention2D",
     "MLP2D",
     "Block2D",
-    "Embedding2D",
-    "split_ids",
     "parallelize_block",
     "split_input",
     "gather_output",
@@ -71,8 +68,7 @@ def _ijk(grid: Grid) -> tuple[int, int, int]:
 
 
 def _reduce_to(x: torch.Tensor, dst: int, group: dist.ProcessGroup, keep: bool) -> torch.Tensor:
-    buf = x.contiguous().clone()
-    dist.reduce(buf, dst=dst, group=group)
+    buf = reduce_(x.contiguous().clone(), dst, group)
     return buf if keep else x
 
 
@@ -91,8 +87,8 @@ class _Summa(torch.autograd.Function):
             xt = x.detach() if grid.coord[-1] == t else torch.empty_like(x)
             wt = weight.detach() if grid.coord[-2] == t else torch.empty_like(weight)
             if q > 1:
-                dist.broadcast(xt, src=rows[t], group=grid.row_group)
-                dist.broadcast(wt, src=cols[t], group=grid.col_group)
+                broadcast_(xt, rows[t], grid.row_group)
+                broadcast_(wt, cols[t], grid.col_group)
             y = xt @ wt.t()
             out = y if out is None else out + y
         return out
@@ -109,7 +105,7 @@ class _Summa(torch.autograd.Function):
             # dX_it = sum_j dY_ij A_tj^T: A_tj comes down column j, partials meet at (i, t).
             wt = weight.detach() if i == t else torch.empty_like(weight)
             if q > 1:
-                dist.broadcast(wt, src=cols[t], group=grid.col_group)
+                broadcast_(wt, cols[t], grid.col_group)
             part = dy @ wt
             dx_t = _reduce_to(part, rows[t], grid.row_group, j == t) if q > 1 else part
             if j == t:
@@ -118,7 +114,7 @@ class _Summa(torch.autograd.Function):
             # dA_tj = sum_i X_it^T dY_ij: X_it comes along row i, partials meet at (t, j).
             xt = x.detach() if j == t else torch.empty_like(x)
             if q > 1:
-                dist.broadcast(xt, src=rows[t], group=grid.row_group)
+                broadcast_(xt, rows[t], grid.row_group)
             part = dy.reshape(-1, dy.shape[-1]).t() @ xt.reshape(-1, xt.shape[-1])
             dw_t = _reduce_to(part, cols[t], grid.col_group, i == t) if q > 1 else part
             if i == t:
@@ -163,7 +159,7 @@ class Linear2D(nn.Module):
     def from_serial(cls, linear: nn.Linear, grid: Grid, chunks: int = 1) -> Linear2D:
         """Block ``(i, j)`` of ``linear`` (``chunks=3`` for a fused qkv: see :mod:`.sharding`)."""
         out_f, in_f = linear.weight.shape
-        m = cls(in_f, out_f, grid, linear.bias is not None)
+        m = cls(in_f, out_f, grid, linear.bias is not None).to(linear.weight.device)
         m.chunks = chunks
         q, (i, j, _) = grid.q, _ijk(grid)
         with torch.no_grad():
@@ -259,34 +255,6 @@ class Block2D(ParallelBlock):
             MLP2D(block.mlp, grid),
         )
         self.grid = grid
-
-
-class Embedding2D(nn.Module):
-    """An embedding table ``(V, d)`` split by feature columns: rank ``(i, j)`` holds
-    ``(V, d/q)`` block ``j``, replicated down the column (and across depth), so a local lookup
-    of its batch block's ids gives exactly its activation block ``(b/q, s, d/q)``.
-    The table's gradient is summed over the ranks sharing it (one all-reduce per step)."""
-
-    def __init__(self, emb: nn.Embedding, grid: Grid):
-        super().__init__()
-        check_divisible("d_model", emb.embedding_dim, grid.q, _MODE_NAME[grid.mode])
-        self.grid = grid
-        _, j, _ = _ijk(grid)
-        self.weight = nn.Parameter(split_chunks(emb.weight.detach(), grid.q, j, 1))
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, _replicated(self.weight, self.grid))
-
-    def serial_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
-        parts = gather_by_position(self.weight.grad if grads else self.weight, self.grid)
-        return {"weight": torch.cat(parts[: self.grid.q], dim=1)}
-
-
-def split_ids(idx: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """This rank's batch block of token ids ``(b, s) -> (b/(dq), s)``."""
-    q, (i, _, k) = grid.q, _ijk(grid)
-    check_divisible("the batch", idx.shape[0], grid.depth * q, _MODE_NAME[grid.mode])
-    return idx.chunk(grid.depth * q, dim=0)[k * q + i]
 
 
 def _check_mode(grid: Grid) -> None:

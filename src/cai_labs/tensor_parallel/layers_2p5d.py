@@ -30,8 +30,6 @@ __all__ = [
     "Attention2p5D",
     "MLP2p5D",
     "Block2p5D",
-    "Embedding2p5D",
-    "split_ids",
     "parallelize_block",
     "split_input",
     "gather_output",
@@ -43,8 +41,6 @@ LayerNorm2p5D = _2d.LayerNorm2D
 Attention2p5D = _2d.Attention2D
 MLP2p5D = _2d.MLP2D
 Block2p5D = _2d.Block2D
-Embedding2p5D = _2d.Embedding2D
-split_ids = _2d.split_ids
 
 
 def _check(grid: Grid) -> None:

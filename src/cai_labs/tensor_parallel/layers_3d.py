@@ -30,18 +30,17 @@ gradients over ``a`` and ``b``. Attention is local: after ``qkv`` a rank holds w
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
-from cai_labs.tensor_parallel.block import ParallelAttention, ParallelBlock, ParallelMLP
-from cai_labs.tensor_parallel.grid import Grid, check_divisible
-from cai_labs.tensor_parallel.mappings import (
+from cai_labs.comm import (
     all_gather,
     all_reduce_both,
     copy_to_group,
     reduce_scatter,
 )
+from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
+from cai_labs.tensor_parallel.block import ParallelAttention, ParallelBlock, ParallelMLP
+from cai_labs.tensor_parallel.grid import Grid, check_divisible
 from cai_labs.tensor_parallel.sharding import (
     gather_by_position,
     init_like_linear,
@@ -58,8 +57,6 @@ __all__ = [
     "Attention3D",
     "MLP3D",
     "Block3D",
-    "Embedding3D",
-    "split_ids",
     "parallelize_block",
     "split_input",
     "gather_output",
@@ -125,7 +122,7 @@ class Linear3D(nn.Module):
     def from_serial(cls, linear: nn.Linear, grid: Grid, axes=EVEN, chunks: int = 1) -> Linear3D:
         """This rank's shard of ``linear`` (``chunks=3`` for a fused qkv)."""
         out_f, in_f = linear.weight.shape
-        m = cls(in_f, out_f, grid, axes, linear.bias is not None)
+        m = cls(in_f, out_f, grid, axes, linear.bias is not None).to(linear.weight.device)
         m.chunks = chunks
         a, b, c = (grid.coord[ax] for ax in m.axes)
         q = grid.q
@@ -244,33 +241,6 @@ class Block3D(ParallelBlock):
             MLP3D(block.mlp, grid),
         )
         self.grid = grid
-
-
-class Embedding3D(nn.Module):
-    """An embedding table ``(V, d)`` split by feature columns for layout EVEN: rank
-    ``(i, j, l)`` holds ``(V, d/q)`` block ``l``, replicated over axes 0 and 1 (gradient
-    summed there); a local lookup of batch block ``i*q + j`` gives its activation block."""
-
-    def __init__(self, emb: nn.Embedding, grid: Grid):
-        super().__init__()
-        check_divisible("d_model", emb.embedding_dim, grid.q, "3D")
-        self.grid = grid
-        self.weight = nn.Parameter(split_chunks(emb.weight.detach(), grid.q, grid.coord[2], 1))
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        g = self.grid.axis_groups
-        return F.embedding(idx, copy_to_group(copy_to_group(self.weight, g[0]), g[1]))
-
-    def serial_state(self, grads: bool = False) -> dict[str, torch.Tensor]:
-        parts = gather_by_position(self.weight.grad if grads else self.weight, self.grid)
-        return {"weight": torch.cat(parts[: self.grid.q], dim=1)}  # positions (0, 0, l)
-
-
-def split_ids(idx: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """This rank's batch block of token ids for layout EVEN: ``(b, s) -> (b/q², s)``."""
-    q = grid.q
-    check_divisible("the batch", idx.shape[0], q * q, "3D")
-    return idx.chunk(q * q, dim=0)[grid.coord[0] * q + grid.coord[1]]
 
 
 def parallelize_block(block: Block, grid: Grid) -> Block3D:

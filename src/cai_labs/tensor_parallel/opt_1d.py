@@ -1,51 +1,12 @@
 """1D (Megatron) tensor parallelism for Hugging Face's ``OPTForCausalLM``: attention and MLP split.
 
-:func:`parallelize_opt` takes a transformers ``OPTForCausalLM`` (or ``OPTModel``), identical on
-every rank, and in each ``OPTDecoderLayer`` replaces, in place:
-
-==================================  ========================  ===================================
-serial module                       becomes                   this rank holds (``N`` ranks)
-==================================  ========================  ===================================
-``self_attn`` (``OPTAttention``)    ParallelOPTAttention      ``num_heads/N`` whole heads
-``q_proj``, ``k_proj``, ``v_proj``  column-parallel           weight ``(d/N, d)``, bias ``(d/N,)``
-``out_proj``                        row-parallel              weight ``(d, d/N)``, bias ``(d,)``
-``fc1``                             column-parallel           weight ``(f/N, d)``, bias ``(f/N,)``
-``fc2``                             row-parallel              weight ``(d, f/N)``, bias ``(d,)``
-==================================  ========================  ===================================
-
-(``d`` = ``hidden_size``, ``f`` = ``ffn_dim``.)
-
-**Replicated** (a full copy on every rank, untouched): the token and position embeddings, every
-layer norm, the final layer norm and ``lm_head`` (tied to the token embedding in OPT). This is
-Megatron's split of a transformer layer; the vocabulary could be split too
-(:class:`~cai_labs.tensor_parallel.layers_1d.VocabParallelEmbedding`) but for OPT's small
-vocabularies the replicated embedding costs no communication.
-
-Why it is exact: the hidden states ``(b, s, d)`` are whole on every rank between layers. The
-column-parallel ``q``, ``k``, ``v`` projections produce this rank's heads only; attention of a
-head needs only that head's ``q``, ``k``, ``v``, so each rank runs attention on its
-``num_heads/N`` heads with no communication; the row-parallel ``out_proj`` multiplies the
-concatenated local heads ``(b, s, d/N)`` by its rows of the weight, and the all-reduce of these
-partial products is the serial output. The MLP is the same with ``fc1`` split by columns (the
-activation is elementwise, so it runs on the local columns) and ``fc2`` by rows.
-
-Communication per decoder layer and forward+backward, each an all-reduce of a ``(b, s, d)``
-tensor: forward ``out_proj`` and ``fc2`` (the partial sums); backward the gradient of the
-attention's input (``q``, ``k``, ``v`` share one all-reduce: their three partial ``dX`` are summed
-locally first, as with Megatron's fused ``qkv``) and of ``fc1``'s input. Four per layer; see
-:func:`~cai_labs.tensor_parallel.formulas.opt_1d_cost`. Replicated layer norms and embeddings get
-the same, full gradient on every rank because those all-reduces made ``dX`` whole, so every
-rank's optimizer keeps them identical without communicating.
-
-Attention heads: transformers' ``OPTAttention`` reshapes ``q``, ``k``, ``v`` with
-``self.num_heads`` (the *global* count from the config). Rather than patching its attributes,
-:class:`ParallelOPTAttention` is a small module with the same projection names
-(``self_attn.q_proj.weight`` keeps its state-dict key) that knows its *local* head count and calls
-``torch.nn.functional.scaled_dot_product_attention`` with the mask transformers prepares (a
-boolean or additive mask, or ``None`` for plain causal attention), and supports the key/value
-cache for generation.
-
-Dropout must be 0 for a comparison with serial (each rank would draw its own masks).
+:func:`parallelize_opt` replaces, in place, in every ``OPTDecoderLayer``: ``q/k/v_proj`` and
+``fc1`` by column-parallel linears, ``out_proj`` and ``fc2`` by row-parallel ones, and the
+attention by :class:`ParallelOPTAttention` (``num_heads/N`` whole heads, same state-dict keys,
+key/value cache supported). Embeddings, layer norms and the tied ``lm_head`` stay replicated.
+Four all-reduces of ``(b, s, d)`` per layer and step
+(:func:`~cai_labs.tensor_parallel.formulas.opt_1d_cost`); dropout must be 0 to equal serial.
+Why the split is exact is told in tutorial 05.
 """
 
 from __future__ import annotations
@@ -54,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cai_labs.comm import copy_to_group
 from cai_labs.tensor_parallel.grid import Grid
 from cai_labs.tensor_parallel.layers_1d import ColumnParallelLinear, RowParallelLinear
-from cai_labs.tensor_parallel.mappings import copy_to_group
 
 __all__ = [
     "check_opt_tp_size",

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from cai_labs.comm import all_gather
 from cai_labs.tensor_parallel.grid import Grid
-from cai_labs.tensor_parallel.mappings import all_gather
 
 __all__ = ["split_chunks", "join_chunks", "gather_by_position", "init_like_linear"]
 

@@ -25,10 +25,13 @@ the root unit. A parameter shared by two modules (tied embeddings) belongs to ex
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from cai_labs.devices import device
 from cai_labs.ledger import Ledger
 from cai_labs.zero.collectives import all_gather_flat
 from cai_labs.zero.flat import FlatParamUnit
@@ -126,7 +129,7 @@ class ZeroModel(nn.Module):
         for s in self.shards:
             s.grad = None
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -140,7 +143,7 @@ class ZeroModel(nn.Module):
         """
         with torch.no_grad():
             grads = [s.grad for s in self.shards if s.grad is not None]
-            sq = torch.zeros((), dtype=torch.float64)
+            sq = torch.zeros((), dtype=torch.float64, device=device())
             for g in grads:
                 sq += g.double().pow(2).sum()
             if self.world_size > 1:

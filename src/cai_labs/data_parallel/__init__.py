@@ -23,6 +23,7 @@ Cost per step, for ``P`` gradient bytes on ``N`` ranks with ring all-reduce: eac
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,9 @@ from torch import nn
 __all__ = ["broadcast_parameters", "allreduce_gradients", "BucketedDataParallel", "shard_batch"]
 
 
-def broadcast_parameters(module: nn.Module, src: int = 0, group: dist.ProcessGroup | None = None):
+def broadcast_parameters(
+    module: nn.Module, src: int = 0, group: dist.ProcessGroup | None = None
+) -> None:
     """Copy ``src``'s parameters and buffers to every rank, so all replicas start identical."""
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
@@ -104,7 +107,7 @@ class BucketedDataParallel(nn.Module):
         for p in params:
             p.register_post_accumulate_grad_hook(self._grad_ready)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
     def _grad_ready(self, p: nn.Parameter) -> None:
