@@ -51,7 +51,7 @@ def test_data_parallel_gradient_sum_bytes_equal_formula(n, bucketed):
     got = out["comm"]["all_reduce"]
     assert got["bytes"] == want["buffer"]
     # the ledger rounds each call's ring bytes to whole bytes: at most 1 byte per call
-    assert abs(got["sent_bytes"] - want["sent"]) <= got["calls"]
+    assert abs(got["modeled_sent_bytes"] - want["sent"]) <= got["calls"]
     states = replica_state_bytes(out["numel"])
     assert out["mem"]["params"] == states["params"] and out["mem"]["grads"] == states["grads"]
 
@@ -154,7 +154,7 @@ def test_attention_bytes_equal_formula(kind, n):
     op = "isend" if kind == "ring" else "all_to_all_single"
     chunk = B * (L // n) * H * D * 8  # float64
     got, want = comm[op], attention_sent_bytes(kind, n, chunk)
-    assert abs(got["sent_bytes"] - want) <= got["calls"]  # whole bytes per call
+    assert abs(got["modeled_sent_bytes"] - want) <= got["calls"]  # whole bytes per call
 
 
 # -- ZeRO ----------------------------------------------------------------------------------------

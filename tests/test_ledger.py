@@ -330,14 +330,35 @@ def test_ring_sent_bytes_are_the_bandwidth_optimal_ring_traffic():
 
 
 def test_comm_totals_sum_per_op():
+    def rec(op, nbytes, modeled, wire, seconds):
+        return {
+            "op": op,
+            "bytes": nbytes,
+            "modeled_sent_bytes": modeled,
+            "wire_sent": wire,
+            "seconds": seconds,
+        }
+
     recs = [
-        {"op": "all_reduce", "bytes": 10, "sent_bytes": 15, "seconds": 0.5},
-        {"op": "send", "bytes": 4, "sent_bytes": 4, "seconds": 0.25},
-        {"op": "all_reduce", "bytes": 30, "sent_bytes": 45, "seconds": 1.0},
+        rec("all_reduce", 10, 15, 63, 0.5),
+        rec("send", 4, 4, None, 0.25),
+        rec("all_reduce", 30, 45, 93, 1.0),
     ]
     assert comm_totals({"comm": recs}) == {
-        "all_reduce": {"calls": 2, "bytes": 40, "sent_bytes": 60, "seconds": 1.5},
-        "send": {"calls": 1, "bytes": 4, "sent_bytes": 4, "seconds": 0.25},
+        "all_reduce": {
+            "calls": 2,
+            "bytes": 40,
+            "wire_sent": 156,
+            "modeled_sent_bytes": 60,
+            "seconds": 1.5,
+        },
+        "send": {
+            "calls": 1,
+            "bytes": 4,
+            "wire_sent": None,  # not measured one by one: only the ledger's total has it
+            "modeled_sent_bytes": 4,
+            "seconds": 0.25,
+        },
     }
 
 
@@ -374,14 +395,15 @@ def test_calls_are_recorded_in_process(monkeypatch):
         dist.all_reduce(torch.ones(5), group="pair", async_op=True)
     assert dist.all_reduce is fake_all_reduce and calls == [10, 5]
     first, second = ledger.report()["comm"]
-    assert {k: first[k] for k in ("op", "group", "bytes", "sent_bytes", "async")} == {
+    assert {k: first[k] for k in ("op", "group", "bytes", "modeled_sent_bytes", "async")} == {
         "op": "all_reduce",
         "group": (0, 1, 2, 3),
         "bytes": 40,
-        "sent_bytes": 60,
+        "modeled_sent_bytes": 60,
         "async": False,
     }
-    assert (second["group"], second["bytes"], second["sent_bytes"], second["async"]) == (
+    assert first["wire_sent"] is None  # no process group here: nothing to measure
+    assert (second["group"], second["bytes"], second["modeled_sent_bytes"], second["async"]) == (
         (0, 2),
         20,
         20,
