@@ -330,30 +330,32 @@ def test_ring_sent_bytes_are_the_bandwidth_optimal_ring_traffic():
 
 
 def test_comm_totals_sum_per_op():
+    def rec(op, nbytes, modeled, wire, seconds):
+        return {
+            "op": op,
+            "bytes": nbytes,
+            "modeled_sent_bytes": modeled,
+            "wire_sent": wire,
+            "seconds": seconds,
+        }
+
     recs = [
-        {
-            "op": "all_reduce",
-            "bytes": 10,
-            "modeled_sent_bytes": 15,
-            "wire_sent": 63,
-            "seconds": 0.5,
-        },
-        {"op": "send", "bytes": 4, "modeled_sent_bytes": 4, "wire_sent": None, "seconds": 0.25},
-        {
-            "op": "all_reduce",
-            "bytes": 30,
-            "modeled_sent_bytes": 45,
-            "wire_sent": 93,
-            "seconds": 1.0,
-        },
+        rec("all_reduce", 10, 15, 63, 0.5),
+        rec("send", 4, 4, None, 0.25),
+        rec("all_reduce", 30, 45, 93, 1.0),
     ]
-    t = {"calls": 2, "bytes": 40, "wire_sent": 156, "modeled_sent_bytes": 60, "seconds": 1.5}
     assert comm_totals({"comm": recs}) == {
-        "all_reduce": t,  # measured bytes add up; one unmeasured call makes the op's None
+        "all_reduce": {
+            "calls": 2,
+            "bytes": 40,
+            "wire_sent": 156,
+            "modeled_sent_bytes": 60,
+            "seconds": 1.5,
+        },
         "send": {
             "calls": 1,
             "bytes": 4,
-            "wire_sent": None,
+            "wire_sent": None,  # not measured one by one: only the ledger's total has it
             "modeled_sent_bytes": 4,
             "seconds": 0.25,
         },
@@ -400,6 +402,7 @@ def test_calls_are_recorded_in_process(monkeypatch):
         "modeled_sent_bytes": 60,
         "async": False,
     }
+    assert first["wire_sent"] is None  # no process group here: nothing to measure
     assert (second["group"], second["bytes"], second["modeled_sent_bytes"], second["async"]) == (
         (0, 2),
         20,

@@ -219,5 +219,3 @@ def test_request_timeout_answers_504_and_server_survives(engine):
         r = httpx.post(f"{url}/generate", json={"prompt": "hello", "max_new_tokens": 32})
         assert r.status_code == 504 and "not answered within" in r.json()["error"]
         assert httpx.get(f"{url}/health").status_code == 200
-
-

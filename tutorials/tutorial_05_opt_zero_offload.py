@@ -430,7 +430,7 @@ balance = pd.DataFrame(
         "formula KΨ/N": [even] * WORLD_SIZE,
     },
     index=pd.Index(range(WORLD_SIZE), name="rank"),
-)
+).astype(float)  # the ratio row below is fractional
 balance.loc["largest / formula"] = balance.max() / even
 balance.style.format("{:,.0f}").format("{:.2f}", subset=pd.IndexSlice["largest / formula", :])
 
