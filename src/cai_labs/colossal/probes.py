@@ -101,7 +101,7 @@ def _tiny_opt() -> tuple[nn.Module, nn.Module, torch.Tensor]:
     from transformers import OPTConfig, OPTForCausalLM
 
     config = OPTConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
         max_position_embeddings=32, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0,
     )  # fmt: skip
     config._attn_implementation = "eager"  # 0.5.0's OPT policy has no "sdpa" entry
