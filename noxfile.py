@@ -1,4 +1,5 @@
-"""Sessions: tests, docs (build + execute every tutorial), docs-noexec, lint, bench, colossalai.
+"""Sessions: tests, docs (build + execute every tutorial), notebooks, torchrun, gpu, browser,
+docs-noexec, lint, bench, colossalai, mutants.
 
 torch is installed first and pinned, by ``TORCH_SPEC`` below, so that pip never resolves a
 multi-GB CUDA build by itself. The default is the CPU build that the tutorials are verified on.
@@ -75,6 +76,39 @@ def docs(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def notebooks(session: nox.Session) -> None:
+    """Execute every notebook download of the built site in a Jupyter kernel (after docs)."""
+    _install(session, "docs,test")
+    session.run("python", "docs/run_notebooks.py", *session.posargs, env=ENV)
+
+
+@nox.session(python=PYTHON)
+def torchrun(session: nox.Session) -> None:
+    """Run every tutorial under torchrun (gloo, CPU) with as many processes as its largest
+    launch; then one page as two torchrun agents joined on loopback (a two-node cluster)."""
+    _install(session, "docs,test")
+    pattern = session.posargs or ["tutorial_"]
+    session.run("python", "docs/run_torchrun.py", *pattern, env=ENV)
+    if not session.posargs:
+        session.run(
+            "python",
+            "docs/run_torchrun.py",
+            "tutorial_00",
+            "--nnodes=2",
+            "--nproc-per-node=4",
+            env=ENV,
+        )
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """On a machine with CUDA, in the current environment (its own torch build): the
+    parallel-vs-serial tests and every page, results under docs/gpu_results/. Skips without
+    CUDA."""
+    session.run("python", "docs/run_gpu.py", env=ENV)
+
+
+@nox.session(python=PYTHON)
 def browser(session: nox.Session) -> None:
     """Load every page of the built site in headless Chromium (run ``nox -s docs`` first).
 
@@ -104,7 +138,7 @@ def docs_noexec(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Run every ``benchmarks/bench_*.py``: each prints measured ratios against PyTorch."""
-    _install(session, "test")
+    _install(session, "bench")
     for script in sorted(Path("benchmarks").glob("bench_*.py")):
         session.run("python", str(script), *session.posargs, env=ENV)
 
@@ -165,3 +199,36 @@ def colossalai(session: nox.Session) -> None:
     session.run("python", "-m", "cai_labs.colossal.check", env=ENV)
     session.run("python", "-m", "cai_labs.colossal.probes", env=ENV)
     session.run("pytest", "-m", "colossalai", "-p", "no:cacheprovider", *session.posargs, env=ENV)
+
+
+MUTATION_SCORE = 0.85  # share of mutants of the formula and accounting code the tests must kill
+
+
+@nox.session(python=PYTHON)
+def mutants(session: nox.Session) -> None:
+    """Mutation testing (mutmut) of the formula and accounting modules against their fast tests.
+
+    What is mutated and which tests run are in ``[tool.mutmut]`` of ``pyproject.toml``. Prints
+    the score (killed / mutants that some test reaches) and every surviving mutant; fails below
+    ``MUTATION_SCORE``. Not part of ``.ci/run``: it takes about 15 minutes on 2 cores.
+    ``nox -s mutants -- show NAME`` prints one mutant's diff.
+    """
+    import json
+    import shutil
+
+    _install(session, "test")
+    session.install("mutmut==3.8.1")
+    if session.posargs[:1] == ["show"]:
+        session.run("mutmut", "show", *session.posargs[1:], env=ENV)
+        return
+    shutil.rmtree("mutants", ignore_errors=True)  # a clean run: no stale results
+    session.run("mutmut", "run", "--max-children", str(os.cpu_count() or 2), env=ENV)
+    session.run("mutmut", "export-cicd-stats", env=ENV)
+    stats = json.loads(Path("mutants/mutmut-cicd-stats.json").read_text())
+    session.run("mutmut", "results", env=ENV)  # every mutant not killed, by name
+    killed = stats["killed"] + stats.get("timeout", 0)
+    reached = stats["total"] - stats.get("no_tests", 0) - stats.get("skipped", 0)
+    score = killed / max(reached, 1)
+    session.log(f"mutation score: {killed}/{reached} = {score:.1%} killed ({stats})")
+    if score < MUTATION_SCORE:
+        session.error(f"mutation score {score:.1%} is below {MUTATION_SCORE:.0%}")

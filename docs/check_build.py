@@ -1,13 +1,16 @@
 """Validate a built site: tutorials executed, figures and downloads present, notebooks valid,
-every internal link and image resolving.
+every internal link and image resolving, no warning or traceback in any captured output, no
+absolute path of the build machine in any page, every figure titled.
 
 Run after ``sphinx-build`` by ``nox -s docs``; exits non-zero with a list of what is missing.
 """
 
 from __future__ import annotations
 
+import html as html_lib
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -36,6 +39,72 @@ def check(html_root: Path) -> list[str]:
                 problems.append(f"{page.name}: no working .{ext} download link")
     problems += check_notebooks(html_root)
     problems += check_internal_links(html_root)
+    problems += check_captured_output(html_root)
+    problems += check_absolute_paths(html_root)
+    problems += check_figure_titles(html_root)
+    return problems
+
+
+def _pages(html_root: Path) -> list[Path]:
+    return [p for p in sorted(html_root.rglob("*.html")) if "_static" not in p.parts]
+
+
+# sphinx-gallery's block of captured stdout/stderr: <div class="sphx-glr-script-out ..."> <pre>
+_OUTPUT = re.compile(r'class="sphx-glr-script-out[^"]*".*?<pre>(.*?)</pre>', re.S)
+_NOISE = re.compile(r"\w*Warning\b|Traceback \(most recent call last\)")
+
+
+def check_captured_output(html_root: Path) -> list[str]:
+    """No captured output of any page shows a warning or a traceback: a page's output is what
+    its run printed, and a warning there is noise the reader cannot act on (or a real bug)."""
+    problems = []
+    for page in _pages(html_root):
+        for block in _OUTPUT.findall(page.read_text(encoding="utf-8")):
+            text = html_lib.unescape(re.sub(r"<[^>]+>", "", block))
+            for hit in sorted(set(_NOISE.findall(text))):
+                line = next(ln for ln in text.splitlines() if hit in ln).strip()
+                rel = page.relative_to(html_root)
+                problems.append(f"{rel}: captured output has {hit!r}: {line[:160]}")
+    return problems
+
+
+def build_machine_paths() -> list[str]:
+    """Directories of the machine that built the site, as they would appear in a page."""
+    roots = {str(Path.cwd().resolve()), sys.prefix, sys.base_prefix, str(Path.home())}
+    roots.add(tempfile.gettempdir())
+    return sorted(r.rstrip("/") for r in roots if r.rstrip("/"))
+
+
+def check_absolute_paths(html_root: Path, roots: list[str] | None = None) -> list[str]:
+    """No page shows a path of the build machine (its checkout, Python, home or temporary
+    directory): such a path means nothing to a reader and gives the machine away."""
+    roots = build_machine_paths() if roots is None else roots
+    pattern = re.compile("|".join(re.escape(r) + r"/[^\s\"'<]*" for r in roots))
+    problems = []
+    for page in _pages(html_root):
+        for hit in sorted(set(pattern.findall(page.read_text(encoding="utf-8"))))[:3]:
+            problems.append(f"{page.relative_to(html_root)}: absolute path of the build: {hit}")
+    return problems
+
+
+_IMG = re.compile(r"<img\b[^>]*>")
+
+
+def check_figure_titles(html_root: Path) -> list[str]:
+    """Every figure of a tutorial has a title. sphinx-gallery writes a figure's titles into the
+    image's alt text and, without one, falls back to the image's file name."""
+    problems = []
+    for page in _pages(html_root):
+        for tag in _IMG.findall(page.read_text(encoding="utf-8")):
+            src = re.search(r'src="([^"]*sphx_glr_[^"]+)"', tag)
+            if src is None or "thumb" in src.group(1):
+                continue
+            alt = html_lib.unescape((re.search(r'alt="([^"]*)"', tag) or [None, ""])[1])
+            stem = Path(src.group(1)).stem
+            fallback = re.sub(r"[-,_]", " ", stem[len("sphx_glr_") : -4])
+            if not alt.strip() or alt.strip() == fallback.strip():
+                rel = page.relative_to(html_root)
+                problems.append(f"{rel}: figure {Path(src.group(1)).name} has no title")
     return problems
 
 

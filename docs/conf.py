@@ -76,6 +76,9 @@ def _draw_diagrams(app) -> None:
     from diagrams import draw_all
 
     draw_all(Path(app.srcdir) / "_static")
+    from scale_pages import write_all
+
+    write_all(Path(app.srcdir))
 
 
 _CDN_BLOCK = re.compile(r"\n  \.\. raw:: html\n\n(?:    .*\n|\n)*?(?=  \.\. list-table::)")
@@ -88,6 +91,34 @@ def _self_contained_times(app, docname: str, source: list[str]) -> None:
         source[0] = _CDN_BLOCK.sub("\n", source[0])
 
 
+def _gpu_status() -> str:
+    """The line the running page shows: the newest results file of ``nox -s gpu``, or none."""
+    import json
+
+    files = sorted((Path(__file__).parent / "gpu_results").glob("*.json"))
+    if not files:
+        return (
+            "**Never run on a GPU.** No results file of `nox -s gpu` exists yet: every number "
+            "on this site comes from CPU ranks, and the GPU paths (NCCL, `cuda:LOCAL_RANK`) "
+            "have not been executed by this project."
+        )
+    r = json.loads(files[-1].read_text())
+    tests = [t["status"] for t in r["tests"]]
+    pages = [p["status"] for p in r["pages"]]
+    return (
+        f"**Last run on GPU: {r['gpus']} x {r['gpu']}, {r['date']}** (driver {r['driver']}, "
+        f"CUDA {r['cuda']}, torch {r['torch']}): {tests.count('passed')} of {len(tests)} "
+        f"tests and {pages.count('passed')} of {len(pages)} pages passed "
+        f"(`docs/gpu_results/{files[-1].name}`)."
+    )
+
+
+def _fill_gpu_status(app, docname: str, source: list[str]) -> None:
+    if docname == "running":
+        source[0] = source[0].replace("{{ gpu_status }}", _gpu_status())
+
+
 def setup(app) -> None:
     app.connect("builder-inited", _draw_diagrams)
     app.connect("source-read", _self_contained_times)
+    app.connect("source-read", _fill_gpu_status)

@@ -144,6 +144,10 @@ def _measure(sg, x, plans: list[dict]) -> list[float]:
     peaks = []
     for plan in plans:
         r = measure_step(parallelize(sg, plan, mg), x, steps=1)
+        # The peak is not only the snapshot of parameters and gradients: the activations saved
+        # in the step are in it (their count is checked against an independent one in
+        # tests/test_ledger.py), so a ledger that under-counts cannot pass the budget check.
+        assert r["peak_total"] == r["static"] + r["peak_activations"] > r["static"], r
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, r["peak_total"])
         peaks.append(max(every))
@@ -172,6 +176,79 @@ def test_calibration_gives_positive_prices():
     m = launch(lambda: calibrate(MeshGroups(MESH), sizes=(256, 4096), reps=2), 4)
     assert all(v > 0 for v in m.alpha.values()) and all(v > 0 for v in m.beta.values())
     assert m.flop_rate["conv"] > 0 and m.flop_rate["matmul"] > 0 and m.overhead > 0
+
+
+# Calibration against known prices: a virtual clock and collectives that "take" exactly
+# alpha + beta * bytes on it. Every clock read also advances it by TICK, so a timed call lasts
+# its price plus one TICK: the fit must recover alpha + TICK and beta.
+TICK = 1e-7
+TRUE_ALPHA = {"all_reduce": 3e-5, "all_gather": 7e-5}
+TRUE_BETA = {"all_reduce": 4e-10, "all_gather": 9e-10}
+
+
+class _VirtualMachine:
+    """``time`` and ``torch.distributed`` for :func:`calibrate`, on one process, with prices
+    per op and group size (the ``(0, 1)`` group has 4 ranks, axis groups 2)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += TICK
+        return self.now
+
+    def price(self, op: str, n: int) -> tuple[float, float]:
+        return TRUE_ALPHA[op] * n / 2, TRUE_BETA[op] * n / 2
+
+    def all_reduce(self, x, group):
+        a, b = self.price("all_reduce", group)
+        self.now += a + b * x.numel() * x.element_size()
+
+    def all_gather(self, outs, x, group):
+        a, b = self.price("all_gather", group)
+        self.now += a + b * sum(o.numel() * o.element_size() for o in outs)
+
+    def barrier(self, group=None):
+        pass
+
+    def broadcast_object_list(self, objs, src=0):
+        pass
+
+
+class _FakeMesh:
+    def group(self, axes):
+        return len(self.ranks(axes))  # the fake collectives read the size off the "group"
+
+    def ranks(self, axes):
+        return [0, 1, 2, 3] if len(axes) == 2 else [0, 1]
+
+
+def _calibrate_on_virtual_machine(monkeypatch) -> MachineModel:
+    from cai_labs.auto_parallel import cost_model
+
+    vm = _VirtualMachine()
+    monkeypatch.setattr(cost_model, "time", vm)
+    monkeypatch.setattr(cost_model, "dist", vm)
+    return calibrate(_FakeMesh(), sizes=(256, 4096, 65536), reps=2)
+
+
+def test_calibration_recovers_known_alpha_and_beta(monkeypatch):
+    m = _calibrate_on_virtual_machine(monkeypatch)
+    assert set(m.alpha) == {(op, ax) for op in TRUE_ALPHA for ax in GROUPS}
+    for (op, axes), alpha in m.alpha.items():
+        a, b = _VirtualMachine().price(op, 4 if len(axes) == 2 else 2)
+        # float64 least squares on 3 exact points: error a few ulps of the largest time.
+        assert alpha == pytest.approx(a + TICK, rel=1e-9, abs=1e-15), (op, axes)
+        assert m.beta[(op, axes)] == pytest.approx(b, rel=1e-9), (op, axes)
+
+
+def test_broken_calibration_fit_is_caught(monkeypatch):
+    """The audit's break: the least-squares fit replaced by a = b = -1 (then floored)."""
+    from cai_labs.auto_parallel import cost_model
+
+    monkeypatch.setattr(cost_model.np, "polyfit", lambda x, y, deg: (-1.0, -1.0))
+    with pytest.raises(AssertionError):
+        test_calibration_recovers_known_alpha_and_beta(monkeypatch)
 
 
 def test_checkpoint_solver_peak_within_budget_across_sweep():

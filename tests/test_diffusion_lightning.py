@@ -50,8 +50,18 @@ def _trainer(strategy: str, module: DiffusionModule, **kw):
     return rank_trainer(name, strategy_options=options, **kw)
 
 
-def _fit(strategy: str, steps: int, shuffle: bool = True, **kw) -> DiffusionModule:
-    module = DiffusionModule(TINY, lr=1e-3)
+class _SGDModule(DiffusionModule):
+    """The same module trained with plain SGD: its step is linear in the gradient, so a wrong
+    gradient scale shows in the parameters at full size (AdamW normalizes it away)."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def _fit(
+    strategy: str, steps: int, shuffle: bool = True, module_cls=DiffusionModule, lr=1e-3, **kw
+) -> DiffusionModule:
+    module = module_cls(TINY, lr=lr)
     trainer = _trainer(strategy, module, max_steps=steps, **kw)
     trainer.fit(module, _loader(shuffle))
     if "+offload" in strategy:
@@ -59,7 +69,7 @@ def _fit(strategy: str, steps: int, shuffle: bool = True, **kw) -> DiffusionModu
     return module
 
 
-def _compare_strategies(names: tuple[str, ...], broken: bool) -> dict:
+def _compare_strategies(names: tuple[str, ...], broken: bool, sgd: bool = False) -> dict:
     from cai_labs.offload.manager import ChunkManager
     from cai_labs.zero.base import ZeroModel
 
@@ -78,7 +88,7 @@ def _compare_strategies(names: tuple[str, ...], broken: bool) -> dict:
             # A broken offload: evict moment chunks without copying them back to host.
             ChunkManager.evict = forgetful_evict
         try:
-            module = _fit(name, 3)
+            module = _fit(name, 3, module_cls=_SGDModule, lr=SGD_LR) if sgd else _fit(name, 3)
         finally:
             ZeroModel._average, ChunkManager.evict = average, evict
         losses = torch.tensor(module.loss_history)
@@ -106,13 +116,46 @@ def test_zero_strategy_trains_three_steps_equal_to_lightning_ddp():
     # Offload really moved the moments under its budget: evictions, refetches, never over.
     stats = out["zero2+offload"]["offload"]
     assert stats["evict"] > 0 and stats["fetch"] > stats["evict"] // 2
-    assert stats["device_peak"] <= stats["device_budget"] < stats["host_bytes"]
+    assert stats["device_peak"] <= stats["device_budget"] < stats["host_bytes"]  # accounted
+    assert 0 < stats["device_storage_peak"] <= stats["device_budget"]  # measured storage
 
 
 def test_broken_gradient_averaging_and_broken_offload_are_caught():
     out = launch(_compare_strategies, 2, ("ddp", "zero2", "zero2+offload"), True)
     assert _max_diff(out["zero2"]["params"], out["ddp"]["params"]) > 1e-4
     assert _max_diff(out["zero2+offload"]["params"], out["ddp"]["params"]) > 1e-5
+
+
+SGD_LR = 0.05
+
+
+def _sgd_good_and_broken() -> dict:
+    init = [p.detach().clone() for p in DiffusionModule(TINY).parameters()]
+    return {
+        "init": init,
+        "good": _compare_strategies(("ddp", "zero2"), False, sgd=True),
+        "broken": _compare_strategies(("ddp", "zero2"), True, sgd=True),
+    }
+
+
+def _assert_same_sgd_updates(init, ref, got) -> None:
+    """ZeRO-2's parameter updates equal DDP's, relative to the size of the update. Both sum the
+    same gradients in float32 (reduce-scatter vs all-reduce): a few roundings per step, 3 steps.
+    (Measured on 2 ranks: equal to the bit; the forgotten /N is off by 1.8 x the update.)"""
+    upd_ref = [r - i for r, i in zip(ref["params"], init)]
+    upd_got = [g - i for g, i in zip(got["params"], init)]
+    scale = max(u.abs().max().item() for u in upd_ref)
+    assert scale > 0
+    assert _max_diff(upd_got, upd_ref) <= 16 * torch.finfo(torch.float32).eps * scale
+
+
+def test_zero2_sgd_updates_equal_ddp_and_a_forgotten_division_is_caught():
+    """The forgotten /N of the reduce-scattered sum, under SGD: the update doubles on 2 ranks."""
+    out = launch(_sgd_good_and_broken, 2)
+    good, broken = out["good"], out["broken"]
+    _assert_same_sgd_updates(out["init"], good["ddp"], good["zero2"])
+    with pytest.raises(AssertionError):
+        _assert_same_sgd_updates(out["init"], broken["ddp"], broken["zero2"])
 
 
 def _resume(path: str, strategy: str = "zero2") -> dict:

@@ -69,8 +69,7 @@ def test_layout_losses_and_bytes_equal_serial_and_formula(layout):
     got, per_rank = launch(train_worker, layout.world_size, layout)
     assert got == pytest.approx(ref, abs=1e-5)
     assert got[-1] < got[0]  # it learns
-    for rank, (measured, formula) in enumerate(per_rank):
-        assert measured == formula, f"rank {rank}: measured {measured} != formula {formula}"
+    _assert_bytes_match_formula(per_rank)
     assert any(m["tp"] for m, _ in per_rank) == (layout.tp > 1)
 
 
@@ -79,6 +78,52 @@ def test_formula_catches_a_wrong_count():
     a = predicted_cost(CFG, Layout(pp=2, tp=4, tp_mode="2d", n_micro=2), BATCH, 0)
     b = predicted_cost(CFG, Layout(pp=2, tp=4, tp_mode="1d", n_micro=2), BATCH, 0)
     assert a != b
+
+
+def _assert_bytes_match_formula(per_rank) -> None:
+    for rank, (measured, formula) in enumerate(per_rank):
+        assert measured == formula, f"rank {rank}: measured {measured} != formula {formula}"
+
+
+def _double_reduce(real):
+    """A data-parallel gradient average run twice per step (e.g. a hook and an explicit call)."""
+
+    def reduce(module, group=None):
+        real(module, group=group)
+        real(module, group=group)
+
+    return reduce
+
+
+def _recvs_counted(real):
+    """A classifier that counts the receiver's ``irecv`` as pipeline bytes too."""
+
+    def classify(records, layout):
+        out = real(records, layout)
+        out["pp"] += sum(r["bytes"] for r in records if r["op"] in ("irecv", "recv"))
+        return out
+
+    return classify
+
+
+@pytest.mark.parametrize(
+    "target, name, wrap",
+    [
+        ("cai_labs.unified", "allreduce_gradients", _double_reduce),
+        (__name__, "classify_comm", _recvs_counted),
+    ],
+    ids=["dp-all-reduce-twice", "classifier-counts-receives"],
+)
+def test_measured_bytes_check_catches_a_wrong_count(monkeypatch, target, name, wrap):
+    """The bytes check of the test above fails on a run that communicates (or is counted) wrong:
+    a measured DP x PP run, classified by ``classify_comm``, against the formula."""
+    import importlib
+
+    module = importlib.import_module(target)
+    monkeypatch.setattr(module, name, wrap(getattr(module, name)))
+    _, per_rank = launch(train_worker, 4, Layout(dp=2, pp=2, n_micro=2))
+    with pytest.raises(AssertionError, match="measured"):
+        _assert_bytes_match_formula(per_rank)
 
 
 def broken_worker(layout: Layout) -> list[float]:

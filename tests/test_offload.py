@@ -48,9 +48,16 @@ def test_chunked_equals_data_parallel_under_budget(n):
         assert err < 1e-2 * LR, f"chunked training on {n} ranks differs from DP by {err}"
     s = out["stats"]
     assert out["states"] > out["budget"], "the test must train states larger than the budget"
-    assert s["device_peak"] <= out["budget"]  # never over budget
+    _assert_under_budget(out)
     assert s["h2d_demand"] > 0 and s["d2h"] > 0 and s["evict"] > 0  # it really moved chunks
     assert out["comm"]["reduce"]["calls"] > 0 and out["comm"]["broadcast"]["calls"] > 0
+
+
+def _assert_under_budget(out: dict) -> None:
+    s = out["stats"]
+    assert s["device_peak"] <= out["budget"]  # the pool's account: never over budget
+    # Measured apart from the account: the storage really allocated for the device copies.
+    assert 0 < s["device_storage_peak"] <= out["budget"]
 
 
 def test_prefetch_hits_when_room():
@@ -77,3 +84,61 @@ def test_manager_refuses_when_everything_is_pinned():
     m.unpin(a)
     m.fetch(c)  # evicts a (least recently used, unpinned)
     assert not a.resident and c.resident and m.device.peak <= 800
+
+
+def test_storage_peak_is_measured_from_the_allocated_storages():
+    m = ChunkManager(device_budget=2 * 400)
+    a, b, c = (m.register(Chunk("param", i, 100)) for i in range(3))
+    assert m.storage_bytes() == 0
+    m.fetch(a)
+    m.fetch(b)
+    assert m.storage_bytes() == a.data.untyped_storage().nbytes() + 400 == 800
+    m.unpin(a)
+    m.fetch(c)  # evicts a: its storage is freed
+    assert a.data.untyped_storage().nbytes() == 0 and m.storage_bytes() == 800
+    assert m.stats()["device_storage_peak"] == m.stats()["device_peak"] == 800
+
+
+# -- deliberate breaks: the budget check fails on a plausible bug --------------------------------
+
+
+def _leaky_evict(real):
+    """``evict`` that books the chunk off the device pool but never frees its storage."""
+
+    def evict(self, chunk):
+        real(self, chunk)
+        chunk.data.untyped_storage().resize_(chunk.nbytes)
+
+    return evict
+
+
+def test_leaky_eviction_is_caught_by_the_measured_peak(monkeypatch):
+    monkeypatch.setattr(ChunkManager, "evict", _leaky_evict(ChunkManager.evict))
+    out = launch(_worker, 2, 5)
+    assert out["stats"]["device_peak"] <= out["budget"]  # the account alone does not see it
+    with pytest.raises(AssertionError):
+        _assert_under_budget(out)
+
+
+def test_memory_pool_accounts_and_refuses():
+    from cai_labs.offload.pool import MemoryPool
+
+    pool = MemoryPool("device", budget=1)  # one byte is a budget
+    assert (pool.used, pool.peak, pool.free_bytes) == (0, 0, 1) and pool.fits(1)
+    pool = MemoryPool("device", budget=100)
+    pool.allocate(60)
+    pool.allocate(40)  # exactly full is allowed
+    pool.release(30)
+    pool.allocate(20)
+    assert (pool.used, pool.peak, pool.free_bytes) == (90, 100, 10)
+    with pytest.raises(PoolBudgetExceeded, match="device pool: allocating 11 bytes with 90 of"):
+        pool.allocate(11)
+    pool.release(90)
+    assert pool.used == 0  # everything back is fine; more than that is a bug
+    with pytest.raises(AssertionError, match="device pool released more than it allocated"):
+        pool.release(1)
+    free = MemoryPool("host")
+    free.allocate(10**12)
+    assert free.free_bytes == float("inf") and free.peak == 10**12
+    with pytest.raises(ValueError, match="pool 'x': budget must be a positive number"):
+        MemoryPool("x", budget=0)

@@ -237,6 +237,9 @@ def test_schedules_match_their_formulas():
         sched.step()
     assert seen == pytest.approx([2.0 * f for f in expected])
     assert expected[4] == 1.0 and seen[-1] > 2.0 * final
+    # The code (not the list above) reaches the peak right after warm-up and ends at the floor.
+    assert warmup_cosine_factor(warm, total, warm, final) == 1.0 and seen[warm] == 2.0
+    assert warmup_cosine_factor(total, total, warm, final) == pytest.approx(final, abs=1e-15)
 
 
 # ---- data parallel: the large-batch step on N ranks equals the serial step -------------------
@@ -303,3 +306,156 @@ def test_skipping_the_gradient_average_is_caught():
         serial = _train(name, 1, 0, False)
         worst = max((p - q).abs().max().item() for p, q in zip(out[name][0], serial))
         assert worst > 1e-3, name
+
+
+# -- edges and defaults: what the published rules fix beyond the main path ----------------------
+# (These also kill mutants in `nox -s mutants`: each pins a boundary, a default or a branch.)
+
+
+def _w():
+    return [nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))]
+
+
+def test_validation_boundaries_and_messages():
+    for kw in ({"lr": 0.0}, {"momentum": 0.0}, {"weight_decay": 0.0}, {"eps": 0.0}):
+        LARS(_w(), **{"lr": 0.1, **kw})  # the boundary itself is allowed
+    LARS(_w(), lr=0.1, max_trust_ratio=1.0)
+    LAMB(_w(), lr=0.0, betas=(0.0, 0.0), eps=0.0, weight_decay=0.0, max_trust_ratio=1.0)
+    bad = [
+        (LARS, {"lr": -0.1}, "lr must be >= 0"),
+        (LARS, {"lr": 0.1, "momentum": 1.0}, "momentum must be in"),
+        (LARS, {"lr": 0.1, "weight_decay": -0.1}, "weight_decay must be >= 0"),
+        (LARS, {"lr": 0.1, "eps": -1e-9}, "eps must be >= 0"),
+        (LARS, {"lr": 0.1, "max_trust_ratio": 0.0}, "max_trust_ratio must be > 0"),
+        (LAMB, {"lr": -0.1}, "lr must be >= 0"),
+        (LAMB, {"betas": (1.0, 0.5)}, "betas must both be in"),
+        (LAMB, {"eps": -1e-9}, "eps must be >= 0"),
+        (LAMB, {"weight_decay": -0.1}, "weight_decay must be >= 0"),
+        (LAMB, {"max_trust_ratio": 0.0}, "max_trust_ratio must be > 0"),
+    ]
+    for cls, kw, message in bad:
+        with pytest.raises(ValueError, match=message):
+            cls(_w(), **kw)
+    linear_scaled_lr(0.1, 1, 1)  # batch sizes of one are fine
+    with pytest.raises(ValueError, match="batch sizes must be positive"):
+        sqrt_scaled_lr(0.1, 256, 0)
+    for args in ((0, 1, 0), (0, 5, 5), (0, 5, 2, 0.0), (0, 5, 2, 1.0)):
+        warmup_cosine_factor(*args)
+    for args, message in [
+        ((0, 0, 0), "total_steps must be positive"),
+        ((0, 5, 6), "warmup_steps must be between 0 and total_steps=5"),
+        ((0, 5, -1), "warmup_steps must be between"),
+        ((0, 5, 2, 1.5), "final_factor must be in"),
+        ((0, 5, 2, -0.5), "final_factor must be in"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            warmup_cosine_factor(*args)
+    with pytest.raises(ValueError, match="warmup_steps must be between"):
+        warmup_cosine(torch.optim.SGD(_w(), lr=1.0), 5, 6)
+    with pytest.raises(ValueError, match="final_factor must be in"):
+        warmup_cosine(torch.optim.SGD(_w(), lr=1.0), 5, 2, 2.0)
+
+
+def test_published_defaults():
+    """LARS (You et al. 2017): momentum 0.9, trust coefficient 0.001; LAMB (You et al. 2020):
+    Adam's betas, eps 1e-6; neither decays unless asked."""
+    lars = LARS(_w(), lr=0.1).defaults
+    assert (lars["momentum"], lars["trust_coefficient"], lars["eps"]) == (0.9, 0.001, 0.0)
+    assert (lars["weight_decay"], lars["max_trust_ratio"], lars["lr_in_momentum"]) == (0, None, 1)
+    assert lars["adapt"] is True and lars["names"] is None
+    lamb = LAMB(_w()).defaults
+    assert (lamb["lr"], lamb["betas"], lamb["eps"], lamb["weight_decay"]) == (
+        1e-3,
+        (0.9, 0.999),
+        1e-6,
+        0.0,
+    )
+    assert lamb["bias_correction"] is True and lamb["max_trust_ratio"] is None
+    assert lamb["adapt"] is True and lamb["names"] is None
+    assert param_groups(_Net())[0]["weight_decay"] == 0.0
+    assert warmup_cosine_factor(4, 4, 0) == 0.0  # decays to 0 unless a floor is given
+
+
+def test_schedule_edges():
+    assert warmup_cosine_factor(0, 5, 0) == 1.0  # no warm-up: the peak at once
+    assert warmup_cosine_factor(0, 1, 0, 0.5) == 1.0
+    assert warmup_cosine_factor(7, 5, 5, 0.25) == 0.25  # all warm-up, then the floor
+    assert warmup_cosine_factor(9, 5, 1, 0.25) == 0.25  # past the end: stays at the floor
+    # halfway through the decay: the mean of peak and floor
+    assert warmup_cosine_factor(3, 5, 1, 0.2) == pytest.approx(0.6, abs=1e-15)
+    opt = torch.optim.SGD(_w(), lr=2.0)
+    warmup_cosine(opt, 4, 2)
+    assert opt.param_groups[0]["lr"] == 1.0  # step 0 of a 2-step warm-up: half the peak
+
+
+def test_trust_ratio_edges():
+    from cai_labs.optim.layerwise import trust_ratio
+
+    t = torch.tensor
+    assert trust_ratio(t(2.0), t(4.0)).item() == 0.5  # coefficient 1 by default
+    assert trust_ratio(t(2.0), t(0.0)).item() == 1.0  # zero update: 1, not inf
+    assert trust_ratio(t(0.0), t(3.0)).item() == 1.0  # zero weight: 1, not 0
+    assert trust_ratio(t(8.0), t(1.0), 0.5, max_ratio=3.0).item() == 3.0
+    assert trust_ratio(t(8.0), t(1.0), 0.5, max_ratio=5.0).item() == 4.0
+
+
+def _one_step(opt_cls, grad, **kw):
+    w = _w()
+    opt = opt_cls(w, **kw)
+    w[0].grad = torch.tensor(grad, dtype=torch.float64)
+    opt.step()
+    return w[0].detach(), opt
+
+
+def test_lars_weight_decay_eps_and_clipping_by_hand():
+    # ||w|| = 5, ||g|| = 1. Decay 1: ratio c*5/(1 + 5), step along g + w.
+    w, opt = _one_step(LARS, [0.6, 0.8], lr=0.5, momentum=0.0, weight_decay=1.0)
+    ratio = 0.001 * 5 / 6
+    want = torch.tensor([3.0 - 0.5 * ratio * 3.6, 4.0 - 0.5 * ratio * 4.8], dtype=torch.float64)
+    torch.testing.assert_close(w, want, rtol=1e-15, atol=0)
+    _, opt = _one_step(LARS, [0.6, 0.8], lr=0.5, momentum=0.0, eps=0.5)
+    assert opt.trust_ratios()["group0.0"] == pytest.approx(0.001 * 5 / 1.5, rel=1e-15)
+    _, opt = _one_step(LARS, [0.6, 0.8], lr=0.5, trust_coefficient=1.0, max_trust_ratio=2.0)
+    assert opt.trust_ratios()["group0.0"] == 2.0  # 5 clipped to 2
+
+
+def test_lamb_weight_decay_and_clipping_by_hand():
+    # Step 1 with bias correction and eps 0: r = g / |g| = (1, 1); decay 1 adds w: (4, 5).
+    w, opt = _one_step(LAMB, [0.6, 0.8], lr=0.1, eps=0.0, weight_decay=1.0)
+    ratio = 5 / math.sqrt(41)
+    want = torch.tensor([3.0 - 0.1 * ratio * 4, 4.0 - 0.1 * ratio * 5], dtype=torch.float64)
+    torch.testing.assert_close(w, want, rtol=1e-12, atol=0)
+    _, opt = _one_step(LAMB, [0.6, 0.8], lr=0.1, eps=0.0, max_trust_ratio=2.0)
+    assert opt.trust_ratios()["group0.0"] == 2.0  # 5 / sqrt(2) clipped to 2
+
+
+def test_trust_ratios_skip_plain_groups_and_unstepped_tensors():
+    a, b, c = (nn.Parameter(torch.ones(2)) for _ in range(3))
+    opt = LARS([{"params": [a], "adapt": False}, {"params": [b, c]}], lr=0.1, momentum=0.0)
+    a.grad, b.grad = torch.ones(2), torch.ones(2)  # c has no gradient: it never steps
+    opt.step()
+    assert set(opt.trust_ratios()) == {"group1.0"}
+
+
+def test_param_groups_edges():
+    from cai_labs.optim.param_groups import is_excluded
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(2))  # a parameter of the root module
+            self.frozen = nn.Linear(2, 2)
+            self.frozen.weight.requires_grad_(False)
+            self.a = nn.Linear(2, 2, bias=False)
+            self.b = nn.Linear(2, 2, bias=False)
+            self.b.weight = self.a.weight  # tied: one tensor, one entry
+
+    groups = param_groups(Tied(), weight_decay=0.1, exclude_from_decay=False)
+    assert groups[0]["names"] == ["scale", "a.weight"]
+    assert groups[1]["names"] == ["frozen.bias"] and groups[1]["weight_decay"] == 0.1
+    param_groups(Tied(), weight_decay=0.0, excluded_lr=0.0)  # zero is allowed for both
+    with pytest.raises(ValueError, match="excluded_lr must be >= 0 or None"):
+        param_groups(Tied(), excluded_lr=-1.0)
+    only_norms = param_groups(nn.LayerNorm(3), excluded_lr=0.05)
+    assert len(only_norms) == 1 and only_norms[0]["lr"] == 0.05
+    assert is_excluded(nn.Linear(2, 2), "fc.bias") and not is_excluded(nn.Linear(2, 2), "weight")

@@ -219,3 +219,39 @@ def test_request_timeout_answers_504_and_server_survives(engine):
         r = httpx.post(f"{url}/generate", json={"prompt": "hello", "max_new_tokens": 32})
         assert r.status_code == 504 and "not answered within" in r.json()["error"]
         assert httpx.get(f"{url}/health").status_code == 200
+
+
+# -- deliberate breaks: the batching check fails on a plausible bug ------------------------------
+
+
+def _assert_concurrent_requests_are_batched(engine, monkeypatch) -> None:
+    """16 concurrent requests reach the engine in batches of more than one, as counted by the
+    engine's own calls (independent of the server's metrics)."""
+    sizes: list[int] = []
+    real = engine.generate_batch
+
+    def counted(jobs):
+        sizes.append(len(jobs))
+        return real(jobs)
+
+    monkeypatch.setattr(engine, "generate_batch", counted)
+    with serve(engine, max_batch_size=8, max_wait_ms=50, cache_size=0) as url:
+        payloads = [{"prompt": f"{p} {i}", "max_new_tokens": 8} for i, p in enumerate(PROMPTS * 4)]
+        result = load_test(url, payloads, concurrency=8, max_requests=16, time_limit_s=30)
+        metrics = httpx.get(f"{url}/metrics").json()
+    assert result.ok == 16 and sum(sizes) == 16, (result.statuses, sizes)
+    assert max(sizes) > 1 and len(sizes) < 16, sizes
+    assert metrics["max_batch_size_seen"] == max(sizes) and metrics["batches"] == len(sizes)
+
+
+def test_concurrent_requests_reach_the_engine_in_batches(engine, monkeypatch):
+    _assert_concurrent_requests_are_batched(engine, monkeypatch)
+
+
+def test_a_batcher_that_never_waits_for_late_joiners_is_caught(engine, monkeypatch):
+    """The bug: the batcher takes only the first waiting request (no collection)."""
+    from cai_labs.serving.batcher import DynamicBatcher
+
+    monkeypatch.setattr(DynamicBatcher, "_take_ready", lambda self, batch: None)
+    with pytest.raises(AssertionError):
+        _assert_concurrent_requests_are_batched(engine, monkeypatch)

@@ -40,6 +40,51 @@ def test_notebook_check_catches_an_invalid_notebook(tmp_path):
     assert "invalid notebook" in _check_build().check_notebooks(tmp_path)[0]
 
 
+_OUT = (
+    '<div class="sphx-glr-script-out highlight-none notranslate">'
+    '<div class="highlight"><pre>{}</pre></div></div>'
+)
+
+
+def test_captured_output_check_catches_warnings_and_tracebacks(tmp_path):
+    (tmp_path / "clean.html").write_text(_OUT.format("loss 0.25<span>\n</span>accuracy 0.97"))
+    (tmp_path / "noisy.html").write_text(
+        _OUT.format("x.py:3: Pandas4Warning: the &#39;mode&#39; keyword is deprecated")
+        + _OUT.format("Traceback (most recent call last):\n  File ...")
+        + "<p>a prose Warning outside the output is not captured output</p>"
+    )
+    problems = _check_build().check_captured_output(tmp_path)
+    assert len(problems) == 2 and all(p.startswith("noisy.html") for p in problems), problems
+    assert "Pandas4Warning" in problems[0] and "Traceback" in problems[1]
+
+
+def test_absolute_path_check_catches_paths_of_the_build_machine(tmp_path):
+    check = _check_build()
+    (tmp_path / "ok.html").write_text("<p>run <code>nox -s docs</code> in your clone</p>")
+    (tmp_path / "leak.html").write_text(
+        _OUT.format(f"{ROOT}/tutorials/tutorial_05.py:12: warning<br>/tmp/cai_labs_x/ckpt")
+    )
+    problems = check.check_absolute_paths(tmp_path, roots=[str(ROOT), "/tmp"])
+    assert problems == [
+        "leak.html: absolute path of the build: /tmp/cai_labs_x/ckpt",
+        f"leak.html: absolute path of the build: {ROOT}/tutorials/tutorial_05.py:12:",
+    ]
+    assert str(ROOT) in check.build_machine_paths()  # run from the checkout, it is one of them
+
+
+def test_figure_title_check_catches_an_untitled_figure(tmp_path):
+    img = (
+        '<img alt="{}" class="sphx-glr-single-img" src="../_images/sphx_glr_tutorial_09_x_{}.png">'
+    )
+    (tmp_path / "page.html").write_text(
+        img.format("Loss per step, measured", "001")
+        + img.format("tutorial 09 x", "002")  # sphinx-gallery's fallback: the file name
+        + '<img alt="" src="../_images/sphx_glr_tutorial_09_x_thumb.png">'  # a card, not a figure
+    )
+    problems = _check_build().check_figure_titles(tmp_path)
+    assert problems == ["page.html: figure sphx_glr_tutorial_09_x_002.png has no title"]
+
+
 def test_tutorial_00_notebook_executes_end_to_end(tmp_path):
     """Convert the tutorial the way the site does (sphinx-gallery) and run it with nbclient."""
     nbformat = pytest.importorskip("nbformat")
@@ -69,3 +114,72 @@ def test_tutorial_00_notebook_executes_end_to_end(tmp_path):
         if c.cell_type == "code"
         for o in c.get("outputs", [])
     )
+
+
+def _built_page(root: Path, stem: str, output=True, figure=True, downloads=True) -> None:
+    """A minimal built gallery page for ``tutorials/<stem>.py`` under ``root``."""
+    (root / "tutorials").mkdir(parents=True, exist_ok=True)
+    (root / "_images").mkdir(exist_ok=True)
+    (root / "_downloads").mkdir(exist_ok=True)
+    (root / "_images" / f"sphx_glr_{stem}_001.png").write_bytes(b"png")
+    nbformat = pytest.importorskip("nbformat")
+    (root / "_downloads" / f"{stem}.py").write_text("")
+    (root / "_downloads" / f"{stem}.ipynb").write_text(nbformat.writes(nbformat.v4.new_notebook()))
+    body = ['<div class="sphx-glr-script-out"><pre>ran</pre></div>'] if output else []
+    if figure:
+        body.append(f'<img src="../_images/sphx_glr_{stem}_001.png">')
+    for ext in ("py", "ipynb"):
+        target = f"../_downloads/{stem}.{ext}" if downloads else f"../_downloads/gone.{ext}"
+        body.append(f'<a href="{target}">download</a>')
+    (root / "tutorials" / f"{stem}.html").write_text("\n".join(body))
+
+
+def _site(tmp_path: Path, monkeypatch, **broken) -> list[str]:
+    """Run ``check_build.check`` on a two-page site; ``broken`` switches parts of page b off."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tutorials").mkdir()
+    for stem in ("tutorial_a", "tutorial_b"):
+        (tmp_path / "tutorials" / f"{stem}.py").write_text("")
+    html = tmp_path / "html"
+    _built_page(html, "tutorial_a")
+    _built_page(html, "tutorial_b", **broken)
+    return _check_build().check(html)
+
+
+def test_site_check_passes_a_complete_page(tmp_path, monkeypatch):
+    assert _site(tmp_path, monkeypatch) == []
+
+
+@pytest.mark.parametrize(
+    "broken, problems",
+    [
+        ({"output": False}, ["tutorial_b.html: no captured output (was it executed?)"]),
+        ({"figure": False}, ["tutorial_b.html: no figure"]),
+        (
+            {"downloads": False},
+            [
+                "tutorial_b.html: no working .py download link",
+                "tutorial_b.html: no working .ipynb download link",
+            ],
+        ),
+    ],
+    ids=["no-output", "no-figure", "broken-download"],
+)
+def test_site_check_catches_a_broken_page(tmp_path, monkeypatch, broken, problems):
+    found = _site(tmp_path, monkeypatch, **broken)
+    for p in problems:
+        assert p in found
+    assert not [p for p in found if "tutorial_a" in p]
+
+
+def test_site_check_catches_an_unbuilt_page_and_a_missing_figure_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tutorials").mkdir()
+    (tmp_path / "tutorials" / "tutorial_a.py").write_text("")
+    (tmp_path / "tutorials" / "tutorial_c.py").write_text("")  # never built
+    html = tmp_path / "html"
+    _built_page(html, "tutorial_a")
+    (html / "_images" / "sphx_glr_tutorial_a_001.png").unlink()
+    found = _check_build().check(html)
+    assert any(p.endswith("tutorial_c.html: missing") for p in found)
+    assert "tutorial_a.html: figure ../_images/sphx_glr_tutorial_a_001.png does not exist" in found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from _tp_cases import (
     assert_equal_to_serial,
     assert_gpt_trains_like_serial,
@@ -36,3 +37,22 @@ def test_2p5d_equals_serial_and_a_missing_depth_reduce_is_caught():
     broken = out["broken"]
     assert broken["out"] < 1e-4  # forward unaffected
     assert broken["param_grads"]["mlp.fc1.weight"] > 1e-3  # only half the batch's gradient
+
+
+# -- deliberate breaks: each 2D check fails on a plausible bug -----------------------------------
+
+
+def _block_with_local_layernorm() -> dict:
+    """2D block whose layer norm takes its statistics over the local shard of the row only."""
+    from _tp_cases import BATCH, CFG, check_block, make_grid
+
+    from cai_labs.tensor_parallel import layers_2d
+
+    layers_2d.all_reduce_both = lambda x, group: x
+    return check_block(make_grid("2d"), CFG, BATCH)
+
+
+def test_2d_layernorm_without_its_row_reduce_is_caught():
+    broken = launch(_block_with_local_layernorm, 4)
+    with pytest.raises(AssertionError):
+        assert_equal_to_serial(broken)

@@ -92,3 +92,13 @@ def test_hybrid_grids_on_subsets_of_ranks():
     for _, res in out[:4]:
         assert_equal_to_serial(res)
     assert "cannot run 2D/2.5D layers" in out[4]
+
+
+def test_linear_cost_refuses_sizes_that_do_not_divide():
+    from cai_labs.tensor_parallel.formulas import linear_cost
+
+    with pytest.raises(ValueError, match=r"2d on 9 ranks \(q=3, depth=1\) cannot split"):
+        linear_cost("2d", 9, 6, 64, 64)  # 64 features do not split 3 ways
+    with pytest.raises(ValueError, match="out_features=10 by 4"):
+        linear_cost("1d", 4, 8, 16, 10, kind="column")
+    assert linear_cost("2d", 9, 6, 63, 63).comm_bytes > 0  # 63 = 3 * 21 does

@@ -12,8 +12,15 @@ SCRIPT = Path(__file__).parent / "torchrun_scripts" / "launch_sizes.py"
 
 
 def _torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(SCRIPT), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(SCRIPT),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -27,6 +34,7 @@ def test_launches_of_every_size_under_an_8_rank_torchrun():
         assert run.stdout.count(f"n={n}: rank 0 of {n} says hi") == 1, run.stdout
     assert "rank 1 of" not in run.stdout  # ranks other than 0 stay quiet
     assert run.stdout.count("all launches done") == 1
+    assert run.stdout.count("a 24 MiB result came back") == 1
 
 
 def test_more_ranks_than_torchrun_started_is_a_clear_error():

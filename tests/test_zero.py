@@ -80,11 +80,7 @@ def test_zero_equals_data_parallel_after_three_steps(stage, n):
         err = (flat - out["ref"]).abs().max().item()
         assert err < 1e-2 * LR, f"ZeRO-{stage} on {n} ranks differs from data parallel by {err}"
     assert out["eval_gap"] < 1e-3
-    # Memory per rank after a step: within 5% of the paper's formula (fp32, Adam: K = 8).
-    want = zero_memory_formula(out["numel"], stage, n)
-    for kind in ("params", "grads", "optimizer"):
-        got = out["mem"][kind]
-        assert abs(got - want[kind]) <= 0.05 * want[kind], (stage, n, kind, got, want[kind])
+    _assert_memory_matches_formula(out, stage, n)
     # Data parallel itself matches the stage-0 formula.
     base = zero_memory_formula(out["numel"], 0, n)
     for kind in ("params", "grads", "optimizer"):
@@ -105,6 +101,14 @@ def test_zero_equals_data_parallel_after_three_steps(stage, n):
         assert STEPS * psi <= ag["bytes"] <= STEPS * (psi + 256)
 
 
+def _assert_memory_matches_formula(out: dict, stage: int, n: int) -> None:
+    # Memory per rank after a step: within 5% of the paper's formula (fp32, Adam: K = 8).
+    want = zero_memory_formula(out["numel"], stage, n)
+    for kind in ("params", "grads", "optimizer"):
+        got = out["mem"][kind]
+        assert abs(got - want[kind]) <= 0.05 * want[kind], (stage, n, kind, got, want[kind])
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_equals_data_parallel_sgd_tight(stage):
     out = launch(_worker, 2, stage, False, "sgd")
@@ -118,11 +122,68 @@ def test_missing_gradient_reduction_is_caught():
     assert err > 1e-1 * LR
 
 
+def _reduce_keeping_full_gradients(real):
+    """ZeRO-2 that reduce-scatters but keeps every parameter's full gradient as well."""
+
+    def reduce_unit(self, u):
+        kept = [p.grad for p in u.params]
+        real(self, u)
+        for p, g in zip(u.params, kept):
+            p.grad = g
+
+    return reduce_unit
+
+
+def test_zero2_keeping_full_gradients_is_caught_by_the_memory_check(monkeypatch):
+    monkeypatch.setattr(Zero2, "_reduce_unit", _reduce_keeping_full_gradients(Zero2._reduce_unit))
+    out = launch(_worker, 2, 2)
+    with pytest.raises(AssertionError, match="grads"):
+        _assert_memory_matches_formula(out, 2, 2)
+
+
 def test_bad_stage_is_a_clear_error():
     with pytest.raises(ValueError, match="stage must be"):
         zero_wrap(torch.nn.Linear(2, 2), stage=4)
     with pytest.raises(ValueError, match="stage must be"):
         zero_memory_formula(10, 5, 2)
+
+
+def test_memory_formula_reproduces_the_papers_figure():
+    """ZeRO paper, Figure 1: Psi = 7.5B, N = 64, mixed-precision Adam (2 + 2 + K bytes, K = 12):
+    120 GB per device for data parallel, 31.4 GB, 16.6 GB and 1.88 GB for stages 1, 2, 3."""
+    psi, n = 7.5e9, 64
+    published = {0: 120.0, 1: 31.4, 2: 16.6, 3: 1.88}
+    for stage, gb in published.items():
+        got = zero_memory_formula(psi, stage, n, param_bytes=2, grad_bytes=2, optimizer_bytes=12)
+        assert got["total"] / 1e9 == pytest.approx(gb, abs=0.05), stage
+        assert got["total"] == got["params"] + got["grads"] + got["optimizer"]
+    one = zero_memory_formula(1000, 3, 1)  # one rank: every stage is data parallel
+    assert (
+        one
+        == zero_memory_formula(1000, 0, 1)
+        == {
+            "params": 4000,
+            "grads": 4000,
+            "optimizer": 8000,
+            "total": 16000,
+        }
+    )
+    with pytest.raises(ValueError, match="world_size must be"):
+        zero_memory_formula(10, 1, 0)
+    with pytest.raises(ValueError, match=r"stage must be 0 \(data parallel\), 1, 2 or 3; got 4"):
+        zero_memory_formula(10, 4, 2)
+
+
+def test_memory_by_kind_folds_the_shard_categories():
+    snap = {"params": 1, "param_shards": 20, "grads": 300, "grad_shards": 4000, "optimizer": 50000}
+    snap["activations"] = 7  # not model state: left out
+    assert memory_by_kind(snap) == {
+        "params": 21,
+        "grads": 4300,
+        "optimizer": 50000,
+        "total": 54321,
+    }
+    assert memory_by_kind({}) == {"params": 0, "grads": 0, "optimizer": 0, "total": 0}
 
 
 def _fsdp2_worker() -> dict:
@@ -218,20 +279,55 @@ def test_overlapped_reduce_scatter_equals_synchronous(stage):
     assert len(out["async"]) == STEPS * out["units"] and all(out["async"])
 
 
-def _prefetch_worker() -> dict:
+# Enough layer units that gathering all of them at once would exceed the two-unit bound.
+PREFETCH_LAYERS = 6
+
+
+class _GatheredStorage:
+    """Bytes of gathered layer units, read off the full buffers' storages after every gather
+    (independent of the wrapper's own ``gathered_peak_bytes`` bookkeeping)."""
+
+    def __init__(self):
+        self.units: list = []
+        self.peak = 0
+
+    def __call__(self, real):
+        def gather(unit, async_op: bool = False):
+            real(unit, async_op)
+            now = sum(u.full.untyped_storage().nbytes() for u in self.units)
+            self.peak = max(self.peak, now)
+
+        return gather
+
+
+def _prefetch_worker(layers: int = PREFETCH_LAYERS) -> dict:
+    from _opt_cases import SIZES, setup
+
+    from cai_labs.models.opt import tiny_opt
     from cai_labs.zero import Zero3, ZeroOptimizer
+    from cai_labs.zero.flat import FlatParamUnit
 
     rank, world = dist.get_rank(), dist.get_world_size()
     out = {}
+    real_gather = FlatParamUnit.gather
     for prefetch in (False, True):
-        wrapped = Zero3(model(seed=0), prefetch=prefetch)
+        module = tiny_opt(setup()[0], seed=0, **dict(SIZES, num_hidden_layers=layers)).train()
+        wrapped = Zero3(module, prefetch=prefetch)
         opt = ZeroOptimizer(wrapped, torch.optim.Adam, lr=LR)
-        with Ledger(track_activations=False) as ledger:
-            for x, y in batches(rank, world):
-                opt.zero_grad()
-                wrapped(input_ids=x, labels=y).loss.backward()
-                opt.step()
+        storage = _GatheredStorage()
+        storage.units = [u for u in wrapped.units if u is not wrapped.root]
+        FlatParamUnit.gather = storage(real_gather)
+        try:
+            with Ledger(track_activations=False) as ledger:
+                for x, y in batches(rank, world):
+                    opt.zero_grad()
+                    wrapped(input_ids=x, labels=y).loss.backward()
+                    opt.step()
+        finally:
+            FlatParamUnit.gather = real_gather
         gathers = [r for r in ledger.report()["comm"] if r["op"].startswith("all_gather")]
+        # A layer unit's full buffer, from its parameters' shapes: numel padded to N shards.
+        sizes = [-(-sum(p.numel() for p in u.params) // world) * world * 4 for u in storage.units]
         out[prefetch] = {
             "flat": torch.cat([v.reshape(-1) for v in wrapped.full_state_dict().values()]),
             "calls": len(gathers),
@@ -241,6 +337,9 @@ def _prefetch_worker() -> dict:
             "bound": wrapped.gathered_bound_bytes(),
             "unit_bytes": max(u.gathered_bytes for u in wrapped.units if u is not wrapped.root),
             "layers": len(wrapped.units) - 1,
+            "storage_peak": storage.peak,
+            "wrapper_storage_peak": wrapped.gathered_storage_peak_bytes,
+            "param_unit_bytes": sizes,
         }
     return out
 
@@ -258,8 +357,53 @@ def test_zero3_prefetch_is_bit_identical_and_bounded(n):
     assert on["calls"] == STEPS * (2 * layers + 1)  # root once, every layer twice, per step
     # Step 1 records the order; on steps 2.. every layer is prefetched in forward and backward.
     assert off["async"] == 0 and on["async"] == (STEPS - 1) * 2 * layers
+    assert layers == PREFETCH_LAYERS
+    _assert_gathered_bound(off, on)
+
+
+def _assert_gathered_bound(off: dict, on: dict) -> None:
+    """Without prefetch one layer unit is gathered at a time, with it at most two."""
     assert off["peak"] == off["bound"] == off["unit_bytes"]  # depth 0: one unit at a time
     assert on["peak"] <= on["bound"] == 2 * on["unit_bytes"]
+    # The same bound on what is really allocated: the gathered layer units' storages, against
+    # two of the largest units computed from the parameter shapes. With PREFETCH_LAYERS units,
+    # gathering them all would break it.
+    unit = max(on["param_unit_bytes"])
+    assert sum(on["param_unit_bytes"]) > 2 * unit
+    assert off["storage_peak"] == unit
+    assert unit < on["storage_peak"] <= 2 * unit
+    for r in (off, on):  # what the wrapper reports as allocated is what the test saw
+        assert r["wrapper_storage_peak"] == r["storage_peak"]
+
+
+# -- deliberate breaks: the prefetch bound fails on a plausible bug ------------------------------
+
+
+def _use_prefetching_everything(self, u, phase):
+    """``Zero3._use`` that prefetches every remaining unit of the order, with no memory bound."""
+    u.gather()
+    if self._recording:
+        if u not in self._order[phase]:
+            self._order[phase].append(u)
+    elif self.prefetch_depth:
+        order = self._order[phase]
+        i = self._position[phase].get(id(u))
+        if i is not None:
+            for nxt in order[i + 1 :]:
+                if not nxt.gathered and nxt is not self.root:
+                    nxt.gather(async_op=True)
+    self._track_peak()
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_zero3_unbounded_prefetch_is_caught(monkeypatch, n):
+    from cai_labs.zero import Zero3
+
+    monkeypatch.setattr(Zero3, "_use", _use_prefetching_everything)
+    out = launch(_prefetch_worker, n)
+    assert out[True]["storage_peak"] > 2 * max(out[True]["param_unit_bytes"])  # it did gather more
+    with pytest.raises(AssertionError):
+        _assert_gathered_bound(out[False], out[True])
 
 
 def test_zero3_bad_prefetch_is_a_clear_error():

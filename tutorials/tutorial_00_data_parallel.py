@@ -26,6 +26,7 @@ All ranks here are CPU processes on the machine that built this page, talking th
 # The constants below size the run. The page was built with these values; raise them on your
 # own machine (more epochs, a wider model) and re-run.
 
+import os
 import time
 
 import matplotlib.pyplot as plt
@@ -35,10 +36,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cai_labs import Ledger, comm_totals, launch
+from cai_labs import Ledger, build_env, comm_totals, device, launch
 from cai_labs.data import load_digits_split
 from cai_labs.data_parallel import BucketedDataParallel, allreduce_gradients, shard_batch
+from cai_labs.data_parallel.formulas import ring_allreduce_sent
+from cai_labs.exercises import Exercises
 from cai_labs.models import MLP
+from cai_labs.wire import GLOO_HEADER_BYTES
 
 WORLD_SIZE = 4  # ranks for the parallel runs
 EPOCHS = 10  # passes over the training set
@@ -47,6 +51,7 @@ HIDDEN = (256, 256)  # hidden layer widths of the MLP
 LR = 0.05
 SEED = 0
 
+print(build_env.describe(ranks=WORLD_SIZE))  # where this page's numbers were measured
 data = load_digits_split(seed=SEED)
 print(f"train: {tuple(data.x_train.shape)}, test: {tuple(data.x_test.shape)}")
 print(f"parameters: {sum(p.numel() for p in MLP(hidden=HIDDEN).parameters()):,}")
@@ -67,12 +72,13 @@ def batches(epoch: int):
     order = epoch_order(epoch)
     for start in range(0, len(order) - GLOBAL_BATCH + 1, GLOBAL_BATCH):
         idx = order[start : start + GLOBAL_BATCH]
-        yield data.x_train[idx], data.y_train[idx]
+        yield data.x_train[idx].to(device()), data.y_train[idx].to(device())
 
 
 def accuracy(model: nn.Module) -> float:
     with torch.no_grad():
-        return (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
+        x, y = data.x_test.to(device()), data.y_test.to(device())
+        return (model(x).argmax(1) == y).float().mean().item()
 
 
 model = MLP(hidden=HIDDEN, seed=SEED)
@@ -125,7 +131,7 @@ def ddp_comm_hook(state, bucket):
 def summarize(plain: nn.Module, local_losses: list, times: list, **extra) -> dict:
     """What a worker hands back. The full-batch loss of a step is the mean of the ranks' losses
     (gathered after training, outside the ledger: it is reporting, not training)."""
-    losses = torch.tensor(local_losses)
+    losses = torch.tensor(local_losses, device=device())
     dist.all_reduce(losses)
     return {
         "losses": (losses / dist.get_world_size()).tolist(),
@@ -139,14 +145,14 @@ def summarize(plain: nn.Module, local_losses: list, times: list, **extra) -> dic
 
 def train_worker(sync: str) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = MLP(hidden=HIDDEN, seed=SEED)
+    model = MLP(hidden=HIDDEN, seed=SEED).to(device())
     if sync == "bucketed":
         model = BucketedDataParallel(model, bucket_mb=0.25)
     elif sync == "ddp":
         model = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.25)
         model.register_comm_hook(None, ddp_comm_hook)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    local_losses, times = [], []
+    local_losses, times, calls = [], [], []
     with Ledger(model=model, optimizer=optimizer, track_activations=False) as ledger:
         for epoch in range(EPOCHS):
             for x, y in batches(epoch):
@@ -160,13 +166,17 @@ def train_worker(sync: str) -> dict:
                 optimizer.step()
                 times.append(time.perf_counter() - start)
                 local_losses.append(loss.item())
-        ledger.snapshot("end")
+                calls.append(len(ledger.comm) - sum(calls))  # collectives of this step
     plain = model.module if hasattr(model, "module") else model
+    wire = [None] * world  # every rank's bytes measured on its sockets
+    dist.all_gather_object(wire, ledger.report()["wire"])
     return summarize(
         plain,
         local_losses,
         times,
         comm=comm_totals(ledger.report()),
+        calls_per_step=calls,
+        wire=wire,
         buckets=model.bucket_sizes() if sync == "bucketed" else None,
     )
 
@@ -192,8 +202,9 @@ reference_grads = [p.grad.clone() for p in reference.parameters()]
 
 
 def one_gradient() -> list[torch.Tensor]:
-    model = MLP(hidden=HIDDEN, seed=SEED)
-    xs, ys = shard_batch(x0, y0, rank=dist.get_rank(), world_size=dist.get_world_size())
+    model = MLP(hidden=HIDDEN, seed=SEED).to(device())
+    x, y = x0.to(device()), y0.to(device())
+    xs, ys = shard_batch(x, y, rank=dist.get_rank(), world_size=dist.get_world_size())
     nn.functional.cross_entropy(model(xs), ys).backward()
     allreduce_gradients(model)
     return [p.grad for p in model.parameters()]
@@ -224,10 +235,9 @@ print(
     "cai_labs buckets (bucket_mb=0.25) in launch order, bytes:",
     results["cai_labs bucketed"]["buckets"],
 )
-print(
-    "all-reduce calls per step:",
-    {k: r["comm"]["all_reduce"]["calls"] // r["steps"] for k, r in results.items()},
-)
+for name, r in results.items():
+    c = r["calls_per_step"]
+    print(f"{name}: all-reduce calls in step 1: {c[0]}, in each later step: {sorted(set(c[1:]))}")
 
 # %%
 # Colossal-AI, side by side
@@ -250,7 +260,7 @@ def colossalai_worker() -> dict:
     from colossalai.booster.plugin import TorchDDPPlugin
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = MLP(hidden=HIDDEN, seed=SEED)
+    model = MLP(hidden=HIDDEN, seed=SEED).to(device())
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     booster = Booster(plugin=TorchDDPPlugin())
     model, optimizer, *_ = booster.boost(model, optimizer)
@@ -287,69 +297,116 @@ else:
 # messages (each pays a fixed latency) and lets communication overlap backward.
 #
 # The table is computed from this build's ledger: buffer bytes all-reduced per step, the
-# gradient size :math:`P`, the bytes each rank sent under the ring algorithm next to the
-# formula, the median step time, the test accuracy after training, and how far the final
-# parameters are from the serial run's.
+# gradient size :math:`P`, the bytes each rank really sent, *measured* from the TCP counters of
+# its sockets (:mod:`cai_labs.wire`), next to the ring formula (a *model*), the median step
+# time, the test accuracy after training, and how far the final parameters are from the serial
+# run's. Rank 0's bytes are shown; the next cell shows every rank.
 
 grad_bytes = sum(p.numel() * p.element_size() for p in serial_params)
-rows = [
-    {
-        "variant": "serial (1 process)",
-        "all-reduce calls/step": 0,
-        "bytes all-reduced/step": 0,
+formula = round(ring_allreduce_sent(grad_bytes, WORLD_SIZE))
+
+
+def row(name: str, r: dict) -> dict:
+    ar = r["comm"].get("all_reduce", {"calls": 0, "bytes": 0})
+    wire = (r.get("wire") or [{"measured": False}])[0]
+    return {
+        "variant": name,
+        "all-reduce calls/step": ar["calls"] / r["steps"],
+        "bytes all-reduced/step": ar["bytes"] / r["steps"],
         "gradient bytes P": grad_bytes,
-        "sent/rank/step": 0,
-        "formula 2(N-1)/N·P": 0,
-        "step time (ms)": 1e3 * float(np.median(serial_times)),
-        "test accuracy": serial_acc,
-        "max |θ - θ_serial|": 0.0,
+        "measured sent/rank/step": wire["sent"] / r["steps"] if wire["measured"] else np.nan,
+        "modeled 2(N-1)/N·P": formula,
+        "measured - modeled": wire["sent"] / r["steps"] - formula if wire["measured"] else np.nan,
+        "step time (ms)": 1e3 * r["step_time"],
+        "test accuracy": r["accuracy"],
+        "max |θ - θ_serial|": max(
+            (a - b).abs().max().item() for a, b in zip(r["params"], serial_params)
+        ),
     }
-]
-formula = round(2 * (WORLD_SIZE - 1) / WORLD_SIZE * grad_bytes)
-for name, r in results.items():
-    ar = r["comm"].get("all_reduce", {"calls": 0, "bytes": 0, "sent_bytes": 0})
-    rows.append(
-        {
-            "variant": f"{name} ({WORLD_SIZE} ranks)",
-            "all-reduce calls/step": ar["calls"] / r["steps"],
-            "bytes all-reduced/step": ar["bytes"] / r["steps"],
-            "gradient bytes P": grad_bytes,
-            "sent/rank/step": ar["sent_bytes"] / r["steps"],
-            "formula 2(N-1)/N·P": formula,
-            "step time (ms)": 1e3 * r["step_time"],
-            "test accuracy": r["accuracy"],
-            "max |θ - θ_serial|": max(
-                (a - b).abs().max().item() for a, b in zip(r["params"], serial_params)
-            ),
-        }
-    )
+
+
+serial = {"comm": {}, "steps": 1, "wire": [{"measured": True, "sent": 0}], "params": serial_params}
+serial.update(step_time=float(np.median(serial_times)), accuracy=serial_acc)
+rows = [row("serial (1 process)", serial)]
+rows[0].update({"modeled 2(N-1)/N·P": 0, "measured - modeled": 0})
+for name, r in results.items():  # measured = formula + framing: at most 64 headers per call
+    extra = (r["wire"][0]["sent"] - formula * r["steps"]) if r.get("wire") else 0
+    calls = r["comm"].get("all_reduce", {}).get("calls", 0)
+    assert 0 <= extra <= 64 * GLOO_HEADER_BYTES * calls, (name, extra, calls)
+rows += [row(f"{name} ({WORLD_SIZE} ranks)", r) for name, r in results.items()]
 table = pd.DataFrame(rows).set_index("variant")
-pd.set_option("display.width", 200)
 table.style.format(
     {
         "all-reduce calls/step": "{:.2f}",
         "bytes all-reduced/step": "{:,.0f}",
         "gradient bytes P": "{:,.0f}",
-        "sent/rank/step": "{:,.0f}",
-        "formula 2(N-1)/N·P": "{:,.0f}",
+        "measured sent/rank/step": "{:,.0f}",
+        "modeled 2(N-1)/N·P": "{:,.0f}",
+        "measured - modeled": "{:,.0f}",
         "step time (ms)": "{:.2f}",
         "test accuracy": "{:.3f}",
         "max |θ - θ_serial|": "{:.1e}",
-    }
+    },
+    na_rep="not measured",
 )
 
 # %%
-# Each parallel row all-reduces exactly the gradient bytes once per step. (DDP averages slightly
-# under two calls per step: its very first step uses one bucket per parameter order it guessed,
-# then it rebuilds its buckets in the order gradients really arrived.) (The Colossal-AI row,
-# when executed, shows no counts: its DDP talks from C++ where the ledger cannot see). The
-# parameters end within rounding of the serial run: the four-rank runs *are* the serial run.
-#
-# Step times: the serial loop uses every core of the machine; the ranks share the same cores, one
-# thread each, and add communication on top. On a CPU with two cores, four ranks cannot be
-# faster than one process: data parallelism pays off when each rank has its own device. What the
-# measurement does show is the cost of the exchange and how bucketing reduces the message count.
+# Bytes on the wire, per rank
+# ---------------------------
+# What one all-reduce of all the gradients, flattened into one buffer of :math:`P` bytes, puts
+# on each rank's sockets: the ledger reads the kernel's TCP counters of the rank's sockets when
+# it opens and closes (after in-flight bytes are acknowledged). Next to it, the ring formula
+# :math:`2\,\frac{N-1}{N}\,P`. gloo frames each message with a 48-byte header (six 8-byte
+# fields), and a buffer whose elements do not split into :math:`N` equal chunks makes some ranks
+# send one element more per step of the ring, some one less.
 
+
+def flat_allreduce() -> list[dict]:
+    flat = torch.cat([p.flatten() for p in MLP(hidden=HIDDEN, seed=SEED).parameters()])
+    dist.all_reduce(torch.ones(1))  # connections up before anything is counted
+    with Ledger(track_activations=False) as ledger:
+        dist.all_reduce(flat)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, ledger.report()["wire"])
+    return every
+
+
+wire_rows = []
+for rank, w in enumerate(launch(flat_allreduce, WORLD_SIZE)):
+    row_ = {"rank": rank, "modeled 2(N-1)/N·P (B)": formula}
+    if w["measured"]:
+        extra = w["sent"] - formula
+        headers = round(extra / GLOO_HEADER_BYTES)
+        uneven = extra - headers * GLOO_HEADER_BYTES  # whole float32 elements, a few at most
+        assert headers >= 0 and abs(uneven) <= 2 * (WORLD_SIZE - 1) * 4, (rank, w)
+        row_.update({"measured sent (B)": w["sent"], "measured received (B)": w["received"]})
+        row_.update({"gloo headers": headers, "uneven chunks (B)": uneven})
+    else:
+        row_["measured sent (B)"] = "not measured (no TCP_INFO here)"
+    wire_rows.append(row_)
+print(f"P = {grad_bytes:,} B = {grad_bytes // 4:,} float32 on {WORLD_SIZE} ranks")
+print(pd.DataFrame(wire_rows).set_index("rank").to_string())
+
+# %%
+# Each parallel row all-reduces exactly the gradient bytes per step, and each rank's measured bytes
+# are the ring formula plus gloo's framing (column "measured - modeled"). DDP's call count per step
+# is not a whole number: in its first step its first bucket may hold up to
+# ``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES``, then DDP rebuilds its buckets in the order
+# gradients really arrived, with ``bucket_cap_mb`` (the counts are printed below). The Colossal-AI
+# row, when executed, shows no call counts: its DDP talks from C++, where the ledger does not record
+# calls one by one. The parameters end within rounding of the serial run: the four-rank runs *are*
+# the serial run.
+#
+# Step times: the serial loop runs one process; the four ranks share the machine's
+# cores, one thread each, and add communication on top, so here they are slower than one
+# process. The section after the figure measures data parallelism with one rank per core.
+
+ddp = results["PyTorch DDP"]["calls_per_step"]
+print(
+    f"PyTorch DDP: first bucket cap {dist._DEFAULT_FIRST_BUCKET_BYTES:,} B for {grad_bytes:,} B "
+    f"of gradients: {ddp[0]} all-reduce(s) in step 1; bucket_cap_mb=0.25 from step 2: {ddp[1]}; "
+    f"{np.mean(ddp):.2f} on average over {len(ddp)} steps"
+)
 for name, r in results.items():
     gap = max(abs(a - b) for a, b in zip(r["losses"], serial_losses))
     assert gap < 1e-4, f"{name} drifted from the serial loss by {gap}"
@@ -376,6 +433,116 @@ ax2.set(
 fig.tight_layout()
 
 # %%
+# A real speed-up: one rank per core
+# -----------------------------------
+# Data parallelism pays off when each rank has its own compute and the step is dominated by
+# computation, not by the exchange. Below, a wider MLP (``SPEED_HIDDEN``) trains on a large
+# batch (``SPEED_BATCH`` samples per step, split over the ranks), and each rank is pinned to one
+# core: 1 rank on 1 core, then 2 ranks on 2 cores, then 4 ranks on the same 2 cores
+# (oversubscribed). Each rank times its computation (forward + backward) and its exchange
+# (all-reduce + step) separately, and reports how much of a core it really got (CPU time over
+# wall time: other processes on the build machine take their share too).
+
+SPEED_HIDDEN, SPEED_BATCH, SPEED_STEPS = (1024, 1024), 512, 10
+
+
+def speed_worker() -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})  # rank r on core r mod cores
+    model = MLP(hidden=SPEED_HIDDEN, seed=SEED)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y = data.x_train[:SPEED_BATCH], data.y_train[:SPEED_BATCH]
+    x, y = shard_batch(x, y, rank=rank, world_size=world)
+    compute, exchange, cpu, wall = [], [], 0.0, 0.0
+    for step in range(SPEED_STEPS + 2):  # the first two steps warm up
+        t0, c0 = time.perf_counter(), time.thread_time()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        t1 = time.perf_counter()
+        allreduce_gradients(model)
+        opt.step()
+        t2, c2 = time.perf_counter(), time.thread_time()
+        if step >= 2:
+            compute.append(t1 - t0), exchange.append(t2 - t1)
+            cpu, wall = cpu + c2 - c0, wall + t2 - t0
+    step_s = float(np.median(np.add(compute, exchange)))
+    return {
+        "samples/s": SPEED_BATCH / step_s,
+        "compute ms": 1e3 * float(np.median(compute)),
+        "exchange ms": 1e3 * float(np.median(exchange)),
+        "core share": cpu / wall,
+    }
+
+
+cores = len(os.sched_getaffinity(0))
+speed = {n: launch(speed_worker, n) for n in (1, min(2, cores), 4)}
+print(pd.DataFrame(speed).T.rename_axis("ranks").round(2).to_string())
+
+# %%
+# The ratio of throughputs, from the table above:
+
+one = speed[1]["samples/s"]
+print(
+    f"{min(2, cores)} ranks on {min(2, cores)} cores: "
+    f"{speed[min(2, cores)]['samples/s'] / one:.2f}x the throughput of 1 rank on 1 core"
+)
+print(
+    f"4 ranks on {cores} cores: {speed[4]['samples/s'] / one:.2f}x; each rank got "
+    f"{speed[4]['core share']:.2f} of a core and spent {speed[4]['exchange ms']:.0f} ms per step "
+    f"in the exchange, against {speed[min(2, cores)]['exchange ms']:.0f} ms with 2 ranks"
+)
+
+# %%
+# With one rank per core, each rank computes half the batch on its own core; where the
+# exchange (:math:`2\,\frac{N-1}{N}P` bytes per rank) is small next to that computation, the
+# speed-up approaches the number of cores. With 4 ranks on 2 cores, two ranks take turns on each
+# core: a quarter of the batch at half a core takes as long as half the batch at a whole one,
+# and the ring all-reduce waits, at each of its :math:`2(N-1)` steps, for a peer that may be
+# descheduled. Oversubscribing cores adds communication without adding compute. Where the core
+# share is well under 1, other processes shared the build machine during the run.
+
+two = min(2, cores)
+print(
+    f"compute per step: 1 rank {speed[1]['compute ms']:.0f} ms, {two} ranks "
+    f"{speed[two]['compute ms']:.0f} ms, 4 ranks {speed[4]['compute ms']:.0f} ms; exchange: "
+    f"{two} ranks {speed[two]['exchange ms']:.0f} ms, 4 ranks {speed[4]['exchange ms']:.0f} ms"
+)
+
+# At real scale
+# -------------
+# The ring formula the ledger confirmed above, :math:`2\,\frac{N-1}{N}\,P`, is the one
+# :mod:`cai_labs.scale` uses for a data-parallel step on GPUs. Here OPT-1.3B in bf16 with plain
+# data parallelism (the gradient all-reduce overlapped with the last backward, as DDP does), 8
+# sequences of 2,048 tokens per GPU, on 8 to 512 A100 80 GB. Every number below is **modeled**
+# from datasheet bandwidths and one efficiency constant per GPU type (the scale model is checked
+# against published runs on the site's "Published runs" page), not measured in this build.
+
+from cai_labs.scale import ScaleLayout, get_model, params_per_gpu, predict
+
+opt = get_model("opt-1.3b")
+real = []
+for gpus in (8, 64, 512):
+    layout = ScaleLayout(dp=gpus, micro_batch_size=8, global_batch=8 * gpus, recompute="selective")
+    p = predict(opt, "a100-80gb", layout)
+    sent = ring_allreduce_sent(2 * params_per_gpu(opt, layout), gpus)  # bf16 gradients
+    real.append(
+        {
+            "GPUs": gpus,
+            "sent per GPU per step (GB)": sent / 1e9,
+            "step (s)": p.step_time_s,
+            "exposed all-reduce (s)": p.times_s["data-parallel communication"],
+            "tokens/s/GPU": p.tokens_per_s_per_gpu,
+            "MFU": p.mfu,
+            "bound": p.bound,
+        }
+    )
+real = pd.DataFrame(real).set_index("GPUs")
+change = real["tokens/s/GPU"].iloc[-1] / real["tokens/s/GPU"].iloc[0]
+print(f"modeled tokens/s per GPU, 512 GPUs / 8 GPUs: {change:.3f}")
+real.style.format("{:.3g}", subset=list(real.columns[:-1]))
+
+# %%
 # Running it on GPUs, or on several machines
 # ------------------------------------------
 # ``launch`` picks NCCL when as many GPUs as ranks are visible, and ``torchrun`` is supported:
@@ -384,7 +551,8 @@ fig.tight_layout()
 #
 #     torchrun --nproc-per-node=4 tutorial_00_data_parallel.py
 #
-# (move the batch and model to ``cai_labs.launcher.device()`` for GPU speed). Colossal-AI's
+# (the workers already put their model and batches on ``cai_labs.device()``, the rank's GPU
+# there and the CPU here). Colossal-AI's
 # launch of the same Booster code on a GPU cluster is::
 #
 #     colossalai run --nproc_per_node 4 train.py   # train.py calls colossalai.launch_from_torch()
@@ -394,3 +562,36 @@ fig.tight_layout()
 # **Next:** data parallelism keeps a full copy of model, gradients and optimizer state on every
 # rank. The following tutorials split those up: tensor and pipeline parallelism split the model,
 # ZeRO splits the optimizer state, gradients and parameters.
+
+# %%
+# Predict, then check
+# -------------------
+# Answer each question before opening its answer; the answers are this build's numbers.
+
+bucketed = results["cai_labs bucketed"]
+exercises = Exercises()
+w0 = wire_rows[0]
+seen = (
+    f"its sockets counted {w0['measured sent (B)']:,} B with {w0['gloo headers']} headers of 48 B"
+    if "gloo headers" in w0
+    else "this build could not read socket counters"
+)
+exercises.add(
+    f"Rank 0 all-reduces P = {grad_bytes:,} bytes of gradients on N = {WORLD_SIZE} ranks with "
+    "the ring algorithm. How many bytes does it send, before gloo's message headers?",
+    f"2(N-1)/N·P = {formula:,} B; {seen} (table 'Bytes on the wire').",
+)
+exercises.add(
+    f"BucketedDataParallel with bucket_mb=0.25 on this {grad_bytes:,}-byte model: how many "
+    "all-reduce calls per step, and what does bucketing change in the bytes sent?",
+    f"{bucketed['calls_per_step'][1]} calls (buckets of {bucketed['buckets']} bytes); the "
+    "bytes stay 2(N-1)/N·P: only the number of messages changes.",
+)
+faster = speed[4]["samples/s"] > speed[two]["samples/s"]
+exercises.add(
+    f"Would 4 ranks on {cores} cores train faster than {two} ranks on {two} cores?",
+    f"{'Yes' if faster else 'No'}: measured {speed[4]['samples/s']:,.0f} against "
+    f"{speed[two]['samples/s']:,.0f} samples/s, with {speed[4]['exchange ms']:.0f} against "
+    f"{speed[two]['exchange ms']:.0f} ms per step in the exchange.",
+)
+exercises

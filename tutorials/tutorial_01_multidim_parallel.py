@@ -52,6 +52,7 @@ Every rank is a CPU process on the machine that built this page, talking through
 # The constants size every run on the page; raise them on your own machine.
 
 import math
+import os
 import time
 
 import matplotlib.pyplot as plt
@@ -60,13 +61,14 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from cai_labs import Ledger, launch
+from cai_labs import Ledger, build_env, device, launch
 from cai_labs.data.char_corpus import load_char_corpus
+from cai_labs.exercises import Exercises
 from cai_labs.layout_costs import classify_comm, predicted_cost
 from cai_labs.layouts import PRESETS, Layout
 from cai_labs.models import GPT, GPTConfig
 from cai_labs.pipeline import bubble_formula, measured_bubble, step_events
-from cai_labs.tensor_parallel.formulas import COLOSSALAI_TABLE
+from cai_labs.tensor_parallel.formulas import COLOSSALAI_TABLE, linear_cost
 from cai_labs.unified import ParallelGPT, lm_loss
 
 CFG = GPTConfig(vocab_size=64, seq_len=32, d_model=64, n_heads=4, n_layers=4)
@@ -79,6 +81,7 @@ SEED = 0
 # cores spin against each other and make every number on the page noisier.
 torch.set_num_threads(1)
 
+print(build_env.describe(ranks=8))  # where this page's numbers were measured (up to 8 ranks)
 corpus = load_char_corpus(vocab_size=CFG.vocab_size)
 print(f"corpus: {len(corpus.train):,} training and {len(corpus.valid):,} validation characters")
 print(
@@ -91,7 +94,8 @@ print(f"parameters: {sum(p.numel() for p in GPT(CFG).parameters()):,}")
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same global batch for step ``step`` on every rank: a seeded draw, no communication."""
-    return corpus.batch(step, BATCH, CFG.seq_len, seed=SEED)
+    x, y = corpus.batch(step, BATCH, CFG.seq_len, seed=SEED)
+    return x.to(device()), y.to(device())
 
 
 # %%
@@ -336,15 +340,39 @@ table.style.format({c: "{:,.0f}" for c in byte_columns} | {"activations / serial
 # %%
 # Reading the table. Parameters fall as ``1/tp`` in 1D and ``1/q^2``, ``1/q^2`` (2.5D keeps
 # ``d`` copies of a ``q x q`` split) and ``1/q^3`` in 2D, 2.5D and 3D, on top of the replicated
-# embeddings and head (large here: the model is tiny). 1D splits the activations inside
-# attention and the MLP (each rank has its own heads and its slice of the hidden layer) but keeps
-# the block inputs and layer-norm outputs whole on every rank, which is why Colossal-AI lists its
-# activation memory as O(1); 2D/2.5D/3D split every activation over the grid. They pay
-# for it in traffic: at this small width, SUMMA's ``3q`` broadcasts of weight blocks per layer
-# send more than 1D's four all-reduces of activations; their advantage is that their volume per
-# rank shrinks as ``q`` grows while 1D's stays constant (the Colossal-AI table's bandwidth
-# column). Pipeline traffic is tiny (one activation per boundary), and data-parallel traffic is
-# one copy of the gradients.
+# embeddings and head (large here: the model is tiny). The byte columns are buffer bytes per
+# rank per step (what the collectives were handed), next to their formulas. 1D splits the
+# activations inside attention and the MLP (each rank has its own heads and its slice of the
+# hidden layer) but keeps the block inputs and layer-norm outputs whole on every rank, which is
+# why Colossal-AI lists its activation memory as O(1); 2D/2.5D/3D split the activations of
+# every transformer block over the grid, while the embeddings, the final norm, the head and the
+# logits stay replicated on every rank. Where the extra traffic of 2D comes from, per block,
+# from :func:`~cai_labs.tensor_parallel.formulas.linear_cost` (elements, forward + backward,
+# biases apart):
+
+M_TOKENS, D = BATCH * CFG.seq_len, CFG.d_model
+LINEARS = [(D, 3 * D), (D, D), (D, 4 * D), (4 * D, D)]  # qkv, proj, fc1, fc2: (K, N)
+one_d = 4 * M_TOKENS * D  # two all-reduces of (M, d) forward, two backward
+summa = sum(linear_cost("2d", 4, M_TOKENS, k, n, bias=False).comm_bytes // 4 for k, n in LINEARS)
+summa_w = sum(linear_cost("2d", 4, 0, k, n, bias=False).comm_bytes // 4 for k, n in LINEARS)
+calls_3d = linear_cost("3d", 8, M_TOKENS, D, D, bias=False).comm_calls
+print(
+    f"per block, q = 2: 1D all-reduces {one_d:,} elements; 2D broadcasts {summa_w:,} of weight "
+    f"blocks and {summa - summa_w:,} of activation blocks ({summa:,} in all)"
+)
+print(f"3D: {calls_3d} collectives per linear layer, forward + backward")
+assert summa_w < one_d < summa - summa_w  # what the next paragraph says
+
+# %%
+# So at this width SUMMA's weight-block broadcasts alone send less than 1D's all-reduces; it is
+# the broadcasts of activation blocks that exceed them. The Colossal-AI table's "communication
+# (bandwidth)" entry is a time coefficient, not bytes (it *rises* with ``q`` for 2D and 2.5D:
+# ``6(q-1)/q``), and this page measured every grid at ``q = 2`` only, so it shows no trend in
+# ``q``. The 3D layer uses the collectives printed above where Colossal-AI's documentation
+# counts 6: its backward all-gathers ``X`` and ``A`` again instead of keeping the gathered
+# copies from forward, trading two all-gathers for saved activations of ``1/q^3``
+# (:mod:`cai_labs.tensor_parallel.formulas`). Pipeline traffic is tiny (one activation per
+# boundary), and data-parallel traffic is one copy of the gradients.
 #
 # The hybrid's ranks are not alike: here is every rank of ``DP2 x PP2 x TP2-1D``.
 
@@ -407,8 +435,8 @@ LOSS_RANKS = (2, 4)
 def loss_worker() -> dict:
     n, r, group = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
     gen = torch.Generator().manual_seed(SEED)
-    logits = torch.randn(LOSS_BATCH, CFG.seq_len, LOSS_VOCAB, generator=gen)
-    targets = torch.randint(LOSS_VOCAB, (LOSS_BATCH, CFG.seq_len), generator=gen)
+    logits = torch.randn(LOSS_BATCH, CFG.seq_len, LOSS_VOCAB, generator=gen).to(device())
+    targets = torch.randint(LOSS_VOCAB, (LOSS_BATCH, CFG.seq_len), generator=gen).to(device())
     serial = logits.clone().requires_grad_()
     serial_loss = F.cross_entropy(serial.flatten(0, 1), targets.flatten(), reduction="sum")
     serial_loss.backward()
@@ -502,7 +530,7 @@ def pipeline_worker() -> list[dict]:
         with Ledger(model=model) as ledger:
             for step in range(PIPE_STEPS):
                 dist.barrier()
-                x, y = corpus.batch(step, PIPE_BATCH, CFG.seq_len)
+                x, y = (t.to(device()) for t in corpus.batch(step, PIPE_BATCH, CFG.seq_len))
                 model.train_step(x, y, optimizer, ledger=ledger, step=step)
         out[schedule] = {"timeline": ledger.timeline, "peak_activations": ledger.peak_activations}
     everyone = [None] * dist.get_world_size()
@@ -579,15 +607,59 @@ pd.DataFrame(mem_rows).set_index("stage").style.format(
 )
 
 # %%
-# The activation ratio follows the formula (the last stage also keeps the logits and the loss,
-# which both schedules free at the same moment). The measured bubble is an honest measurement
-# of a machine that does not match the formula's assumptions: the formula counts only compute
-# slots, while here each forward or backward of a micro-batch lasts a few milliseconds, so
-# gloo's per-message latency and the operating system's scheduling of ``PP_STAGES`` processes
-# on shared CPU cores fill much of each step (the gaps in the chart). When all stages are busy,
-# each computes at a fraction of a core and its events stretch. With one device per stage and
-# micro-batches that take far longer than a message, the measured bubble approaches
-# :math:`(p-1)/(m+p-1)`; raise ``N_MICRO`` to shrink it, ``PIPE_BATCH`` to lengthen the events.
+# A pipeline sized for the formula
+# --------------------------------
+# The formula counts compute slots only. In the run above, ``PP_STAGES`` processes share the
+# build machine's cores and each event lasts a few milliseconds, so gloo's per-message latency
+# and the operating system's scheduling fill much of each step. Here is a run that meets the
+# formula's assumptions: no more stages than cores, each pinned to its own core, and a wider
+# model (``SIZED_CFG``) whose micro-batches take far longer than a message.
+
+SIZED_CFG = GPTConfig(vocab_size=64, seq_len=64, d_model=128, n_heads=4, n_layers=4)
+SIZED_STAGES = min(2, len(os.sched_getaffinity(0)))
+SIZED_MICRO, SIZED_MICRO_BATCH, SIZED_STEPS = 4, 16, 4
+
+
+def sized_pipeline_worker() -> list[list[dict]]:
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[dist.get_rank() % len(cores)]})  # one stage per core
+    model = ParallelGPT(SIZED_CFG, Layout(pp=SIZED_STAGES, n_micro=SIZED_MICRO), seed=SEED)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    with Ledger(model=model, track_activations=False) as ledger:
+        for step in range(SIZED_STEPS):
+            dist.barrier()
+            x, y = corpus.batch(step, SIZED_MICRO * SIZED_MICRO_BATCH, SIZED_CFG.seq_len)
+            model.train_step(x, y, optimizer, ledger=ledger, step=step)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, ledger.timeline)
+    return everyone
+
+
+sized = launch(sized_pipeline_worker, SIZED_STAGES)
+sized_steps = [measured_bubble(step_events(sized, step=s)) for s in range(1, SIZED_STEPS)]
+sized_bubble = float(np.median([b["bubble"] for b in sized_steps]))
+sized_formula = bubble_formula(SIZED_STAGES, SIZED_MICRO)
+event_ms = [1e3 * (e["end"] - e["start"]) for e in step_events(sized, step=SIZED_STEPS - 1)]
+print(
+    f"p = {SIZED_STAGES} stages on {SIZED_STAGES} cores, m = {SIZED_MICRO} micro-batches, "
+    f"median event {np.median(event_ms):.0f} ms: measured bubble {sized_bubble:.3f} (median of "
+    f"{len(sized_steps)} steps) vs (p-1)/(m+p-1) = {sized_formula:.3f}, "
+    f"{100 * (sized_bubble / sized_formula - 1):+.0f}% off"
+)
+print(
+    f"the oversubscribed run above: p = {PP_STAGES} stages on {len(os.sched_getaffinity(0))} "
+    f"cores, m = {N_MICRO}: measured {bubbles['gpipe']['bubble']:.3f} vs "
+    f"{bubble_formula(PP_STAGES, N_MICRO):.3f}"
+)
+
+# %%
+# The activation ratio of the earlier table follows its formula (the last stage also keeps the
+# logits and the loss, which both schedules free at the same moment). With one stage per core and
+# events much longer than a message, the measured bubble is the formula's :math:`(p-1)/(m+p-1)` up
+# to the percentage printed above. With more stages than cores, when all stages are busy each
+# computes at a fraction of a core and its events stretch, and the gaps between events are messages
+# and scheduling, not the schedule: the first run measures the machine. Raise ``SIZED_MICRO`` to
+# shrink the bubble, ``SIZED_MICRO_BATCH`` to lengthen the events.
 #
 # PyTorch side by side
 # --------------------
@@ -641,8 +713,8 @@ pd.DataFrame(race_rows).set_index("comparison").style.format(
 
 # %%
 # Same losses. The step-time ratio is measured in this build on shared CPU cores, so it moves
-# from run to run (the goal is a ratio of at most 1: the small cai_labs modules should not be
-# slower than PyTorch's); ``benchmarks/bench_tensor_parallel.py`` (``nox -s bench``) measures it
+# from run to run (a ratio above 1 means the cai_labs modules were slower than PyTorch's);
+# ``benchmarks/bench_tensor_parallel.py`` (``nox -s bench``) measures it
 # over more steps on a wider model. At this size both engines spend most of a step in the same
 # gloo calls, and PyTorch's extra machinery (DTensor dispatch, pipeline shape inference and
 # schedule bookkeeping) is overhead; on GPUs at scale the production engines' fused kernels and
@@ -661,8 +733,70 @@ ms = [1e3 * float(np.median(serial_times[1:STEPS]))] + [
 ]
 ax.barh(names, ms, color=["gray"] + [f"C{i}" for i in range(len(results))])
 ax.invert_yaxis()
-ax.set(xlabel="median step time (ms), measured in this build, shared CPU cores")
+ax.set(
+    xlabel="median step time (ms), measured in this build, shared CPU cores",
+    title="Step time per layout (ranks share the cores: overhead, not speed-up)",
+)
 fig.tight_layout()
+
+# %%
+# At real scale
+# -------------
+# The per-rank bytes of each tensor-parallel mode that the ledger matched above come from
+# :func:`cai_labs.tensor_parallel.formulas.linear_cost`; :mod:`cai_labs.scale` applies the same
+# function to GPT-3 175B (one sequence of 2,048 tokens per micro-batch, bf16) on 64 GPUs split
+# 64 ways in each mode. **Modeled**, per GPU and per micro-batch forward + backward. A layout
+# the mode cannot take gets the same error as on CPU ranks.
+
+from cai_labs.scale import ScaleLayout, get_model, predict
+from cai_labs.scale.memory import layer_cost
+
+gpt3 = get_model("gpt-3-175b")
+modes = []
+for mode, depth in (("1d", 1), ("2d", 1), ("2.5d", 4), ("3d", 1)):
+    layout = ScaleLayout(tp=64, tp_mode=mode, tp_depth=depth, global_batch=1)
+    try:
+        p = predict(gpt3, "a100-80gb", layout)
+    except ValueError as e:
+        modes.append({"mode": mode, "error": str(e)})
+        continue
+    per_layer = layer_cost(gpt3, layout, rows=gpt3.seq)
+    modes.append(
+        {
+            "mode": mode,
+            "TP bytes per GPU (GB)": gpt3.layers * per_layer.comm_bytes / 1e9,
+            "collective calls": gpt3.layers * per_layer.comm_calls,
+            "params per GPU (GB)": p.memory_per_gpu_bytes["params"] / 1e9,
+            "error": "",
+        }
+    )
+pd.DataFrame(modes).set_index("mode")
+
+# %%
+# The bubble formula :math:`\frac{p-1}{m+p-1}` measured above on CPU ranks (where shared cores
+# stretch it) sets the pipeline's idle time on GPUs too: GPT-3 175B on 64 A100 80 GB as 8-way
+# tensor x 8-way pipeline parallelism, selective recomputation, by the number of micro-batches
+# per step, with the 1F1B schedule and with two interleaved chunks per stage. **Modeled.**
+
+bubble_rows = []
+for m in (8, 16, 32, 64, 128):
+    for schedule, chunks in (("1f1b", 1), ("interleaved", 2)):
+        layout = ScaleLayout(
+            tp=8, pp=8, schedule=schedule, chunks=chunks, global_batch=m, recompute="selective"
+        )
+        p = predict(gpt3, "a100-80gb", layout)
+        bubble_rows.append(
+            {
+                "micro-batches": m,
+                "schedule": f"{schedule} (v={chunks})",
+                "bubble share of step": p.times_s["pipeline bubble"] / p.step_time_s,
+                "tokens/s/GPU": p.tokens_per_s_per_gpu,
+                "MFU": p.mfu,
+                "activations (GB)": p.memory_per_gpu_bytes["activations"] / 1e9,
+            }
+        )
+bubbles = pd.DataFrame(bubble_rows).set_index(["micro-batches", "schedule"])
+bubbles.style.format("{:.3g}")
 
 # %%
 # On GPUs, and with Colossal-AI
@@ -672,7 +806,8 @@ fig.tight_layout()
 #
 #     torchrun --nproc-per-node=8 tutorial_01_multidim_parallel.py
 #
-# (move batches to ``cai_labs.launcher.device()``). On a cluster, put the tensor-parallel
+# (its workers already put their batches on ``cai_labs.device()``, and ``ParallelGPT`` its
+# weights: the rank's GPU there, the CPU here). On a cluster, put the tensor-parallel
 # dimension inside a node and the pipeline across nodes: tensor parallelism communicates in
 # every layer, the pipeline only at stage boundaries.
 #
@@ -711,3 +846,29 @@ print(checked_here(colossalai_hybrid_parallel))
 # Colossal-AI's 2D, 2.5D and 3D tensor parallelism live in its legacy ``colossalai.legacy.nn``
 # layers (``config = dict(parallel=dict(tensor=dict(mode="2.5d", size=8, depth=2)))``), also
 # CUDA only. Only the CPU runs on this page were executed for this build.
+
+# %%
+# Predict, then check
+# -------------------
+# Answer each question before opening its answer; the answers are this build's numbers.
+
+exercises = Exercises()
+exercises.add(
+    f"2D tensor parallelism with q = 2 on one block of this model ({M_TOKENS} tokens, d = {D}): "
+    "do the broadcasts of weight blocks send more or fewer elements than 1D's all-reduces?",
+    f"Fewer: {summa_w:,} against {one_d:,}; the activation blocks ({summa - summa_w:,}) are what "
+    "make 2D's traffic larger at this width.",
+)
+exercises.add(
+    f"A pipeline of p = {SIZED_STAGES} stages and m = {SIZED_MICRO} micro-batches: what share of "
+    "the step does each stage sit idle, by the formula, and what was measured?",
+    f"(p-1)/(m+p-1) = {sized_formula:.3f}; measured {sized_bubble:.3f} with one stage per core "
+    f"(and {bubbles['gpipe']['bubble']:.3f} for {PP_STAGES} stages on shared cores).",
+)
+exercises.add(
+    "How many collectives does one 3D-parallel linear layer call per forward + backward here, "
+    "and what do the extra ones buy?",
+    f"{calls_3d}, two more than Colossal-AI's 6: X and A are gathered again in backward instead "
+    "of kept, so saved activations stay at 1/q^3.",
+)
+exercises

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from scipy.stats import spearmanr
 
-from cai_labs import launch
+from cai_labs import device, launch
 from cai_labs.auto_parallel import (
     MemoryBudgetError,
     Mesh,
@@ -85,15 +85,15 @@ torch.set_num_threads(1)  # the ranks use one thread each; so does the serial re
 
 def make_resnet(dtype=torch.float32):
     torch.manual_seed(SEED)
-    model = resnet50(width=RESNET_WIDTH, seed=SEED).to(dtype)
-    return model, torch.randn(BATCH, 3, IMAGE, IMAGE, dtype=dtype)
+    model = resnet50(width=RESNET_WIDTH, seed=SEED).to(device(), dtype)
+    return model, torch.randn(BATCH, 3, IMAGE, IMAGE, dtype=dtype).to(device())
 
 
 def make_gpt(dtype=torch.float32):
     torch.manual_seed(SEED)
-    return Block(GPT_CFG).to(dtype), torch.randn(
+    return Block(GPT_CFG).to(device(), dtype), torch.randn(
         GPT_BATCH, GPT_CFG.seq_len, GPT_CFG.d_model, dtype=dtype
-    )
+    ).to(device())
 
 
 # %%
@@ -600,6 +600,41 @@ for label, use_ckpt in (("without checkpointing", False), ("with checkpointing",
     }
     assert meas["peak_activations"] <= BUDGET * 1.02
 pd.DataFrame(fits).T.style.format(precision=2)
+
+# %%
+# At real scale
+# -------------
+# The solver above chooses a strategy per operator from a cost model on CPU ranks. The same
+# question at cluster scale, answered by brute force over :mod:`cai_labs.scale`: every
+# data x tensor x pipeline split of 64 A100 80 GB for GPT-3 175B (1,024 sequences per step,
+# tensor parallelism inside a node), each recomputation policy, keeping the layouts whose memory
+# per GPU fits. **Modeled**; the five fastest:
+
+import itertools
+
+from cai_labs.scale import ScaleLayout, predict
+
+found = []
+for tp, pp, rec in itertools.product((1, 2, 4, 8), (1, 2, 4, 8, 16), ("none", "selective", "full")):
+    dp = 64 // (tp * pp)
+    if dp < 1 or tp * pp * dp != 64:
+        continue
+    layout = ScaleLayout(dp=dp, tp=tp, pp=pp, zero=1, recompute=rec, global_batch=1024)
+    p = predict("gpt-3-175b", "a100-80gb", layout)
+    if p.fits:
+        found.append(
+            {
+                "dp x tp x pp": f"{dp} x {tp} x {pp}",
+                "recompute": rec,
+                "step (s)": p.step_time_s,
+                "MFU": p.mfu,
+                "memory (GB)": p.memory_per_gpu_bytes["total"] / 1e9,
+                "bound": p.bound,
+            }
+        )
+best = pd.DataFrame(found).sort_values("step (s)").head(5).set_index("dp x tp x pp")
+print(f"{len(found)} layouts fit; fastest: {best.index[0]}, {best['recompute'].iloc[0]}")
+best.style.format({"step (s)": "{:.2f}", "MFU": "{:.3f}", "memory (GB)": "{:.1f}"})
 
 # %%
 # Running it with Colossal-AI on GPUs

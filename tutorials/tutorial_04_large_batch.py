@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cai_labs import Ledger, comm_totals, launch
+from cai_labs import Ledger, comm_totals, device, launch
 from cai_labs.data.mnist1d import load_mnist1d_split
 from cai_labs.data_parallel import BucketedDataParallel, allreduce_gradients, shard_batch
 from cai_labs.models.cnn1d import CNN1d
@@ -155,13 +155,14 @@ CHECK_STEPS = 3
 
 
 def check_steps(name: str, world: int, rank: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    m = CNN1d(channels=CHANNELS, seed=SEED).to(dtype)
+    m = CNN1d(channels=CHANNELS, seed=SEED).to(device(), dtype)
     groups = param_groups(m, 5e-4, excluded_lr=0.1 if name == "LARS" else None)
     opt = LARS(groups, lr=5.0) if name == "LARS" else LAMB(groups, lr=0.02)
     for s in range(CHECK_STEPS):
         b = BATCH_SIZES[-1]
         idx = torch.arange(s * b, (s + 1) * b) % N_TRAIN
-        xs, ys = shard_batch(data.x_train[idx], data.y_train[idx], rank=rank, world_size=world)
+        x, y = data.x_train[idx].to(device()), data.y_train[idx].to(device())
+        xs, ys = shard_batch(x, y, rank=rank, world_size=world)
         opt.zero_grad()
         nn.functional.cross_entropy(m(xs.to(dtype)), ys).backward()
         if world > 1:
@@ -232,16 +233,18 @@ def make_optimizer(name: str, model: nn.Module, batch: int, sgd_rate_for_exclude
 
 
 def evaluate(model: nn.Module, rank: int, world: int) -> float:
-    xs, ys = shard_batch(data.x_test, data.y_test, rank=rank, world_size=world)
+    x, y = data.x_test.to(device()), data.y_test.to(device())
+    xs, ys = shard_batch(x, y, rank=rank, world_size=world)
     with torch.no_grad():
-        correct = torch.tensor([(model(xs).argmax(1) == ys).sum().item()], dtype=torch.float64)
+        hits = (model(xs).argmax(1) == ys).sum().item()
+        correct = torch.tensor([hits], dtype=torch.float64, device=device())
     dist.all_reduce(correct)
     return correct.item() / N_TEST
 
 
 def train_one(name: str, batch: int, sgd_rate_for_excluded: bool = True) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = BucketedDataParallel(CNN1d(channels=CHANNELS, seed=SEED), bucket_mb=1.0)
+    model = BucketedDataParallel(CNN1d(channels=CHANNELS, seed=SEED).to(device()), bucket_mb=1.0)
     opt = make_optimizer(name, model.module, batch, sgd_rate_for_excluded)
     peak = opt.param_groups[0]["lr"]
     steps_per_epoch = N_TRAIN // batch
@@ -266,9 +269,8 @@ def train_one(name: str, batch: int, sgd_rate_for_excluded: bool = True) -> dict
         with Ledger(track_activations=False) as ledger:  # counts the training all-reduces
             for s in range(steps_per_epoch):
                 idx = order[s * batch : (s + 1) * batch]
-                xs, ys = shard_batch(
-                    data.x_train[idx], data.y_train[idx], rank=rank, world_size=world
-                )
+                x, y = data.x_train[idx].to(device()), data.y_train[idx].to(device())
+                xs, ys = shard_batch(x, y, rank=rank, world_size=world)
                 start = time.perf_counter()
                 opt.zero_grad()
                 loss = nn.functional.cross_entropy(model(xs), ys)
@@ -281,11 +283,11 @@ def train_one(name: str, batch: int, sgd_rate_for_excluded: bool = True) -> dict
                 if record_ratios:
                     out["ratios"].append(opt.trust_ratios())
         totals = comm_totals(ledger.report())["all_reduce"]
-        buffer, sent = buffer + totals["bytes"], sent + totals["sent_bytes"]
+        buffer, sent = buffer + totals["bytes"], sent + totals["modeled_sent_bytes"]
         out["epoch_time"].append(elapsed)
         out["acc"].append(evaluate(model.module, rank, world))
     out["diverged"] = not all(math.isfinite(v) for v in out["loss"])
-    out["allreduce_bytes"], out["sent_bytes"] = buffer, sent
+    out["allreduce_bytes"], out["modeled_sent_bytes"] = buffer, sent
     return out
 
 
@@ -648,18 +650,54 @@ else:
     )
 
 # %%
+# At real scale
+# -------------
+# Large batches matter because each step's gradient all-reduce is paid once per batch: with
+# more GPUs at a fixed 32 images per GPU, the step time stays nearly flat while the epoch takes
+# fewer steps. :mod:`cai_labs.scale` on ResNet-50 (ImageNet-1k, 1,281,167 training images, 90
+# epochs as in Goyal et al. 2017), data parallel in bf16 on A100 80 GB, for global batches
+# from 256 to 32,768 (the LARS and LAMB papers' range). **Modeled** (model states and FLOPs;
+# the page's measured accuracy per batch size is what says whether a batch still converges).
+# The efficiency constant comes from transformer runs; convolutions reach less of the peak, so
+# read the times as a lower bound and the columns relative to each other.
+
+from cai_labs.scale import ScaleLayout, predict
+
+IMAGENET, EPOCHS = 1_281_167, 90
+big = []
+for batch in (256, 1024, 4096, 8192, 32768):
+    gpus = batch // 32
+    p = predict(
+        "resnet-50", "a100-80gb", ScaleLayout(dp=gpus, micro_batch_size=32, global_batch=batch)
+    )
+    hours = EPOCHS * IMAGENET / batch * p.step_time_s / 3600
+    big.append(
+        {
+            "global batch": batch,
+            "GPUs": gpus,
+            "step (ms)": 1e3 * p.step_time_s,
+            "images/s/GPU": p.tokens_per_s_per_gpu,
+            f"{EPOCHS} epochs (h)": hours,
+            "bound": p.bound,
+        }
+    )
+big = pd.DataFrame(big).set_index("global batch")
+big.style.format(
+    {"step (ms)": "{:.1f}", "images/s/GPU": "{:,.0f}", f"{EPOCHS} epochs (h)": "{:.2f}"}
+)
+
+# %%
 # Running it on GPUs
 # ------------------
-# ``launch`` uses NCCL when as many GPUs as ranks are visible, and runs in place under
-# ``torchrun``, so this page runs on a 4-GPU node as
-# ``torchrun --nproc-per-node=4 tutorial_04_large_batch.py`` (move data and model to
-# ``cai_labs.launcher.device()``). With Colossal-AI the training loop of a GPU cluster is the
-# function below; its ``TorchDDPPlugin`` and optimizers run on CPU too, so this build runs it on
-# ``WORLD_SIZE`` CPU ranks and once on one rank with the whole batch: data parallelism must not
-# change the trajectory. On a GPU cluster, start it with ``colossalai run --nproc_per_node 4``
-# and call ``colossalai.launch_from_torch()`` before it (here ``launch`` made the group).
-
-from cai_labs.launcher import device
+# ``launch`` uses ``cpu:gloo,cuda:nccl`` when as many GPUs as ranks are visible, and runs on
+# torchrun's processes under ``torchrun``, so this page runs on a 4-GPU node as
+# ``torchrun --nproc-per-node=4 tutorial_04_large_batch.py`` (the workers already put data and
+# model on ``cai_labs.device()``: the rank's GPU there, the CPU here). With Colossal-AI the
+# training loop of a GPU cluster is the function below; its ``TorchDDPPlugin`` and optimizers
+# run on CPU too, so this build runs it on ``WORLD_SIZE`` CPU ranks and once on one rank with
+# the whole batch: data parallelism must not change the trajectory. On a GPU cluster, start it
+# with ``colossalai run --nproc_per_node 4`` and call ``colossalai.launch_from_torch()`` before
+# it (here ``launch`` made the group).
 
 
 def colossalai_large_batch(name: str = "LARS", steps: int = 6, batch: int = 512) -> list:

@@ -54,7 +54,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from cai_labs import Ledger, comm_totals, launch
+from cai_labs import Ledger, comm_totals, device, launch
 from cai_labs.data_parallel import shard_batch
 from cai_labs.offload import ChunkedAdam, ChunkedModel
 from cai_labs.recipes.opt_finetune import (
@@ -202,7 +202,7 @@ def ddp_comm_hook(state, bucket):
     return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
 
 
-def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
+def train_worker(method: str, steps: int, keep_weights: bool = False) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     model, tok = load_checkpoint(base_dir)
     model.train()
@@ -257,7 +257,7 @@ def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
             optimizer.zero_grad()
             losses.append(loss.item())
     # Full-batch loss per step: the mean of the ranks' losses (outside the ledger).
-    mean_losses = torch.tensor(losses)
+    mean_losses = torch.tensor(losses, device=device())
     dist.all_reduce(mean_losses)
     every_rank = [None] * world
     dist.all_gather_object(every_rank, memory)
@@ -267,6 +267,7 @@ def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
         "memory": memory,
         "memory_all": every_rank,
         "comm": comm_totals(ledger.report()),
+        "wire": ledger.report()["wire"],
         "steps": steps,
         "tokens_per_rank": x.numel(),
     }
@@ -274,13 +275,8 @@ def train_worker(method: str, steps: int, save_to: str | None = None) -> dict:
         out["chunks"] = model.manager.stats()
         out["trace"] = model.manager.trace
         out["states"] = model.state_bytes()
-    if save_to is not None:  # gather the full weights (a collective), save on rank 0
-        full = model.full_state_dict()
-        if rank == 0:
-            plain, _ = load_checkpoint(base_dir)
-            plain.load_state_dict(full)
-            plain.save_pretrained(save_to)
-            tok.save_pretrained(save_to)
+    if keep_weights:  # gather the full weights (a collective); rank 0 hands them back
+        out["weights"] = model.full_state_dict()
     return out
 
 
@@ -389,26 +385,38 @@ balance.style.format("{:,.0f}").format("{:.2f}", subset=pd.IndexSlice["largest /
 #
 # Communication and step time
 # ---------------------------
-# Elements sent per rank per step under ring algorithms, from the ledger (FSDP2 calls the same
-# ``torch.distributed`` collectives from Python, so the ledger records it too), next to the
-# formulas above; and the median step time on this machine.
+# Elements sent per rank per step: modeled (the ring algorithms' traffic for each recorded
+# collective; FSDP2 calls the same ``torch.distributed`` collectives from Python, so the ledger
+# records it too), next to the formulas above; measured on the wire (rank 0's socket counters,
+# gloo's 48-byte message headers included); and the median step time on this machine. gloo has
+# no reduce-scatter of its own: PyTorch's gloo backend all-reduces the whole buffer and keeps its
+# chunk, so on gloo every reduce-scatter sends :math:`2\frac{N-1}{N}` of its buffer, twice the
+# ring's (``tests/test_wire.py`` measures it); NCCL's ring reduce-scatter sends the formula's.
 
 comm_rows = []
 for method, r in runs.items():
-    sent = sum(v["sent_bytes"] for v in r["comm"].values()) / r["steps"] / 4
+    sent = sum(v["modeled_sent_bytes"] for v in r["comm"].values()) / r["steps"] / 4
+    wire = r["wire"]["sent"] / r["steps"] / 4 if r["wire"]["measured"] else np.nan
     factor = {"DDP": 2, "ZeRO-1": 2, "ZeRO-2": 2, "ZeRO-3": 3, "FSDP2": 3}[method]
     comm_rows.append(
         {
             "technique": method,
             "collectives": ", ".join(sorted(r["comm"])),
-            "sent elements/rank/step": sent,
+            "modeled elements/rank/step": sent,
             "formula": factor * (WORLD_SIZE - 1) / WORLD_SIZE * PSI,
+            "measured on the wire": wire,
             "median step (ms)": 1e3 * r["step_time"],
         }
     )
 comm_table = pd.DataFrame(comm_rows).set_index("technique")
 comm_table.style.format(
-    {"sent elements/rank/step": "{:,.0f}", "formula": "{:,.0f}", "median step (ms)": "{:.1f}"}
+    {
+        "modeled elements/rank/step": "{:,.0f}",
+        "formula": "{:,.0f}",
+        "measured on the wire": "{:,.0f}",
+        "median step (ms)": "{:.1f}",
+    },
+    na_rep="not measured",
 )
 
 # %%
@@ -460,6 +468,7 @@ def prefetch_worker(steps: int) -> dict:
             "peak": m.gathered_peak_bytes,
             "bound": m.gathered_bound_bytes(),
             "unit": max(u.gathered_bytes for u in m.units if u is not m.root),
+            "allocated": m.gathered_storage_peak_bytes,  # measured from the storages
         }
         for pf, (m, _, t, losses) in runs_pf.items()
     }
@@ -469,6 +478,7 @@ pf = launch(prefetch_worker, WORLD_SIZE, MEASURE_STEPS)
 assert pf[True]["losses"] == pf[False]["losses"], "prefetch changed the arithmetic"
 for r in pf.values():
     assert r["peak"] <= r["bound"], "more units gathered than the prefetch bound allows"
+    assert r["allocated"] <= r["bound"], "more storage allocated than the prefetch bound allows"
 prefetch_table = pd.DataFrame(
     [
         {
@@ -487,7 +497,11 @@ prefetch_table = pd.DataFrame(
 ).set_index("ZeRO-3")
 print(
     f"step time with prefetch / without: {pf[True]['step_time'] / pf[False]['step_time']:.2f}; "
-    f"largest layer unit {pf[True]['unit']:,} B gathered"
+    f"largest layer unit {pf[True]['unit']:,} B gathered; allocated at most "
+    f"{pf[True]['allocated']:,} B with prefetch. With {LAYERS} layer units, gathering all of "
+    f"them ({LAYERS * pf[True]['unit']:,} B) "
+    f"{'would exceed' if LAYERS * pf[True]['unit'] > pf[True]['bound'] else 'stays within'} "
+    "the bound here"
 )
 prefetch_table.style.format(
     {"median step (ms)": "{:.1f}", "gathered peak (B, rank 0)": "{:,.0f}", "bound (B)": "{:,.0f}"}
@@ -533,12 +547,15 @@ print(
 )
 assert gap < 1e-3, "chunked training does not follow data parallel"
 assert stats["device_peak"] <= stats["device_budget"] < states_total
+# The pool's peak is its own account; the storage the chunks really allocated is measured apart.
+assert stats["device_storage_peak"] <= stats["device_budget"], "device storage over budget"
 
 traffic = pd.DataFrame(
     [
         ("model states on rank 0 (params, grads, own Adam moments)", states_total),
         ("device budget", stats["device_budget"]),
-        ("device peak (measured)", stats["device_peak"]),
+        ("device peak (the pool's account)", stats["device_peak"]),
+        ("device peak (measured: allocated storage)", stats["device_storage_peak"]),
         ("host -> device, on demand, per step", stats["h2d_demand"] / MEASURE_STEPS),
         ("host -> device, prefetched, per step", stats["h2d_prefetch"] / MEASURE_STEPS),
         ("device -> host (dirty evictions), per step", stats["d2h"] / MEASURE_STEPS),
@@ -581,13 +598,18 @@ fig.tight_layout()
 # Fine-tune with ZeRO-3, save, reload, measure
 # --------------------------------------------
 # The real run: ``FINETUNE_STEPS`` steps of ZeRO-3 on 4 ranks. At the end the ranks all-gather
-# the full weights (``full_state_dict``) and rank 0 writes them with ``save_pretrained``: the
-# checkpoint is an ordinary Hugging Face directory that the serving tutorial loads, and that
-# ``from_pretrained`` reads back here for the final measurement.
+# the full weights (``full_state_dict``) and rank 0 hands them back; the page writes them with
+# ``save_pretrained`` (under torchrun every process gets rank 0's weights and writes its own
+# copy): the checkpoint is an ordinary Hugging Face directory that the serving tutorial loads,
+# and that ``from_pretrained`` reads back here for the final measurement.
 
 finetuned_dir = WORK_DIR / "finetuned"
 start = time.perf_counter()
-final = launch(train_worker, WORLD_SIZE, "ZeRO-3", FINETUNE_STEPS, str(finetuned_dir))
+final = launch(train_worker, WORLD_SIZE, "ZeRO-3", FINETUNE_STEPS, True)
+tuned, tuned_tok = load_checkpoint(base_dir)  # the architecture; the weights come next
+tuned.load_state_dict(final.pop("weights"))
+tuned.save_pretrained(finetuned_dir)
+tuned_tok.save_pretrained(finetuned_dir)
 print(
     f"ZeRO-3 fine-tuning: {FINETUNE_STEPS} steps in {time.perf_counter() - start:.1f} s, "
     f"loss {final['losses'][0]:.3f} -> {final['losses'][-1]:.4f}"
@@ -778,6 +800,38 @@ fig.tight_layout()
 
 work_dir.cleanup()
 torch.set_num_threads(threads_before)
+
+# %%
+# At real scale
+# -------------
+# The ZeRO formula the ledger matched above (:func:`cai_labs.zero.formulas.zero_memory_formula`,
+# here in mixed precision: ``2 + 2 + 12`` bytes per parameter) decides which OPT sizes one node
+# of 8 A100 80 GB can train: memory per GPU (model states + activations of one 2,048-token
+# sequence with selective recomputation), under data parallelism, ZeRO-1/2/3 and ZeRO-2 with the
+# optimizer state offloaded to host memory. **Modeled**; GB per GPU, ``*`` where it fits.
+
+from cai_labs.scale import GPUS, ScaleLayout, predict
+
+setups = {
+    "DDP": (0, False),
+    "ZeRO-1": (1, False),
+    "ZeRO-2": (2, False),
+    "ZeRO-3": (3, False),
+    "ZeRO-2 + offload": (2, True),
+}
+fit_rows = {}
+for size in ("opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b"):
+    row = {}
+    for name, (stage, offload) in setups.items():
+        layout = ScaleLayout(
+            dp=8, zero=stage, offload=offload, global_batch=8, recompute="selective"
+        )
+        p = predict(size, "a100-80gb", layout)
+        row[name] = f"{p.memory_per_gpu_bytes['total'] / 1e9:,.1f}" + (" *" if p.fits else "")
+    fit_rows[size] = row
+fit_table = pd.DataFrame(fit_rows).T
+print(f"HBM per GPU: {GPUS['a100-80gb'].hbm_bytes / 1e9:.0f} GB")
+fit_table
 
 # %%
 # Running it on GPUs: Colossal-AI

@@ -6,13 +6,17 @@ Training ends with a checkpoint directory; users meet the model through a servic
 puts the OPT model fine-tuned by the recipe of the fine-tuning tutorial behind an HTTP API and
 measures what a serving system adds to ``model.generate``:
 
-1. **dynamic batching** — requests that arrive close together are decoded by one batched
-   ``generate`` call, with left padding, so one decoding step serves many users;
+1. **batching** — requests decoded together, with left padding, so one decoding step serves many
+   users; **continuous** batching (iteration-level scheduling, as in Orca, vLLM and TGI) lets
+   requests join and leave the running batch at every step, where **static** batching runs a batch
+   until its longest request ends;
 2. a **bounded request queue** that answers "503, retry later" at once when it is full, instead of
    letting latency grow without bound;
 3. an **LRU result cache** for deterministic requests (greedy, or sampled with a seed);
-4. **health and metrics** endpoints, **OpenAPI** docs, a **streaming** endpoint, and 4xx answers
-   with a message for every kind of bad request.
+4. an **OpenAI-compatible API** (``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``)
+   next to the service's own ``/generate``, **metrics** that matter for serving (time to first
+   token, time per output token, batch occupancy; JSON and Prometheus text), **OpenAPI** docs,
+   **streaming**, and one ``{"error": ...}`` body for every kind of bad request.
 
 The service is :func:`cai_labs.serving.create_app` (FastAPI) run by uvicorn. The page starts it
 in background processes on free ports of the loopback interface (127.0.0.1), queries it, checks
@@ -38,19 +42,21 @@ from pathlib import Path
 import httpx
 import matplotlib.pyplot as plt
 import numpy as np
+import openai
 import pandas as pd
 import torch
 
 from cai_labs.recipes.opt_finetune import FinetuneConfig, make_finetuned_checkpoint
-from cai_labs.serving import GenerationEngine, GenerationJob, ServerProcess, load_test
+from cai_labs.serving import GenerationEngine, GenerationJob, Scheduler, ServerProcess, load_test
 
 CONCURRENCIES = (1, 4, 16)  # closed-loop clients per load-test run
-REQUESTS_PER_RUN = 64  # bound on requests per run
-REPEATS = 2  # runs per setting (servers take turns); the best is kept
+REQUESTS_PER_RUN = 48  # bound on requests per run
+REPEATS = 1  # runs per setting (servers take turns); the best is kept
 TIME_LIMIT_S = 30.0  # bound on seconds per run
-NEW_TOKENS = 24  # tokens generated per load-test request
-MAX_BATCH = 16  # dynamic batching: most requests per generate call
-MAX_WAIT_MS = 50.0  # dynamic batching: longest wait for a batch to fill
+NEW_TOKENS = 24  # tokens per request of the engine timing and the burst
+LENGTHS = (4, 32)  # load test: each request asks for a number of tokens in this range
+MAX_BATCH = 16  # most requests in the running batch
+MAX_WAIT_MS = 50.0  # an idle server waits this long for a first batch to fill
 QUEUE_SIZE = 64  # bounded queue in front of the batcher
 CACHE_SIZE = 256  # LRU result cache entries
 THREADS = 1  # torch threads of each server process
@@ -106,6 +112,17 @@ for w, c in zip(words[:3], together):
 print(f"... {len(jobs)} requests decoded in one batch, identical to one at a time")
 
 # %%
+# The server itself does not call ``generate``: its :class:`~cai_labs.serving.Scheduler` runs
+# one decoding step at a time over a running batch whose key/value cache (a transformers
+# ``DynamicCache``) gains a row when a request joins and loses it when the request ends. With
+# room for 4 requests, the 9 above take turns, joining as others finish, and still get exactly
+# their tokens:
+
+continuous = Scheduler(engine, max_batch_size=4).run(jobs)
+assert [c.token_ids for c in continuous] == [c.token_ids for c in alone], "joins changed text"
+print(f"{len(jobs)} requests through 4 rows: tokens identical to one at a time")
+
+# %%
 # Why batch at all? Time one ``generate`` call for batches of 1, 4 and 16 requests. On a GPU a
 # decoding step is a few matrix-vector products that leave most of the chip idle, so a batch of
 # 16 costs little more than a batch of 1. On this CPU, for a tiny model, most of a step is Python
@@ -148,28 +165,25 @@ engine_table.style.format("{:.1f}")
 #
 #     python -m cai_labs.serving --checkpoint DIR --port 8000
 #
-# (``--max-batch-size 1`` turns batching off, ``--cache-size 0`` the cache; ``--help`` lists the
-# rest; interactive OpenAPI docs are then at http://127.0.0.1:8000/docs). Here the page starts
-# two such processes on free loopback ports: one with dynamic batching, one without. The
+# (``--policy static`` switches to static batching, ``--max-batch-size 1`` turns batching off,
+# ``--cache-size 0`` the cache; ``--help`` lists the rest; interactive OpenAPI docs are then at
+# http://127.0.0.1:8000/docs). Prompt and generation limits default to what the checkpoint's
+# ``max_position_embeddings`` allows; this checkpoint has only 64 positions, so the page asks for
+# 32 new tokens at most. Here the page starts three such processes on free loopback ports:
+# continuous batching, static batching, and one request at a time. The
 # :class:`~cai_labs.serving.ServerProcess` helper waits for ``/health`` and stops the process at
 # the end of the page (and, failing that, when Python exits).
 
-common = [
-    "--threads",
-    str(THREADS),
-    "--queue-size",
-    str(QUEUE_SIZE),
-    "--cache-size",
-    str(CACHE_SIZE),
-    "--max-wait-ms",
-    str(MAX_WAIT_MS),
-]
+common = ["--threads", str(THREADS), "--queue-size", str(QUEUE_SIZE), "--cache-size"]
+common += [str(CACHE_SIZE), "--max-wait-ms", str(MAX_WAIT_MS), "--max-new-tokens", "32"]
+batch = ["--max-batch-size", str(MAX_BATCH)]
 servers = {
-    "batching on": ServerProcess(checkpoint, [*common, "--max-batch-size", str(MAX_BATCH)]),
-    "batching off": ServerProcess(checkpoint, [*common, "--max-batch-size", "1"]),
+    "continuous": ServerProcess(checkpoint, [*common, *batch, "--policy", "continuous"]),
+    "static": ServerProcess(checkpoint, [*common, *batch, "--policy", "static"]),
+    "one at a time": ServerProcess(checkpoint, [*common, "--max-batch-size", "1"]),
 }
 urls = {name: server.start() for name, server in servers.items()}
-url = urls["batching on"]
+url = urls["continuous"]
 health = httpx.get(f"{url}/health").json()
 print(json.dumps(health, indent=1))
 
@@ -204,15 +218,47 @@ with httpx.stream(
             print(line)
 
 # %%
+# The OpenAI API
+# --------------
+# Most clients, SDKs and load tools speak OpenAI's API, so the service also answers
+# ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models``. Here the official ``openai``
+# Python client talks to it, greedy (``temperature=0``) so that its answer can be compared with
+# ``/generate``'s; ``stream=True`` delivers the same text chunk by chunk.
+
+client = openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0)
+model = client.models.list().data[0].id
+word = task.test_words[2]
+out = client.completions.create(model=model, prompt=task.prompt(word), max_tokens=8, temperature=0)
+chunks = client.completions.create(
+    model=model, prompt=task.prompt(word), max_tokens=8, temperature=0, stream=True
+)
+streamed = [c.choices[0].text for c in chunks]
+print(f"model {model!r}: {task.prompt(word)!r} -> {out.choices[0].text!r} ({out.usage})")
+print("streamed chunks:", streamed)
+assert "".join(streamed) == out.choices[0].text == task.answer(word)
+
+# %%
+# Chat needs the checkpoint's chat template to turn messages into a prompt. This checkpoint was
+# saved without one, and the server says so instead of guessing a format:
+
+try:
+    client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+except openai.BadRequestError as exc:
+    print(f"HTTP {exc.status_code}: {exc.body}")
+
+# %%
 # Bad requests get a 4xx status and a message saying what to change; the server carries on.
 
+limit = health["config"]["max_prompt_tokens"]
 bad_requests = {
     "malformed JSON": '{"prompt": "reverse abcd =>", ',
     "empty prompt": '{"prompt": ""}',
     "negative temperature": '{"prompt": "reverse abcd =>", "temperature": -1}',
+    "NaN temperature": '{"prompt": "reverse abcd =>", "temperature": NaN}',
     "too many new tokens": '{"prompt": "reverse abcd =>", "max_new_tokens": 5000}',
-    "over-long prompt": json.dumps({"prompt": "reverse " + "abcd " * 40 + "=>"}),
+    "over-long prompt": json.dumps({"prompt": "reverse " + "abcd " * limit + "=>"}),
     "unknown field": '{"prompt": "reverse abcd =>", "max_tokens": 4}',
+    "not UTF-8": b'{"prompt": "\xff"}',
 }
 for name, body in bad_requests.items():
     r = httpx.post(f"{url}/generate", content=body, headers={"content-type": "application/json"})
@@ -246,73 +292,57 @@ def ask_all(words: list[str]) -> list[dict]:
 httpx.post(f"{url}/metrics/reset")
 served = ask_all(list(task.test_words))
 served_em = float(np.mean([r["text"] == task.answer(w) for r, w in zip(served, task.test_words)]))
-sizes = httpx.get(f"{url}/metrics").json()["batch_sizes"]
+seen = httpx.get(f"{url}/metrics").json()
 print(
-    f"served exact match {served_em:.3f} vs recipe {meta['exact_match_after']:.3f}; "
-    f"batch sizes seen (size: count): {sizes}"
+    f"served exact match {served_em:.3f} vs recipe {meta['exact_match_after']:.3f}; requests "
+    f"per decoding step (count of steps): {seen['occupancy']}"
 )
 assert served_em == meta["exact_match_after"], "the service does not answer like the model"
 
 # %%
-# Load test: batching on vs off
-# -----------------------------
+# Load test: continuous vs static batching
+# ----------------------------------------
 # :func:`cai_labs.serving.load_test` runs ``concurrency`` clients that each send a request and
 # wait for its answer (a closed loop), up to ``REQUESTS_PER_RUN`` requests or ``TIME_LIMIT_S``
-# seconds, and only ever to a loopback address. Each request asks for ``NEW_TOKENS`` tokens with
-# ``ignore_eos`` (every request costs the same decoding work) and ``use_cache: false`` (every
-# request reaches the model). Latency is measured by the client; p99 is the latency that only
-# 1 request in 100 exceeds.
-#
-# For a closed loop, Little's law ties the columns together: :math:`N = X \cdot R` clients are
-# in the system, with throughput :math:`X` and mean latency :math:`R`; the table shows
-# :math:`N / X` next to the measured mean latency.
+# seconds, and only ever to a loopback address. Requests ask for different numbers of tokens
+# (drawn from ``LENGTHS``, end-of-text ignored, the same list for every server) and bypass the
+# cache. That mix is where the policies differ: a static batch runs until its longest request
+# ends while finished rows wait, a continuous batch refills a finished row at the next step.
+# The client measures throughput and latency; the server's ``/metrics`` add TTFT (time to first
+# token, queue included), TPOT (time per output token after the first) and the mean number of
+# requests per decoding step.
 
+rng = np.random.default_rng(0)
 load = [
-    {"prompt": task.prompt(w), "max_new_tokens": NEW_TOKENS, "ignore_eos": True, "use_cache": False}
-    for w in task.test_words
+    {"prompt": task.prompt(w), "max_new_tokens": int(n), "ignore_eos": True, "use_cache": False}
+    for w, n in zip(task.test_words, rng.integers(LENGTHS[0], LENGTHS[1] + 1, 64))
 ]
 
 
 def measure(name: str, concurrency: int, payloads: list[dict]) -> dict:
     target = urls[name]
     httpx.post(f"{target}/metrics/reset")
-    r = load_test(
-        target,
-        payloads,
-        concurrency=concurrency,
-        max_requests=REQUESTS_PER_RUN,
-        time_limit_s=TIME_LIMIT_S,
-    )
+    r = load_test(target, payloads, concurrency=concurrency, max_requests=REQUESTS_PER_RUN,
+                  time_limit_s=TIME_LIMIT_S)  # fmt: skip
     m = httpx.get(f"{target}/metrics").json()
     return {
-        "server": name,
-        "concurrency": concurrency,
-        "requests ok": r.ok,
-        "rejected (503)": r.rejected,
-        "throughput (req/s)": r.throughput_rps,
-        "tokens/s": r.tokens_per_s,
-        "p50 (ms)": r.p50_ms,
-        "p99 (ms)": r.p99_ms,
-        "mean (ms)": r.mean_ms,
-        "Little N/X (ms)": 1e3 * concurrency / r.throughput_rps,
-        "mean batch": m["mean_batch_size"],
-        "cache hits": m["cache"]["hits"],
-        "batch sizes": m["batch_sizes"],
-    }
+        "server": name, "concurrency": concurrency, "requests ok": r.ok,
+        "tokens/s": r.tokens_per_s, "p99 latency (ms)": r.p99_ms,
+        "TTFT p50 (ms)": m["ttft_ms"]["p50"], "TTFT p99 (ms)": m["ttft_ms"]["p99"],
+        "TPOT p50 (ms)": m["tpot_ms"]["p50"], "occupancy": m["mean_occupancy"],
+        "cache hits": m["cache"]["hits"], "throughput (req/s)": r.throughput_rps,
+    }  # fmt: skip
 
 
-for name in urls:  # warm both servers up
+for name in urls:  # warm every server up
     load_test(urls[name], load[:4], concurrency=2, max_requests=4)
-# Other processes on the machine disturb single runs; the two servers take turns REPEATS times
-# and each setting keeps its best (least disturbed) run.
-best: dict = {}
+best: dict = {}  # servers take turns; each setting keeps its best of REPEATS runs
 for c in CONCURRENCIES:
     for _ in range(REPEATS):
         for name in urls:
             run = measure(name, c, load)
-            key = (name, c)
-            if key not in best or run["throughput (req/s)"] > best[key]["throughput (req/s)"]:
-                best[key] = run
+            if (name, c) not in best or run["tokens/s"] > best[(name, c)]["tokens/s"]:
+                best[(name, c)] = run
 rows = [best[(name, c)] for name in urls for c in CONCURRENCIES]
 
 # %%
@@ -324,96 +354,67 @@ rows = [best[(name, c)] for name in urls for c in CONCURRENCIES]
 
 repeated = [{**p, "use_cache": True} for p in load[:16]]
 httpx.post(f"{url}/cache/clear")
-rows.append({**measure("batching on", 16, repeated), "server": "batching on + cache"})
-rows.append({**measure("batching on", 16, load[:16]), "server": "batching on, cache off"})
+rows.append({**measure("continuous", 16, repeated), "server": "continuous + cache"})
+rows.append({**measure("continuous", 16, load[:16]), "server": "continuous, cache off"})
 table = pd.DataFrame(rows).set_index(["server", "concurrency"])
-histograms = table.pop("batch sizes")
 table.style.format({c: "{:.1f}" for c in table.columns if table[c].dtype.kind == "f"})
 
 # %%
-# Reading the table. Without batching, the server decodes one request at a time: its throughput
-# cannot grow as clients are added, so every extra client only waits longer (latency grows like
-# :math:`N / X`). With batching, more clients fill bigger batches ("mean batch", read from the
-# server's ``/metrics``), so throughput can grow with concurrency and the mean latency grows
-# less. Runs on a shared machine are disturbed by whatever else runs on it (hence the best of
-# ``REPEATS``), which shows most in p99: with ``REQUESTS_PER_RUN`` requests, p99 is close to the
-# single slowest one.
-# Batches often stay below ``MAX_BATCH`` even with 16 clients (the histogram printed below
-# shows every batch size the server ran): when a batch is answered, its clients need some time
-# to read their answers and send the next requests, and a request that arrived during the
-# previous batch starts the wait clock at once; whoever is not back within ``MAX_WAIT_MS``
-# rides in a later, smaller batch. A longer wait makes fuller batches at the price of latency
-# for a lone request, which is why one client is served faster with batching off. The served gain is
-# also below the engine-level ideal above because HTTP parsing, JSON and the load generator
-# itself share the same two CPU cores with the model (timings on a shared machine are noisy,
-# too: compare the columns within one build, not across builds).
-# With a single client, batching cannot help: the batch is always 1, and the ``max_wait_ms``
-# bound is what a lone request pays for the chance of company. The cache removes the model from
-# repeated requests altogether.
+# Reading the table. The numbers are this build's; the build machine's two cores are shared by
+# the load generator, three servers and whatever else runs, so compare columns within one build.
 
-for name in ("batching on", "batching off"):
-    part = table.loc[name]
-    print(
-        f"{name:12s}: throughput {part['throughput (req/s)'].iloc[0]:.1f} -> "
-        f"{part['throughput (req/s)'].iloc[-1]:.1f} req/s and mean latency "
-        f"{part['mean (ms)'].iloc[0]:.0f} -> {part['mean (ms)'].iloc[-1]:.0f} ms from "
-        f"{CONCURRENCIES[0]} to {CONCURRENCIES[-1]} clients"
-    )
-on16 = table.loc[("batching on", 16)]
-off16 = table.loc[("batching off", 16)]
-gain = on16["throughput (req/s)"] / off16["throughput (req/s)"]
+top = CONCURRENCIES[-1]
+cont, stat, one = (table.loc[(n, top)] for n in ("continuous", "static", "one at a time"))
+ratio = cont["tokens/s"] / stat["tokens/s"]
 print(
-    f"concurrency 16: batching gives {gain:.2f}x the throughput of one-at-a-time "
-    f"(goal >= 3x; engine-level ideal b·T(1)/T(b) at b={MAX_BATCH}: "
-    f"{engine_table.loc[MAX_BATCH, 'ideal gain b·T(1)/T(b)']:.1f}x); "
-    f"p99 {on16['p99 (ms)']:.0f} ms vs {off16['p99 (ms)']:.0f} ms"
+    f"{top} clients: continuous {cont['tokens/s']:.0f} tokens/s, static {stat['tokens/s']:.0f}, "
+    f"one at a time {one['tokens/s']:.0f}: continuous / static = {ratio:.2f}x; "
+    f"requests per decoding step {cont['occupancy']:.1f} (continuous) vs "
+    f"{stat['occupancy']:.1f} (static), of at most {MAX_BATCH}"
 )
+faster = "continuous" if cont["TTFT p99 (ms)"] < stat["TTFT p99 (ms)"] else "static"
 print(
-    "batch sizes the batching server ran at 16 clients (size: count):",
-    histograms[("batching on", 16)],
+    f"TTFT p99 {cont['TTFT p99 (ms)']:.0f} ms (continuous) vs {stat['TTFT p99 (ms)']:.0f} ms "
+    f"(static, where a newcomer waits for the whole running batch): lower with {faster}; "
+    f"TPOT p50 {cont['TPOT p50 (ms)']:.0f} vs {stat['TPOT p50 (ms)']:.0f} ms"
 )
-assert on16["mean batch"] > 1, "no batching happened under concurrent load"
+cache_gain = (
+    table.loc[("continuous + cache", 16), "throughput (req/s)"]
+    / table.loc[("continuous, cache off", 16), "throughput (req/s)"]
+)
+print(f"cache on / off at 16 clients, 16 distinct prompts: {cache_gain:.1f}x the requests/s")
+assert cont["occupancy"] > 1, "no batching happened under concurrent load"
 
-fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.8))
-for name, marker, color in (("batching on", "o", "C0"), ("batching off", "s", "C1")):
+# %%
+# The figures: throughput, the 99th percentile of the time to first token, and the time per
+# output token, against the number of clients.
+
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+columns = ("tokens/s", "TTFT p99 (ms)", "TPOT p50 (ms)")
+for (name, marker), color in zip((("continuous", "o"), ("static", "s"), ("one at a time", "^")),
+                                 ("C0", "C1", "C7")):  # fmt: skip
     part = table.loc[name]
-    ax1.plot(part.index, part["throughput (req/s)"], marker=marker, color=color, label=name)
-    ax2.plot(part.index, part["p50 (ms)"], marker=marker, color=color, label=f"{name}, p50")
-    ax2.plot(
-        part.index,
-        part["p99 (ms)"],
-        marker=marker,
-        color=color,
-        ls=":",
-        alpha=0.6,
-        label=f"{name}, p99",
-    )
-ax1.set(
-    xlabel="concurrent clients",
-    ylabel="requests/s",
-    xscale="log",
-    xticks=CONCURRENCIES,
-    xticklabels=CONCURRENCIES,
-    title="Throughput",
-)
-ax2.set(
-    xlabel="concurrent clients",
-    ylabel="latency (ms)",
-    xscale="log",
-    xticks=CONCURRENCIES,
-    xticklabels=CONCURRENCIES,
-    title="Latency p50 / p99",
-)
-ax1.legend()
-ax2.legend(fontsize=7)
-cache_rows = table.loc[["batching on + cache", "batching on, cache off"]]
-ax3.bar(["cache on", "cache off"], cache_rows["throughput (req/s)"], color=["C2", "C7"])
-ax3.set(ylabel="requests/s", title="16 clients, 16 distinct prompts")
+    for ax, col in zip(axes, columns):
+        ax.plot(part.index, part[col], marker=marker, color=color, label=name)
+for ax, col in zip(axes, columns):
+    ax.set(xlabel="concurrent clients", ylabel=col, xscale="log", title=col)
+    ax.set(xticks=CONCURRENCIES, xticklabels=CONCURRENCIES)
+axes[0].legend()
 fig.suptitle(
-    f"Measured in this build: {NEW_TOKENS} new tokens per request, "
-    f"max batch {MAX_BATCH}, max wait {MAX_WAIT_MS:.0f} ms"
+    f"Measured in this build: {LENGTHS[0]}-{LENGTHS[1]} new tokens per request, "
+    f"max batch {MAX_BATCH}"
 )
 fig.tight_layout()
+
+# %%
+# Metrics for a monitoring system
+# -------------------------------
+# ``GET /metrics/prometheus`` serves the same quantities in Prometheus' text format (histograms
+# of TTFT, TPOT, queue time and occupancy, counters of requests and tokens), for a Prometheus
+# server to scrape:
+
+text = httpx.get(f"{url}/metrics/prometheus").text
+print("\n".join(line for line in text.splitlines() if line.startswith("serving_ttft_seconds")))
 
 # %%
 # A burst larger than the queue
@@ -443,6 +444,37 @@ for server in servers.values():
 print("server processes ended:", [s.proc.poll() is not None for s in servers.values()])
 
 # %%
+# At real scale
+# -------------
+# A served model's weights are split over the GPUs of a tensor-parallel group, and what is left
+# of each GPU's memory holds the key/value cache that continuous batching fills. From
+# :mod:`cai_labs.scale`: weights per GPU in bf16 (the same per-rank parameter counts as
+# training, :func:`cai_labs.tensor_parallel.formulas.linear_cost`) and how many cached tokens
+# fit in the rest of an H100 80 GB, for OPT models and tensor-parallel sizes 1 to 8.
+# **Modeled** (no allocator or activation overhead counted).
+
+from cai_labs.scale import GPUS, ScaleLayout, get_model, params_per_gpu
+
+hbm = GPUS["h100"].hbm_bytes
+serve_rows = []
+for name in ("opt-6.7b", "opt-13b", "opt-30b", "opt-66b"):
+    m = get_model(name)
+    for tp in (1, 2, 4, 8):
+        weights = 2 * params_per_gpu(m, ScaleLayout(tp=tp))
+        free = hbm - weights
+        tokens = free / (m.kv_cache_bytes_per_token() / tp) if free > 0 else 0
+        serve_rows.append(
+            {
+                "model": name,
+                "TP": tp,
+                "weights per GPU (GB)": weights / 1e9,
+                "KV-cache tokens that fit": tokens,
+            }
+        )
+serving = pd.DataFrame(serve_rows).set_index(["model", "TP"])
+serving.style.format({"weights per GPU (GB)": "{:.1f}", "KV-cache tokens that fit": "{:,.0f}"})
+
+# %%
 # Serving on GPUs, and Colossal-AI's inference engine
 # ---------------------------------------------------
 # The same service runs a real checkpoint on a GPU machine: load the model in half precision on
@@ -450,11 +482,11 @@ print("server processes ended:", [s.proc.poll() is not None for s in servers.val
 # engine-level gain :math:`b\,T(1)/T(b)` is large because a decoding step is memory-bound: the
 # weights are read once per step whatever the batch size.
 #
-# Production engines go further than this page's *static* batches, which run until their
-# longest request ends: *continuous batching* admits new requests into the running batch at
-# every decoding step, and a *paged* key/value cache stores each request's keys and values in
-# fixed-size blocks so that batches of very different lengths share GPU memory. Colossal-AI's
-# inference engine does both, for the model families it has policies for: in 0.5.0,
+# Production engines go further than this page's contiguous key/value cache, in which every
+# row of the running batch is padded to the longest: a *paged* key/value cache stores each
+# request's keys and values in fixed-size blocks so that batches of very different lengths
+# share GPU memory without padding. Colossal-AI's inference engine batches continuously and
+# pages its cache, for the model families it has policies for: in 0.5.0,
 # ``LlamaForCausalLM`` and ``BaichuanForCausalLM`` (not OPT, which this page serves), so the
 # checkpoint below is a Llama one. Its use looks like this
 # (**checked against colossalai 0.5.0, needs CUDA**: the cell defines the function and checks

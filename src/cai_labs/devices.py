@@ -9,11 +9,12 @@ GPU under that backend and the CPU otherwise; the same worker code runs on both.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["GPU_BACKEND", "pick_backend", "device", "use_rank_device"]
+__all__ = ["GPU_BACKEND", "pick_backend", "device", "use_rank_device", "to_host"]
 
 GPU_BACKEND = "cpu:gloo,cuda:nccl"
 
@@ -49,3 +50,15 @@ def device() -> torch.device:
     if dist.is_initialized() and uses_cuda(str(dist.get_backend())):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def to_host(obj: Any) -> Any:
+    """``obj`` with every tensor moved to the CPU (through dicts, lists, tuples, dataclasses'
+    fields are left alone). A rank's result crosses to a process that may not use its GPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu() if obj.device.type != "cpu" else obj
+    if isinstance(obj, dict):
+        return type(obj)((k, to_host(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(to_host(v) for v in obj)
+    return obj

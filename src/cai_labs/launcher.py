@@ -10,7 +10,8 @@ A forked child inherits the function as it is. The same is true in a notebook.
 
 What the parent guarantees:
 
-* rank 0's return value comes back (it must be picklable: numbers, lists, dicts, tensors);
+* rank 0's return value comes back, its tensors moved to the CPU (it must be picklable:
+  numbers, lists, dicts, tensors);
 * whatever rank 0 prints is replayed in the parent, so it shows on the page;
 * if any rank raises, every rank is ended and :class:`RankFailed` is raised in the parent with that
   rank's traceback, within about a second;
@@ -51,7 +52,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cai_labs.devices import device, pick_backend, use_rank_device
+from cai_labs.devices import device, pick_backend, to_host, use_rank_device
 from cai_labs.torchrun import quiet_other_ranks, run_under_torchrun, under_torchrun
 
 __all__ = [
@@ -133,7 +134,7 @@ def _worker(
         out = captured if rank == 0 else sys.__stdout__
         with contextlib.redirect_stdout(out):
             result = fn(*args, **kwargs)
-        _send(conn, ("ok", rank, result if rank == 0 else None, captured.getvalue()))
+        _send(conn, ("ok", rank, to_host(result) if rank == 0 else None, captured.getvalue()))
         status = 0
         # Stay alive until the parent has every rank's report: a rank that exits early closes
         # sockets its peers may still be using (gloo reports "connection closed by peer").

@@ -17,11 +17,23 @@ through ``torch.distributed.<op>`` is recorded with its op, the ranks of its gro
 bytes* and its wall time. Buffer bytes are the size of the collective's full buffer, the way
 ``nccl-tests`` reports "size": the tensor for ``all_reduce``/``broadcast``/``send``; the gathered
 output for ``all_gather``; the unreduced input for ``reduce_scatter``; the input for
-``all_to_all``. Each record also carries ``sent_bytes``: what this rank puts on the wire under the
-bandwidth-optimal ring algorithms (all-reduce ``2(N-1)/N * S``, all-gather and reduce-scatter
-``(N-1)/N * S``, all-to-all ``(N-1)/N * S``). Calls made inside PyTorch's C++ (DDP's reducer)
-are not visible here; engines that call ``torch.distributed`` from Python (FSDP2 in torch 2.13)
-are recorded like any other code.
+``all_to_all``.
+
+What a rank really sent is *measured*: the ledger reads the kernel's TCP counters of this
+process's sockets (:mod:`cai_labs.wire`) before and after each synchronous call
+(``wire_sent``, payload bytes this rank handed to TCP during the call) and, settled so nothing
+is in flight, when it opens and closes (``report()["wire"]``: sent and received over the whole
+ledger, the rendezvous store's sockets apart). Asynchronous calls (``isend``, ``async_op=True``)
+overlap other work, so only the totals count them (``wire_sent`` is None). Where the counters
+are unavailable, or a buffer lives on a GPU (NCCL does not use these sockets), the ledger says
+so (``"measured": False``, ``wire_sent`` None) instead of guessing.
+
+Each record also carries ``modeled_sent_bytes``: the ring algorithms' traffic for this buffer
+(all-reduce ``2(N-1)/N * S``, all-gather, reduce-scatter and all-to-all ``(N-1)/N * S``), a
+model, labelled as one. gloo's own algorithms differ for some ops (its broadcast is a binomial
+tree; its reduce-scatter all-reduces the whole buffer), and every gloo message carries a 48-byte
+header, which is why the measured bytes are the ones to show. Calls made inside PyTorch's C++
+(DDP's reducer) are not recorded one by one, but their bytes are in the measured totals.
 
 **Memory.** Bytes of parameters, gradients and optimizer state of the watched model/optimizer at
 each :meth:`Ledger.snapshot`, and the bytes of activations saved for backward, counted through
@@ -41,14 +53,23 @@ import functools
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Ledger", "tensor_bytes", "comm_totals", "gather_reports", "ring_sent_bytes"]
+from cai_labs import wire
+
+__all__ = [
+    "Ledger",
+    "tensor_bytes",
+    "comm_totals",
+    "gather_reports",
+    "ring_sent_bytes",
+    "wire_by_kind",
+]
 
 # Collective name -> how to find its buffer in (args, kwargs) and its ring traffic factor.
 _RING = {
@@ -158,6 +179,22 @@ def _group_of(op: str, args: tuple, kwargs: dict) -> Any:
     return args[i] if i is not None and len(args) > i else None
 
 
+_SETTLE = 0.5  # seconds to wait, at most, for in-flight bytes to be acknowledged
+
+
+def _on_host(args: tuple, kwargs: dict) -> bool:
+    """True when no tensor argument lives on a GPU (whose traffic bypasses the TCP counters)."""
+
+    def tensors(x: Any) -> Iterator[torch.Tensor]:
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, (list, tuple)):
+            for t in x:
+                yield from tensors(t)
+
+    return all(t.device.type == "cpu" for a in (*args, *kwargs.values()) for t in tensors(a))
+
+
 class _Saved:
     """What autograd keeps for one saved activation while the ledger is open."""
 
@@ -199,6 +236,10 @@ class Ledger:
         self._param_ptr_cache: set[int] = set()
         self._stack: contextlib.ExitStack | None = None
         self._patched: dict[str, Any] = {}
+        self._wire = wire.WireCounter() if wire.available() else None
+        self._wire_start: wire.WireBytes | None = None
+        self._wire_total: wire.WireBytes | None = None
+        self._in_flight: list[Any] = []  # work handles of asynchronous sends not known done
         self.t0 = time.perf_counter()
 
     # -- what to account ---------------------------------------------------------------
@@ -291,9 +332,18 @@ class Ledger:
         @functools.wraps(fn)
         def recorded(*args: Any, **kwargs: Any) -> Any:
             group = _group_of(op, args, kwargs)
+            is_async = bool(kwargs.get("async_op")) or op in ("isend", "irecv")
+            # A send still in flight from an earlier asynchronous call would be counted here.
+            self._in_flight = [w for w in self._in_flight if not w.is_completed()]
+            alone = not is_async and not self._in_flight and _on_host(args, kwargs)
+            counter = self._wire if alone and self._wire_start is not None else None
+            before = counter.read() if counter is not None else None
             start = time.perf_counter()
             out = fn(*args, **kwargs)
             seconds = time.perf_counter() - start
+            if is_async and op != "irecv" and hasattr(out, "is_completed"):
+                self._in_flight.append(out)
+            sent = (counter.read() - before).sent if counter is not None else None
             nbytes = _buffer_bytes(op, args, kwargs)
             ranks = (
                 tuple(dist.get_process_group_ranks(group))
@@ -305,10 +355,11 @@ class Ledger:
                     "op": op,
                     "group": ranks,
                     "bytes": nbytes,
-                    "sent_bytes": ring_sent_bytes(op, nbytes, len(ranks)),
+                    "wire_sent": sent,
+                    "modeled_sent_bytes": ring_sent_bytes(op, nbytes, len(ranks)),
                     "seconds": seconds,
                     "t": start - self.t0,
-                    "async": bool(kwargs.get("async_op")) or op in ("isend", "irecv"),
+                    "async": is_async,
                 }
             )
             return out
@@ -327,6 +378,8 @@ class Ledger:
 
     # -- context -------------------------------------------------------------------------------
     def __enter__(self) -> Ledger:
+        if self._wire is not None and dist.is_available() and dist.is_initialized():
+            self._wire_start = self._wire.read(settle=_SETTLE, rescan=True)
         self.t0 = time.perf_counter()
         self._stack = contextlib.ExitStack()
         if dist.is_available():
@@ -345,11 +398,36 @@ class Ledger:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._wire is not None and self._wire_start is not None:
+            self._wire_total = self._wire.read(settle=_SETTLE, rescan=True) - self._wire_start
+            self._wire.close()
         for op, fn in self._patched.items():
             setattr(dist, op, fn)
         self._patched.clear()
         if self._stack is not None:
             self._stack.close()
+
+    def wire_report(self) -> dict[str, Any]:
+        """Bytes measured on this rank's sockets while the ledger was open (settled).
+
+        ``{"measured": True, "sent", "received", "store_sent", "store_received"}``, or
+        ``{"measured": False, "why": ...}`` where the counters are unavailable or the ledger
+        is still open. Traffic of GPU buffers under NCCL is never in these counters.
+        """
+        if self._wire is None:
+            return {"measured": False, "why": "TCP_INFO byte counters are not available here"}
+        if self._wire_start is None:
+            return {"measured": False, "why": "no process group: nothing was sent"}
+        if self._wire_total is None:
+            return {"measured": False, "why": "the ledger is still open"}
+        t = self._wire_total
+        return {
+            "measured": True,
+            "sent": t.sent,
+            "received": t.received,
+            "store_sent": t.store_sent,
+            "store_received": t.store_received,
+        }
 
     # -- results -------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
@@ -366,24 +444,66 @@ class Ledger:
                 "peak_total": self.peak_total,
             },
             "timeline": list(self.timeline),
+            "wire": self.wire_report(),
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             out["memory"]["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
         return out
 
 
-def comm_totals(report: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Sum communication per op: ``{op: {"calls", "bytes", "sent_bytes", "seconds"}}``."""
-    totals: dict[str, dict[str, float]] = defaultdict(
-        lambda: {"calls": 0, "bytes": 0, "sent_bytes": 0, "seconds": 0.0}
+def comm_totals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Sum communication per op.
+
+    ``{op: {"calls", "bytes", "wire_sent", "modeled_sent_bytes", "seconds"}}``; ``wire_sent``
+    (measured) is None when any call of that op was not measured one by one (asynchronous, or
+    no counters): then only the ledger's total ``report["wire"]`` holds its bytes.
+    """
+    totals: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"calls": 0, "bytes": 0, "wire_sent": 0, "modeled_sent_bytes": 0, "seconds": 0.0}
     )
     for rec in report["comm"]:
         t = totals[rec["op"]]
         t["calls"] += 1
         t["bytes"] += rec["bytes"]
-        t["sent_bytes"] += rec["sent_bytes"]
+        sent = rec.get("wire_sent")
+        t["wire_sent"] = None if sent is None or t["wire_sent"] is None else t["wire_sent"] + sent
+        t["modeled_sent_bytes"] += rec["modeled_sent_bytes"]
         t["seconds"] += rec["seconds"]
     return dict(totals)
+
+
+def wire_by_kind(
+    report: dict[str, Any], kind_of: Callable[[dict[str, Any]], str]
+) -> dict[str, int] | None:
+    """Measured bytes sent per kind of traffic (``kind_of(record)`` names a record's kind).
+
+    Synchronous calls are measured one by one. What asynchronous calls sent is the ledger's
+    settled total minus the synchronous calls: it goes to the one kind that has asynchronous
+    calls, or, when several kinds do, to one entry named by them, sorted, joined with " + " (the
+    counters cannot split overlapping transfers). Bytes sent by no recorded call (DDP's C++
+    reducer) appear under ``"unrecorded"``. None when the report was not measured.
+    """
+    if not report.get("wire", {}).get("measured") or report["wire"].get("sent") is None:
+        return None
+    out: dict[str, int] = defaultdict(int)
+    async_kinds: list[str] = []
+    for rec in report["comm"]:
+        kind = kind_of(rec)
+        out[kind] += 0
+        if rec.get("wire_sent") is None:
+            if kind not in async_kinds:
+                async_kinds.append(kind)
+        else:
+            out[kind] += rec["wire_sent"]
+    rest = report["wire"]["sent"] - sum(out.values())
+    if len(async_kinds) == 1:
+        out[async_kinds[0]] += rest
+    elif async_kinds:
+        joined = " + ".join(sorted(async_kinds))
+        out[joined] = rest + sum(out.pop(k) for k in async_kinds)
+    elif rest:
+        out["unrecorded"] = rest
+    return dict(out)
 
 
 def gather_reports(report: dict[str, Any]) -> list[dict[str, Any]] | None:

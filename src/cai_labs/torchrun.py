@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from cai_labs.devices import pick_backend, use_rank_device
+from cai_labs.devices import pick_backend, to_host, use_rank_device
 
 __all__ = ["run_under_torchrun", "under_torchrun", "quiet_other_ranks"]
 
@@ -38,9 +38,9 @@ def quiet_other_ranks() -> None:
 
     ``CAI_LABS_ALL_RANKS_PRINT=1`` keeps every rank's output (for debugging one rank).
     """
-    if under_torchrun() and os.environ["RANK"] != "0":
-        if os.environ.get("CAI_LABS_ALL_RANKS_PRINT") != "1":
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    everyone = os.environ.get("CAI_LABS_ALL_RANKS_PRINT") == "1"
+    if under_torchrun() and os.environ["RANK"] != "0" and not everyone:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
 
 def _store(timeout: float) -> dist.Store:
@@ -94,7 +94,7 @@ def run_under_torchrun(
     if rank < world_size:
         _run_member(fn, rank, world_size, args, kwargs, backend, collective_timeout, store)
     store.wait(["result"], datetime.timedelta(seconds=timeout))
-    status, payload = pickle.loads(store.get("result"))
+    status, payload = pickle.loads(_get_large(store, "result"))
     if status == "error":
         raise RankFailed(0, payload)
     return payload
@@ -114,7 +114,7 @@ def _run_member(fn, rank, world_size, args, kwargs, backend, collective_timeout,
             timeout=datetime.timedelta(seconds=collective_timeout),
         )
         try:
-            result = ("ok", fn(*args, **kwargs))
+            result = ("ok", to_host(fn(*args, **kwargs)))
             dist.barrier()  # no rank closes its sockets while a peer still uses them
         except BaseException:
             if rank != 0:
@@ -123,4 +123,20 @@ def _run_member(fn, rank, world_size, args, kwargs, backend, collective_timeout,
         finally:
             dist.destroy_process_group()
     if rank == 0:
-        store.set("result", pickle.dumps(result))
+        _set_large(store, "result", pickle.dumps(result))
+
+
+_PIECE = 4 * 2**20  # a store message holds at most 8 MiB; results may be larger
+
+
+def _set_large(store: dist.Store, key: str, data: bytes) -> None:
+    """Store ``data`` under ``key`` in pieces; ``key`` itself, set last, holds their count."""
+    pieces = range(0, max(len(data), 1), _PIECE)
+    for i, start in enumerate(pieces):
+        store.set(f"{key}/{i}", data[start : start + _PIECE])
+    store.set(key, str(len(pieces)))
+
+
+def _get_large(store: dist.Store, key: str) -> bytes:
+    count = int(store.get(key))
+    return b"".join(store.get(f"{key}/{i}") for i in range(count))

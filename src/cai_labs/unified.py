@@ -132,7 +132,7 @@ class ParallelGPT(nn.Module):
             stage.blocks = nn.ModuleList(api.parallelize_block(b, grid) for b in stage.blocks)
             stage.enter_blocks = lambda x: _EnterGrid.apply(x, api, grid)
             stage.leave_blocks = lambda y: _LeaveGrid.apply(y, api, grid)
-        self.stage = stage
+        self.stage = stage.to(device())  # the rank's GPU on a GPU node, else the CPU
         prev = layout.rank_of(d, s - 1, t) if s > 0 else None
         nxt = layout.rank_of(d, s + 1, t) if s < layout.pp - 1 else None
         self.links = StageLinks(prev, nxt)
@@ -158,7 +158,7 @@ class ParallelGPT(nn.Module):
         lay = self.layout
         lay.validate(self.cfg, batch_size=x.shape[0])
         d, s, _ = self.coords
-        x, y = shard_batch(x, y, rank=d, world_size=lay.dp)
+        x, y = shard_batch(x.to(device()), y.to(device()), rank=d, world_size=lay.dp)
         optimizer.zero_grad(set_to_none=True)
         loss = pipeline_step(
             self.stage,

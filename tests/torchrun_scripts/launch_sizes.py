@@ -13,8 +13,12 @@ def worker(tag: str) -> dict:
     t = torch.ones(1, device=device()) * dist.get_rank()
     dist.all_reduce(t)
     print(f"{tag}: rank {dist.get_rank()} of {dist.get_world_size()} says hi")
-    return {"tag": tag, "world": dist.get_world_size(), "sum": t.item(),
-            "env_world": int(os.environ["WORLD_SIZE"])}
+    return {
+        "tag": tag,
+        "world": dist.get_world_size(),
+        "sum": t.item(),
+        "env_world": int(os.environ["WORLD_SIZE"]),
+    }
 
 
 world = int(os.environ["WORLD_SIZE"])
@@ -27,3 +31,6 @@ for n in sorted({1, 2, 4, world}):
         print(f"launch {n} of {world}: ok {out}")
 assert not dist.is_initialized() and int(os.environ["WORLD_SIZE"]) == world
 print("all launches done")
+big = launch(lambda: torch.arange(3 * 2**20, dtype=torch.float64), 2)  # 24 MiB: several pieces
+assert torch.equal(big, torch.arange(3 * 2**20, dtype=torch.float64))
+print("a 24 MiB result came back")

@@ -54,6 +54,7 @@ from cai_labs.auto_parallel.strategies import (
     numel,
     reshard_comm,
 )
+from cai_labs.devices import device
 
 __all__ = [
     "MachineModel",
@@ -86,12 +87,20 @@ class MachineModel:
     samples: dict[str, list] = field(default_factory=dict)  # raw timings, for the page
 
 
+def _sync() -> None:
+    """Wait for the rank's GPU, if it has one: a CUDA call returns before the kernel ends."""
+    if device().type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _best_time(fn, reps: int) -> float:
     """Fastest of ``reps`` calls: the least disturbed by other processes on shared cores."""
     times = []
     for _ in range(reps):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return float(min(times))
 
@@ -105,8 +114,10 @@ def calibrate(
     timed for ``sizes`` float32 elements on each mesh group, each after a barrier, keeping the
     fastest of ``reps`` calls, and ``alpha + beta * n`` is fitted by least squares (``beta`` is
     floored at 1e-12 s/byte if noise makes the fitted slope negative); compute rates are timed
-    while every rank computes at once, as it will during training.
+    while every rank computes at once, as it will during training. Everything runs on
+    :func:`cai_labs.device`.
     """
+    dev = device()
     alpha, beta, samples = {}, {}, {}
     for axes in GROUPS:
         group = mesh_groups.group(axes)
@@ -114,8 +125,8 @@ def calibrate(
         for op in ("all_reduce", "all_gather"):
             pts = []
             for size in sizes:
-                x = torch.randn(size)
-                outs = [torch.empty(size) for _ in range(n)]
+                x = torch.randn(size, device=dev)
+                outs = [torch.empty(size, device=dev) for _ in range(n)]
 
                 def call(x=x, outs=outs, op=op, group=group):
                     if op == "all_reduce":
@@ -132,18 +143,19 @@ def calibrate(
             samples[f"{op} {axes}"] = pts
     dist.barrier()
     flop_rate = {}
-    lin, xs = torch.nn.Linear(256, 256), torch.randn(512, 256)
+    lin, xs = torch.nn.Linear(256, 256).to(dev), torch.randn(512, 256, device=dev)
     flop_rate["matmul"] = (
         3 * 2 * 512 * 256 * 256 / _best_time(lambda: lin(xs).sum().backward(), reps)
     )
-    conv, xc = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False), torch.randn(8, 32, 8, 8)
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False).to(dev)
+    xc = torch.randn(8, 32, 8, 8, device=dev)
     flop_rate["conv"] = (
         3 * 2 * xc.numel() * 32 * 9 / _best_time(lambda: conv(xc).sum().backward(), reps)
     )
-    big = torch.randn(1 << 20)
+    big = torch.randn(1 << 20, device=dev)
     mem_bw = 3 * big.numel() * FLOAT_BYTES / _best_time(lambda: big + big, reps)
-    lin = torch.nn.Linear(4, 4)
-    xs = torch.randn(2, 4)
+    lin = torch.nn.Linear(4, 4).to(dev)
+    xs = torch.randn(2, 4, device=dev)
     overhead = _best_time(lambda: lin(xs).sum().backward(), reps) / 6  # 3 ops, fwd + bwd
     model = MachineModel(alpha, beta, flop_rate, mem_bw, overhead, samples=samples)
     box = [model]

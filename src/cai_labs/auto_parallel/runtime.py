@@ -43,6 +43,7 @@ from cai_labs.auto_parallel.strategies import (
     axes_of,
     reshard_steps,
 )
+from cai_labs.devices import device
 from cai_labs.models.gpt import CausalSelfAttention
 
 __all__ = [
@@ -196,15 +197,16 @@ class _Sharded(nn.Module):
     def _shard(self, name: str, full: torch.Tensor, index: dict[int, torch.Tensor]) -> None:
         local = full.detach()
         for dim, idx in index.items():
-            local = local.index_select(dim, idx)
+            local = local.index_select(dim, idx.to(local.device))
         self.register_parameter(name, nn.Parameter(local.clone()))
         self.shard_index[name] = index
 
     def embed(self, name: str, local: torch.Tensor, full_shape) -> torch.Tensor:
         """A zero tensor of the serial parameter's shape with ``local`` written into its slot."""
-        out = torch.zeros(full_shape, dtype=local.dtype)
+        out = torch.zeros(full_shape, dtype=local.dtype, device=local.device)
         index = self.shard_index[name]
         grid = [index.get(d, torch.arange(full_shape[d])) for d in range(len(full_shape))]
+        grid = [g.to(local.device) for g in grid]
         out[torch.meshgrid(*grid, indexing="ij")] = local
         return out
 
@@ -412,7 +414,8 @@ def _local_module(mod: nn.Module, strategy, mg: MeshGroups) -> nn.Module:
 
 
 def parallelize(sg: StrategyGraph, plan: dict[str, int], mg: MeshGroups) -> SPMDModule:
-    """Build this rank's :class:`SPMDModule` for ``plan`` (``{node name: strategy index}``)."""
+    """Build this rank's :class:`SPMDModule` for ``plan`` (``{node name: strategy index}``), on
+    :func:`cai_labs.device`."""
     missing = set(sg.nodes) - set(plan)
     if missing:
         raise ValueError(f"the plan has no strategy for nodes {sorted(missing)[:5]}")
@@ -453,7 +456,7 @@ def parallelize(sg: StrategyGraph, plan: dict[str, int], mg: MeshGroups) -> SPMD
         new = graph.node_copy(node, lambda a, m=new_inputs: m[a.name])
         env[node.name] = new
     gm = fx.GraphModule(modules, graph)
-    return SPMDModule(gm, origin, mg, replicas)
+    return SPMDModule(gm, origin, mg, replicas).to(device())
 
 
 def _param_axes(roles, local: nn.Module, pname: str) -> tuple[int, ...]:
@@ -488,6 +491,7 @@ def measure_step(pm: SPMDModule, x: torch.Tensor, steps: int = 3) -> dict:
     """
     from cai_labs.ledger import Ledger, comm_totals
 
+    x = x.to(device())
     pm(x).square().mean().backward()
     times = []
     with Ledger(model=pm) as ledger:
@@ -498,6 +502,8 @@ def measure_step(pm: SPMDModule, x: torch.Tensor, steps: int = 3) -> dict:
             dist.barrier()
             start = time.perf_counter()
             pm(x).square().mean().backward()
+            if x.is_cuda:  # the kernels may still run when backward returns
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     report = ledger.report()
     comm = comm_totals({"comm": [c for c in report["comm"] if c["op"] != "barrier"]})

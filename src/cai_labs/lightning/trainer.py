@@ -20,8 +20,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
 
+from cai_labs.devices import device
+from cai_labs.lightning.ddp import ExistingRanksDDPStrategy
 from cai_labs.lightning.environment import ProcessGroupEnvironment
 from cai_labs.lightning.zero_strategy import ZeroStrategy
 
@@ -30,7 +31,7 @@ __all__ = ["STRATEGIES", "make_strategy", "rank_trainer"]
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 
 
-def make_strategy(name: str, **options: Any) -> DDPStrategy:
+def make_strategy(name: str, **options: Any) -> ExistingRanksDDPStrategy:
     """The strategy called ``name`` (see the module docstring), on the existing process group."""
     if name not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {name!r}")
@@ -39,7 +40,7 @@ def make_strategy(name: str, **options: Any) -> DDPStrategy:
     backend = dist.get_backend() if dist.is_initialized() else "gloo"
     common = {"cluster_environment": ProcessGroupEnvironment(), "process_group_backend": backend}
     if name == "ddp":
-        return DDPStrategy(**common)
+        return ExistingRanksDDPStrategy(**common)
     return ZeroStrategy(stage=int(name[-1]), **options, **common)
 
 
@@ -49,9 +50,11 @@ def rank_trainer(
     strategy_options: dict[str, Any] | None = None,
     **trainer_kwargs: Any,
 ) -> pl.Trainer:
-    """A CPU Trainer for this rank: no logger, checkpoint callback, progress bar or summary
-    (tutorial output stays readable); ``strategy_options`` go to :func:`make_strategy`;
-    ``trainer_kwargs`` override (``max_steps``, ``precision``, ``callbacks``, ...)."""
+    """A Trainer for this rank on :func:`cai_labs.device` (Lightning's ``"gpu"`` accelerator on
+    the rank's own GPU when the group carries CUDA tensors, else ``"cpu"``): no logger,
+    checkpoint callback, progress bar or summary (tutorial output stays readable);
+    ``strategy_options`` go to :func:`make_strategy`; ``trainer_kwargs`` override
+    (``max_steps``, ``precision``, ``callbacks``, ...)."""
     if quiet:
         logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
         logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
@@ -64,9 +67,13 @@ def rank_trainer(
     # Pin Lightning to the thread count the rank already has.
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     world = dist.get_world_size() if dist.is_initialized() else 1
+    here = device()
+    gpu = here.type == "cuda"
     kwargs: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
+        # One device per rank ("node"): on a GPU, this rank's own (``devices=[index]``), since
+        # every rank's local rank is 0 to Lightning and ``devices=1`` would put all on cuda:0.
+        "accelerator": "gpu" if gpu else "cpu",
+        "devices": [here.index] if gpu else 1,
         "num_nodes": world,
         "strategy": make_strategy(strategy, **(strategy_options or {})),
         "logger": False,

@@ -42,17 +42,17 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from cai_labs.lightning.ddp import ExistingRanksDDPStrategy
 from cai_labs.offload.offloaded_adamw import OffloadedAdamW
 from cai_labs.zero import STAGES, ZeroModel, ZeroOptimizer
 
 __all__ = ["ZeroStrategy"]
 
 
-class ZeroStrategy(DDPStrategy):
+class ZeroStrategy(ExistingRanksDDPStrategy):
     """Data-parallel training with ZeRO ``stage`` 1, 2 or 3 from :mod:`cai_labs.zero`.
 
     Args:

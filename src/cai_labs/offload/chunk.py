@@ -10,23 +10,36 @@ chunks, so the chunk size must be at least the largest tensor.
 "on the device", the tensor computations read (parameters are views into it); its storage is
 allocated only while the chunk is resident (``untyped_storage().resize_``), so the views stay
 valid across evictions and autograd's saved parameters see the refetched values.
+
+``data`` lives on :func:`cai_labs.device` (the rank's GPU on a GPU node) and ``host`` on the
+CPU (pinned when the device is a GPU, so copies between them can overlap computation).
 """
 
 from __future__ import annotations
 
 import torch
 
+from cai_labs.devices import device as rank_device
+
 __all__ = ["Chunk"]
 
 
 class Chunk:
     """A flat chunk of ``numel`` elements of kind ``kind`` (``"param"``, ``"grad"``, ``"exp_avg"``,
-    ``"exp_avg_sq"``), index ``index`` among its kind."""
+    ``"exp_avg_sq"``), index ``index`` among its kind; ``device``: where ``data`` lives
+    (default :func:`cai_labs.device`)."""
 
-    def __init__(self, kind: str, index: int, numel: int, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        kind: str,
+        index: int,
+        numel: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ):
         self.kind, self.index, self.numel = kind, index, numel
-        self.host = torch.zeros(numel, dtype=dtype)
-        self.data = torch.zeros(numel, dtype=dtype)
+        self.data = torch.zeros(numel, dtype=dtype, device=device or rank_device())
+        self.host = torch.zeros(numel, dtype=dtype, pin_memory=self.data.is_cuda)
         self.data.untyped_storage().resize_(0)  # not resident yet
         self.resident = False
         self.dirty = False  # device copy changed since it was fetched

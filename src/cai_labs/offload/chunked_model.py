@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from cai_labs.devices import device
 from cai_labs.offload.chunk import Chunk
 from cai_labs.offload.manager import ChunkManager
 
@@ -61,7 +62,7 @@ class ChunkedModel(nn.Module):
         group: dist.ProcessGroup | None = None,
     ):
         super().__init__()
-        self.module = module
+        self.module = module.to(device())  # buffers too; parameters become views of chunks
         self.group = group
         self.distributed = dist.is_initialized()
         self.rank = dist.get_rank(group) if self.distributed else 0

@@ -12,7 +12,10 @@ it would run on a side stream to overlap the copy with compute, here it is synch
 
 Traffic is counted in bytes per direction, with demand and prefetch fetches apart, so a page can
 show how much moved between the pools to train under the budget. On CPU the copies are real
-``copy_`` calls between two RAM buffers; the budget is an accounted, enforced limit.
+``copy_`` calls between two RAM buffers; the budget is an accounted, enforced limit. The pool's
+``peak`` is that account (bytes the manager booked); ``storage_peak`` is measured apart from it:
+the largest sum of the storage bytes really allocated for the chunks' device copies, read after
+every load, so a chunk evicted from the account but not freed would show.
 
 Colossal-AI's Gemini places chunks with statistics gathered by a memory tracer in a warm-up
 step; LRU is the simplest policy that is correct, and the one implemented here.
@@ -47,6 +50,7 @@ class ChunkManager:
         # use after it ("used") and resident bytes per chunk kind ("param", "grad", ...).
         self.trace: list[dict] = []
         self.max_trace = 100_000
+        self.storage_peak = 0  # measured: most bytes of device-copy storage allocated at once
 
     def register(self, chunk: Chunk) -> Chunk:
         """Adopt ``chunk`` (resident in host memory only)."""
@@ -143,6 +147,11 @@ class ChunkManager:
         chunk.data.copy_(chunk.host)
         chunk.resident = True
         chunk.dirty = False
+        self.storage_peak = max(self.storage_peak, self.storage_bytes())
+
+    def storage_bytes(self) -> int:
+        """Bytes of storage allocated now for the chunks' device copies (not the account)."""
+        return sum(c.data.untyped_storage().nbytes() for c in self.chunks)
 
     def _make_room(self, nbytes: int, keep: set[int] | None = None) -> None:
         keep = keep or set()
@@ -158,12 +167,14 @@ class ChunkManager:
             self.evict(min(victims, key=lambda c: c.last_use))
 
     def stats(self) -> dict:
-        """Traffic (bytes), counts, and the device pool's budget, peak and current use."""
+        """Traffic (bytes), counts, the device pool's budget, accounted peak and current use,
+        and the measured peak of allocated device-copy storage."""
         return {
             **self.traffic,
             **self.counts,
             "device_budget": self.device.budget,
             "device_peak": self.device.peak,
+            "device_storage_peak": self.storage_peak,
             "device_used": self.device.used,
             "host_bytes": self.host.used,
         }

@@ -65,8 +65,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
         largest = 0
         for i, p in enumerate(self.param_groups[0]["params"]):
             pair = (
-                Chunk("exp_avg", i, p.numel(), p.dtype),
-                Chunk("exp_avg_sq", i, p.numel(), p.dtype),
+                Chunk("exp_avg", i, p.numel(), p.dtype, p.device),
+                Chunk("exp_avg_sq", i, p.numel(), p.dtype, p.device),
             )
             largest = max(largest, 2 * pair[0].nbytes)
             self.chunks[id(p)] = pair

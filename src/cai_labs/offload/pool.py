@@ -4,7 +4,9 @@ On a GPU the "device" pool would be the GPU's memory and the "host" pool pinned 
 the CPU machines that build these pages both are ordinary RAM: the device pool here is an
 **accounted, enforced budget**, not separate hardware. Every byte a chunk places "on the device"
 goes through :meth:`MemoryPool.allocate`, which raises :class:`PoolBudgetExceeded` rather than
-go over; ``peak`` records the most ever held, so a test can check the budget was never exceeded.
+go over; ``peak`` records the most ever booked. ``peak`` is the pool's own account, so it can
+never exceed the budget by construction: that a budget held in memory really allocated is
+measured apart, by :attr:`cai_labs.offload.manager.ChunkManager.storage_peak`.
 """
 
 from __future__ import annotations

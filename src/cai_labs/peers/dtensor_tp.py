@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cai_labs.devices import device
 from cai_labs.models.gpt import GPT, GPTConfig
 
 __all__ = ["dtensor_tp_gpt", "interleave_qkv_rows"]
@@ -34,7 +35,8 @@ def interleave_qkv_rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def dtensor_tp_gpt(cfg: GPTConfig, seed: int = 0) -> nn.Module:
-    """The serial GPT of ``seed``, tensor parallel over all ranks with DTensor. Collective."""
+    """The serial GPT of ``seed``, tensor parallel over all ranks with DTensor, on
+    :func:`cai_labs.device`. Collective."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -45,9 +47,8 @@ def dtensor_tp_gpt(cfg: GPTConfig, seed: int = 0) -> nn.Module:
     n = dist.get_world_size()
     if cfg.n_heads % n:
         raise ValueError(f"n_heads={cfg.n_heads} does not split over {n} tensor-parallel ranks")
-    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    mesh = init_device_mesh(dev, (n,))
-    model = GPT(cfg, seed=seed)
+    mesh = init_device_mesh(device().type, (n,))
+    model = GPT(cfg, seed=seed).to(device())
     plan = {
         "attn.qkv": ColwiseParallel(),
         "attn.proj": RowwiseParallel(),

@@ -4,7 +4,8 @@ Each function runs *both* engines inside one launch, on the same batches, altern
 steps (a cai_labs step, then a PyTorch step, ...) so that whatever else the machine is doing
 slows both alike. It returns both loss curves (they must agree: same weights, same data) and
 the median step time of each, from which the step-time ratio cai_labs / PyTorch follows.
-Call them inside a worker started by :func:`cai_labs.launch`.
+Call them inside a worker started by :func:`cai_labs.launch`; models and batches go on
+:func:`cai_labs.device`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from cai_labs.devices import device
 from cai_labs.layouts import Layout
 from cai_labs.models.gpt import GPTConfig
 from cai_labs.peers.dtensor_tp import dtensor_tp_gpt
@@ -33,7 +35,7 @@ def _summary(losses: list[float], times: list[float], warmup: int) -> dict:
 
 def _global_loss(loss: torch.Tensor | None) -> float:
     """The loss held by the last pipeline rank, on every rank (not part of the timed step)."""
-    buf = torch.zeros(())
+    buf = torch.zeros((), device=device())
     if loss is not None:
         buf += float(loss)
     dist.all_reduce(buf)
@@ -49,7 +51,7 @@ def _race(engines: dict[str, Engine], batches: Batches, steps: int, warmup: int)
     ``loss_of(result)`` turns what it returned into the global loss (not timed)."""
     rec: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in engines}
     for i in range(steps):
-        x, y = batches(i)
+        x, y = (t.to(device()) for t in batches(i))
         for name, (step, loss_of) in engines.items():
             dist.barrier()
             t0 = time.perf_counter()

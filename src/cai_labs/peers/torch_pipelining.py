@@ -20,7 +20,8 @@ __all__ = ["TorchPipeline"]
 
 
 class TorchPipeline:
-    """This rank's stage of the GPT of ``seed`` under a PyTorch pipeline schedule. Collective.
+    """This rank's stage of the GPT of ``seed`` under a PyTorch pipeline schedule, on
+    :func:`cai_labs.device`. Collective.
 
     Args:
         cfg, seed: the model (same weights as the serial GPT of ``seed``).
@@ -33,7 +34,7 @@ class TorchPipeline:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.rank, self.n = dist.get_rank(), dist.get_world_size()
-        self.module = GPTStage(GPT(cfg, seed=seed), self.rank, self.n)
+        self.module = GPTStage(GPT(cfg, seed=seed), self.rank, self.n).to(device())
         stage = PipelineStage(self.module, self.rank, self.n, device())
         kinds = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
         if schedule not in kinds:
@@ -45,6 +46,7 @@ class TorchPipeline:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """Forward and backward of the batch; returns the mean loss on the last stage."""
+        x, y = x.to(device()), y.to(device())
         if self.rank == 0 and self.n == 1:
             losses: list[torch.Tensor] = []
             self.schedule.step(x, target=y, losses=losses)

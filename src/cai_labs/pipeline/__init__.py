@@ -5,10 +5,12 @@
 * :mod:`~cai_labs.pipeline.p2p` — send activations forward and gradients back (``dist.isend`` /
   ``dist.recv``).
 * :mod:`~cai_labs.pipeline.schedules` — the GPipe and 1F1B orders and one training step.
-* :mod:`~cai_labs.pipeline.bubble` — the bubble formula and its measurement from a timeline.
+* :mod:`~cai_labs.pipeline.bubble` — the bubble measured from a timeline;
+* :mod:`~cai_labs.pipeline.formulas` — bubble, micro-batches in flight and p2p bytes.
 """
 
-from cai_labs.pipeline.bubble import bubble_formula, measured_bubble, step_events
+from cai_labs.pipeline.bubble import measured_bubble, step_events
+from cai_labs.pipeline.formulas import bubble_formula
 from cai_labs.pipeline.microbatch import split_microbatches
 from cai_labs.pipeline.p2p import StageLinks
 from cai_labs.pipeline.partition import GPTStage, partition_layers

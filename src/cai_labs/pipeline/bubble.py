@@ -15,12 +15,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-__all__ = ["bubble_formula", "measured_bubble", "step_events"]
+from cai_labs.pipeline.formulas import bubble_formula  # noqa: F401 (old import path)
 
-
-def bubble_formula(n_stages: int, n_micro: int) -> float:
-    """``(p - 1) / (m + p - 1)``."""
-    return (n_stages - 1) / (n_micro + n_stages - 1)
+__all__ = ["measured_bubble", "step_events"]  # bubble_formula: see pipeline.formulas
 
 
 def step_events(timelines: Iterable[list[dict]], step: int) -> list[dict]:

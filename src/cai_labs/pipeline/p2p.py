@@ -70,7 +70,7 @@ class StageLinks:
         if (peer, key) not in self._sent_shapes:
             header = torch.zeros(_HEADER, dtype=torch.int64, device=t.device)
             header[0], header[1] = t.dim(), _DTYPES.index(t.dtype)
-            header[2 : 2 + t.dim()] = torch.tensor(t.shape)
+            header[2 : 2 + t.dim()] = torch.tensor(t.shape, device=t.device)
             self._pending.append((dist.isend(header, dst=peer), header))
             self._sent_shapes.add((peer, key))
         self._pending.append((dist.isend(t, dst=peer), t))

@@ -19,6 +19,10 @@ that is what the serving tutorial loads.
 
 Tensor shapes: ``input_ids`` and ``labels`` are ``(batch, seq)`` int64; labels are ``-100`` on
 the positions whose prediction is not trained (the prompt), as transformers' loss expects.
+
+Devices: models are loaded and built on :func:`cai_labs.device` and :func:`task_batch` makes its
+tensors there (the rank's GPU inside a worker on a GPU node, else the CPU); training and
+generation put their data where the model is.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from transformers import AutoTokenizer, OPTForCausalLM, PreTrainedTokenizerBase
 
 from cai_labs.data.reverse_task import ReverseTask, make_reverse_task
 from cai_labs.data.stdlib_text import stdlib_text
+from cai_labs.devices import device
 from cai_labs.models.opt import tiny_opt, train_char_tokenizer
 
 __all__ = [
@@ -131,7 +136,7 @@ def _pretrain(out: Path, cfg: PretrainConfig) -> Path:
         num_attention_heads=cfg.num_attention_heads,
         ffn_dim=cfg.ffn_dim,
         max_position_embeddings=cfg.max_position_embeddings,
-    )
+    ).to(device())
     ids = torch.tensor(tokenizer.backend_tokenizer.encode(text).ids, dtype=torch.long)
     if len(ids) <= cfg.seq_len + 1:
         raise ValueError("the corpus is shorter than one training window; raise corpus_chars")
@@ -142,7 +147,7 @@ def _pretrain(out: Path, cfg: PretrainConfig) -> Path:
     start = time.perf_counter()
     for _ in range(cfg.steps):
         starts = torch.randint(0, len(ids) - cfg.seq_len, (cfg.batch_size,), generator=gen)
-        batch = torch.stack([ids[s : s + cfg.seq_len] for s in starts.tolist()])
+        batch = torch.stack([ids[s : s + cfg.seq_len] for s in starts.tolist()]).to(device())
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad()
         loss.backward()
@@ -160,8 +165,9 @@ def _pretrain(out: Path, cfg: PretrainConfig) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> tuple[OPTForCausalLM, PreTrainedTokenizerBase]:
-    """``from_pretrained`` of model and tokenizer from one directory (no network)."""
-    model = OPTForCausalLM.from_pretrained(path, local_files_only=True)
+    """``from_pretrained`` of model and tokenizer from one directory (no network); the model is
+    on :func:`cai_labs.device`."""
+    model = OPTForCausalLM.from_pretrained(path, local_files_only=True).to(device())
     model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.eval(), tokenizer
@@ -170,7 +176,8 @@ def load_checkpoint(path: str | Path) -> tuple[OPTForCausalLM, PreTrainedTokeniz
 def task_batch(
     tokenizer: PreTrainedTokenizerBase, task: ReverseTask, words: list[str] | tuple[str, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, labels)`` of shape ``(len(words), seq)``: BOS, prompt, answer, EOS.
+    """``(input_ids, labels)`` of shape ``(len(words), seq)``: BOS, prompt, answer, EOS, on
+    :func:`cai_labs.device`.
 
     Labels are ``-100`` over BOS and the prompt, so only the answer and EOS are trained. With the
     character tokenizer every row has the same length; a subword tokenizer (a real OPT's) can
@@ -189,7 +196,7 @@ def task_batch(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = [r + [pad] * (width - len(r)) for r in rows]
     labels = [lab + [-100] * (width - len(lab)) for lab in labels]
-    return torch.tensor(rows), torch.tensor(labels)
+    return torch.tensor(rows, device=device()), torch.tensor(labels, device=device())
 
 
 def sample_words(task: ReverseTask, batch_size: int, step: int, seed: int = 0) -> list[str]:
@@ -216,9 +223,11 @@ def _finetune(
     task = cfg.task()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     model.train()
+    here = next(model.parameters()).device
     losses = []
     for step in range(cfg.steps):
         x, y = task_batch(tokenizer, task, sample_words(task, cfg.batch_size, step, cfg.seed))
+        x, y = x.to(here), y.to(here)
         loss = model(input_ids=x, labels=y).loss
         opt.zero_grad()
         loss.backward()
@@ -264,9 +273,10 @@ def exact_match(
         groups.setdefault((len(ids), n_new), []).append((w, ids))
     was_training = model.training
     model.eval()
+    here = next(model.parameters()).device
     hits = 0
     for (length, n_new), items in groups.items():
-        prompts = torch.tensor([ids for _, ids in items])
+        prompts = torch.tensor([ids for _, ids in items], device=here)
         out = greedy_generate(model, prompts, n_new)[:, length:]
         hits += sum(
             tokenizer.decode(row.tolist()) == task.answer(w) for row, (w, _) in zip(out, items)

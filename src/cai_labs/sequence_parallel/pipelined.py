@@ -42,6 +42,7 @@ last stages (two ranks: ``2 (2-1)/2``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,7 +52,7 @@ from torch import nn
 
 from cai_labs.data.mlm import MLMBatch
 from cai_labs.launcher import device
-from cai_labs.ledger import Ledger
+from cai_labs.ledger import Ledger, wire_by_kind
 from cai_labs.pipeline import StageLinks, partition_layers, pipeline_step
 from cai_labs.sequence_parallel.bert import (
     allreduce_sum_gradients,
@@ -127,7 +128,8 @@ class PipelinedSequenceBert(nn.Module):
     """This rank's part of a ``BertForMaskedLM`` laid out as ``dp x pp x sp`` (module docstring).
 
     Args:
-        model: the whole ``BertForMaskedLM``, the same weights on every rank.
+        model: the whole ``BertForMaskedLM``, the same weights on every rank (moved to
+            :func:`cai_labs.device`, as are the batches of :meth:`local_batch`).
         groups: from :func:`~cai_labs.sequence_parallel.groups.make_sequence_groups`.
         attention: ``"ring"`` or ``"all_to_all"`` inside each stage's SP group.
         n_micro: micro-batches per step on each pipeline.
@@ -152,6 +154,7 @@ class PipelinedSequenceBert(nn.Module):
         self.groups, self.n_micro, self.schedule = groups, n_micro, schedule
         self.grad_sum = grad_sum
         g = groups
+        model = model.to(device())
         self.stage = BertStage(
             model, g.pp_rank, g.pp_size, sp_rank=g.sp_rank, sp_group=g.sp_group, attention=attention
         )
@@ -175,7 +178,7 @@ class PipelinedSequenceBert(nn.Module):
         check_sequence_split(length, g.sp_size)
         rows = slice(g.dp_rank * b // g.dp_size, (g.dp_rank + 1) * b // g.dp_size)
         return tuple(
-            split_sequence(t[rows], g.sp_rank, g.sp_size)
+            split_sequence(t[rows].to(device()), g.sp_rank, g.sp_size)
             for t in (batch.input_ids, batch.attention_mask, batch.labels)
         )
 
@@ -250,7 +253,9 @@ class PipelinedSequenceBert(nn.Module):
         return float(buf)
 
 
-def traffic_by_kind(report: dict[str, Any], groups: SequenceDataGroups) -> dict[str, int]:
+def traffic_by_kind(
+    report: dict[str, Any], groups: SequenceDataGroups, *, measured: bool = True
+) -> dict[str, int | None]:
     """Bytes this rank sent, from a :class:`~cai_labs.ledger.Ledger` report, by purpose.
 
     The purpose is read off each call's op and group: point-to-point and all-gathers inside the
@@ -258,7 +263,34 @@ def traffic_by_kind(report: dict[str, Any], groups: SequenceDataGroups) -> dict[
     point-to-point on the default group is the pipeline (``"PP p2p"``); all-reduces over the
     replica, SP or DP group are the gradient sum (``"grad all-reduce"``, one call or two
     depending on ``grad_sum``), over the embedding group the tied word embeddings.
+
+    ``measured=True``: bytes measured on the wire (:func:`~cai_labs.ledger.wire_by_kind`); where
+    attention's calls and the pipeline's ``isend`` overlap, they are one entry,
+    ``"PP p2p + SP attention"``; every value is None where the ledger could not measure.
+    ``measured=False``: the ring model's bytes (``modeled_sent_bytes``) per purpose.
     """
+    kind_of = _purpose(groups, report["world_size"])
+    base: dict[str, int | None] = {
+        "SP attention": 0,
+        "PP p2p": 0,
+        "grad all-reduce": 0,
+        "tied embedding all-reduce": 0,
+    }
+    if measured:
+        got = wire_by_kind(report, kind_of)
+        if got is None:
+            return dict.fromkeys(base)
+        for joined in [k for k in got if " + " in k]:
+            for k in joined.split(" + "):
+                base.pop(k, None)
+        return {**base, **got}
+    for rec in report["comm"]:
+        base[kind_of(rec)] += rec["modeled_sent_bytes"]
+    return base
+
+
+def _purpose(groups: SequenceDataGroups, world_size: int) -> Callable[[dict[str, Any]], str]:
+    """A function naming the purpose of one ledger record (see :func:`traffic_by_kind`)."""
 
     def ranks(group: dist.ProcessGroup | None) -> tuple[int, ...] | None:
         return None if group is None else tuple(dist.get_process_group_ranks(group))
@@ -266,11 +298,11 @@ def traffic_by_kind(report: dict[str, Any], groups: SequenceDataGroups) -> dict[
     grad_groups = {ranks(g) for g in (groups.replica_group, groups.sp_group, groups.dp_group)}
     grad_groups.discard(None)
     emb = ranks(groups.embedding_group)
-    out = {"SP attention": 0, "PP p2p": 0, "grad all-reduce": 0, "tied embedding all-reduce": 0}
     sp = ranks(groups.sp_group)
-    world = tuple(range(report["world_size"]))
-    for rec in report["comm"]:
-        op, grp, sent = rec["op"], tuple(rec["group"]), rec["sent_bytes"]
+    world = tuple(range(world_size))
+
+    def kind_of(rec: dict[str, Any]) -> str:
+        op, grp = rec["op"], tuple(rec["group"])
         if op == "all_reduce":
             kind = (
                 "grad all-reduce"
@@ -285,5 +317,6 @@ def traffic_by_kind(report: dict[str, Any], groups: SequenceDataGroups) -> dict[
             kind = "SP attention" if grp == sp else None
         if kind is None:
             raise ValueError(f"traffic_by_kind: unexpected {op} on ranks {grp}")
-        out[kind] += sent
-    return out
+        return kind
+
+    return kind_of

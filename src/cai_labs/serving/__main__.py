@@ -1,8 +1,9 @@
 """Start the service: ``python -m cai_labs.serving --checkpoint DIR --port 8000``.
 
 Listens on 127.0.0.1 unless ``--host`` says otherwise; ``--port 0`` picks a free port and prints
-it (``listening on http://127.0.0.1:PORT``). Batching, queue and cache sizes are options; see
-``--help``. OpenAPI docs are then at ``http://127.0.0.1:PORT/docs``.
+it (``listening on http://127.0.0.1:PORT``). Batching policy, queue, cache sizes and limits are
+options; see ``--help``. OpenAPI docs are then at ``http://127.0.0.1:PORT/docs``; OpenAI clients
+use ``http://127.0.0.1:PORT/v1`` as their base URL.
 """
 
 from __future__ import annotations
@@ -31,14 +32,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="1 turns dynamic batching off",
     )
     p.add_argument("--max-wait-ms", type=float, default=DEFAULTS.max_wait_ms)
+    p.add_argument(
+        "--policy",
+        choices=("continuous", "static"),
+        default=DEFAULTS.policy,
+        help="continuous: requests join and leave at every step; static: whole batches",
+    )
+    p.add_argument("--max-batch-tokens", type=int, default=DEFAULTS.max_batch_tokens)
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULTS.prefill_chunk)
+    p.add_argument("--model-name", default=None, help="id for /v1/models (default: dir name)")
     p.add_argument("--queue-size", type=int, default=DEFAULTS.queue_size)
     p.add_argument("--cache-size", type=int, default=DEFAULTS.cache_size, help="0 = no cache")
-    p.add_argument("--max-prompt-tokens", type=int, default=DEFAULTS.max_prompt_tokens)
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="default: the checkpoint's positions minus --max-new-tokens",
+    )
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        default=DEFAULTS.max_new_tokens_limit,
-        help="largest max_new_tokens a request may ask for",
+        default=None,
+        help="largest max_new_tokens a request may ask for (default: a quarter of the "
+        "checkpoint's positions)",
     )
     p.add_argument("--request-timeout", type=float, default=DEFAULTS.request_timeout_s)
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model")
@@ -56,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         config = ServeConfig(
             max_batch_size=args.max_batch_size,
             max_wait_ms=args.max_wait_ms,
+            policy=args.policy,
+            max_batch_tokens=args.max_batch_tokens,
+            prefill_chunk=args.prefill_chunk,
+            model_name=args.model_name,
             queue_size=args.queue_size,
             cache_size=args.cache_size,
             max_prompt_tokens=args.max_prompt_tokens,

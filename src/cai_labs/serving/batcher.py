@@ -1,16 +1,15 @@
-"""Dynamic batching: one asyncio task turns a queue of single requests into batched ``generate``
-calls.
+"""The asyncio side of batching: a bounded queue in front of the :class:`Scheduler`, driven one
+iteration at a time from the event loop.
 
-The policy: wait for a first request; then keep collecting until ``max_batch_size`` requests
-are in hand or ``max_wait_ms`` has passed since the first one arrived; run them as one batch
-(in a worker thread, so the event loop keeps accepting, rejecting and answering ``/health``);
-repeat. While a batch decodes, newcomers queue up and form the next batch, so under load
-batches fill up by themselves and the wait bound only matters when traffic is light: it caps
-the latency a lone request pays for the chance of company.
+The loop: when the scheduler has nothing to do, wait for a first request, then up to
+``max_wait_ms`` for company (a lone request pays at most that for the chance of a fuller first
+batch); otherwise hand it, without waiting, as many queued requests as it has room for; run one
+:meth:`Scheduler.step` on a worker thread (so the event loop keeps accepting, rejecting and
+answering ``/health``); resolve the futures of the requests that finished; repeat.
 
-The queue is bounded. :meth:`DynamicBatcher.submit` raises :class:`QueueFull` at once when
-``queue_size`` requests are already waiting: a server that accepts everything under overload
-only converts the overload into unbounded latency and memory.
+The queue is bounded: :meth:`Batcher.submit` raises :class:`QueueFull` at once when
+``queue_size`` requests already wait. A server that accepts everything under overload only
+turns the overload into unbounded latency and memory.
 """
 
 from __future__ import annotations
@@ -21,10 +20,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cai_labs.serving.engine import Completion, GenerationEngine, GenerationJob
+from cai_labs.serving.engine import GenerationJob
 from cai_labs.serving.metrics import ServerMetrics
+from cai_labs.serving.scheduler import Scheduler, Sequence, StepReport
 
-__all__ = ["QueueFull", "PendingRequest", "DynamicBatcher"]
+__all__ = ["QueueFull", "PendingRequest", "Batcher"]
 
 
 class QueueFull(Exception):
@@ -39,37 +39,36 @@ class PendingRequest:
     future: asyncio.Future
     arrived: float = field(default_factory=time.perf_counter)
     dequeued: float | None = None
+    seq: Sequence | None = None
 
 
-class DynamicBatcher:
-    """Gathers queued requests into batches for ``engine.generate_batch``.
+class Batcher:
+    """Feeds queued requests to ``scheduler`` and answers them when they finish.
 
     Args:
-        engine: the model.
-        max_batch_size: most requests per batch (1 = no batching).
-        max_wait_ms: longest a batch waits to fill after its first request.
+        scheduler: the iteration-level scheduler around the engine.
+        max_wait_ms: longest an idle server waits for a first batch to fill.
         queue_size: bound of the waiting queue.
-        metrics: where batch sizes and queue depths are recorded.
+        metrics: where steps, occupancy and request times are recorded.
     """
 
-    POLL_S = 0.0005  # how often the batcher looks for late joiners while a batch fills
+    POLL_S = 0.0005  # how often an idle batcher looks for late joiners while a batch fills
 
     def __init__(
-        self,
-        engine: GenerationEngine,
-        max_batch_size: int,
-        max_wait_ms: float,
-        queue_size: int,
-        metrics: ServerMetrics,
+        self, scheduler: Scheduler, max_wait_ms: float, queue_size: int, metrics: ServerMetrics
     ) -> None:
-        self.engine = engine
-        self.max_batch_size = max_batch_size
+        self.scheduler = scheduler
         self.max_wait_s = max_wait_ms / 1e3
         self.queue: asyncio.Queue[PendingRequest] = asyncio.Queue(maxsize=queue_size)
         self.metrics = metrics
-        self.in_flight = 0
+        self._active: dict[int, PendingRequest] = {}
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted into the running batch and not finished."""
+        return len(self._active)
 
     def start(self) -> None:
         """Start the batching task on the running event loop."""
@@ -81,14 +80,12 @@ class DynamicBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        while not self.queue.empty():
-            pending = self.queue.get_nowait()
-            if not pending.future.done():
-                pending.future.set_exception(RuntimeError("server is shutting down"))
+        waiting = [self.queue.get_nowait() for _ in range(self.queue.qsize())]
+        self._fail([*waiting, *self._active.values()], RuntimeError("server is shutting down"))
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def submit(self, job: GenerationJob) -> PendingRequest:
-        """Queue ``job``; the returned request's ``future`` resolves to its :class:`Completion`.
+        """Queue ``job``; the returned request's ``future`` resolves to its completion.
 
         Raises:
             QueueFull: ``queue_size`` requests are already waiting.
@@ -104,50 +101,55 @@ class DynamicBatcher:
         self.metrics.observe_queue(self.queue.qsize())
         return pending
 
-    def _take_ready(self, batch: list[PendingRequest]) -> None:
-        while len(batch) < self.max_batch_size and not self.queue.empty():
-            pending = self.queue.get_nowait()
-            if not pending.future.done():  # skip requests whose client already gave up
-                batch.append(pending)
+    def _admit(self, pending: PendingRequest) -> None:
+        if pending.future.done():  # its client already gave up
+            return
+        pending.seq = self.scheduler.add(pending.job, arrived=pending.arrived)
+        self._active[id(pending.seq)] = pending
 
-    async def _collect(self) -> list[PendingRequest]:
-        batch: list[PendingRequest] = []
-        while not batch:
-            first = await self.queue.get()
-            if not first.future.done():
-                batch.append(first)
+    def _take_ready(self) -> None:
+        while self.scheduler.free_slots and not self.queue.empty():
+            self._admit(self.queue.get_nowait())
+
+    async def _gather(self) -> None:
+        """Idle: wait for a first request, then up to ``max_wait_ms`` for more."""
+        while not self._active:
+            self._admit(await self.queue.get())
         deadline = time.perf_counter() + self.max_wait_s
-        self._take_ready(batch)
-        while len(batch) < self.max_batch_size and time.perf_counter() < deadline:
+        self._take_ready()
+        while self.scheduler.free_slots and time.perf_counter() < deadline:
             await asyncio.sleep(min(self.POLL_S, max(0.0, deadline - time.perf_counter())))
-            self._take_ready(batch)
-        now = time.perf_counter()
-        for pending in batch:
-            pending.dequeued = now
-        return batch
+            self._take_ready()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect()
-            self.in_flight = len(batch)
+            if self.scheduler.idle():
+                await self._gather()
+            else:
+                self._take_ready()
+            for pending in self._active.values():  # timed out or disconnected: free its row
+                pending.seq.cancelled = pending.future.done()
             try:
-                results: list[Completion] = await loop.run_in_executor(
-                    self._executor, self.engine.generate_batch, [p.job for p in batch]
-                )
-            except Exception as exc:  # a failing batch fails its requests, not the server
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
+                report = await loop.run_in_executor(self._executor, self.scheduler.step)
+            except Exception as exc:  # a failing step fails its requests, not the server
+                self._fail(list(self._active.values()), exc)
+                self._active.clear()
+                self.scheduler.clear()
                 continue
-            finally:
-                self.in_flight = 0
-            self.metrics.record_batch(
-                len(batch),
-                results[0].generate_s if results else 0.0,
-                sum(len(r.token_ids) for r in results),
-            )
-            for pending, result in zip(batch, results):
-                self.metrics.queue_waits.append(pending.dequeued - pending.arrived)
-                if not pending.future.done():
-                    pending.future.set_result(result)
+            self._deliver(report)
+
+    def _deliver(self, report: StepReport) -> None:
+        self.metrics.record_step(report)
+        for seq in report.finished:
+            pending = self._active.pop(id(seq))
+            pending.dequeued = seq.admitted or seq.finished
+            self.metrics.record_timing(seq)
+            if not pending.future.done():
+                pending.future.set_result(seq.completion())
+
+    @staticmethod
+    def _fail(pendings: list[PendingRequest], exc: BaseException) -> None:
+        for pending in pendings:
+            if not pending.future.done():
+                pending.future.set_exception(exc)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from cai_labs.serving.sampling import TokenSampler
+
 __all__ = ["GenerationJob", "Completion", "RowSampler", "GenerationEngine"]
 
 
@@ -43,6 +45,13 @@ class GenerationJob:
     seed: int | None = None
     on_token: Callable[[int, str], None] | None = None
     ignore_eos: bool = False
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+
+    def sampler(self, eos_id: int) -> TokenSampler:
+        """This job's own :class:`~cai_labs.serving.sampling.TokenSampler`."""
+        banned = eos_id if self.ignore_eos else None
+        return TokenSampler(self.temperature, self.top_k, self.top_p, self.seed, banned)
 
 
 @dataclass
@@ -51,7 +60,7 @@ class Completion:
 
     token_ids: list[int]
     text: str
-    finish_reason: str  # "length" or "eos"
+    finish_reason: str  # "length", "eos" or "stop" (a stop string was generated)
     batch_size: int = 1
     generate_s: float = 0.0
     extra: dict = field(default_factory=dict)
@@ -68,31 +77,10 @@ class RowSampler:
         self.decode = decode
         self.tokens: list[list[int]] = [[] for _ in jobs]
         self.reasons: list[str | None] = [None] * len(jobs)
-        self.generators: list[torch.Generator | None] = []
-        for job in jobs:
-            if job.temperature > 0:
-                gen = torch.Generator()
-                if job.seed is None:
-                    gen.seed()  # fresh randomness: not reproducible, and not cached
-                else:
-                    gen.manual_seed(job.seed)
-                self.generators.append(gen)
-            else:
-                self.generators.append(None)
+        self.samplers = [job.sampler(eos_id) for job in jobs]
 
     def _pick(self, i: int, row: torch.Tensor) -> int:
-        job = self.jobs[i]
-        if job.ignore_eos:  # benchmarking: always produce max_new_tokens tokens
-            row = row.clone()
-            row[self.eos_id] = float("-inf")
-        if job.temperature == 0:
-            return int(row.argmax())
-        logits = row.float() / job.temperature
-        if job.top_k is not None and job.top_k < logits.numel():
-            kth = torch.topk(logits, job.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generators[i]))
+        return self.samplers[i](row)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         chosen = torch.full((len(self.jobs),), self.eos_id, dtype=torch.long)
@@ -178,6 +166,20 @@ class GenerationEngine:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def new_cache(self):
+        """An empty transformers ``DynamicCache`` (keys/values ``(b, heads, s, head_dim)``)."""
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        """One forward pass over ``ids (b, s)`` after the ``cache``'s positions; ``mask (b,
+        cached + s)`` marks real tokens with 1. Appends to ``cache``; returns the last
+        position's logits ``(b, V)``."""
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        return out.logits[:, -1, :]
 
     def pad_left(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)``, both ``(b, longest)``, pads on the left."""

@@ -9,7 +9,8 @@ tool for measuring a server on this machine, not for loading anyone else's.
 
 Latency is measured by the client, from sending to the full answer; throughput is successful
 answers per second of the run's wall time; p50/p99 are the 50th/99th percentiles of the
-successful requests' latencies (p99: 1 request in 100 is slower).
+successful requests' latencies (p99: 1 request in 100 is slower). A payload is a JSON-able dict
+sent to ``path``, or a ``(path, raw bytes)`` pair (malformed bodies, other endpoints).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class LoadResult:
     tokens_per_s: float
     cached: int
     statuses: dict = field(default_factory=dict)
+    client_errors: dict = field(default_factory=dict)
     latencies_ms: list = field(default_factory=list, repr=False)
 
     def row(self) -> dict:
@@ -53,6 +55,7 @@ class LoadResult:
         out = asdict(self)
         out.pop("latencies_ms")
         out.pop("statuses")
+        out.pop("client_errors")
         return out
 
 
@@ -72,9 +75,28 @@ def check_loopback(url: str) -> None:
     )
 
 
+async def _post(client: httpx.AsyncClient, path: str, payload) -> httpx.Response:
+    if isinstance(payload, tuple):
+        where, body = payload
+        return await client.post(where, content=body, headers={"content-type": "application/json"})
+    return await client.post(path, json=payload)
+
+
+def _count(r: httpx.Response, counters: dict) -> None:
+    """Tokens (and cache hits) of a JSON answer of /generate or /v1/completions."""
+    if not r.headers.get("content-type", "").startswith("application/json"):
+        return
+    body = r.json()
+    if "completion_tokens" in body:
+        counters["tokens"] += body["completion_tokens"]
+        counters["cached"] += body.get("cached", False)
+    elif "usage" in body:
+        counters["tokens"] += body["usage"]["completion_tokens"]
+
+
 async def run_load(
     url: str,
-    payloads: list[dict],
+    payloads: list,
     *,
     concurrency: int,
     max_requests: int,
@@ -90,6 +112,7 @@ async def run_load(
             "need concurrency >= 1, max_requests >= 1, time_limit_s > 0 and at least one payload"
         )
     statuses: Counter[int] = Counter()
+    client_errors: Counter[str] = Counter()
     latencies: list[float] = []
     counters = {"next": 0, "tokens": 0, "cached": 0}
     start = time.perf_counter()
@@ -103,17 +126,15 @@ async def run_load(
                 counters["next"] += 1
                 sent = time.perf_counter()
                 try:
-                    r = await client.post(path, json=payload)
-                except httpx.HTTPError:
+                    r = await _post(client, path, payload)
+                except httpx.HTTPError as exc:  # counted as status -1, by kind in client_errors
                     statuses[-1] += 1
+                    client_errors[type(exc).__name__] += 1
                     continue
                 statuses[r.status_code] += 1
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - sent)
-                    if path == "/generate":
-                        body = r.json()
-                        counters["tokens"] += body["completion_tokens"]
-                        counters["cached"] += body["cached"]
+                    _count(r, counters)
 
         await asyncio.gather(*(user() for _ in range(concurrency)))
     seconds = time.perf_counter() - start
@@ -134,11 +155,12 @@ async def run_load(
         tokens_per_s=counters["tokens"] / seconds,
         cached=counters["cached"],
         statuses=dict(statuses),
+        client_errors=dict(client_errors),
         latencies_ms=lat.tolist(),
     )
 
 
-def load_test(url: str, payloads: list[dict], **kwargs) -> LoadResult:
+def load_test(url: str, payloads: list, **kwargs) -> LoadResult:
     """Blocking wrapper of :func:`run_load` (works in scripts and inside a running event loop,
     e.g. Jupyter, by running in a helper thread)."""
     try:

@@ -25,10 +25,18 @@ class GenerateRequest(BaseModel):
         0.0,
         ge=0.0,
         le=10.0,
+        allow_inf_nan=False,
         description="0 = greedy (deterministic); > 0 samples from softmax(logits / temperature).",
     )
     top_k: int | None = Field(
         None, ge=1, description="Sample only among the k most likely tokens (temperature > 0)."
+    )
+    top_p: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="Sample only among the most likely tokens whose probability reaches top_p.",
     )
     seed: int | None = Field(
         None,
@@ -63,6 +71,7 @@ class GenerateRequest(BaseModel):
             self.max_new_tokens,
             self.temperature,
             self.top_k,
+            self.top_p,
             self.seed,
             self.ignore_eos,
         )
@@ -74,19 +83,76 @@ class GenerateResponse(BaseModel):
     text: str = Field(..., description="The generated continuation (without the prompt).")
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: Literal["length", "eos"] = Field(
+    finish_reason: Literal["length", "eos", "stop"] = Field(
         ..., description="'length': max_new_tokens reached; 'eos': the model ended the text."
     )
     cached: bool = Field(..., description="Answered from the LRU cache, without the model.")
     batch_size: int = Field(
-        ..., description="Requests decoded together with this one (0 if cached)."
+        ..., description="Most requests decoded in one step with this one (0 if cached)."
     )
     queue_ms: float = Field(..., description="Time waiting for the batcher, milliseconds.")
     latency_ms: float = Field(..., description="Arrival to answer inside the server, milliseconds.")
 
 
 class ErrorResponse(BaseModel):
-    """Body of every 4xx/5xx answer: what went wrong and what to change."""
+    """Body of every 4xx/5xx answer, on every endpoint: what went wrong and what to change."""
 
     error: str
     detail: list | None = None
+
+
+# -- OpenAI-compatible bodies (only the fields this server implements; others are refused) ------
+
+
+class _OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="The id GET /v1/models lists.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=1, description="Extension (as in vLLM).")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the text.")
+    stream: bool = False
+    stream_options: dict | None = None
+    n: int = Field(1, ge=1, le=1, description="One choice per request.")
+    user: str | None = None
+    ignore_eos: bool = Field(False, description="Extension (as in vLLM): never stop at eos.")
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value):
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return stops
+
+
+class CompletionRequest(_OpenAIRequest):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[str] = Field(..., description="Text to continue (a list of one string).")
+    max_tokens: int = Field(16, ge=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value):
+        prompts = [value] if isinstance(value, str) else value
+        if len(prompts) != 1 or not prompts[0].strip():
+            raise ValueError("send one non-empty prompt string per request")
+        return prompts[0]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_OpenAIRequest):
+    """``POST /v1/chat/completions`` (the prompt is made by the checkpoint's chat template)."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)

@@ -13,7 +13,17 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-__all__ = ["stdlib_text", "train_toy_tokenizer", "make_toy_checkpoint"]
+__all__ = [
+    "stdlib_text",
+    "train_toy_tokenizer",
+    "make_toy_checkpoint",
+    "OPT_125M_SHAPE",
+    "make_opt_125m_shaped_checkpoint",
+]
+
+# facebook/opt-125m's config.json (hidden size, layers, heads, MLP width, positions); the
+# vocabulary is the toy tokenizer's.
+OPT_125M_SHAPE = dict(hidden=768, layers=12, heads=12, ffn=3072, max_positions=2048)
 
 
 def stdlib_text(max_docs: int = 400) -> list[str]:
@@ -80,8 +90,13 @@ def make_toy_checkpoint(
     vocab_size: int = 512,
     max_positions: int = 256,
     seed: int = 0,
+    init_std: float = 0.02,
+    chat_template: str | None = None,
 ) -> Path:
     """Save a random ``OPTForCausalLM`` and its tokenizer to ``path``; return the path.
+
+    ``init_std`` is the weights' initial spread (larger: less uniform, more varied text);
+    ``chat_template`` (Jinja, as in transformers) is saved with the tokenizer if given.
 
     Load it back with :meth:`cai_labs.serving.GenerationEngine.from_pretrained` or
     ``OPTForCausalLM.from_pretrained(path)``.
@@ -103,11 +118,20 @@ def make_toy_checkpoint(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        init_std=init_std,
     )
     torch.manual_seed(seed)
     model = OPTForCausalLM(config).eval()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(path)
     return path
+
+
+def make_opt_125m_shaped_checkpoint(path: str | Path, vocab_size: int = 4096, seed: int = 0):
+    """A random OPT with facebook/opt-125m's shape (about 90M parameters with this
+    vocabulary), for benchmarks: real per-token compute and KV-cache sizes, gibberish text."""
+    return make_toy_checkpoint(path, vocab_size=vocab_size, seed=seed, **OPT_125M_SHAPE)

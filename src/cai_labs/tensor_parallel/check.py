@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from cai_labs.devices import device
 from cai_labs.ledger import Ledger, comm_totals, tensor_bytes
 from cai_labs.models.gpt import Block, GPTConfig
 from cai_labs.tensor_parallel.grid import Grid
@@ -56,9 +57,9 @@ def check_block(
     gen = torch.Generator().manual_seed(seed)
     if block is None:
         torch.manual_seed(seed)
-        block = Block(cfg)
-    x = torch.randn(batch, cfg.seq_len, cfg.d_model, generator=gen)
-    w = torch.randn(batch, cfg.seq_len, cfg.d_model, generator=gen)
+        block = Block(cfg).to(device())
+    x = torch.randn(batch, cfg.seq_len, cfg.d_model, generator=gen).to(device())
+    w = torch.randn(batch, cfg.seq_len, cfg.d_model, generator=gen).to(device())
 
     xs = x.clone().requires_grad_()
     block.zero_grad(set_to_none=True)
@@ -110,9 +111,9 @@ def check_linear(
     layers = mode_module(grid.mode)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    lin = torch.nn.Linear(in_features, out_features)
-    x = torch.randn(batch, seq, in_features, generator=gen)
-    w = torch.randn(batch, seq, out_features, generator=gen)
+    lin = torch.nn.Linear(in_features, out_features).to(device())
+    x = torch.randn(batch, seq, in_features, generator=gen).to(device())
+    w = torch.randn(batch, seq, out_features, generator=gen).to(device())
     xs = x.clone().requires_grad_()
     (lin(xs) * w).sum().backward()
 
@@ -175,9 +176,9 @@ def check_gpt(
     from cai_labs.tensor_parallel.model import TensorParallelGPT
 
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(cfg.vocab_size, (steps, batch, cfg.seq_len), generator=gen)
-    tgt = torch.randint(cfg.vocab_size, (steps, batch, cfg.seq_len), generator=gen)
-    serial = GPT(cfg, seed=seed)
+    idx = torch.randint(cfg.vocab_size, (steps, batch, cfg.seq_len), generator=gen).to(device())
+    tgt = torch.randint(cfg.vocab_size, (steps, batch, cfg.seq_len), generator=gen).to(device())
+    serial = GPT(cfg, seed=seed).to(device())
     par = TensorParallelGPT(serial, grid)
     opt_s = torch.optim.SGD(serial.parameters(), lr=lr)
     opt_p = torch.optim.SGD(par.parameters(), lr=lr)

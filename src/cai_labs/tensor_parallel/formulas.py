@@ -50,7 +50,12 @@ __all__ = [
     "serial_block_params",
     "opt_1d_cost",
     "vocab_loss_cost",
+    "RECOMPUTE",
+    "layer_activation_bytes",
 ]
+
+#: Activation recomputation policies of :func:`layer_activation_bytes`.
+RECOMPUTE = ("none", "selective", "full")
 
 #: Colossal-AI documentation, "Efficiency" table of each mode (``P`` ranks, ring algorithms).
 COLOSSALAI_TABLE: dict[str, dict[str, str]] = {
@@ -123,6 +128,23 @@ def _dims(mode: str, size: int, depth: int) -> tuple[int, int]:
     return shape[-1], (shape[0] if mode == "2.5d" else 1)
 
 
+def _check_divides(mode: str, size: int, q: int, d: int, M: int, K: int, N: int, kind: str) -> None:
+    """Raise unless every block of this mode's split holds a whole number of elements."""
+    if mode == "1d":
+        need = [("out_features", N, size)] if kind == "column" else [("in_features", K, size)]
+    elif mode in ("2d", "2.5d"):  # activations (M/dq, K/q), weights (K/q, N/q), bias N/q
+        need = [("rows", M, d * q), ("in_features", K, q), ("out_features", N, q)]
+    else:  # 3d: activation and weight blocks of (M K)/q^3 and (K N)/q^3 elements, bias N/q
+        need = [("rows x in_features", M * K, q**3), ("in_features x out_features", K * N, q**3)]
+        need += [("out_features", N, q)]
+    bad = [f"{name}={v} by {by}" for name, v, by in need if v % by]
+    if bad:
+        raise ValueError(
+            f"{mode} on {size} ranks (q={q}, depth={d}) cannot split {', '.join(bad)} evenly: "
+            "choose sizes that are multiples of these"
+        )
+
+
 def linear_cost(
     mode: str,
     size: int,
@@ -137,10 +159,12 @@ def linear_cost(
 ) -> Cost:
     """Cost of one linear layer ``(rows, K) -> (rows, N)`` on one rank of a ``size``-rank grid.
 
-    ``kind`` chooses ``"column"`` or ``"row"`` for 1D (ignored by the other modes).
+    ``kind`` chooses ``"column"`` or ``"row"`` for 1D (ignored by the other modes). Sizes that
+    the mode's grid does not split evenly raise ``ValueError`` (the layers refuse them too).
     """
     M, K, N = rows, in_features, out_features
     q, d = _dims(mode, size, depth)
+    _check_divides(mode, size, q, d, M, K, N, kind)
     nb = N if bias else 0
     if mode == "1d":
         P = size
@@ -343,3 +367,59 @@ def vocab_loss_cost(
     if parallel:
         return Cost(0, M * V // P * elem + 8 * M, 3 * M * elem * (P > 1), 3 * (P > 1))
     return Cost(0, M * V * elem + 8 * M + elem, M * V * elem * (P > 1), int(P > 1))
+
+
+def layer_activation_bytes(
+    seq: int,
+    batch: int,
+    hidden: int,
+    heads: int,
+    tp: int = 1,
+    sequence_parallel: bool = False,
+    recompute: str = "none",
+    *,
+    ffn: int | None = None,
+    kv_heads: int | None = None,
+    gated: bool = False,
+    dropout: bool = True,
+    elem: int = 2,
+    kv_seq: int | None = None,
+) -> float:
+    """Bytes one transformer layer keeps for backward on one rank (Korthikanti et al. 2022,
+    *Reducing Activation Recomputation in Large Transformer Models*, section 4 and Table 2).
+
+    With ``s, b, h, a, t`` and 16-bit activations (``elem = 2``; dropout masks 1 byte) the
+    paper's per-layer total is ``sbh (10 + 24/t + 5as/(ht))`` with tensor parallelism,
+    ``sbh (34/t + 5as/(ht))`` with sequence parallelism, ``sbh (34/t)`` (plus 10 unsplit without
+    SP) with selective recomputation (the ``as^2 b`` attention terms recomputed), and ``2 sbh``
+    with full recomputation (``2sbh/t`` with SP). The terms, in elements of ``sbh``:
+
+    * not split by TP (split by SP): the inputs of the two layer norms, of the QKV projection and
+      of ``fc1`` (4), and the two dropout masks (2 bytes);
+    * split by TP: Q, K, V (``1 + 2 kv/a``), the output projection's input (1), and the MLP
+      (``2f/h``, or ``3f/h`` for a gated MLP that keeps both halves of ``fc1``);
+    * attention scores, split by TP: softmax output ``as^2 b`` elements, dropout mask
+      ``as^2 b`` bytes and dropout output ``as^2 b`` elements.
+
+    ``dropout=False`` drops the masks and the dropout output (the GPT of this package, checked
+    against the ledger in fp32, ``elem = 4``). ``ffn`` defaults to ``4h``, ``kv_heads`` to ``a``;
+    ``kv_seq`` (default ``seq``) is the keys each query sees: the whole sequence when ``seq`` is
+    one rank's share under context parallelism.
+    """
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}; got {recompute!r}")
+    if heads % tp:
+        raise ValueError(f"tensor parallel size {tp} does not divide the {heads} attention heads")
+    sbh = seq * batch * hidden
+    split_seq = tp if sequence_parallel else 1
+    if recompute == "full":
+        return elem * sbh / split_seq
+    f = 4 * hidden if ffn is None else ffn
+    g = 1.0 if kv_heads is None else kv_heads / heads
+    unsplit = 4 * elem * sbh + (2 * sbh if dropout else 0)
+    split = elem * sbh * (2 + 2 * g) + elem * seq * batch * f * (3 if gated else 2)
+    total = unsplit / split_seq + split / tp
+    if recompute == "none":
+        scores = heads * seq * (seq if kv_seq is None else kv_seq) * batch
+        total += scores * (2 * elem + 1 if dropout else elem) / tp
+    return total

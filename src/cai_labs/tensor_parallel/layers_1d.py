@@ -113,7 +113,7 @@ class ColumnParallelLinear(nn.Module):
         out_f, in_f = linear.weight.shape
         m = cls(
             in_f, out_f, grid, linear.bias is not None, gather_output, chunks, reduce_input_grad
-        ).to(linear.weight.dtype)
+        ).to(linear.weight.device, linear.weight.dtype)  # where the serial layer is
         n, r = grid.size, grid.position
         with torch.no_grad():
             m.weight.copy_(_shard(linear.weight, n, r, 0, chunks))
@@ -170,7 +170,7 @@ class RowParallelLinear(nn.Module):
         """This rank's row slice of ``linear`` (same initial values as serial)."""
         out_f, in_f = linear.weight.shape
         m = cls(in_f, out_f, grid, linear.bias is not None, input_is_parallel).to(
-            linear.weight.dtype
+            linear.weight.device, linear.weight.dtype
         )
         with torch.no_grad():
             m.weight.copy_(_shard(linear.weight, grid.size, grid.position, 1))
@@ -280,7 +280,7 @@ class VocabParallelEmbedding(nn.Module):
 
     @classmethod
     def from_serial(cls, emb: nn.Embedding, grid: Grid) -> VocabParallelEmbedding:
-        m = cls(emb.num_embeddings, emb.embedding_dim, grid)
+        m = cls(emb.num_embeddings, emb.embedding_dim, grid).to(emb.weight.device)
         with torch.no_grad():
             m.weight.copy_(split_chunks(emb.weight, grid.size, grid.position, 0))
         return m

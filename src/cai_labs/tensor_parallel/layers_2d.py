@@ -163,7 +163,7 @@ class Linear2D(nn.Module):
     def from_serial(cls, linear: nn.Linear, grid: Grid, chunks: int = 1) -> Linear2D:
         """Block ``(i, j)`` of ``linear`` (``chunks=3`` for a fused qkv: see :mod:`.sharding`)."""
         out_f, in_f = linear.weight.shape
-        m = cls(in_f, out_f, grid, linear.bias is not None)
+        m = cls(in_f, out_f, grid, linear.bias is not None).to(linear.weight.device)
         m.chunks = chunks
         q, (i, j, _) = grid.q, _ijk(grid)
         with torch.no_grad():

@@ -125,7 +125,7 @@ class Linear3D(nn.Module):
     def from_serial(cls, linear: nn.Linear, grid: Grid, axes=EVEN, chunks: int = 1) -> Linear3D:
         """This rank's shard of ``linear`` (``chunks=3`` for a fused qkv)."""
         out_f, in_f = linear.weight.shape
-        m = cls(in_f, out_f, grid, axes, linear.bias is not None)
+        m = cls(in_f, out_f, grid, axes, linear.bias is not None).to(linear.weight.device)
         m.chunks = chunks
         a, b, c = (grid.coord[ax] for ax in m.axes)
         q = grid.q

@@ -14,8 +14,9 @@ Usage on every rank (inside :func:`cai_labs.launch` or ``torchrun``)::
 
 Modules: :mod:`~cai_labs.zero.flat` (flat units), :mod:`~cai_labs.zero.base` (shared),
 :mod:`~cai_labs.zero.stage1`, :mod:`~cai_labs.zero.stage2`, :mod:`~cai_labs.zero.stage3`,
-:mod:`~cai_labs.zero.optimizer` (sharded optimizer), :mod:`~cai_labs.zero.memory` (the paper's
-formulas), :mod:`~cai_labs.zero.fsdp2` (PyTorch FSDP2 side by side).
+:mod:`~cai_labs.zero.optimizer` (sharded optimizer), :mod:`~cai_labs.zero.formulas` (the paper's
+formulas and the bytes per step), :mod:`~cai_labs.zero.memory` (the measured account),
+:mod:`~cai_labs.zero.fsdp2` (PyTorch FSDP2 side by side).
 """
 
 from __future__ import annotations

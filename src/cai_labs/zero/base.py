@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cai_labs.devices import device
 from cai_labs.ledger import Ledger
 from cai_labs.zero.collectives import all_gather_flat
 from cai_labs.zero.flat import FlatParamUnit
@@ -140,7 +141,7 @@ class ZeroModel(nn.Module):
         """
         with torch.no_grad():
             grads = [s.grad for s in self.shards if s.grad is not None]
-            sq = torch.zeros((), dtype=torch.float64)
+            sq = torch.zeros((), dtype=torch.float64, device=device())
             for g in grads:
                 sq += g.double().pow(2).sum()
             if self.world_size > 1:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cai_labs.devices import device
 from cai_labs.zero.base import default_units
 
 __all__ = ["fsdp2_wrap", "fsdp2_memory"]
@@ -24,7 +25,8 @@ __all__ = ["fsdp2_wrap", "fsdp2_memory"]
 def fsdp2_wrap(module: nn.Module, units: list[nn.Module] | None = None) -> nn.Module:
     """``fully_shard`` each unit (default: the model's layers), then the root; returns it.
 
-    Rank 0's parameters are broadcast first so that every rank starts from the same model, as
+    The module is moved to :func:`cai_labs.device` (the mesh's device) and rank 0's parameters
+    are broadcast first so that every rank starts from the same model, as
     :class:`~cai_labs.zero.base.ZeroModel` does.
     """
     from torch.distributed.device_mesh import init_device_mesh
@@ -35,11 +37,11 @@ def fsdp2_wrap(module: nn.Module, units: list[nn.Module] | None = None) -> nn.Mo
     # data parallel in the tests confirms.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
 
+    module.to(device())
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t, src=0)
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    mesh = init_device_mesh(device().type, (dist.get_world_size(),))
     for m in default_units(module) if units is None else units:
         fully_shard(m, mesh=mesh)
     fully_shard(module, mesh=mesh)

@@ -56,6 +56,8 @@ class Zero3(Zero2):
     Attributes:
         gathered_peak_bytes: largest number of bytes of gathered units besides the root seen by
             the hooks since the last :meth:`reset_gathered_peak` (prefetches in flight count).
+        gathered_storage_peak_bytes: the same peak measured apart from that bookkeeping: the
+            storage bytes really allocated for the full buffers of the units besides the root.
     """
 
     stage = 3
@@ -84,7 +86,7 @@ class Zero3(Zero2):
         self._recording = True
         self._order: dict[str, list[FlatParamUnit]] = {"forward": [], "backward": []}
         self._position: dict[str, dict[int, int]] = {"forward": {}, "backward": {}}
-        self.gathered_peak_bytes = 0
+        self.gathered_peak_bytes = self.gathered_storage_peak_bytes = 0
         for u, m in zip(self.units, self.unit_modules):
             m.register_forward_pre_hook(self._pre_forward(u))
             m.register_forward_hook(self._post_forward(u))
@@ -121,9 +123,11 @@ class Zero3(Zero2):
     def _track_peak(self) -> None:
         now = sum(u.gathered_bytes for u in self._gathered_besides_root())
         self.gathered_peak_bytes = max(self.gathered_peak_bytes, now)
+        allocated = sum(u.full.untyped_storage().nbytes() for u in self.units if u is not self.root)
+        self.gathered_storage_peak_bytes = max(self.gathered_storage_peak_bytes, allocated)
 
     def reset_gathered_peak(self) -> None:
-        self.gathered_peak_bytes = 0
+        self.gathered_peak_bytes = self.gathered_storage_peak_bytes = 0
 
     def gathered_bound_bytes(self) -> int:
         """The bound on :attr:`gathered_peak_bytes`: ``depth + 1`` of the largest units besides

@@ -1,0 +1,55 @@
+"""Sequence (context) parallelism's costs: the bytes each attention layer sends, per rank.
+
+``N`` ranks each hold ``L/N`` tokens. One *chunk* ``E`` is the bytes of one rank's key (or
+value) block: ``b (L/N) H_kv D`` elements. Per attention layer and training step:
+
+* **ring** (Li et al. 2021; context parallelism of Megatron/torchtitan): forward passes the key and
+  value chunks ``N-1`` times each, backward passes them again and sends the two gradient
+  accumulators around: ``6 (N-1) E`` sent by every rank;
+* **all-to-all** (DeepSpeed-Ulysses): four all-to-alls forward (q, k, v, output) and four
+  backward, each sending ``(N-1)/N`` of one chunk: ``8 (N-1)/N E``;
+* the padding mask ``[b, L]`` (int64 here) is all-gathered once per layer: ``(N-1)/N`` of it.
+
+Around the layers (the BERT of :mod:`~cai_labs.sequence_parallel.pipelined`, ``A`` the bytes of
+a replica's local activation ``(B/dp) (L/N) h``): pipeline stages send ``A`` forward and back
+(:func:`cai_labs.pipeline.formulas.p2p_sent_bytes`), and the gradient sum is one ring
+all-reduce over the stage's ``N dp`` replicas, or two (SP group, then DP group).
+"""
+
+from __future__ import annotations
+
+from cai_labs.data_parallel.formulas import ring_allreduce_sent, ring_gather_sent
+
+__all__ = [
+    "ATTENTION_KINDS",
+    "attention_sent_bytes",
+    "mask_gather_sent_bytes",
+    "replica_grad_sent_bytes",
+]
+
+ATTENTION_KINDS = ("ring", "all_to_all")
+
+
+def attention_sent_bytes(kind: str, n: int, chunk_bytes: int) -> float:
+    """Bytes one rank sends in one attention layer's forward + backward (mask not included)."""
+    if n < 1:
+        raise ValueError(f"a sequence-parallel group has at least one rank; got {n}")
+    if kind == "ring":
+        return 6 * (n - 1) * chunk_bytes
+    if kind == "all_to_all":
+        return 8 * (n - 1) / n * chunk_bytes
+    raise ValueError(f"attention kind must be one of {ATTENTION_KINDS}; got {kind!r}")
+
+
+def mask_gather_sent_bytes(n: int, mask_bytes: int) -> float:
+    """Bytes sent to all-gather a ``mask_bytes`` padding mask (whole sequence) over ``n``."""
+    return ring_gather_sent(mask_bytes, n)
+
+
+def replica_grad_sent_bytes(param_bytes: int, sp: int, dp: int, two_step: bool = False) -> float:
+    """Bytes one rank sends to sum a stage's gradients over its ``sp x dp`` replicas: one ring
+    all-reduce over all ``sp dp`` (``2 (n-1)/n P``), or with ``two_step`` one over the SP group
+    then one over the DP group (``2 (sp-1)/sp P + 2 (dp-1)/dp P``)."""
+    if two_step:
+        return ring_allreduce_sent(param_bytes, sp) + ring_allreduce_sent(param_bytes, dp)
+    return ring_allreduce_sent(param_bytes, sp * dp)

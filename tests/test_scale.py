@@ -1,0 +1,141 @@
+"""The scale model: built on the technique formulas, checked against published runs, and
+refusing impossible layouts with the CPU code's errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cai_labs.scale import MODELS, ScaleLayout, predict
+from cai_labs.scale.__main__ import main
+from cai_labs.scale.published import all_rows, throughput_rows
+from cai_labs.tensor_parallel.grid import check_divisible, grid_shape
+
+#: Memory rows within 3 % of the published number; at least 8 throughput rows within 25 %.
+MEMORY_GOAL, THROUGHPUT_GOAL, THROUGHPUT_ROWS = 0.03, 0.25, 8
+
+
+def _args(line: str) -> list[str]:
+    return line.split()
+
+
+def _table(rows) -> str:
+    lines = [f"{'source':28} {'config':52} {'published':>10} {'predicted':>10} {'ratio':>6}"]
+    for r in rows:
+        pred = "-" if r.predicted is None else f"{r.predicted:10.4g}"
+        ratio = "-" if r.ratio is None else f"{r.ratio:6.3f}"
+        lines.append(f"{r.source:28} {r.config:52} {r.published:10.4g} {pred:>10} {ratio:>6}")
+    return "\n".join(lines)
+
+
+def test_memory_rows_within_goal():
+    rows = [r for r in all_rows() if r.kind == "memory"]
+    print(_table(rows))
+    assert len(rows) >= 80
+    worst = max(abs(r.ratio - 1) for r in rows)
+    assert worst <= MEMORY_GOAL, _table([r for r in rows if abs(r.ratio - 1) > MEMORY_GOAL])
+
+
+def test_throughput_rows_within_goal():
+    rows = throughput_rows()
+    print(_table(rows))
+    modeled = [r for r in rows if r.modeled]
+    within = [r for r in modeled if abs(r.ratio - 1) <= THROUGHPUT_GOAL]
+    print(f"{len(within)} of {len(modeled)} modeled rows within {THROUGHPUT_GOAL:.0%}")
+    assert len(within) >= THROUGHPUT_ROWS
+    for r in rows:  # every row not modeled, or far off, says why
+        assert r.why or (r.modeled and abs(r.ratio - 1) <= THROUGHPUT_GOAL)
+
+
+def test_scale_model_uses_the_technique_formulas():
+    """No second copy: the scale model calls the functions the ledger tests check."""
+    import cai_labs.scale.memory as mem
+    import cai_labs.scale.step as step
+    from cai_labs.pipeline import formulas as pipe
+    from cai_labs.sequence_parallel import formulas as sp
+    from cai_labs.tensor_parallel import formulas as tp
+    from cai_labs.zero import formulas as zero
+
+    assert mem.zero_memory_formula is zero.zero_memory_formula
+    assert mem.layer_activation_bytes is tp.layer_activation_bytes
+    assert mem.linear_cost is tp.linear_cost
+    assert mem.in_flight_microbatches is pipe.in_flight_microbatches
+    assert step.bubble_fraction is pipe.bubble_fraction
+    assert step.attention_sent_bytes is sp.attention_sent_bytes
+    assert step.zero_sent_factor is zero.zero_sent_factor
+
+
+def test_broken_activation_formula_is_caught(monkeypatch):
+    """Dropping the attention scores from the activation formula breaks the published check."""
+    import cai_labs.scale.published as published
+    from cai_labs.tensor_parallel.formulas import layer_activation_bytes
+
+    def broken(seq, batch, hidden, heads, tp=1, sp=False, recompute="none", **kw):
+        return layer_activation_bytes(seq, batch, hidden, heads, tp, sp, "selective", **kw)
+
+    monkeypatch.setattr(published, "layer_activation_bytes", broken)
+    rows = published.korthikanti_memory_rows()
+    assert max(abs(r.ratio - 1) for r in rows) > MEMORY_GOAL
+
+
+def test_more_parallelism_needs_less_memory():
+    base = dict(global_batch=64, recompute="selective")
+    one = predict("gpt-3-175b", "a100-80gb", ScaleLayout(tp=8, pp=8, **base))
+    zero = predict("gpt-3-175b", "a100-80gb", ScaleLayout(tp=8, pp=4, dp=2, zero=1, **base))
+    m1, m2 = one.memory_per_gpu_bytes, zero.memory_per_gpu_bytes
+    assert m2["optimizer"] < 2 * m1["optimizer"] / 2 + 1  # ZeRO-1 halves twice the stage state
+    off = predict("opt-13b", "a100-80gb", ScaleLayout(dp=8, zero=2, offload=True, global_batch=8))
+    assert off.memory_per_gpu_bytes["optimizer"] == 0 and off.memory_per_gpu_bytes["host_optimizer"]
+
+
+def test_cli_json_has_the_keys():
+    argv = _args(
+        "--model llama-3-70b --gpu h100 --gpus 64 --tp 8 --pp 4 --dp 2 --zero 1 "
+        "--recompute selective --seq 8192 --micro-batch-size 1 --global-batch 512 --json"
+    )
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(argv) == 0
+    out = json.loads(buf.getvalue())
+    assert set(out["memory_per_gpu_bytes"]) >= {"params", "grads", "optimizer", "activations"}
+    assert "total" in out["memory_per_gpu_bytes"]
+    for key in ("step_time_s", "tokens_per_s_per_gpu", "mfu", "bound"):
+        assert key in out
+    assert 0 < out["mfu"] < 1
+
+
+def test_cli_custom_shape_and_every_preset_runs(capsys):
+    shape = "--layers 4 --hidden 256 --heads 8 --kv-heads 2 --vocab 1000 --gpus 2 --tp 2"
+    assert main(_args(shape)) == 0
+    for name in MODELS:
+        assert main(["--model", name, "--gpus", "8", "--dp", "8", "--global-batch", "8"]) == 0
+
+
+def _cpu_error(fn, *args) -> str:
+    with pytest.raises(ValueError) as e:
+        fn(*args)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    "argv, cpu",
+    [
+        ("--model llama-3-70b --gpus 48 --tp 3 --dp 16", (check_divisible, "heads", 64, 3, "1D")),
+        ("--model gpt-3-175b --gpus 64 --tp 8 --tp-mode 2d --dp 8", (grid_shape, "2d", 8)),
+        ("--model gpt-3-175b --gpus 64 --tp 4 --tp-mode 3d --dp 16", (grid_shape, "3d", 4)),
+    ],
+)
+def test_impossible_layouts_give_the_cpu_errors(argv, cpu, capsys):
+    assert main(argv.split()) == 2
+    assert _cpu_error(*cpu) in capsys.readouterr().err
+
+
+def test_product_of_sizes_must_be_the_gpu_count(capsys):
+    assert main(["--model", "llama-3-8b", "--gpus", "64", "--tp", "8", "--dp", "4"]) == 2
+    assert "make the product equal the GPU count" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="does not split into dp=3"):
+        predict("llama-3-8b", "h100", ScaleLayout(dp=3, global_batch=8))
