@@ -177,9 +177,11 @@ COLOSSALAI_DEPS = [
 ]
 
 
-# The release's own pins where the tensor-parallel cross-checks need them (resolved together with
-# the project, so that a reused environment is not upgraded and downgraded on every run).
-COLOSSALAI_PINS = ("transformers==4.51.3", "diffusers==0.29.0")
+# The release's own transformers pin, which its ShardFormer policies need, resolved together with
+# the project (so that a reused environment is not upgraded and downgraded on every run). The
+# release pins diffusers 0.29.0; the project needs >=0.31, and 0.33.1 still imports with the
+# huggingface-hub 0.x that transformers 4.51.3 needs (colossalai.inference imports diffusers).
+COLOSSALAI_PINS = ("transformers==4.51.3", "diffusers==0.33.1")
 
 
 def _install_colossalai(session: nox.Session) -> None:

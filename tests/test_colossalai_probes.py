@@ -65,3 +65,9 @@ def test_a_wrong_shard_offset_is_caught(monkeypatch):
 
     monkeypatch.setattr(probes, "_rank_slice", first_block)
     assert launch(probes._shimmed, 2, probes.shardformer_opt, timeout=240) > 1e3 * TOL
+
+
+def test_shardformer_matches_the_serial_model_on_4_ranks():
+    import colossalai.shardformer  # noqa: F401
+
+    assert launch(probes._shimmed, 4, probes.shardformer_opt, timeout=240) <= TOL
