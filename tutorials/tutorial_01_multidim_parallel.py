@@ -587,10 +587,11 @@ def sized_pipeline_worker() -> list[list[dict]]:
             dist.barrier()
             x, y = corpus.batch(step, SIZED_MICRO * SIZED_MICRO_BATCH, SIZED_CFG.seq_len)
             model.train_step(x, y, optimizer, ledger=ledger, step=step)
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, ledger.timeline)
-    return everyone
+    return report.from_every_rank(ledger.timeline)
 
+
+# %%
+# The measured bubble of the sized run, next to the formula:
 
 sized = launch(sized_pipeline_worker, SIZED_STAGES)
 sized_steps = [measured_bubble(step_events(sized, step=s)) for s in range(1, SIZED_STEPS)]
