@@ -745,8 +745,8 @@ for m in (8, 16, 32, 64, 128):
                 "activations (GB)": p.memory_per_gpu_bytes["activations"] / 1e9,
             }
         )
-bubbles = pd.DataFrame(bubble_rows).set_index(["micro-batches", "schedule"])
-bubbles.style.format("{:.3g}")
+scale_bubbles = pd.DataFrame(bubble_rows).set_index(["micro-batches", "schedule"])
+scale_bubbles.style.format("{:.3g}")
 
 # %%
 # On GPUs, and with Colossal-AI
