@@ -587,10 +587,11 @@ def sized_pipeline_worker() -> list[list[dict]]:
             dist.barrier()
             x, y = corpus.batch(step, SIZED_MICRO * SIZED_MICRO_BATCH, SIZED_CFG.seq_len)
             model.train_step(x, y, optimizer, ledger=ledger, step=step)
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, ledger.timeline)
-    return everyone
+    return report.from_every_rank(ledger.timeline)
 
+
+# %%
+# The measured bubble of the sized run, next to the formula:
 
 sized = launch(sized_pipeline_worker, SIZED_STAGES)
 sized_steps = [measured_bubble(step_events(sized, step=s)) for s in range(1, SIZED_STEPS)]
@@ -744,8 +745,8 @@ for m in (8, 16, 32, 64, 128):
                 "activations (GB)": p.memory_per_gpu_bytes["activations"] / 1e9,
             }
         )
-bubbles = pd.DataFrame(bubble_rows).set_index(["micro-batches", "schedule"])
-bubbles.style.format("{:.3g}")
+scale_bubbles = pd.DataFrame(bubble_rows).set_index(["micro-batches", "schedule"])
+scale_bubbles.style.format("{:.3g}")
 
 # %%
 # On GPUs, and with Colossal-AI

@@ -610,6 +610,9 @@ assert stats["device_peak"] <= stats["device_budget"] < states_total
 # The pool's peak is its own account; the storage the chunks really allocated is measured apart.
 assert stats["device_storage_peak"] <= stats["device_budget"], "device storage over budget"
 
+# %%
+# Rank 0's states, the device budget and peaks, and the traffic between host and device:
+
 traffic = pd.DataFrame(
     [
         ("model states on rank 0 (params, grads, own Adam moments)", states_total),
