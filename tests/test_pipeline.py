@@ -210,7 +210,7 @@ def test_measured_bubble_averages_copies_of_a_stage_and_needs_events():
     assert b["stage0"] == 1 - 12 / span
     assert b["stage1"] == ((1 - 12 / span) + (1 - 9 / span)) / 2
     assert b["bubble"] == (b["stage0"] + b["stage1"]) / 2
-    with pytest.raises(ValueError, match="no F/B events given: record the step with a Ledger"):
+    with pytest.raises(ValueError, match="^no F/B events given: record the step with a Ledger$"):
         bubble_mod.measured_bubble([])
 
 
