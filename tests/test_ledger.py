@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cai_labs import Ledger, comm_totals, gather_reports, launch, tensor_bytes
+from cai_labs.models import GPT, GPTConfig
 
 
 def _known_collectives() -> list[dict]:
@@ -160,8 +161,6 @@ def _saved_activation_bytes(model: nn.Module, fn) -> int:
 
 
 def test_activation_peak_of_a_gpt_matches_an_independent_count():
-    from cai_labs.models import GPT, GPTConfig
-
     cfg = GPTConfig(n_layers=2, d_model=32, n_heads=4, seq_len=16)
     model = GPT(cfg, seed=0)
     x = torch.randint(
