@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cai_labs import Ledger, comm_totals, gather_reports, launch, tensor_bytes
+from cai_labs.models import GPT, GPTConfig
 
 
 def _known_collectives() -> list[dict]:
@@ -163,8 +164,6 @@ def _saved_activation_bytes(model: nn.Module, fn) -> int:
 
 
 def test_activation_peak_of_a_gpt_matches_an_independent_count():
-    from cai_labs.models import GPT, GPTConfig
-
     cfg = GPTConfig(n_layers=2, d_model=32, n_heads=4, seq_len=16)
     model = GPT(cfg, seed=0)
     x = torch.randint(
@@ -290,10 +289,14 @@ def test_buffer_bytes_of_gather_and_scatter_off_the_root(monkeypatch):
     """Without the list (non-root ranks) the buffer is the tensor times the group size."""
     from cai_labs import ledger as ledger_mod
 
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 5)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 5 if group == "five" else 3)
     for op in ("gather", "scatter"):
-        assert ledger_mod._buffer_bytes(op, (_t(3), None, 0), {}) == 5 * 12
-        assert ledger_mod._buffer_bytes(op, (_t(3),), {}) == 5 * 12
+        assert ledger_mod._buffer_bytes(op, (_t(3), None, 0), {}) == 3 * 12
+        assert ledger_mod._buffer_bytes(op, (_t(3),), {"group": "five"}) == 5 * 12
+        assert ledger_mod._buffer_bytes(op, (), {"tensor": _t(2), "group": "five"}) == 5 * 8
+    # The ledger's names for ZeRO's flat collectives: output / input buffers as above.
+    assert ledger_mod._buffer_bytes("all_gather_single", (_t(12), _t(4)), {}) == 48
+    assert ledger_mod._buffer_bytes("reduce_scatter_single", (_t(3), _t(9)), {}) == 36
     assert ledger_mod._buffer_bytes("unknown_op", (_t(3),), {}) == 0
     assert ledger_mod._nbytes(("not a tensor", [_t(2), [_t(1, torch.float64)]])) == 16
 
@@ -327,6 +330,7 @@ def test_ring_sent_bytes_are_the_bandwidth_optimal_ring_traffic():
     assert ring_sent_bytes("broadcast", 1200, 1) == ring_sent_bytes("recv", 1200, 2) == 0
     assert ring_sent_bytes("all_reduce", 1000, 3) == 1333  # rounded to whole bytes
     assert ring_sent_bytes("all_reduce", 1200, 0) == 0
+    assert ring_sent_bytes("send", 1200, 1) == 1200  # a send sends its buffer, whatever the group
 
 
 def test_comm_totals_sum_per_op():

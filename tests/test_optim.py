@@ -384,8 +384,12 @@ def test_schedule_edges():
     # halfway through the decay: the mean of peak and floor
     assert warmup_cosine_factor(3, 5, 1, 0.2) == pytest.approx(0.6, abs=1e-15)
     opt = torch.optim.SGD(_w(), lr=2.0)
-    warmup_cosine(opt, 4, 2)
+    sched = warmup_cosine(opt, 4, 2)
     assert opt.param_groups[0]["lr"] == 1.0  # step 0 of a 2-step warm-up: half the peak
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-15)  # no floor by default
 
 
 def test_trust_ratio_edges():

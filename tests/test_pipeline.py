@@ -210,7 +210,7 @@ def test_measured_bubble_averages_copies_of_a_stage_and_needs_events():
     assert b["stage0"] == 1 - 12 / span
     assert b["stage1"] == ((1 - 12 / span) + (1 - 9 / span)) / 2
     assert b["bubble"] == (b["stage0"] + b["stage1"]) / 2
-    with pytest.raises(ValueError, match="no F/B events given: record the step with a Ledger"):
+    with pytest.raises(ValueError, match="^no F/B events given: record the step with a Ledger$"):
         bubble_mod.measured_bubble([])
 
 
@@ -239,7 +239,7 @@ class _Equal(nn.Module):
         return self.net(x)
 
 
-BUBBLE_D, BUBBLE_ROWS, BUBBLE_STEPS = 512, 2048, 3
+BUBBLE_D, BUBBLE_ROWS, BUBBLE_STEPS = 512, 2048, 5
 
 
 def bubble_worker(schedule: str, n_micro: int) -> list[float]:
@@ -278,9 +278,10 @@ def bubble_worker(schedule: str, n_micro: int) -> list[float]:
 
 # Measured on 2 ranks (one per core): the median step's bubble is within this of the formula.
 # The slack is for what the formula leaves out: the sends and receives between events, the
-# loss on the last stage, and other processes on a shared machine. Leaving the backward out of
-# the busy time (the break below) reads about 0.7 against the formula's 0.2.
-BUBBLE_TOL = 0.1
+# loss on the last stage, and other processes on a shared machine (measured with a load
+# average of 13 on 2 cores: single steps 0.17-0.28, medians 0.19-0.20).
+# Leaving the backward out of the busy time (the break below) reads about 0.7 against 0.2.
+BUBBLE_TOL = 0.15
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
