@@ -62,9 +62,9 @@ __all__ = [
     "RankInfo",
     "launch",
     "rank_info",
-    "device",
-    "under_torchrun",
 ]
+# ``device`` and ``under_torchrun`` are imported here for callers' convenience; they are
+# documented where they are defined (cai_labs.devices, cai_labs.torchrun).
 
 
 @dataclass(frozen=True)

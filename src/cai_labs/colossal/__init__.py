@@ -3,9 +3,20 @@
 Nothing here is needed to run the tutorials: these modules check the Colossal-AI code that the
 pages show (:mod:`~cai_labs.colossal.check`) and run the parts of Colossal-AI that work on CPU
 ranks against the matching cai_labs technique (:mod:`~cai_labs.colossal.probes`).
+
+Importing Colossal-AI on a CPU machine warns that its CUDA kernels' packages (apex, tensornvme,
+pulp) are missing, and its plugins log the same through its logger; on CPU ranks those notices
+say nothing about the code checked here, so this package silences them (errors still show).
 """
 
+import logging
+import warnings
+
 __all__ = ["checked_here"]
+
+warnings.filterwarnings("ignore", category=UserWarning, module=r"colossalai(\.|$)")
+# A filter, not a level: Colossal-AI sets its logger's level to INFO when it first uses it.
+logging.getLogger("colossalai").addFilter(lambda record: record.levelno >= logging.ERROR)
 
 
 def checked_here(function) -> str:

@@ -33,6 +33,9 @@ class TPMode:
     gather_output: Callable[[torch.Tensor, Grid], torch.Tensor]
     gather_full: Callable[..., dict[str, torch.Tensor]]
 
+    def __repr__(self) -> str:  # the module's name, not its path on this machine
+        return f"TPMode({self.name!r}, {self.layers.__name__})"
+
     @classmethod
     def of(cls, name: str, layers: ModuleType) -> TPMode:
         """The mode whose functions are those of ``layers``."""
