@@ -55,6 +55,7 @@ import torch.distributed as dist
 from cai_labs.devices import device, pick_backend, to_host, use_rank_device
 from cai_labs.errors import LaunchTimeout, RankFailed
 from cai_labs.torchrun import quiet_other_ranks, run_under_torchrun, under_torchrun
+from cai_labs.wire import forget_inherited_sockets
 
 __all__ = [
     "RankFailed",
@@ -108,6 +109,7 @@ def _worker(
         stack_file = open(stack_path, "w")  # noqa: SIM115 - open until os._exit
         faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
         _one_thread()
+        forget_inherited_sockets()  # a notebook kernel's sockets are not this rank's traffic
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
         use_rank_device(backend, rank)
         dist.init_process_group(

@@ -25,7 +25,28 @@ import sys
 import time
 from dataclasses import dataclass
 
-__all__ = ["WireCounter", "WireBytes", "available", "GLOO_HEADER_BYTES", "gloo_headers"]
+__all__ = [
+    "WireCounter",
+    "WireBytes",
+    "available",
+    "forget_inherited_sockets",
+    "GLOO_HEADER_BYTES",
+    "gloo_headers",
+]
+
+_INHERITED: set[str] = set()  # socket inodes a forked rank got from its parent
+
+
+def forget_inherited_sockets() -> None:
+    """In a freshly forked rank: leave out of every count the sockets it inherited (a Jupyter
+    kernel's channels, a test server's), which carry the parent's traffic, not this rank's."""
+    _INHERITED.clear()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:"):
+                _INHERITED.add(link)
+
 
 #: gloo's TCP transport sends six 8-byte fields (size, opcode, slot, offsets) before each message.
 GLOO_HEADER_BYTES = 48
@@ -128,7 +149,8 @@ class WireCounter:
         for fd in os.listdir("/proc/self/fd"):
             with contextlib.suppress(OSError):
                 link = os.readlink(f"/proc/self/fd/{fd}")
-                if link.startswith("socket:") and self._kind.get(link, False) is not None:
+                ours = link.startswith("socket:") and link not in _INHERITED
+                if ours and self._kind.get(link, False) is not None:
                     links.setdefault(link, int(fd))
         out = []
         for link, fd in links.items():
