@@ -30,7 +30,7 @@ ARTIFACTS = ROOT / "artifacts" / "torchrun"  # each page's output, for the log
 
 # page -> (processes = its largest launch, the verification lines rank 0 must print)
 PAGES: dict[str, tuple[int, list[str]]] = {
-    "tutorial_00": (4, ["largest difference parallel vs serial", "all-reduce calls per step"]),
+    "tutorial_00": (4, ["largest difference parallel vs serial", "all-reduce calls in step 1"]),
     "tutorial_01": (8, ["TP8-3D ", "DP2 x PP2 x TP2-1D ", "max |loss - serial|"]),
     "tutorial_02": (8, ["SP=4 all-to-all", "largest |measured / formula - 1| over all ranks"]),
     "tutorial_03": (4, ["FLOP rates", "Spearman rho"]),
