@@ -91,12 +91,30 @@ def run_under_torchrun(
     _state["launches"] += 1
     store = dist.PrefixStore(f"cai_labs/launch{_state['launches']}/", _store(timeout))
     if rank < world_size:
+        args, kwargs = _rank0_arguments(store, rank, args, kwargs, timeout)
         _run_member(fn, rank, world_size, args, kwargs, backend, collective_timeout, store)
     store.wait(["result"], datetime.timedelta(seconds=timeout))
     status, payload = pickle.loads(_get_large(store, "result"))
     if status == "error":
         raise RankFailed(0, payload)
     return payload
+
+
+def _rank0_arguments(store, rank: int, args: tuple, kwargs: dict, timeout: float):
+    """Every member gets rank 0's arguments, as forked ranks get their parent's: each process
+    computed its own in the page's serial cells, and a search with a time limit (the
+    auto-parallel solver) may not find the same answer twice. Arguments that do not pickle
+    stay each process's own."""
+    if rank == 0:
+        try:
+            data = pickle.dumps(("rank0", args, kwargs))
+        except Exception:  # noqa: BLE001 - a lambda, a live object: keep each process's own
+            data = pickle.dumps(("local", None, None))
+        _set_large(store, "args", data)
+        return args, kwargs
+    store.wait(["args"], datetime.timedelta(seconds=timeout))
+    whose, args0, kwargs0 = pickle.loads(_get_large(store, "args"))
+    return (args0, kwargs0) if whose == "rank0" else (args, kwargs)
 
 
 def _run_member(fn, rank, world_size, args, kwargs, backend, collective_timeout, store) -> None:
