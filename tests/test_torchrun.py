@@ -35,6 +35,7 @@ def test_launches_of_every_size_under_an_8_rank_torchrun():
     assert "rank 1 of" not in run.stdout  # ranks other than 0 stay quiet
     assert run.stdout.count("all launches done") == 1
     assert run.stdout.count("a 24 MiB result came back") == 1
+    assert run.stdout.count("every member got rank 0's arguments") == 1
 
 
 def test_more_ranks_than_torchrun_started_is_a_clear_error():
