@@ -37,9 +37,14 @@ print("a 24 MiB result came back")
 # Each process computes its own argument (here its RANK), as a page's serial cells may; every
 # member of the launch must get rank 0's, as forked ranks get their parent's.
 mine = os.environ["RANK"]
-assert launch(lambda arg: [None] * dist.get_world_size() if arg != "0" else arg, 4, mine) == "0"
-seen = launch(
-    lambda arg: (lambda out: (dist.all_gather_object(out, arg), out)[1])([None] * 4), 4, mine
-)
+
+
+def every_rank_argument(arg: str) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, arg)
+    return out
+
+
+seen = launch(every_rank_argument, 4, mine)
 assert seen == ["0"] * 4, seen
 print("every member got rank 0's arguments")
