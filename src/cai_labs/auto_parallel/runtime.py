@@ -428,13 +428,13 @@ def _sync_grad(p: nn.Parameter, mg: MeshGroups, axes: tuple[int, ...]) -> None:
 def measure_step(pm: SPMDModule, x: torch.Tensor, steps: int = 3) -> dict:
     """Time forward + backward of ``pm`` on ``x``, then measure this rank's memory with a ledger.
 
-    The stopwatch runs without the ledger (its bookkeeping of every collective and saved tensor
-    is not part of a step). The first step creates the gradients; the ledger's snapshot after it
-    records parameters and gradients, so ``peak_total`` of one more step under the ledger is
+    The timed steps run under a light ledger that only times each collective (no socket
+    counters, no activation tracking), so a step splits into seconds in collectives and the
+    rest. The first step creates the gradients; the ledger's snapshot after it records
+    parameters and gradients, so ``peak_total`` of one more step under a full ledger is
     parameters + gradients + the peak of activations saved for backward (what
-    :func:`~cai_labs.auto_parallel.cost_model.plan_cost` predicts). Returns the median step's
-    seconds (as the cost model's prices are medians), and the seconds the ledger's step spent
-    in collectives.
+    :func:`~cai_labs.auto_parallel.cost_model.plan_cost` predicts). Returns medians over the
+    timed steps (the cost model's prices are medians too).
     """
     from cai_labs.ledger import Ledger, comm_totals
 
@@ -447,14 +447,17 @@ def measure_step(pm: SPMDModule, x: torch.Tensor, steps: int = 3) -> dict:
         pm(x).square().mean().backward()
 
     step()
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        if x.is_cuda:  # the kernels may still run when backward returns
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times, comm_times = [], []
+    with Ledger(track_activations=False, wire=False) as clock:
+        for _ in range(steps):
+            dist.barrier()
+            first = len(clock.comm)
+            start = time.perf_counter()
+            step()
+            if x.is_cuda:  # the kernels may still run when backward returns
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            comm_times.append(sum(c["seconds"] for c in clock.comm[first:]))
     with Ledger(model=pm) as ledger:
         ledger.snapshot("params and grads")
         step()
@@ -462,7 +465,7 @@ def measure_step(pm: SPMDModule, x: torch.Tensor, steps: int = 3) -> dict:
     comm = comm_totals({"comm": [c for c in report["comm"] if c["op"] != "barrier"]})
     return {
         "seconds": float(np.median(times)),
-        "comm_seconds": sum(v["seconds"] for v in comm.values()),
+        "comm_seconds": float(np.median(comm_times)),
         "peak_total": report["memory"]["peak_total"],
         "peak_activations": report["memory"]["peak_activations"],
         "static": report["memory"]["snapshots"][0]["total"],
