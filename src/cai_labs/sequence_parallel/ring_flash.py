@@ -39,6 +39,9 @@ __all__ = [
     "local_positions",
     "split_layout",
     "blocks_per_rank",
+    "online_update",
+    "softmax_grad",
+    "diagonal_mask",
 ]
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -118,6 +121,12 @@ def online_update(
     return [m_new, alpha * total + p.sum(dim=-1, keepdim=True), alpha * acc + p @ v]
 
 
+def softmax_grad(p: torch.Tensor, dp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``dS = P * (dP - delta)``: the softmax's backward for one block. The row sum of
+    ``P * dP`` over *all* keys equals ``delta = rowsum(dO * O)``, computed once per query."""
+    return p * (dp - delta)
+
+
 def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     half = x.shape[2] // 2
     return x[:, :, :half], x[:, :, half:]
@@ -187,7 +196,7 @@ def _ring_backward(q, k, v, d_out, out, lse, scale, blocks: _Blocks):
         dks, dvs = _split(dkv[0]), _split(dkv[1])
         for a, b, kind in blocks.of((ring.rank - step) % ring.size):
             p = torch.exp(_block_scores(qs[a], ks[b], scale, kind) - lses[a])
-            ds = p * (dos[a] @ vs[b].transpose(-2, -1) - deltas[a])
+            ds = softmax_grad(p, dos[a] @ vs[b].transpose(-2, -1), deltas[a])
             dqs[a].add_(ds @ ks[b], alpha=scale)
             dks[b].add_(ds.transpose(-2, -1) @ qs[a], alpha=scale)
             dvs[b].add_(p.transpose(-2, -1) @ dos[a])
