@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.functional import scaled_dot_product_attention
 
-from cai_labs import Ledger, comm_totals, launch
+from cai_labs import Ledger, comm_totals, device, launch
 from cai_labs.sequence_parallel import formulas, split_sequence
 from cai_labs.sequence_parallel import ring_flash as flash_module  # patched by the breaks
 from cai_labs.sequence_parallel.ring_attention import ring_attention
@@ -51,6 +51,7 @@ def _flash_worker(layout: str, causal: bool = True) -> dict:
     returns the whole output and gradients, put back in sequence order."""
     rank, n = dist.get_rank(), dist.get_world_size()
     q, k, v, d_out = _data()
+    q, k, v, d_out = (t.to(device()) for t in (q, k, v, d_out))
     local = [split_layout(t, rank, n, 2, layout).requires_grad_() for t in (q, k, v)]
     blocks = [0]  # score blocks computed in forward, counted where they are made
     flash_module._block_scores = _counting(flash_module._block_scores, blocks)
@@ -60,7 +61,7 @@ def _flash_worker(layout: str, causal: bool = True) -> dict:
     with Ledger(track_activations=False) as bwd:
         out.backward(split_layout(d_out, rank, n, 2, layout))
     every = [None] * n
-    dist.all_gather_object(every, [out.detach()] + [t.grad for t in local])
+    dist.all_gather_object(every, [t.cpu() for t in [out.detach()] + [t.grad for t in local]])
     full = [torch.empty(B, H, L, D, dtype=F64) for _ in range(4)]
     for j, tensors in enumerate(every):
         for whole, part in zip(full, tensors):
@@ -148,7 +149,7 @@ MB, MH = 1, 2  # one sequence, two heads: the score matrix dominates from short 
 def _peak_worker(kind: str, length: int) -> int:
     """Peak bytes saved for backward on this rank (the ledger's count), forward + backward."""
     rank, n = dist.get_rank(), dist.get_world_size()
-    q, k, v, d_out = _data(length, MB, MH)
+    q, k, v, d_out = (t.to(device()) for t in _data(length, MB, MH))
     if kind == "seed":
         local = [split_sequence(t, rank, n, dim=2).clone().requires_grad_() for t in (q, k, v)]
     else:
