@@ -109,7 +109,7 @@ def _block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, kind: str) -> 
 def online_update(
     state: list[torch.Tensor], s: torch.Tensor, v: torch.Tensor
 ) -> list[torch.Tensor]:
-    """Fold one score block ``s`` ``[B,H,c,c]`` (values ``v``) into ``[m, l, acc]``.
+    """Fold one score block ``s`` ``[B,H,c,c]`` (values ``v``) into ``[m, sum, acc]``.
 
     The running max ``m`` can only grow; the old sum and accumulator were computed against the
     old max, so both are rescaled by ``exp(m_old - m_new)`` before the block is added.
