@@ -39,9 +39,14 @@ def _serial(causal: bool = True) -> list[torch.Tensor]:
 
 
 def _counting(fn, counter: list[int]):
+    """``fn`` that counts its calls in ``counter[0]`` and the largest result's bytes in
+    ``counter[1]``."""
+
     def counted(*args, **kwargs):
+        out = fn(*args, **kwargs)
         counter[0] += 1
-        return fn(*args, **kwargs)
+        counter[1] = max(counter[1], out.numel() * out.element_size())
+        return out
 
     return counted
 
@@ -53,11 +58,11 @@ def _flash_worker(layout: str, causal: bool = True) -> dict:
     q, k, v, d_out = _data()
     q, k, v, d_out = (t.to(device()) for t in (q, k, v, d_out))
     local = [split_layout(t, rank, n, 2, layout).requires_grad_() for t in (q, k, v)]
-    blocks = [0]  # score blocks computed in forward, counted where they are made
+    blocks = [0, 0]  # score blocks made in forward, and the largest one's bytes
     flash_module._block_scores = _counting(flash_module._block_scores, blocks)
     with Ledger(track_activations=False) as fwd:
         out = ring_flash_attention(*local, layout=layout, causal=causal)
-    forward_blocks = blocks[0]
+    forward_blocks = list(blocks)
     with Ledger(track_activations=False) as bwd:
         out.backward(split_layout(d_out, rank, n, 2, layout))
     every = [None] * n
@@ -92,7 +97,9 @@ def test_ring_flash_equals_serial_causal_attention(n, layout):
     # per training step the same as the seed's ring: the saving is memory, not traffic
     assert want["forward"] + want["backward"] == formulas.attention_sent_bytes("ring", n, chunk)
     # half-chunk score blocks each rank computed (counted) == the causal layout's count
-    assert got["blocks"] == [blocks_per_rank(r, n, layout) for r in range(n)]
+    assert [c for c, _ in got["blocks"]] == [blocks_per_rank(r, n, layout) for r in range(n)]
+    # the largest score tensor any rank made: one [B, H, C/2, C/2] block, not [B, H, C, L]
+    assert {b for _, b in got["blocks"]} == {formulas.score_bytes("flash", B, H, L, n, 8)}
 
 
 def test_zigzag_balances_the_causal_work():
@@ -199,6 +206,15 @@ def test_longest_sequence_under_the_seed_rings_budget():
     assert flash <= budget < seed, (flash, budget, seed)
     assert _model("flash", n, longest["flash"] + 2 * n) > budget  # one step longer does not fit
     assert longest["flash"] > 4 * longest["seed"]
+
+
+def test_memory_formulas_reject_what_they_do_not_model():
+    with pytest.raises(ValueError, match="multiple of 2N = 4"):
+        formulas.saved_activation_bytes("flash", 1, 1, 30, 8, 2, 4)
+    with pytest.raises(ValueError, match="ring kind must be one of"):
+        formulas.score_bytes("ulysses", 1, 1, 32, 2, 4)
+    with pytest.raises(ValueError, match="at least one rank"):
+        formulas.ring_flash_sent_bytes(0, 1024)
 
 
 # -- bad input ----------------------------------------------------------------------------------
