@@ -39,6 +39,7 @@ PAGES: dict[str, tuple[int, list[str]]] = {
     "tutorial_06": (1, ["identical to one at a time", "server processes ended:"]),
     "tutorial_07": (2, ["judge accuracy"]),
     "tutorial_08": (1, ["colossalai:"]),
+    "tutorial_09": (4, ["largest |ring - serial| over outputs", "longest sequence seed ring"]),
 }
 
 
