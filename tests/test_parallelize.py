@@ -79,6 +79,8 @@ def _assert_equal(got: tuple, ref: tuple) -> None:
         Layout(pp=2, tp=4, tp_mode="2d", n_micro=2),
         Layout(dp=2, sp=2, sp_attention="ring"),
         Layout(pp=2, sp=2, sp_attention="all_to_all", n_micro=2),
+        Layout(dp=2, sp=2, sp_attention="ring_flash"),
+        Layout(sp=4, sp_attention="ring_flash"),
         Layout(dp=2, tp=2, zero=2),
         Layout(dp=2, pp=2, zero=1, n_micro=2),
         Layout(dp=2, zero=3),
@@ -94,6 +96,7 @@ def test_one_layout_equals_serial_in_float64(layout):
     "layout, bug",
     [
         (Layout(dp=2, sp=2), "no sp gradient sum"),
+        (Layout(dp=2, sp=2, sp_attention="ring_flash"), "no sp gradient sum"),
         (Layout(dp=2, pp=2, tp=2, n_micro=2), "no dp average"),
     ],
 )
@@ -122,6 +125,7 @@ def test_apply_order_is_fixed(monkeypatch):
         (Layout(dp=2, pp=2, zero=3), "ZeRO-3"),
         (Layout(sp=3), "does not split evenly over 3"),
         (Layout(sp=8, sp_attention="all_to_all"), "use sp dividing n_heads"),
+        (Layout(sp=16, sp_attention="ring_flash"), "multiple of 2N = 32"),
         (Layout(zero=4), "unknown zero"),
         (Layout(tp=3, vocab_parallel=True), "not divisible by 3"),
     ],

@@ -17,7 +17,7 @@ from cai_labs.tensor_parallel.grid import MODES
 __all__ = ["Layout", "PRESETS", "SCHEDULES", "SP_ATTENTIONS"]
 
 SCHEDULES = ("gpipe", "1f1b")
-SP_ATTENTIONS = ("ring", "all_to_all")
+SP_ATTENTIONS = ("ring", "all_to_all", "ring_flash")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class Layout:
             vocabulary over the grid (False: replicate them on every rank of the grid).
         n_micro: micro-batches per step on each pipeline (1 without pipeline is plain training).
         schedule: ``"gpipe"`` or ``"1f1b"``.
-        sp_attention: ``"ring"`` or ``"all_to_all"`` (used when ``sp > 1``).
+        sp_attention: ``"ring"``, ``"all_to_all"`` or ``"ring_flash"`` (the online-softmax
+            ring of :mod:`~cai_labs.sequence_parallel.ring_flash`; used when ``sp > 1``).
         zero: ZeRO stage over the data-parallel group: 0 (plain gradient all-reduce), 1, 2, 3.
     """
 
@@ -140,6 +141,11 @@ def _check_model(lay: Layout, cfg: GPTConfig) -> None:
             raise ValueError(
                 f"all-to-all attention splits the {cfg.n_heads} heads over sp={lay.sp} ranks; "
                 f"use sp dividing n_heads, or sp_attention='ring'"
+            )
+        if lay.sp_attention == "ring_flash" and cfg.seq_len % (2 * lay.sp):
+            raise ValueError(
+                f"the online-softmax ring cuts each rank's chunk in two: seq_len={cfg.seq_len} "
+                f"must be a multiple of 2N = {2 * lay.sp}; change seq_len or sp"
             )
 
 

@@ -8,6 +8,8 @@ weights, the ring or all-to-all attention with the causal mask at global positio
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -15,11 +17,17 @@ from torch import nn
 from cai_labs.models.gpt import CausalSelfAttention
 from cai_labs.sequence_parallel.all_to_all_attention import all_to_all_attention
 from cai_labs.sequence_parallel.ring_attention import ring_attention
+from cai_labs.sequence_parallel.ring_flash import ring_flash_attention
 
 __all__ = ["ChunkAttention", "OffsetPositions", "SP_ATTENTION"]
 
-#: The attention of each ``sp_attention`` choice of a layout.
-SP_ATTENTION = {"ring": ring_attention, "all_to_all": all_to_all_attention}
+#: The attention of each ``sp_attention`` choice of a layout. The online-softmax ring runs on
+#: the contiguous chunks every layout cuts (its zig-zag layout would reorder tokens and targets).
+SP_ATTENTION = {
+    "ring": ring_attention,
+    "all_to_all": all_to_all_attention,
+    "ring_flash": functools.partial(ring_flash_attention, layout="contiguous"),
+}
 
 
 class ChunkAttention(nn.Module):
