@@ -73,6 +73,7 @@ MB, MH, MD = 1, 4, 16  # batch, heads, head size of the memory experiment (float
 MEMORY_LENGTHS = tuple(range(64, 577, 64))  # sequence lengths measured on 2 ranks
 MEMORY_BUDGET_KIB = 256  # per-rank budget for the saved attention activations
 SEED = 0
+RING_NAMES = {"seed": "seed ring", "flash": "online ring"}  # the library's names: seed, flash
 
 print(build_env.describe(ranks=max(WORLD_SIZES)))  # where this page's numbers were measured
 
@@ -215,10 +216,9 @@ runs = {(n, lay): got for n in WORLD_SIZES for lay, got in launch(both_layouts, 
 count_rows = []
 for (n, lay), got in runs.items():
     assert got["blocks"] == [blocks_per_rank(r, n, lay) for r in range(n)], (n, lay)
-    count_rows.append(
-        {"N": n, "layout": lay, **{f"rank {r}": b for r, b in enumerate(got["blocks"])}}
-    )
-    count_rows[-1]["slowest / mean"] = max(got["blocks"]) / np.mean(got["blocks"])
+    slowest = max(got["blocks"]) / np.mean(got["blocks"])
+    ranks = {f"rank {r}: blocks (measured)": b for r, b in enumerate(got["blocks"])}
+    count_rows.append({"N": n, "layout": lay, "slowest / mean": slowest, **ranks})
 contiguous4, zigzag4 = runs[(4, "contiguous")]["blocks"], runs[(4, "zigzag")]["blocks"]
 print(
     f"N=4, blocks folded (measured): contiguous {contiguous4}, zigzag {zigzag4}; the slowest rank "
@@ -378,7 +378,7 @@ for n, (seed_row, flash_row) in same.items():
         memory_rows.append(
             {
                 "N": n,
-                "ring": row["ring"],
+                "ring": RING_NAMES[row["ring"]],
                 "saved bytes (measured)": row["peak"],
                 "formula (bytes)": model,
                 "seed's scores (bytes)": scores,
@@ -398,7 +398,7 @@ table(memory_rows, index=["N", "ring"])
 
 for i, kind in enumerate(("seed", "flash")):
     ratio = same[2][i]["peak"] / same[4][i]["peak"]
-    print(f"{kind:5s} ring, L={SAME_L}: saved bytes per rank on 2 ranks / on 4 ranks = {ratio:.2f}")
+    print(f"{RING_NAMES[kind]}, L={SAME_L}: saved bytes per rank, 2 ranks / 4 ranks = {ratio:.2f}")
     assert ratio == 2  # every saved tensor is C = L/N tokens long (the scores C x L)
 
 # %%
@@ -558,7 +558,7 @@ for sp in (2, 4, 8, 16, 32):
 table(
     scale_rows,
     index="context-parallel GPUs",
-    formats={c: "{:,.0f}" for c in scale_rows[0] if "longest" in c},
+    formats={c: "{:.1f}" if "(GB)" in c else "{:,.0f}" for c in list(scale_rows[0])[1:]},
 )
 
 # %%
