@@ -162,12 +162,12 @@ table(layout_rows, index="rank")
 
 def attention_inputs() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(SEED)
-    return [torch.randn(B, H, L, D, generator=g, dtype=F64) for _ in range(4)]
+    return [torch.randn(B, H, L, D, generator=g, dtype=F64).to(device()) for _ in range(4)]
 
 
 def in_sequence_order(parts: list[list[torch.Tensor]], layout: str) -> list[torch.Tensor]:
     """Every rank's ``[out, dq, dk, dv]`` (``parts[rank]``) joined into whole-sequence tensors."""
-    full = [torch.empty(B, H, L, D, dtype=F64) for _ in range(4)]
+    full = [torch.empty(B, H, L, D, dtype=F64, device=parts[0][0].device) for _ in range(4)]
     for j, tensors in enumerate(parts):
         for whole, part in zip(full, tensors):
             whole[:, :, local_positions(j, len(parts), L, layout)] = part
@@ -182,7 +182,7 @@ def in_sequence_order(parts: list[list[torch.Tensor]], layout: str) -> list[torc
 
 def ring_worker(layout: str) -> dict:
     rank, n = dist.get_rank(), dist.get_world_size()
-    q, k, v, d_out = (t.to(device()) for t in attention_inputs())
+    q, k, v, d_out = attention_inputs()
     local = [split_layout(t, rank, n, 2, layout).requires_grad_() for t in (q, k, v)]
     folds = [0]
 
@@ -234,7 +234,7 @@ table(count_rows, index=["N", "layout"])
 # sequence in one process, outputs and the gradients of queries, keys and values for the same
 # upstream gradient. Every run must match within ``TOL`` (float64 rounding with a margin).
 
-q, k, v, d_out = attention_inputs()
+q, k, v, d_out = (t.cpu() for t in attention_inputs())
 leaves = [t.clone().requires_grad_() for t in (q, k, v)]
 serial_out = scaled_dot_product_attention(*leaves, is_causal=True)
 serial = [serial_out.detach(), *torch.autograd.grad(serial_out, leaves, d_out)]
@@ -300,7 +300,7 @@ def serial_gpt() -> list[float]:
 def context_parallel_gpt(sp: int) -> list[float]:
     """The same training, each sequence split over ``sp`` ranks (the whole batch's loss)."""
     layout = Layout(sp=sp, sp_attention="ring_flash")
-    model = parallelize(GPT(GPT_CFG, seed=SEED).double(), layout)
+    model = parallelize(GPT(GPT_CFG, seed=SEED).to(device(), F64), layout)
     opt = model.make_optimizer(torch.optim.SGD, lr=GPT_LR)
     batches = [(x.to(device()), y.to(device())) for x, y in gpt_batches()]
     return [model.train_step(x, y, opt, step=i) for i, (x, y) in enumerate(batches)]
@@ -606,8 +606,8 @@ assert lse_share < 0.01
 #
 #     torchrun --nproc-per-node=4 tutorial_09_context_parallel.py
 #
-# (the workers put their tensors on ``cai_labs.device()``; over NCCL the sockets do not carry the
-# tensors, so the wire column reads "not measured"). A production ring computes each block with a
+# (the workers put their tensors and the GPT on ``cai_labs.device()``; over NCCL the sockets do
+# not carry the tensors, so the wire bytes are left blank). A production ring computes each block with a
 # flash-attention kernel that returns the block's log-sum-exp; the recurrence is the one above.
 # PyTorch ships one as ``torch.distributed.tensor.experimental.context_parallel``; it does not run
 # on CPU with torch 2.13, so this page does not run it. Colossal-AI 0.5.0 offers the same as
