@@ -2,8 +2,8 @@
 Context parallelism: ring attention with an online softmax for causal models
 ============================================================================
 
-Ring attention with an online softmax trains causal models on sequences far longer than the
-seed's ring self-attention fits, by never building a rank's score matrix.
+Ring attention with an online softmax fits longer causal sequences than the seed's ring
+self-attention in the same memory, by never building a rank's score matrix.
 
 Tutorial 02's ring self-attention keeps, on each of :math:`N` ranks, the probabilities of its
 :math:`C = L/N` queries against all :math:`L` keys, ``[B, H, C, L]``: memory per rank still grows
