@@ -3,18 +3,20 @@ activations equal their formulas; activations per rank are the serial block's / 
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cai_labs import Ledger, launch
 from cai_labs.comm import rank, reduce_from_group, size
 from cai_labs.devices import device
-from cai_labs.models.gpt import Block, GPTConfig
+from cai_labs.models.gpt import GPT, Block, GPTConfig
 from cai_labs.tensor_parallel import make_grid
 from cai_labs.tensor_parallel import sequence_parallel_1d as sp
-from cai_labs.tensor_parallel.check import check_block
+from cai_labs.tensor_parallel.check import check_block, max_errors
 from cai_labs.tensor_parallel.formulas import (
     block_activation_bytes,
     block_sent_bytes,
@@ -28,6 +30,7 @@ from cai_labs.tensor_parallel.modes import TPMode
 F64 = torch.float64
 ELEM = 8  # float64
 CFG = GPTConfig(d_model=16, n_heads=4, seq_len=8, mlp_ratio=4)
+GPT_CFG = GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_heads=4, n_layers=2)
 BATCH = 2
 #: Every output and gradient sums at most r*h = 64 products of O(1) terms (the weight
 #: gradients b*s = 16): rounding is a few 64 * eps; 100x that leaves room for the order.
@@ -60,10 +63,34 @@ def _errors(res: dict) -> dict:
     return {k: res[k] for k in keep}
 
 
+def _gpt_grad_errors(grid) -> float:
+    """A 2-layer GPT with TP+SP blocks between replicated embeddings and head: entering the
+    shards (split_input) and leaving them (gather_output) carry the gradients back whole."""
+    gpt = GPT(GPT_CFG, seed=0).to(device())
+    par = copy.deepcopy(gpt)
+    blocks = [sp.parallelize_block(b, grid) for b in par.blocks]
+    gen = torch.Generator().manual_seed(1)
+    idx, tgt = (torch.randint(64, (BATCH, GPT_CFG.seq_len), generator=gen) for _ in range(2))
+    idx, tgt = idx.to(device()), tgt.to(device())
+    F.cross_entropy(gpt(idx).flatten(0, 1), tgt.flatten()).backward()
+    x = par.tok_emb(idx) + par.pos_emb(torch.arange(GPT_CFG.seq_len, device=device()))
+    x = sp.split_input(x, grid)
+    for b in blocks:
+        x = b(x)
+    logits = par.head(par.ln_f(sp.gather_output(x, grid)))
+    F.cross_entropy(logits.flatten(0, 1), tgt.flatten()).backward()
+    got = {n: p.grad for n, p in par.named_parameters() if not n.startswith("blocks.")}
+    for i, b in enumerate(blocks):
+        got |= {f"blocks.{i}.{k}": v for k, v in b.serial_state(grads=True).items()}
+    ref = {n: p.grad for n, p in gpt.named_parameters()}
+    return max(max_errors(got, ref).values())
+
+
 def _worker() -> dict:
     torch.set_default_dtype(F64)
     grid = make_grid("1d")
     out = {
+        "gpt_grad_err": _gpt_grad_errors(grid),
         "sp": _errors(check_block(grid, CFG, BATCH, mode=_sp_mode())),
         "sp_saved_gathered": _errors(check_block(grid, CFG, BATCH, mode=_sp_mode(False))),
         "tp": _errors(check_block(grid, CFG, BATCH)),
@@ -96,6 +123,7 @@ def test_tp_sp_block_equals_serial(run):
     _, out = run
     _assert_equal_to_serial(out["sp"])
     _assert_equal_to_serial(out["sp_saved_gathered"])
+    assert out["gpt_grad_err"] <= TOL, out["gpt_grad_err"]
 
 
 def test_ledger_bytes_equal_the_formula(run):
@@ -158,6 +186,7 @@ def test_bad_sequence_length_is_refused(run):
     t, out = run
     assert len(out["bad_input"]) == 2
     assert f"divisible by {t}" in out["bad_input"][0]
+    assert "expected activations (b, s, h)" in out["bad_input"][1]
     with pytest.raises(ValueError, match="choose s divisible by"):
         sequence_parallel_block_activation_bytes(t, BATCH, 7, 16, 4)
     with pytest.raises(ValueError, match="choose s divisible by"):

@@ -186,7 +186,9 @@ def parallelize_block(block: Block, grid: Grid, regather: bool = True) -> Sequen
 
 def split_input(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Whole ``(b, s, h)`` -> this rank's ``(b, s/t, h)``; backward all-gathers the gradient."""
-    if x.dim() != 3 or x.shape[SEQ_DIM] % grid.size:
+    if x.dim() != 3:
+        raise ValueError(f"expected activations (b, s, h); got shape {tuple(x.shape)}")
+    if x.shape[SEQ_DIM] % grid.size:
         raise ValueError(
             f"sequence parallelism splits the sequence (dim {SEQ_DIM} of (b, s, h)) into "
             f"{grid.size} equal shards; got shape {tuple(x.shape)}: choose a sequence length "
