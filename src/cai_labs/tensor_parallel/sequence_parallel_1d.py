@@ -13,13 +13,14 @@ serial :class:`~cai_labs.models.gpt.Block`'s ``(b, s, h)``, split on dim 1). Bet
 * after each row-parallel linear (``proj``, ``fc2``) ``g-bar`` (all-reduce forward) becomes a
   reduce-scatter along the sequence in forward and an all-gather of ``dY`` in backward.
 
-An all-gather plus a reduce-scatter move what one all-reduce moves, so the replaced collectives
-cost the same; every saved activation is now ``1/t`` of the serial one, except the causal mask.
+On a ring an all-gather plus a reduce-scatter move what one all-reduce moves, so the replaced
+collectives cost the same; every saved activation is now ``1/t`` of the serial one, except the
+causal mask (the same ``s^2`` bools on every rank).
 
 The column-parallel linear keeps only its *shard* of the input for backward and all-gathers it
 again there (as Megatron does, which overlaps that gather with the ``dX`` matmul): two more
 all-gathers per block. ``regather=False`` saves the gathered input instead (no extra
-collective, ``s*b*h`` more saved per column linear).
+collective, ``(t-1)/t * b*s*h`` more saved per column linear).
 
 Layer norms and the row-parallel biases are replicated but now see only this rank's tokens:
 their gradients are partial sums over the group. Each enters forward through
