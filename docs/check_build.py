@@ -42,6 +42,30 @@ def check(html_root: Path) -> list[str]:
     problems += check_captured_output(html_root)
     problems += check_absolute_paths(html_root)
     problems += check_figure_titles(html_root)
+    problems += check_cards(html_root, [s.stem for s in sources])
+    return problems
+
+
+_CARD = re.compile(r'<a class="cai-card" href="tutorials/([^"]+)\.html">(.*?)</a>', re.S)
+
+
+def check_cards(html_root: Path, names: list[str]) -> list[str]:
+    """The landing page has a card per tutorial, each with a summary and this build's run time."""
+    index = html_root / "index.html"
+    if not index.exists():
+        return ["index.html: missing"]
+    cards = dict(_CARD.findall(index.read_text(encoding="utf-8")))
+    problems = []
+    for name in names:
+        card = cards.get(name)
+        if card is None:
+            problems.append(f"index.html: no card for {name}")
+            continue
+        summary = re.search(r'cai-card-summary">([^<]*)<', card)
+        if summary is None or not summary.group(1).strip():
+            problems.append(f"index.html: the card of {name} has no summary")
+        if not re.search(r'cai-card-time">Ran in \d', card):
+            problems.append(f"index.html: the card of {name} shows no run time of this build")
     return problems
 
 

@@ -118,7 +118,31 @@ def _fill_gpu_status(app, docname: str, source: list[str]) -> None:
         source[0] = source[0].replace("{{ gpu_status }}", _gpu_status())
 
 
+def _gallery_facts(app):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gallery_cards import page_facts
+
+    return page_facts(Path(__file__).parent.parent / "tutorials", Path(app.srcdir) / "tutorials")
+
+
+def _fill_cards_and_run_times(app, docname: str, source: list[str]) -> None:
+    """The landing page's cards, and each tutorial's run time under its title (sphinx-gallery
+    has executed the pages by the time Sphinx reads any source)."""
+    from gallery_cards import cards_html, insert_under_title, run_time_line
+
+    if docname == "index" and "{{ tutorial_cards }}" in source[0]:
+        source[0] = source[0].replace("{{ tutorial_cards }}", cards_html(_gallery_facts(app)))
+    elif docname.startswith("tutorials/tutorial_"):
+        name = docname.split("/", 1)[1]
+        facts = {f.name: f for f in _gallery_facts(app)}
+        if name in facts:
+            source[0] = insert_under_title(source[0], run_time_line(facts[name]))
+
+
 def setup(app) -> None:
+    app.connect("source-read", _fill_cards_and_run_times)
     app.connect("builder-inited", _draw_diagrams)
     app.connect("source-read", _self_contained_times)
     app.connect("source-read", _fill_gpu_status)

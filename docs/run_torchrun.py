@@ -33,7 +33,7 @@ PAGES: dict[str, tuple[int, list[str]]] = {
     "tutorial_00": (4, ["largest difference parallel vs serial", "all-reduce calls in step 1"]),
     "tutorial_01": (8, ["TP8-3D ", "DP2 x PP2 x TP2-1D ", "max |loss - serial|"]),
     "tutorial_02": (8, ["SP=4 all-to-all", "largest |measured / formula - 1| over all ranks"]),
-    "tutorial_03": (4, ["FLOP rates", "Spearman rho"]),
+    "tutorial_03": (4, ["pairs timed", "Spearman rho"]),
     "tutorial_04": (4, ["B= 4096"]),
     "tutorial_05": (4, ["largest loss difference from DDP", "ZeRO-3 fine-tuning:"]),
     "tutorial_06": (1, ["identical to one at a time", "server processes ended:"]),

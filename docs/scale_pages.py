@@ -27,8 +27,11 @@ the last column. Rows that are not modeled say why.
 
 Where the published numbers come from: the torchtitan rows from that repository's benchmark
 file; the ZeRO, Korthikanti and Narayanan rows were typed in by hand from the papers' tables
-(cited per section) and have not yet been checked against a second copy of the papers. Korthikanti
-Table 2 is a closed form, not a measurement: its rows compare two ways of writing one formula.
+(cited per section). The Narayanan rows agree entry by entry with an independent transcription
+of that table (the MLCarbon project's `data/megatron_table.csv`); each ZeRO entry is checked
+against the paper's closed form to the digits it shows; the Korthikanti rows have not yet been
+checked against a second copy. Korthikanti Table 2 is a closed form, not a measurement: its rows
+compare two ways of writing one formula.
 """
 
 

@@ -139,3 +139,32 @@ def test_product_of_sizes_must_be_the_gpu_count(capsys):
     assert "make the product equal the GPU count" in capsys.readouterr().err
     with pytest.raises(ValueError, match="does not split into dp=3"):
         predict("llama-3-8b", "h100", ScaleLayout(dp=3, global_batch=8))
+
+
+def _shown_digits(x: float) -> float:
+    """One unit of the last digit a typed table entry shows (31.4 -> 0.1, 4011 -> 1)."""
+    text = repr(float(x)).rstrip("0").rstrip(".")
+    return 10.0 ** -(len(text.split(".")[1]) if "." in text else 0)
+
+
+def test_zero_table_1_as_typed_follows_the_papers_closed_form():
+    """A typo check of the typed table: ZeRO's Table 1 is its closed form (2 + 2 + K) psi / N_d
+    with K = 12, written here independently of the project's formulas, shown to 3-4 digits."""
+    from cai_labs.scale.published import _PSI, ZERO_TABLE_1
+
+    for n, models in ZERO_TABLE_1.items():
+        for model, typed in models.items():
+            psi = _PSI[model] / 1e9
+            exact = (4 + 12 / n) * psi, (2 + 14 / n) * psi, 16 / n * psi
+            for t, e in zip(typed, exact):
+                assert abs(t - e) < _shown_digits(t), (n, model, t, e)
+
+
+def test_the_typo_check_catches_a_typo(monkeypatch):
+    from cai_labs.scale import published
+
+    table = {n: dict(m) for n, m in published.ZERO_TABLE_1.items()}
+    table[64]["7.5B"] = (31.4, 16.6, 1.38)  # one digit wrong
+    monkeypatch.setattr(published, "ZERO_TABLE_1", table)
+    with pytest.raises(AssertionError):
+        test_zero_table_1_as_typed_follows_the_papers_closed_form()

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _load(path: Path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -136,7 +137,27 @@ def _built_page(root: Path, stem: str, output=True, figure=True, downloads=True)
     (root / "tutorials" / f"{stem}.html").write_text("\n".join(body))
 
 
-def _site(tmp_path: Path, monkeypatch, **broken) -> list[str]:
+def _cards(root: Path, card_b: dict) -> None:
+    """The landing page's cards as ``docs/gallery_cards.py`` writes them (b's may be broken)."""
+    cards = _load(ROOT / "docs" / "gallery_cards.py")
+    facts = [
+        cards.PageFacts("tutorial_a", "A", "Learn a.", "nothing", 12.0),
+        cards.PageFacts(
+            **{
+                "name": "tutorial_b",
+                "title": "B",
+                "summary": "Learn b.",
+                "prerequisites": "a",
+                "seconds": 75.0,
+                **card_b,
+            }
+        ),
+    ]
+    block = cards.cards_html(facts).split("\n", 1)[1].rsplit("```", 1)[0]
+    (root / "index.html").write_text(block)
+
+
+def _site(tmp_path: Path, monkeypatch, card_b: dict | None = None, **broken) -> list[str]:
     """Run ``check_build.check`` on a two-page site; ``broken`` switches parts of page b off."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tutorials").mkdir()
@@ -145,11 +166,20 @@ def _site(tmp_path: Path, monkeypatch, **broken) -> list[str]:
     html = tmp_path / "html"
     _built_page(html, "tutorial_a")
     _built_page(html, "tutorial_b", **broken)
+    _cards(html, card_b or {})
     return _check_build().check(html)
 
 
 def test_site_check_passes_a_complete_page(tmp_path, monkeypatch):
     assert _site(tmp_path, monkeypatch) == []
+
+
+def test_site_check_catches_a_card_without_summary_or_run_time(tmp_path, monkeypatch):
+    found = _site(tmp_path, monkeypatch, card_b={"summary": "", "seconds": None})
+    assert found == [
+        "index.html: the card of tutorial_b has no summary",
+        "index.html: the card of tutorial_b shows no run time of this build",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -24,15 +24,15 @@ splits of attention, synchronised batch norm, and replication; resharding by all
 slicing. Not modelled: splitting spatial or sequence dimensions, reduce-scatter outputs,
 pipeline stages, overlap of communication with compute. The API docs of
 :mod:`cai_labs.auto_parallel` say what each piece assumes.
+
+**Prerequisites:** tutorial 00 (data parallel) and tutorial 01 (tensor parallel).
 """
 
 # %%
 # Set-up
 # ------
-# The constants size everything on the page. ResNet-50 keeps its full depth (53 convolutions,
-# 16 bottlenecks) at a quarter of its width and on 32 x 32 images, so that a step on a CPU rank
-# takes milliseconds; raise ``RESNET_WIDTH`` to 64 for the published network.
 
+import itertools
 import time
 from collections import Counter
 
@@ -43,7 +43,12 @@ import torch
 import torch.distributed as dist
 from scipy.stats import spearmanr
 
-from cai_labs import device, launch
+torch.set_num_threads(1)  # the ranks use one thread each; so does the serial reference
+
+# %%
+# The package's auto-parallel steps, one module each:
+
+from cai_labs import build_env, device, launch
 from cai_labs.auto_parallel import (
     MemoryBudgetError,
     Mesh,
@@ -57,17 +62,17 @@ from cai_labs.auto_parallel import (
     solve,
     trace,
 )
-from cai_labs.auto_parallel.checkpoint_solver import (
-    CheckpointedChain,
-    measure_peak,
-    minimum_budget,
-    profile_chain,
-    solve_checkpoint,
-)
-from cai_labs.auto_parallel.cost_model import fit_compute_scale, replicated_plan
+from cai_labs.auto_parallel.cost_model import replicated_plan, with_op_seconds
+from cai_labs.auto_parallel.profiler import profile_ops
 from cai_labs.auto_parallel.runtime import measure_step
+from cai_labs.exercises import Exercises
 from cai_labs.models.gpt import Block, GPTConfig
 from cai_labs.models.resnet import resnet50
+
+# %%
+# The constants size everything on the page. ResNet-50 keeps its full depth (53 convolutions,
+# 16 bottlenecks) at a quarter of its width and on 32 x 32 images, so that a step on a CPU rank
+# takes milliseconds; raise ``RESNET_WIDTH`` to 64 for the published network.
 
 MESH = Mesh((2, 2))  # 4 ranks: rank r sits at (r // 2, r % 2)
 RESNET_WIDTH = 16  # channels of the first stage; 64 in the paper
@@ -76,11 +81,14 @@ BATCH = 8  # images per step (must divide by 4 for a 4-way batch split)
 GPT_CFG = GPTConfig(d_model=128, seq_len=64, n_heads=4)
 GPT_BATCH = 8
 MEMORY_SQUEEZE = 0.5  # budget: this far from the fastest plan's memory towards the smallest
-TIMED_STEPS = {"ResNet-50": 4, "GPT block": 16}  # timed steps per plan (fastest reported)
+TIMED_STEPS = {"ResNet-50": 6, "GPT block": 16}  # timed steps per plan (median reported)
 CKPT_BATCH = 16  # batch for the activation-checkpointing sweep (one process)
 CKPT_POINTS = 6  # budgets from the un-checkpointed activations down to the smallest feasible
 SEED = 0
-torch.set_num_threads(1)  # the ranks use one thread each; so does the serial reference
+print(build_env.describe(ranks=MESH.size))  # where this page's numbers were measured
+
+# %%
+# Two models, each built the same way on every rank from one seed.
 
 
 def make_resnet(dtype=torch.float32):
@@ -166,37 +174,27 @@ pd.DataFrame(
 # %%
 # 3. Calibrating the cost model on this machine
 # ---------------------------------------------
+# Every price is a micro-benchmark; none is fitted to the plans the model will rank.
 # Collectives are timed on the 4 ranks for each mesh group (axis 0 = ranks ``{0, 2}``,
 # ``{1, 3}``; axis 1 = ``{0, 1}``, ``{2, 3}``; both axes = all 4) and fitted to
-# :math:`t(n) = \alpha + \beta n`. Forward + backward of a mid-sized linear layer and of a
-# convolution give FLOP rates, a tiny layer the per-op overhead. Each rank also times the
-# serial model (all ranks at once, as during training): one factor per model scales the compute
-# prices so that the replicated plan predicts that time (small CPU models spend most of their
-# time in memory-bound ops and allocation that FLOP counts miss).
+# :math:`t(n) = \alpha + \beta n`. Compute is timed op by op: each node under each of its
+# strategies runs forward and backward at the local shapes that strategy gives a rank, on all 4
+# ranks at once (as in training), its collectives left out
+# (:func:`~cai_labs.auto_parallel.profiler.profile_ops`; ops with the same configuration and
+# shapes are timed once). Small CPU models spend most of their time launching ops and in
+# memory-bound work, which a FLOP count would miss.
 
 
 def calibrate_worker() -> dict:
+    start = time.perf_counter()
     machine = calibrate(MeshGroups(MESH))
-    serial = {}
-    for name, make in MAKERS.items():
-        model, x = make()
-        times = []
-        for _ in range(TIMED_STEPS[name] + 1):
-            dist.barrier()
-            start = time.perf_counter()
-            model(x).square().mean().backward()
-            times.append(time.perf_counter() - start)
-        every = [None] * dist.get_world_size()
-        dist.all_gather_object(every, min(times[1:]))
-        serial[name] = float(np.median(every))
-    return {"machine": machine, "serial": serial}
+    op_seconds = {name: profile_ops(graphs[name]) for name in MAKERS}
+    return {"machine": machine, "ops": op_seconds, "seconds": time.perf_counter() - start}
 
 
 cal = launch(calibrate_worker, MESH.size)
-machines = {
-    name: fit_compute_scale(graphs[name], cal["machine"], cal["serial"][name]) for name in MAKERS
-}
 m0 = cal["machine"]
+machines = {name: with_op_seconds(m0, cal["ops"][name]) for name in MAKERS}
 pd.DataFrame(
     [
         {
@@ -210,15 +208,18 @@ pd.DataFrame(
 ).set_index(["op", "mesh axes"]).style.format("{:.1f}")
 
 # %%
-print(
-    f"FLOP rates: matmul {m0.flop_rate['matmul'] / 1e9:.1f} GFLOP/s, conv "
-    f"{m0.flop_rate['conv'] / 1e9:.1f} GFLOP/s; per-op overhead {1e6 * m0.overhead:.1f} µs; "
-    f"element-wise {m0.mem_bw / 1e9:.2f} GB/s"
-)
+# What the op timings say, next to a FLOP count at the rate of a mid-sized matrix product:
+
+print(f"calibration took {cal['seconds']:.1f} s on each rank")
 for name in MAKERS:
+    rep = replicated_plan(graphs[name])
+    timed = plan_cost(graphs[name], machines[name], rep).compute
+    flops = sum(i.strategies[rep[n]].flops for n, i in graphs[name].nodes.items())
+    at_peak = 3 * flops / m0.flop_rate["matmul"]
     print(
-        f"{name}: serial step {1e3 * cal['serial'][name]:.1f} ms per rank -> compute scale "
-        f"{machines[name].compute_scale:.2f}"
+        f"{name}: {len(cal['ops'][name]):,} (node, strategy) pairs timed; the serial model's "
+        f"ops add up to {1e3 * timed:.1f} ms per step, {timed / at_peak:.1f}x its "
+        f"{3 * flops / 1e9:.2f} GFLOP at {m0.flop_rate['matmul'] / 1e9:.1f} GFLOP/s"
     )
 
 # %%
@@ -245,26 +246,30 @@ for name in MAKERS:
     fastest[name] = solve(sgn, mach)
     least = minimum_memory(sgn, mach)
     budgets[name] = fastest[name].cost.memory - MEMORY_SQUEEZE * (fastest[name].cost.memory - least)
-    solutions[name] = solve(sgn, mach, memory_budget=budgets[name])
-    s = solutions[name]
+    solutions[name] = s = solve(sgn, mach, memory_budget=budgets[name])
     print(
         f"{name}: replicated plan {rep.memory / 2**20:.2f} MiB/rank, fastest plan "
         f"{fastest[name].cost.memory / 2**20:.2f} MiB ({1e3 * fastest[name].cost.time:.1f} ms, "
-        f"{fastest[name].method}), "
-        f"smallest {least / 2**20:.2f} MiB. Budget {budgets[name] / 2**20:.2f} MiB: plan "
-        f"predicts {s.cost.memory / 2**20:.2f} MiB and {1e3 * s.cost.time:.1f} ms; solved in "
-        f"{s.seconds:.2f} s ({s.method})"
+        f"{fastest[name].method}), smallest {least / 2**20:.2f} MiB. Budget "
+        f"{budgets[name] / 2**20:.2f} MiB: plan predicts {s.cost.memory / 2**20:.2f} MiB and "
+        f"{1e3 * s.cost.time:.1f} ms; solved in {s.seconds:.2f} s ({s.method})"
     )
-try:  # a budget no plan can meet is an error that says what would fit
+
+# %%
+# A budget no plan can meet is an error that says what would fit:
+
+try:
     solve(graphs["GPT block"], machines["GPT block"], memory_budget=0.1 * budgets["GPT block"])
 except MemoryBudgetError as err:
     print("GPT block at a tenth of that budget:", err)
 
+# %%
+# The GPT block's plan under the budget, node by node:
+
 
 def plan_table(name: str, plan: dict) -> pd.DataFrame:
-    sgn = graphs[name]
     rows = []
-    for n, i in sgn.nodes.items():
+    for n, i in graphs[name].nodes.items():
         if i.op in ("placeholder", "output"):
             continue
         s = i.strategies[plan[n]]
@@ -326,6 +331,9 @@ def correctness_worker(plans: dict) -> dict:
     return out
 
 
+# %%
+# Each model's output and gradients against the serial model's, as relative errors:
+
 parallel = launch(correctness_worker, MESH.size, {n: s.plan for n, s in solutions.items()})
 rows = []
 for name, make in MAKERS.items():
@@ -354,13 +362,12 @@ pd.DataFrame(rows).set_index("model").style.format(
 # %%
 # 6. Predicted vs measured, and the auto plan against hand-written ones
 # ---------------------------------------------------------------------
-# Five plans per model: the auto plan under the budget, the auto plan with no budget, pure
-# **data parallel** (every op split on the batch across all 4 ranks), hand-written **1D tensor
+# Eight plans per model: the auto plan under the budget and with no budget, **data parallel**
+# across all 4 ranks, across one mesh axis only (the other axis replicated), **1D tensor
 # parallel** across all 4 ranks (GPT: Megatron's heads / column / row; ResNet: every conv
-# column-parallel, everything else split on channels), and **replicated**. Each is run and
-# timed on the 4 ranks, its memory measured by the ledger (parameters + gradients + activations
-# saved for backward, the largest over ranks). The GPT block's plans differ by milliseconds, so
-# they get more timed steps: the fastest of several is the least disturbed by other processes.
+# column-parallel, everything else split on channels), **2D: data parallel on axis 0, tensor
+# parallel on axis 1**, and **replicated**. A rule gives a strategy name per node; a node
+# without that strategy stays replicated.
 
 
 def rule_plan(name: str, rule) -> dict:
@@ -373,20 +380,37 @@ def rule_plan(name: str, rule) -> dict:
 
 
 MEGATRON = {"attn": "HH", "mlp_fc1": "CC", "mlp_act": "FF", "mlp_fc2": "WW"}
+
+
+def tensor_role(name: str, n: str, i) -> str:
+    """A node's 1D tensor-parallel strategy on both axes: Megatron's split for the GPT block,
+    column-parallel convolutions and channel splits for ResNet; ``RR`` where there is none."""
+    if name == "GPT block":
+        return MEGATRON.get(n, "RR")
+    return "CC" if i.op in ("Conv2d", "Linear") else "FF"
+
+
+# %%
+# The eight plans of each model:
+
 plans = {}
 for name in MAKERS:
     plans[name] = {
         "auto (budget)": solutions[name].plan,
         "auto (no budget)": fastest[name].plan,
         "data parallel": rule_plan(name, lambda n, i: "BB"),
-        "1D tensor parallel": rule_plan(
-            name,
-            (lambda n, i: MEGATRON.get(n, "RR"))
-            if name == "GPT block"
-            else (lambda n, i: "CC" if i.op in ("Conv2d", "Linear") else "FF"),
-        ),
+        "data parallel, axis 0": rule_plan(name, lambda n, i: "BR"),
+        "data parallel, axis 1": rule_plan(name, lambda n, i: "RB"),
+        "1D tensor parallel": rule_plan(name, lambda n, i, m=name: tensor_role(m, n, i)),
+        "DP x TP": rule_plan(name, lambda n, i, m=name: "B" + tensor_role(m, n, i)[1]),
         "replicated": replicated_plan(graphs[name]),
     }
+
+# %%
+# Each plan runs on the 4 ranks: the median of several timed steps (the GPT block's plans
+# differ by milliseconds, so it gets more), then one step under the ledger for memory
+# (parameters + gradients + activations saved for backward, the largest over ranks) and for
+# the time spent in collectives.
 
 
 def measure_worker(plans: dict) -> dict:
@@ -400,6 +424,7 @@ def measure_worker(plans: dict) -> dict:
             dist.all_gather_object(every, r)
             out[(name, label)] = {
                 "seconds": float(np.median([e["seconds"] for e in every])),
+                "comm seconds": float(np.median([e["comm_seconds"] for e in every])),
                 "peak": max(e["peak_total"] for e in every),
                 "calls": r["comm_calls"],
             }
@@ -407,24 +432,26 @@ def measure_worker(plans: dict) -> dict:
 
 
 measured = launch(measure_worker, MESH.size, plans)
+
+# %%
+# Predicted against measured, plan by plan:
+
 rows = []
-for name in MAKERS:
-    for label, plan in plans[name].items():
-        c = plan_cost(graphs[name], machines[name], plan)
-        m = measured[(name, label)]
-        rows.append(
-            {
-                "model": name,
-                "plan": label,
-                "predicted step (ms)": 1e3 * c.time,
-                "measured step (ms)": 1e3 * m["seconds"],
-                "predicted comm (ms)": 1e3 * c.comm,
-                "collectives/step": m["calls"],
-                "predicted MiB/rank": c.memory / 2**20,
-                "measured MiB/rank": m["peak"] / 2**20,
-                "fits budget": m["peak"] <= budgets[name] * 1.02,
-            }
-        )
+for (name, label), m in measured.items():
+    c = plan_cost(graphs[name], machines[name], plans[name][label])
+    rows.append(
+        {
+            "model": name,
+            "plan": label,
+            "predicted step (ms)": 1e3 * c.time,
+            "measured step (ms)": 1e3 * m["seconds"],
+            "predicted comm (ms)": 1e3 * c.comm,
+            "measured comm (ms)": 1e3 * m["comm seconds"],
+            "collectives/step": m["calls"],
+            "predicted MiB/rank": c.memory / 2**20,
+            "measured MiB/rank": m["peak"] / 2**20,
+        }
+    )
 results = pd.DataFrame(rows)
 results.set_index(["model", "plan"]).style.format(precision=2)
 
@@ -433,71 +460,72 @@ results.set_index(["model", "plan"]).style.format(precision=2)
 # :math:`\rho`: 1 means the model orders the plans exactly as the stopwatch does), and the
 # memory check of the auto plan against its budget:
 
+rho = {}
 for name in MAKERS:
     r = results[results.model == name]
-    rho = spearmanr(r["predicted step (ms)"], r["measured step (ms)"]).statistic
+    rho[name] = spearmanr(r["predicted step (ms)"], r["measured step (ms)"]).statistic
     auto = r[r.plan == "auto (budget)"].iloc[0]
     print(
-        f"{name}: Spearman rho(predicted, measured step time) = {rho:.2f} over {len(r)} plans; "
-        f"auto plan measured {auto['measured MiB/rank']:.2f} MiB/rank vs budget "
+        f"{name}: Spearman rho(predicted, measured step time) = {rho[name]:.2f} over {len(r)} "
+        f"plans; auto plan measured {auto['measured MiB/rank']:.2f} MiB/rank vs budget "
         f"{budgets[name] / 2**20:.2f} MiB"
     )
     assert auto["measured MiB/rank"] <= budgets[name] / 2**20 * 1.02, "auto plan over budget"
-rho_all = spearmanr(results["predicted step (ms)"], results["measured step (ms)"]).statistic
-print(f"both models together: rho = {rho_all:.2f} over {len(results)} plans")
+
+# %%
+# The same as a picture: each point a plan, the dotted line where prediction equals
+# measurement.
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
 for name, marker in zip(MAKERS, "os"):
     r = results[results.model == name]
     ax1.scatter(r["predicted step (ms)"], r["measured step (ms)"], marker=marker, label=name)
     ax2.scatter(r["predicted MiB/rank"], r["measured MiB/rank"], marker=marker, label=name)
-    for _, row in r.iterrows():
-        ax1.annotate(row.plan, (row["predicted step (ms)"], row["measured step (ms)"]), fontsize=7)
-lim = [
-    results[["predicted step (ms)", "measured step (ms)"]].min().min() * 0.8,
-    results[["predicted step (ms)", "measured step (ms)"]].max().max() * 1.2,
-]
+times = results[["predicted step (ms)", "measured step (ms)"]]
+lim = [times.min().min() * 0.8, times.max().max() * 1.2]
 ax1.plot(lim, lim, "k:", lw=1)
-ax1.set(
-    xscale="log",
-    yscale="log",
-    xlabel="predicted step time (ms)",
-    ylabel="measured step time (ms)",
-    title="Time: cost model vs stopwatch",
-)
+ax1.set(xscale="log", yscale="log", xlabel="predicted step time (ms)")
+ax1.set(ylabel="measured step time (ms)", title="Time: cost model vs stopwatch")
 mlim = [0, results[["predicted MiB/rank", "measured MiB/rank"]].max().max() * 1.1]
 ax2.plot(mlim, mlim, "k:", lw=1)
-ax2.set(
-    xlabel="predicted MiB per rank",
-    ylabel="measured MiB per rank (ledger)",
-    title="Memory: cost model vs ledger",
-)
+ax2.set(xlabel="predicted MiB per rank", ylabel="measured MiB per rank (ledger)")
+ax2.set(title="Memory: cost model vs ledger")
 ax1.legend()
 fig.tight_layout()
 
 # %%
-# Which plan won on the stopwatch, and which the model picked:
+# Which plan won on the stopwatch, which the model picked, and, where they differ, which cost
+# term the model got wrong: the measured step splits into time in collectives (timed by the
+# ledger) and the rest (compute), each next to its prediction.
 
 for name in MAKERS:
     r = results[results.model == name].set_index("plan")
-    fast, slow = r["measured step (ms)"].idxmin(), r["measured step (ms)"].idxmax()
+    fast, pick = r["measured step (ms)"].idxmin(), r["predicted step (ms)"].idxmin()
     print(
-        f"{name}: fastest measured plan '{fast}' ({r.loc[fast, 'measured step (ms)']:.1f} ms), "
-        f"slowest '{slow}' ({r.loc[slow, 'measured step (ms)']:.1f} ms); the model's pick "
-        f"'{r['predicted step (ms)'].idxmin()}'"
+        f"{name}: fastest measured plan '{fast}' ({r.loc[fast, 'measured step (ms)']:.1f} ms); "
+        f"the model's pick '{pick}' ({r.loc[pick, 'measured step (ms)']:.1f} ms measured)"
     )
+    for plan in dict.fromkeys((fast, pick)):
+        row = r.loc[plan]
+        comp_p = row["predicted step (ms)"] - row["predicted comm (ms)"]
+        comp_m = row["measured step (ms)"] - row["measured comm (ms)"]
+        print(
+            f"    {plan}: compute predicted {comp_p:.1f} ms, measured {comp_m:.1f} ms; "
+            f"collectives predicted {row['predicted comm (ms)']:.1f} ms, "
+            f"measured {row['measured comm (ms)']:.1f} ms"
+        )
 
 # %%
 # How to read this. The prices decide the plan: compare the latency of a collective over all
 # 4 ranks with one over a pair in the calibration table, and the compute of a step. Where
-# communication is dear next to compute, the unconstrained plan replicates, and data parallelism,
-# which all-reduces every parameter's gradient across the ranks, pays one latency per parameter
-# tensor. Under the budget the solver shards just enough, and a mesh axis (a pair of ranks) is
-# cheaper than the whole mesh. Plans whose predicted times are within a few milliseconds can be
-# ordered either way by the stopwatch on shared cores, which is what a low rank correlation for
-# the GPT block means; the memory prediction, which is deterministic, errs on the safe side
-# (see :mod:`cai_labs.auto_parallel.cost_model`). On GPUs with NVLink the prices change and so
-# does the plan; the solver is the same.
+# communication is dear next to compute, the unconstrained plan replicates, and data
+# parallelism, which all-reduces every parameter's gradient across the ranks, pays one latency
+# per parameter tensor. Under the budget the solver shards just enough, and a mesh axis (a pair
+# of ranks) is cheaper than the whole mesh. Plans whose predicted times differ by less than the
+# step-to-step spread of the stopwatch on shared cores can be ordered either way. The memory
+# prediction, which is deterministic, errs on the safe side (see
+# :mod:`cai_labs.auto_parallel.cost_model`). On GPUs with NVLink the prices change and so does
+# the plan; the solver is the same.
 #
 # 7. Automatic activation checkpointing
 # -------------------------------------
@@ -506,6 +534,14 @@ for name in MAKERS:
 # For each budget, the chain DP of :mod:`cai_labs.auto_parallel.checkpoint_solver` picks the
 # stages to recompute (least extra time whose predicted peak fits), and the chain runs with
 # ``torch.utils.checkpoint``; the ledger measures the peak of activations saved for backward.
+
+from cai_labs.auto_parallel.checkpoint_solver import (
+    CheckpointedChain,
+    measure_peak,
+    minimum_budget,
+    profile_chain,
+    solve_checkpoint,
+)
 
 torch.manual_seed(SEED)
 ckpt_model = resnet50(width=RESNET_WIDTH, seed=SEED)
@@ -519,6 +555,11 @@ print(
     f"activations saved without checkpointing (sum of m_i): {full_act / 2**20:.2f} MiB; "
     f"smallest budget any plan fits: {least / 2**20:.2f} MiB"
 )
+
+# %%
+# Six budgets from no checkpointing down to the smallest that fits, each solved, run and
+# measured:
+
 rows = []
 for budget in np.linspace(full_act, 1.02 * least, CKPT_POINTS):
     plan = solve_checkpoint(profiles, budget)
@@ -536,18 +577,22 @@ for budget in np.linspace(full_act, 1.02 * least, CKPT_POINTS):
     )
     assert meas["peak_activations"] <= budget, "checkpointing plan exceeded its budget"
 ckpt = pd.DataFrame(rows)
+ckpt.style.format(precision=2)
+
+# %%
+# A budget below the smallest is refused with what would fit:
+
 try:
     solve_checkpoint(profiles, 0.9 * least)
 except ValueError as err:
     print("a budget below the smallest:", err)
-ckpt.style.format(precision=2)
 
 # %%
 # The predicted relative time assumes backward costs twice the forward, so a step is ``3 sum
-# t_i`` and recomputing stage ``i`` adds ``t_i``. The measured peak stays under the predicted
-# one, which stays under the budget: the model counts a tensor kept by two stages twice. The
-# measured relative times come from single steps on shared cores and are noisy; the trend, more
-# recomputation for less memory, is the point.
+# t_i`` and recomputing stage ``i`` adds ``t_i``. The model counts a tensor kept by two stages
+# twice, so it errs on the safe side; the table shows by how much. The measured relative times
+# come from single steps on shared cores and are noisy; the trend, more recomputation for less
+# memory, is the point.
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
 ax1.plot(ckpt["budget (MiB)"], ckpt["budget (MiB)"], "k:", lw=1, label="budget")
@@ -610,7 +655,6 @@ pd.DataFrame(fits).T.style.format(precision=2)
 # tensor parallelism inside a node), each recomputation policy, keeping the layouts whose memory
 # per GPU fits. **Modeled**; the five fastest:
 
-import itertools
 
 from cai_labs.scale import ScaleLayout, predict
 
@@ -672,3 +716,39 @@ print(checked_here(colossalai_autoparallel))
 # %%
 # The same page runs under ``torchrun --nproc-per-node=4`` with cai_labs: ``launch`` joins the
 # process group from the environment, and the calibration then measures NCCL instead of gloo.
+
+# %%
+# Predict, then check
+# -------------------
+
+from cai_labs.auto_parallel.profiler import op_key
+
+rn = graphs["ResNet-50"]
+ops = [i for i in rn.nodes.values() if i.node.op not in ("placeholder", "output")]
+distinct = {op_key(rn, i, st) for i in ops for st in i.strategies}
+gpt_plan = plan_table("GPT block", solutions["GPT block"].plan)
+most = ckpt.iloc[-1]
+
+# %%
+# Open an answer once you have your own.
+
+exercises = Exercises()
+exercises.add(
+    f"ResNet-50 has {len(cal['ops']['ResNet-50']):,} (node, strategy) pairs. Its 16 "
+    "bottlenecks repeat a few shapes: how many distinct op timings does the profiler need?",
+    f"{len(distinct):,}: pairs with the same op, configuration and local shapes share one.",
+)
+exercises.add(
+    "Under the memory budget, which strategies did the solver give the GPT block's two MLP "
+    "linear layers, and does the pair need a reshard between them?",
+    f"fc1 {gpt_plan.loc['mlp_fc1', 'strategy']} (output layout "
+    f"{gpt_plan.loc['mlp_fc1', 'output layout']}), fc2 {gpt_plan.loc['mlp_fc2', 'strategy']}; "
+    f"the activation between them is laid out {gpt_plan.loc['mlp_act', 'output layout']}.",
+)
+exercises.add(
+    f"At the smallest budget of the sweep ({most['budget (MiB)']:.2f} MiB), how many of the "
+    f"{len(stages)} stages are recomputed, and what does the step cost relative to none?",
+    f"{int(most['stages recomputed'])} stages; measured {most['relative step time']:.2f}x, "
+    f"predicted {most['predicted relative time']:.2f}x.",
+)
+exercises

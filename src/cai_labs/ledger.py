@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cai_labs import wire
+from cai_labs import wire as _wire
 
 __all__ = [
     "Ledger",
@@ -211,6 +211,8 @@ class Ledger:
         model: module whose parameters and gradients are accounted (optional; see :meth:`watch`).
         optimizer: optimizer whose state is accounted (optional).
         track_activations: count activations saved for backward while the ledger is open.
+        wire: read the sockets' byte counters around each call (off: only buffer bytes and
+            seconds are recorded, for timing without the counters' cost).
     """
 
     def __init__(
@@ -219,6 +221,7 @@ class Ledger:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         track_activations: bool = True,
+        wire: bool = True,
     ):
         self._params: list[torch.Tensor] = []
         self._optimizers: list[torch.optim.Optimizer] = []
@@ -236,9 +239,9 @@ class Ledger:
         self._param_ptr_cache: set[int] = set()
         self._stack: contextlib.ExitStack | None = None
         self._patched: dict[str, Any] = {}
-        self._wire = wire.WireCounter() if wire.available() else None
-        self._wire_start: wire.WireBytes | None = None
-        self._wire_total: wire.WireBytes | None = None
+        self._wire = _wire.WireCounter() if wire and _wire.available() else None
+        self._wire_start: _wire.WireBytes | None = None
+        self._wire_total: _wire.WireBytes | None = None
         self._in_flight: list[Any] = []  # work handles of asynchronous sends not known done
         self.t0 = time.perf_counter()
 
@@ -415,7 +418,7 @@ class Ledger:
         is still open. Traffic of GPU buffers under NCCL is never in these counters.
         """
         if self._wire is None:
-            return {"measured": False, "why": "TCP_INFO byte counters are not available here"}
+            return {"measured": False, "why": "TCP_INFO byte counters are off or not available"}
         if self._wire_start is None:
             return {"measured": False, "why": "no process group: nothing was sent"}
         if self._wire_total is None:

@@ -7,15 +7,13 @@ collectives on the real ranks. A node's compute costs
 
     t = 2 * overhead + 3 * flops / flop_rate[kind] + 3 * bytes / mem_bw
 
-(forward + backward: backward is about twice the forward work). ``flop_rate`` is measured
-separately for convolutions and for matrix products, each as forward + backward of a mid-sized
-layer, because a CPU runs small convolutions far below its matmul peak; ``overhead`` is the
-measured cost of launching one small op, which dominates tiny CPU models. Small CPU models also
-spend much of their time in memory-bound ops (batch norm backward, ReLU, adds) and in allocating
-fresh buffers, which micro-benchmarks miss; :func:`fit_compute_scale` therefore scales the
-compute part by one factor so that the all-replicated plan predicts the measured serial step of
-*this* model on one rank (measured while every rank computes). One number per model, fitted on
-one plan, then used unchanged for every other plan. The predicted step time of a plan is
+(forward + backward: backward is about twice the forward work) in the FLOP model, kept as a
+fallback. Small CPU models spend most of their time in launching ops, memory-bound work and
+allocation, which FLOP counts miss; so each op is also timed as a rank runs it under each
+strategy (:func:`~cai_labs.auto_parallel.profiler.profile_ops`: forward and backward at the
+local shapes, collectives left out), and a node's compute is that timing when there is one.
+Every price is a micro-benchmark of one collective or one op; none is fitted to the step times
+of the plans the model ranks. The predicted step time of a plan is
 the sum over nodes of compute and of collectives (nothing overlaps in the runtime, so sums are
 the right model).
 
@@ -36,7 +34,7 @@ activations at the end of forward, but an allocator sees them).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -59,7 +57,7 @@ from cai_labs.devices import device
 __all__ = [
     "MachineModel",
     "calibrate",
-    "fit_compute_scale",
+    "with_op_seconds",
     "replicated_plan",
     "PlanCost",
     "plan_cost",
@@ -83,7 +81,7 @@ class MachineModel:
     flop_rate: dict[str, float]  # FLOP/s of one rank while all ranks compute, per op kind
     mem_bw: float  # bytes/s of an element-wise op on one rank
     overhead: float  # seconds to launch one small op (forward or backward)
-    compute_scale: float = 1.0  # fitted by fit_compute_scale
+    op_seconds: dict[tuple[str, str], float] = field(default_factory=dict)  # profiled compute
     samples: dict[str, list] = field(default_factory=dict)  # raw timings, for the page
 
 
@@ -93,8 +91,10 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _best_time(fn, reps: int) -> float:
-    """Fastest of ``reps`` calls: the least disturbed by other processes on shared cores."""
+def _typical_time(fn, reps: int) -> float:
+    """Median of ``reps`` timed calls after one warm-up. With more ranks than cores a call
+    waits for its peers to be scheduled; the median prices that wait as a step meets it."""
+    fn()
     times = []
     for _ in range(reps):
         _sync()
@@ -102,7 +102,7 @@ def _best_time(fn, reps: int) -> float:
         fn()
         _sync()
         times.append(time.perf_counter() - start)
-    return float(min(times))
+    return float(np.median(times))
 
 
 def calibrate(
@@ -112,7 +112,7 @@ def calibrate(
 
     ``mesh_groups`` is a :class:`~cai_labs.auto_parallel.runtime.MeshGroups`. Collectives are
     timed for ``sizes`` float32 elements on each mesh group, each after a barrier, keeping the
-    fastest of ``reps`` calls, and ``alpha + beta * n`` is fitted by least squares (``beta`` is
+    median of ``reps`` calls, and ``alpha + beta * n`` is fitted by least squares (``beta`` is
     floored at 1e-12 s/byte if noise makes the fitted slope negative); compute rates are timed
     while every rank computes at once, as it will during training. Everything runs on
     :func:`cai_labs.device`.
@@ -137,7 +137,7 @@ def calibrate(
                 dist.barrier()
                 call()
                 nbytes = size * FLOAT_BYTES * (n if op == "all_gather" else 1)
-                pts.append((nbytes, _best_time(call, reps)))
+                pts.append((nbytes, _typical_time(call, reps)))
             b, a = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)
             alpha[(op, axes)], beta[(op, axes)] = max(float(a), 1e-6), max(float(b), 1e-12)
             samples[f"{op} {axes}"] = pts
@@ -145,18 +145,18 @@ def calibrate(
     flop_rate = {}
     lin, xs = torch.nn.Linear(256, 256).to(dev), torch.randn(512, 256, device=dev)
     flop_rate["matmul"] = (
-        3 * 2 * 512 * 256 * 256 / _best_time(lambda: lin(xs).sum().backward(), reps)
+        3 * 2 * 512 * 256 * 256 / _typical_time(lambda: lin(xs).sum().backward(), reps)
     )
     conv = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False).to(dev)
     xc = torch.randn(8, 32, 8, 8, device=dev)
     flop_rate["conv"] = (
-        3 * 2 * xc.numel() * 32 * 9 / _best_time(lambda: conv(xc).sum().backward(), reps)
+        3 * 2 * xc.numel() * 32 * 9 / _typical_time(lambda: conv(xc).sum().backward(), reps)
     )
     big = torch.randn(1 << 20, device=dev)
-    mem_bw = 3 * big.numel() * FLOAT_BYTES / _best_time(lambda: big + big, reps)
+    mem_bw = 3 * big.numel() * FLOAT_BYTES / _typical_time(lambda: big + big, reps)
     lin = torch.nn.Linear(4, 4).to(dev)
     xs = torch.randn(2, 4, device=dev)
-    overhead = _best_time(lambda: lin(xs).sum().backward(), reps) / 6  # 3 ops, fwd + bwd
+    overhead = _typical_time(lambda: lin(xs).sum().backward(), reps) / 6  # 3 ops, fwd + bwd
     model = MachineModel(alpha, beta, flop_rate, mem_bw, overhead, samples=samples)
     box = [model]
     dist.broadcast_object_list(box, src=0)
@@ -168,13 +168,19 @@ def comm_time(c: Comm, m: MachineModel) -> float:
     return m.alpha[key] + m.beta[key] * c.nbytes
 
 
-def node_time(s: Strategy, m: MachineModel, op: str = "") -> dict[str, float]:
-    """Predicted seconds of one node per step: ``{"compute": ..., "comm": ...}``."""
+def with_op_seconds(m: MachineModel, op_seconds: dict[tuple[str, str], float]) -> MachineModel:
+    """A copy of ``m`` that prices compute by the profiled ``{(node, strategy): seconds}``."""
+    return replace(m, op_seconds=dict(op_seconds))
+
+
+def node_time(s: Strategy, m: MachineModel, op: str = "", node: str = "") -> dict[str, float]:
+    """Predicted seconds of one node per step: ``{"compute": ..., "comm": ...}``; compute is the
+    profiled time of ``(node, s.name)`` if ``m`` has one, else the FLOP model's."""
     if op in ("placeholder", "output"):
         return {"compute": 0.0, "comm": 0.0}
-    compute = m.compute_scale * (
-        2 * m.overhead + 3 * s.flops / m.flop_rate[s.kind] + 3 * s.bytes_moved / m.mem_bw
-    )
+    compute = m.op_seconds.get((node, s.name))
+    if compute is None:
+        compute = 2 * m.overhead + 3 * s.flops / m.flop_rate[s.kind] + 3 * s.bytes_moved / m.mem_bw
     return {"compute": compute, "comm": sum(comm_time(c, m) for c in s.comm)}
 
 
@@ -226,7 +232,7 @@ def plan_cost(sg: StrategyGraph, m: MachineModel, plan: dict[str, int]) -> PlanC
     rows = []
     for name, info in sg.nodes.items():
         s = info.strategies[plan[name]]
-        t = node_time(s, m, info.op)
+        t = node_time(s, m, info.op, name)
         mem = node_memory(info, s, sg)
         compute += t["compute"]
         comm += t["comm"]
@@ -247,10 +253,3 @@ def replicated_plan(sg: StrategyGraph) -> dict[str, int]:
     for name, info in sg.nodes.items():
         plan[name] = next(i for i, s in enumerate(info.strategies) if set(s.roles) == {"R"})
     return plan
-
-
-def fit_compute_scale(sg: StrategyGraph, m: MachineModel, serial_seconds: float) -> MachineModel:
-    """A copy of ``m`` whose compute prices make the replicated plan cost ``serial_seconds``."""
-    base = MachineModel(**{**m.__dict__, "compute_scale": 1.0})
-    predicted = plan_cost(sg, base, replicated_plan(sg)).compute
-    return MachineModel(**{**m.__dict__, "compute_scale": serial_seconds / predicted})

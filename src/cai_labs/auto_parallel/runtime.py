@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -425,35 +426,48 @@ def _sync_grad(p: nn.Parameter, mg: MeshGroups, axes: tuple[int, ...]) -> None:
 
 
 def measure_step(pm: SPMDModule, x: torch.Tensor, steps: int = 3) -> dict:
-    """Time forward + backward of ``pm`` on ``x`` and measure this rank's memory with a ledger.
+    """Time forward + backward of ``pm`` on ``x``, then measure this rank's memory with a ledger.
 
-    The first step creates the gradients; the ledger's snapshot after it records parameters
-    and gradients, so ``peak_total`` of the later steps is parameters + gradients + the peak of
-    activations saved for backward (what :func:`~cai_labs.auto_parallel.cost_model.plan_cost`
-    predicts). Returns the fastest step's seconds (the least disturbed by other processes).
+    The timed steps run under a light ledger that only times each collective (no socket
+    counters, no activation tracking), so a step splits into seconds in collectives and the
+    rest. The first step creates the gradients; the ledger's snapshot after it records
+    parameters and gradients, so ``peak_total`` of one more step under a full ledger is
+    parameters + gradients + the peak of activations saved for backward (what
+    :func:`~cai_labs.auto_parallel.cost_model.plan_cost` predicts). Returns medians over the
+    timed steps (the cost model's prices are medians too).
     """
     from cai_labs.ledger import Ledger, comm_totals
 
     x = x.to(device())
-    pm(x).square().mean().backward()
-    times = []
-    with Ledger(model=pm) as ledger:
-        ledger.snapshot("params and grads")
-        for _ in range(steps):
-            for p in pm.parameters():
+
+    def step() -> None:
+        for p in pm.parameters():
+            if p.grad is not None:
                 p.grad.zero_()
+        pm(x).square().mean().backward()
+
+    step()
+    times, comm_times = [], []
+    with Ledger(track_activations=False, wire=False) as clock:
+        for _ in range(steps):
             dist.barrier()
+            first = len(clock.comm)
             start = time.perf_counter()
-            pm(x).square().mean().backward()
+            step()
             if x.is_cuda:  # the kernels may still run when backward returns
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+            comm_times.append(sum(c["seconds"] for c in clock.comm[first:]))
+    with Ledger(model=pm) as ledger:
+        ledger.snapshot("params and grads")
+        step()
     report = ledger.report()
     comm = comm_totals({"comm": [c for c in report["comm"] if c["op"] != "barrier"]})
     return {
-        "seconds": min(times),
+        "seconds": float(np.median(times)),
+        "comm_seconds": float(np.median(comm_times)),
         "peak_total": report["memory"]["peak_total"],
         "peak_activations": report["memory"]["peak_activations"],
         "static": report["memory"]["snapshots"][0]["total"],
-        "comm_calls": sum(v["calls"] for v in comm.values()) / steps,
+        "comm_calls": sum(v["calls"] for v in comm.values()),
     }

@@ -125,7 +125,7 @@ def _node_columns(
         )
     out = []
     for i, s in enumerate(info.strategies):
-        t = node_time(s, m, info.op)
+        t = node_time(s, m, info.op, name)
         mm = node_memory(info, s, sg)
         out.append(
             p.column(t["compute"] + t["comm"], mm["params"] + mm["activations"], float(ok[i]), True)
