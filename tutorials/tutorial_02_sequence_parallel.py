@@ -2,8 +2,8 @@
 Sequence parallelism: ring self-attention for longer sequences
 ==============================================================
 
-Sequence parallelism splits one sequence that is too long for one device over :math:`N` ranks,
-each holding :math:`L/N` consecutive tokens, and computes attention across them.
+Sequence parallelism splits a sequence too long for one device into consecutive chunks, one per
+rank, and computes attention across the ranks.
 
 Data parallelism splits the batch; tensor and pipeline parallelism split the model. None of them
 helps when **one sequence** is too long for one device: the activations of a Transformer grow
