@@ -29,8 +29,8 @@ rank's chunk. Attention is the one place where tokens meet, and it needs a distr
 
 All ranks are CPU processes of the machine that built this page, talking through ``gloo``.
 
-**Prerequisites:** tutorial 00; attention and BERT's masked-language modelling; for the last
-part, the pipeline section of tutorial 01.
+**Prerequisites:** tutorial 00 (data parallel), attention, and for the last part tutorial 01
+(pipeline parallel).
 """
 
 # %%
