@@ -533,6 +533,38 @@ print(
 )
 
 # %%
+# What the machine itself allows: the same kind of matrix product (half the batch through the
+# widest layer) on each rank's pinned core for a second, with no exchange at all. The ratio of
+# the total throughput of 2 such ranks to 1 is the most any technique can gain here; cores
+# that are hyper-threads of one physical core, or that other processes share, give less than 2.
+
+
+def matmul_worker(seconds: float = 1.0) -> float:
+    rank = dist.get_rank()
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})
+    a = torch.randn(SPEED_BATCH // 2, SPEED_HIDDEN[0], device=device())
+    b = torch.randn(SPEED_HIDDEN[0], SPEED_HIDDEN[1], device=device())
+    a @ b  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        done += 1
+    elapsed = time.perf_counter() - start
+    rate = torch.tensor([2.0 * a.shape[0] * a.shape[1] * b.shape[1] * done / elapsed])
+    dist.all_reduce(rate)  # the ranks' FLOP/s, added up
+    return rate.item()
+
+
+capacity = {n: launch(matmul_worker, n) for n in (1, min(2, cores))}
+print(
+    f"matrix products alone: 1 rank {capacity[1] / 1e9:.1f} GFLOP/s, {min(2, cores)} ranks on "
+    f"{min(2, cores)} cores {capacity[min(2, cores)] / 1e9:.1f} GFLOP/s in total: "
+    f"{capacity[min(2, cores)] / capacity[1]:.2f}x; data parallel reached "
+    f"{speed[min(2, cores)]['samples/s'] / one:.2f}x of its 1-rank throughput"
+)
+
+# %%
 # With one rank per core, each rank computes half the batch on its own core; where the
 # exchange (:math:`2\,\frac{N-1}{N}P` bytes per rank) is small next to that computation, the
 # speed-up approaches the number of cores. With 4 ranks on 2 cores, two ranks take turns on each
