@@ -32,7 +32,7 @@ class LocalGroups(MeshGroups):
     """A mesh's groups in which every rank is alone: shapes and chunks of the mesh, and
     collectives that do nothing (``cai_labs.comm`` skips a group of one)."""
 
-    def __init__(self, mesh: Mesh):
+    def __init__(self, mesh: Mesh) -> None:
         self.mesh, self.rank = mesh, dist.get_rank()
         alone = [dist.new_group([r]) for r in range(dist.get_world_size())]
         self._alone = alone[self.rank]

@@ -72,7 +72,7 @@ __all__ = [
 class MeshGroups:
     """The process groups of a :class:`Mesh` for this rank (create on every rank, same order)."""
 
-    def __init__(self, mesh: Mesh):
+    def __init__(self, mesh: Mesh) -> None:
         if dist.get_world_size() != mesh.size:
             raise ValueError(
                 f"a {mesh.shape[0]} x {mesh.shape[1]} mesh needs {mesh.size} ranks; "
@@ -116,7 +116,7 @@ def reshard(x: torch.Tensor, src: tuple, dst: tuple, mg: MeshGroups) -> torch.Te
 class Reshard(nn.Module):
     """A graph node changing its input's layout from ``src`` to ``dst`` (see :func:`reshard`)."""
 
-    def __init__(self, src: tuple, dst: tuple, mg: MeshGroups):
+    def __init__(self, src: tuple, dst: tuple, mg: MeshGroups) -> None:
         super().__init__()
         self.src, self.dst, self.mg = src, dst, mg
 
@@ -166,7 +166,7 @@ def _range(n: int, ways: int, k: int) -> torch.Tensor:
 class ShardedLinear(_Sharded):
     """``nn.Linear`` split by column axes ``c`` (output features) and row axes ``w`` (input)."""
 
-    def __init__(self, mod: nn.Module, c: tuple, w: tuple, mg: MeshGroups):
+    def __init__(self, mod: nn.Module, c: tuple, w: tuple, mg: MeshGroups) -> None:
         super().__init__()
         self.c, self.w, self.mg, self.shard_index = c, w, mg, {}
         out_f, in_f = mod.weight.shape[:2]
@@ -193,7 +193,7 @@ class ShardedLinear(_Sharded):
 class ShardedConv2d(ShardedLinear):
     """``nn.Conv2d`` split by output channels (``c``) and input channels (``w``)."""
 
-    def __init__(self, mod: nn.Conv2d, c: tuple, w: tuple, mg: MeshGroups):
+    def __init__(self, mod: nn.Conv2d, c: tuple, w: tuple, mg: MeshGroups) -> None:
         super().__init__(mod, c, w, mg)
         self.conf = dict(stride=mod.stride, padding=mod.padding, dilation=mod.dilation)
 
@@ -245,7 +245,7 @@ class _SyncBN(torch.autograd.Function):
 class ShardedBatchNorm2d(_Sharded):
     """Batch norm on this rank's channels (``f`` axes), synchronised over batch axes ``b``."""
 
-    def __init__(self, mod: nn.BatchNorm2d, b: tuple, f: tuple, mg: MeshGroups):
+    def __init__(self, mod: nn.BatchNorm2d, b: tuple, f: tuple, mg: MeshGroups) -> None:
         super().__init__()
         self.b, self.mg, self.eps, self.momentum, self.shard_index = (
             b,
@@ -283,7 +283,7 @@ class ShardedBatchNorm2d(_Sharded):
 class ShardedAttention(_Sharded):
     """GPT attention on this rank's heads (``h`` axes): column QKV, row output projection."""
 
-    def __init__(self, mod: CausalSelfAttention, h: tuple, mg: MeshGroups):
+    def __init__(self, mod: CausalSelfAttention, h: tuple, mg: MeshGroups) -> None:
         super().__init__()
         self.h, self.mg, self.shard_index = h, mg, {}
         d = mod.proj.weight.shape[0]
@@ -319,7 +319,7 @@ class SPMDModule(nn.Module):
         origin: dict[str, tuple[str, str, tuple]],
         mg: MeshGroups,
         replicas: dict[str, int],
-    ):
+    ) -> None:
         super().__init__()
         self.gm, self.mg = gm, mg
         self.origin = origin  # local param name -> (module path, its param name, serial shape)

@@ -55,7 +55,7 @@ __all__ = ["Solution", "solve", "MemoryBudgetError", "minimum_memory"]
 class MemoryBudgetError(ValueError):
     """No plan fits the per-rank memory budget; ``minimum`` is the smallest that would."""
 
-    def __init__(self, budget: float, minimum: float):
+    def __init__(self, budget: float, minimum: float) -> None:
         self.budget, self.minimum = budget, minimum
         super().__init__(
             f"no sharding plan fits a memory budget of {budget / 2**20:.2f} MiB per rank: the "

@@ -35,7 +35,7 @@ DEFAULT_LEAVES: tuple[type[nn.Module], ...] = (CausalSelfAttention,)
 class AutoTracer(fx.Tracer):
     """fx tracer that keeps ``leaves`` (and PyTorch's own ``nn`` modules) as single nodes."""
 
-    def __init__(self, leaves: Iterable[type[nn.Module]] = DEFAULT_LEAVES):
+    def __init__(self, leaves: Iterable[type[nn.Module]] = DEFAULT_LEAVES) -> None:
         super().__init__()
         self.leaves = tuple(leaves)
 
@@ -86,7 +86,7 @@ class SavedProfile:
 
 
 class _SaveRecorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self.param_ptrs = {p.untyped_storage().data_ptr() for p in gm.parameters()}
         self.out_ptr: dict[int, str] = {}

@@ -58,7 +58,7 @@ class DiffusionModule(pl.LightningModule):
         uncond_prob: float = 0.1,
         seed: int = 0,
         gradient_checkpointing: bool = False,
-    ):
+    ) -> None:
         super().__init__()
         if not 0.0 <= uncond_prob < 1.0:
             raise ValueError(f"uncond_prob must be in [0, 1); got {uncond_prob}")

@@ -84,7 +84,7 @@ class ParallelGPT(nn.Module):
         zero: the :class:`~cai_labs.zero.ZeroModel` around the stage (set by ``apply_zero``).
     """
 
-    def __init__(self, gpt: GPT, layout: Layout, groups: LayoutGroups):
+    def __init__(self, gpt: GPT, layout: Layout, groups: LayoutGroups) -> None:
         super().__init__()
         self.cfg, self.layout, self.groups = gpt.cfg, layout, groups
         self.coords, self.grid, self.sp_group = groups.coords, groups.grid, groups.sp_group

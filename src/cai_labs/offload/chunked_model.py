@@ -61,7 +61,7 @@ class ChunkedModel(nn.Module):
         device_budget: int | None,
         prefetch: int = 2,
         group: dist.ProcessGroup | None = None,
-    ):
+    ) -> None:
         super().__init__()
         self.module = module.to(device())  # buffers too; parameters become views of chunks
         self.group = group
@@ -221,7 +221,7 @@ class ChunkedAdam:
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-    ):
+    ) -> None:
         self.model = model
         self.lr, self.betas, self.eps = lr, betas, eps
         self.t = 0

@@ -143,7 +143,7 @@ class Linear2D(nn.Module):
     """``Y = X A + b`` by SUMMA. Input ``(b/q, s, K/q)``, output ``(b/q, s, N/q)`` (2.5D: batch
     block ``b/(dq)``); ``weight (N/q, K/q)``; ``bias (N/q,)`` replicated down the column."""
 
-    def __init__(self, in_features: int, out_features: int, grid: Grid, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, grid: Grid, bias: bool = True) -> None:
         super().__init__()
         name = _MODE_NAME[grid.mode]
         check_divisible("in_features", in_features, grid.q, name)
@@ -193,7 +193,7 @@ class LayerNorm2D(nn.Module):
     ``bias`` ``(d/q,)`` are replicated down the column.
     """
 
-    def __init__(self, ln: nn.LayerNorm, grid: Grid):
+    def __init__(self, ln: nn.LayerNorm, grid: Grid) -> None:
         super().__init__()
         (h,) = ln.normalized_shape
         check_divisible("d_model", h, grid.q, _MODE_NAME[grid.mode])
@@ -223,7 +223,7 @@ class Attention2D(ParallelAttention):
     """Causal self-attention on head group ``j`` for batch block ``i``: no communication
     besides the two SUMMA linears. ``(b/q, s, d/q) -> (b/q, s, d/q)``."""
 
-    def __init__(self, attn: CausalSelfAttention, grid: Grid):
+    def __init__(self, attn: CausalSelfAttention, grid: Grid) -> None:
         check_divisible("n_heads", attn.n_heads, grid.q, _MODE_NAME[grid.mode])
         super().__init__(
             Linear2D.from_serial(attn.qkv, grid, chunks=3),
@@ -236,7 +236,7 @@ class Attention2D(ParallelAttention):
 class MLP2D(ParallelMLP):
     """``fc1`` SUMMA ``(b/q, s, r*d/q)`` -> GELU -> ``fc2`` SUMMA ``(b/q, s, d/q)``."""
 
-    def __init__(self, mlp: MLPBlock, grid: Grid):
+    def __init__(self, mlp: MLPBlock, grid: Grid) -> None:
         super().__init__(Linear2D.from_serial(mlp.fc1, grid), Linear2D.from_serial(mlp.fc2, grid))
 
 
@@ -247,7 +247,7 @@ class Block2D(ParallelBlock):
     ``(b/(dq), s, d/q)``); the residual adds are local.
     """
 
-    def __init__(self, block: Block, grid: Grid):
+    def __init__(self, block: Block, grid: Grid) -> None:
         super().__init__(
             LayerNorm2D(block.ln1, grid),
             Attention2D(block.attn, grid),

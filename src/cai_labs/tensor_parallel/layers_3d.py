@@ -107,7 +107,7 @@ class Linear3D(nn.Module):
 
     def __init__(
         self, in_features: int, out_features: int, grid: Grid, axes=EVEN, bias: bool = True
-    ):
+    ) -> None:
         super().__init__()
         q = grid.q
         check_divisible("in_features", in_features, q, "3D")
@@ -171,7 +171,7 @@ class LayerNorm3D(nn.Module):
     """Layer norm on layout ``axes``: features split along axis ``c`` (statistics summed
     there), ``weight``/``bias`` ``(d/q,)`` replicated over axes ``a`` and ``b``."""
 
-    def __init__(self, ln: nn.LayerNorm, grid: Grid, axes=EVEN):
+    def __init__(self, ln: nn.LayerNorm, grid: Grid, axes=EVEN) -> None:
         super().__init__()
         (h,) = ln.normalized_shape
         check_divisible("d_model", h, grid.q, "3D")
@@ -208,7 +208,7 @@ class Attention3D(ParallelAttention):
     """``qkv`` (layout EVEN -> ODD), local attention on head group ``j`` for batch block
     ``(i, l)``, ``proj`` (ODD -> EVEN). ``(b/q², s, d/q)`` in and out."""
 
-    def __init__(self, attn: CausalSelfAttention, grid: Grid):
+    def __init__(self, attn: CausalSelfAttention, grid: Grid) -> None:
         check_divisible("n_heads", attn.n_heads, grid.q, "3D")
         super().__init__(
             Linear3D.from_serial(attn.qkv, grid, EVEN, chunks=3),
@@ -221,7 +221,7 @@ class Attention3D(ParallelAttention):
 class MLP3D(ParallelMLP):
     """``fc1`` (EVEN -> ODD) -> GELU -> ``fc2`` (ODD -> EVEN)."""
 
-    def __init__(self, mlp: MLPBlock, grid: Grid):
+    def __init__(self, mlp: MLPBlock, grid: Grid) -> None:
         super().__init__(
             Linear3D.from_serial(mlp.fc1, grid, EVEN), Linear3D.from_serial(mlp.fc2, grid, ODD)
         )
@@ -231,7 +231,7 @@ class Block3D(ParallelBlock):
     """The serial :class:`~cai_labs.models.gpt.Block` on the cube; residual stream in layout
     EVEN: ``(b/q², s, d/q)`` with batch block ``i*q + j`` and feature block ``l``."""
 
-    def __init__(self, block: Block, grid: Grid):
+    def __init__(self, block: Block, grid: Grid) -> None:
         if grid.mode != "3d":
             raise ValueError(f"3D layers need a 3d grid (q x q x q); got a {grid.mode} grid")
         super().__init__(

@@ -70,7 +70,7 @@ class ParallelOPTAttention(nn.Module):
     included) and attention is then called with scale 1.
     """
 
-    def __init__(self, attn: nn.Module, grid: Grid):
+    def __init__(self, attn: nn.Module, grid: Grid) -> None:
         super().__init__()
         self.grid = grid
         self.num_heads = attn.num_heads // grid.size  # local heads

@@ -46,7 +46,7 @@ class Zero2(ZeroModel):
         group=None,
         overlap_comm: bool = True,
         max_in_flight: int = 2,
-    ):
+    ) -> None:
         super().__init__(module, units=units, group=group)
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1; got {max_in_flight}")

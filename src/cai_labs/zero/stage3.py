@@ -70,7 +70,7 @@ class Zero3(Zero2):
         overlap_comm: bool = True,
         max_in_flight: int = 2,
         prefetch: bool | int = True,
-    ):
+    ) -> None:
         if isinstance(prefetch, bool):
             depth = int(prefetch)
         elif isinstance(prefetch, int) and prefetch >= 0:
