@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -92,10 +93,10 @@ class _SaveRecorder(fx.Interpreter):
         self.out_ptr: dict[int, str] = {}
         self.saved: dict[str, dict[int, int]] = {}
 
-    def run_node(self, n: fx.Node):
+    def run_node(self, n: fx.Node) -> Any:
         record: dict[int, int] = {}
 
-        def pack(t: torch.Tensor):
+        def pack(t: torch.Tensor) -> torch.Tensor:
             st = t.untyped_storage()
             if st.data_ptr() not in self.param_ptrs:
                 record[st.data_ptr()] = st.nbytes()

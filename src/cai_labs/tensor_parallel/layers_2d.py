@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.function import FunctionCtx
 
 from cai_labs.comm import all_reduce, all_reduce_both, broadcast_, copy_to_group, reduce_
 from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
@@ -76,7 +77,9 @@ class _Summa(torch.autograd.Function):
     """``Y_ij = sum_t X_it A_tj`` with its two backward SUMMAs (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, weight, grid):
+    def forward(
+        ctx: FunctionCtx, x: torch.Tensor, weight: torch.Tensor, grid: Grid
+    ) -> torch.Tensor:
         x = x.contiguous()
         ctx.save_for_backward(x, weight)
         ctx.grid = grid
@@ -94,7 +97,7 @@ class _Summa(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx: FunctionCtx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         grid = ctx.grid
         q, (i, j, _) = grid.q, _ijk(grid)
