@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from cai_labs.zero.base import ZeroModel
@@ -42,8 +43,8 @@ class Zero2(ZeroModel):
     def __init__(
         self,
         module: nn.Module,
-        units=None,
-        group=None,
+        units: list[nn.Module] | None = None,
+        group: dist.ProcessGroup | None = None,
         overlap_comm: bool = True,
         max_in_flight: int = 2,
     ) -> None:
