@@ -124,7 +124,9 @@ class DiffusionModule(pl.LightningModule):
             target = noise
         return F.mse_loss(pred.float(), target)
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, list[str], torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         """The diffusion loss of ``batch = (images, captions, labels)``; records it."""
         images, captions, _ = batch
         loss = self.diffusion_loss(images, captions, self.step_generator())
