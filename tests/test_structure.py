@@ -14,6 +14,7 @@ SRC = Path(cai_labs.__file__).parent
 #: Autograd functions that compute *and* communicate, with a backward of their own (not a
 #: pair of collectives): they call the plain collectives of ``cai_labs.comm``.
 RING = "sequence_parallel/ring_attention.py"
+FLASH = "sequence_parallel/ring_flash.py"
 COMPUTE_KERNELS = {
     "tensor_parallel/layers_2d.py": {"_Summa"},
     "tensor_parallel/layers_3d.py": {"_Linear3D"},
@@ -21,8 +22,10 @@ COMPUTE_KERNELS = {
     "auto_parallel/runtime.py": {"_SyncBN"},
     # The ring passes: point-to-point rings whose backward is a ring pass plus a ring reduce.
     RING: {"RingQK", "RingAV"},
+    # Online-softmax ring: forward and backward each a ring pass, backward also a ring reduce.
+    FLASH: {"RingFlashAttention"},
 }
-RING_PASSES = {(RING, "RingQK"), (RING, "RingAV")}
+RING_PASSES = {(RING, "RingQK"), (RING, "RingAV"), (FLASH, "RingFlashAttention")}
 
 
 def _is_function_subclass(node: ast.ClassDef) -> bool:

@@ -119,6 +119,9 @@ def validation_loss(model: torch.nn.Module, n: int = 8) -> float:
         )
 
 
+# %%
+# One model and optimizer; each serial step records its loss and its time.
+
 model = GPT(CFG, seed=SEED)
 optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
 serial_losses, serial_times = [], []
@@ -789,6 +792,9 @@ def colossalai_hybrid_parallel(steps: int = 10) -> None:
         optimizer.step()
         optimizer.zero_grad()
 
+
+# %%
+# The check against the installed release (imports, and every call bound to its signature):
 
 print(checked_here(colossalai_hybrid_parallel))
 

@@ -6,6 +6,9 @@ one place where tokens meet; two ways to do it across ranks live here:
 
 * :mod:`~cai_labs.sequence_parallel.ring_attention` — ring self-attention (Li et al., 2021, the
   Colossal-AI sequence parallelism): key and value chunks travel around a ring of ranks.
+* :mod:`~cai_labs.sequence_parallel.ring_flash` — the same ring with an online softmax
+  (context parallelism of long-context training): no ``[C, L]`` scores, causal work balanced
+  by zig-zag pieces.
 * :mod:`~cai_labs.sequence_parallel.all_to_all_attention` — the DeepSpeed-Ulysses layout: two
   all-to-alls swap "all heads, my tokens" for "my heads, all tokens" and back.
 

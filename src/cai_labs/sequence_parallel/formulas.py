@@ -25,6 +25,11 @@ __all__ = [
     "attention_sent_bytes",
     "mask_gather_sent_bytes",
     "replica_grad_sent_bytes",
+    "RING_KINDS",
+    "ring_flash_sent_bytes",
+    "score_bytes",
+    "saved_activation_bytes",
+    "longest_sequence",
 ]
 
 ATTENTION_KINDS = ("ring", "all_to_all")
@@ -53,3 +58,70 @@ def replica_grad_sent_bytes(param_bytes: int, sp: int, dp: int, two_step: bool =
     if two_step:
         return ring_allreduce_sent(param_bytes, sp) + ring_allreduce_sent(param_bytes, dp)
     return ring_allreduce_sent(param_bytes, sp * dp)
+
+
+RING_KINDS = ("seed", "flash")
+
+
+def ring_flash_sent_bytes(n: int, chunk_bytes: int, grad_chunk_bytes: int | None = None) -> dict:
+    """Bytes one rank sends in one online-softmax ring layer, per pass.
+
+    ``{"forward": 2(N-1)E, "backward": 2(N-1)E + 2(N-1)G}``: keys and values travel the ring
+    in each pass; in backward the dK/dV accumulators follow them (``G`` one chunk in the
+    accumulation dtype, float32 or wider; ``G = E`` by default, as for float32/64 inputs).
+    """
+    if n < 1:
+        raise ValueError(f"a context-parallel group has at least one rank; got {n}")
+    g = chunk_bytes if grad_chunk_bytes is None else grad_chunk_bytes
+    return {"forward": 2 * (n - 1) * chunk_bytes, "backward": 2 * (n - 1) * (chunk_bytes + g)}
+
+
+def _check_split(seq_len: int, n: int) -> int:
+    if n < 1 or seq_len % (2 * n):
+        raise ValueError(
+            f"sequence length {seq_len} must be a multiple of 2N = {2 * n} for N = {n} ranks"
+        )
+    return seq_len // n
+
+
+def score_bytes(kind: str, b: int, h: int, seq_len: int, n: int, itemsize: int) -> int:
+    """Bytes of the largest score tensor one rank holds: the seed's ``[b, H, C, L]`` matrix,
+    or one online-softmax block ``[b, H, C/2, C/2]`` (transient, never saved)."""
+    c = _check_split(seq_len, n)
+    if kind == "seed":
+        return b * h * c * seq_len * itemsize
+    if kind == "flash":
+        return b * h * (c // 2) ** 2 * itemsize
+    raise ValueError(f"ring kind must be one of {RING_KINDS}; got {kind!r}")
+
+
+def saved_activation_bytes(
+    kind: str, b: int, h: int, seq_len: int, d: int, n: int, itemsize: int
+) -> int:
+    """Bytes one rank saves for backward in one attention layer (see the module docstring)."""
+    c = _check_split(seq_len, n)
+    chunk = b * h * c * d * itemsize
+    if kind == "seed":
+        return 3 * chunk + score_bytes("seed", b, h, seq_len, n, itemsize) + c * seq_len
+    if kind == "flash":
+        return 4 * chunk + b * h * c * max(itemsize, 4)
+    raise ValueError(f"ring kind must be one of {RING_KINDS}; got {kind!r}")
+
+
+def longest_sequence(
+    kind: str, budget_bytes: int, b: int, h: int, d: int, n: int, itemsize: int
+) -> int:
+    """Longest sequence (a multiple of ``2N``) whose saved attention activations fit
+    ``budget_bytes`` per rank; 0 if none does. Both sizes grow with ``L``, so step until over."""
+    step = 2 * n
+
+    def fits(length: int) -> bool:
+        return saved_activation_bytes(kind, b, h, length, d, n, itemsize) <= budget_bytes
+
+    lo, hi = 0, step
+    while fits(hi):  # double, then bisect over multiples of 2N
+        lo, hi = hi, 2 * hi
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
