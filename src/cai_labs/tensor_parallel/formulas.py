@@ -37,8 +37,12 @@ reduce-scatters ``dX`` and ``dA``; the bias gradient is summed over two axes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cai_labs.tensor_parallel.grid import grid_shape
+
+if TYPE_CHECKING:
+    from transformers import OPTConfig
 
 __all__ = [
     "COLOSSALAI_TABLE",
@@ -310,7 +314,7 @@ def serial_block_params(d_model: int, mlp_ratio: int = 4, elem: int = 4) -> int:
     return n * elem
 
 
-def opt_1d_cost(config, size: int, tokens: int, elem: int = 4) -> Cost:
+def opt_1d_cost(config: OPTConfig, size: int, tokens: int, elem: int = 4) -> Cost:
     """Parameter bytes per rank and communication per forward+backward of an
     ``OPTForCausalLM`` split by :func:`~cai_labs.tensor_parallel.opt_1d.parallelize_opt` over
     ``size`` ranks, for a batch of ``tokens = b*s`` tokens (activations not counted: 0).
