@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import FunctionCtx
 from torch.distributed import ProcessGroup
 
 from cai_labs.comm import (
@@ -74,13 +75,20 @@ class _GatherLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group: ProcessGroup, dim: int):
+    def forward(
+        ctx: FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        group: ProcessGroup,
+        dim: int,
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.dim, ctx.has_bias = group, dim, bias is not None
         return F.linear(all_gather(x, group, dim), weight, bias)
 
     @staticmethod
-    def backward(ctx, gy):
+    def backward(ctx: FunctionCtx, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         x_full = all_gather(x, ctx.group, ctx.dim)  # the gather Megatron overlaps with dX
         gx = reduce_scatter(gy @ weight, ctx.group, ctx.dim)
@@ -133,7 +141,9 @@ class SequenceParallelRowLinear(RowParallelLinear):
         return y + copy_to_group(self.bias, g) if self.bias is not None else y
 
 
-def _column(linear: nn.Linear, grid: Grid, regather: bool, chunks: int = 1):
+def _column(
+    linear: nn.Linear, grid: Grid, regather: bool, chunks: int = 1
+) -> SequenceParallelColumnLinear:
     m = SequenceParallelColumnLinear.from_serial(linear, grid, chunks=chunks)
     m.regather = regather
     return m
