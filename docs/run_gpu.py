@@ -28,6 +28,7 @@ TESTS = [
     "tests/test_data_parallel.py",
     "tests/test_pipeline.py",
     "tests/test_tensor_parallel_1d.py",
+    "tests/test_tensor_sequence_parallel.py",
     "tests/test_tensor_parallel_2d.py",
     "tests/test_tensor_parallel_3d.py",
     "tests/test_sequence_parallel.py",

@@ -20,6 +20,9 @@ COMPUTE_KERNELS = {
     "tensor_parallel/layers_3d.py": {"_Linear3D"},
     "tensor_parallel/cross_entropy.py": {"_VocabParallelCrossEntropy"},
     "auto_parallel/runtime.py": {"_SyncBN"},
+    # Megatron's sequence-parallel column linear: all-gathers its input shard in forward and
+    # again in backward (for dW), so that only the shard is saved; reduce-scatters dX.
+    "tensor_parallel/sequence_parallel_1d.py": {"_GatherLinear"},
     # The ring passes: point-to-point rings whose backward is a ring pass plus a ring reduce.
     RING: {"RingQK", "RingAV"},
     # Online-softmax ring: forward and backward each a ring pass, backward also a ring reduce.

@@ -18,18 +18,19 @@ different slice of each batch, and the ranks average their gradients before the 
 
 All ranks here are CPU processes on the machine that built this page, talking through the
 ``gloo`` backend. On GPUs the same code runs with NCCL (see the end of the page).
+
+**Prerequisites:** a PyTorch training loop (forward, loss, backward, optimizer step).
 """
 
 # %%
 # Set-up
 # ------
-# The constants below size the run. The page was built with these values; raise them on your
-# own machine (more epochs, a wider model) and re-run.
+# PyTorch and the usual scientific stack, then what this page uses from ``cai_labs``: the
+# launcher and ledger, the data, the data-parallel code, its formula, and the report helpers.
 
 import os
 import time
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -42,7 +43,13 @@ from cai_labs.data_parallel import BucketedDataParallel, allreduce_gradients, sh
 from cai_labs.data_parallel.formulas import ring_allreduce_sent
 from cai_labs.exercises import Exercises
 from cai_labs.models import MLP
+from cai_labs.report import bar_times, from_every_rank, loss_curves, table
 from cai_labs.wire import GLOO_HEADER_BYTES
+
+# %%
+# The constants below size the run. The page was built with these values; raise them on your
+# own machine (more epochs, a wider model) and re-run. The data are scikit-learn's handwritten
+# digits (8 x 8 pixels), split into a training and a test set.
 
 WORLD_SIZE = 4  # ranks for the parallel runs
 EPOCHS = 10  # passes over the training set
@@ -60,7 +67,8 @@ print(f"parameters: {sum(p.numel() for p in MLP(hidden=HIDDEN).parameters()):,}"
 # The serial baseline
 # -------------------
 # An ordinary training loop: shuffle each epoch, cut the data into batches, forward, loss,
-# backward, step. Everything that follows must reproduce its numbers.
+# backward, step. Everything that follows must reproduce its numbers. First, three helpers that
+# every run shares: the shuffled order of an epoch, its batches, and the test accuracy.
 
 
 def epoch_order(epoch: int) -> torch.Tensor:
@@ -80,6 +88,9 @@ def accuracy(model: nn.Module) -> float:
         x, y = data.x_test.to(device()), data.y_test.to(device())
         return (model(x).argmax(1) == y).float().mean().item()
 
+
+# %%
+# The loop itself, timed step by step (the step times are compared with the parallel runs later):
 
 model = MLP(hidden=HIDDEN, seed=SEED)
 optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
@@ -118,39 +129,13 @@ print(
 #
 # The function below is what runs on **each rank**. ``launch`` forks ``WORLD_SIZE`` processes,
 # gives them a process group, runs the function on all of them and returns rank 0's result.
-# The ``sync`` argument picks how gradients are averaged; the ledger records every collective.
-
-
-def ddp_comm_hook(state, bucket):
-    """A DDP communication hook doing what DDP does by default (average, then all-reduce),
-    through ``dist.all_reduce`` so that the ledger can see and count DDP's buckets."""
-    buffer = bucket.buffer().div_(dist.get_world_size())
-    return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
-
-
-def summarize(plain: nn.Module, local_losses: list, times: list, **extra) -> dict:
-    """What a worker hands back. The full-batch loss of a step is the mean of the ranks' losses
-    (gathered after training, outside the ledger: it is reporting, not training)."""
-    losses = torch.tensor(local_losses, device=device())
-    dist.all_reduce(losses)
-    return {
-        "losses": (losses / dist.get_world_size()).tolist(),
-        "step_time": float(np.median(times)),
-        "accuracy": accuracy(plain),
-        "params": [p.detach().clone() for p in plain.parameters()],
-        "steps": len(local_losses),
-        **extra,
-    }
+# The ``sync`` argument picks how gradients are averaged (``wrap``, below); the ledger records
+# every collective.
 
 
 def train_worker(sync: str) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = MLP(hidden=HIDDEN, seed=SEED).to(device())
-    if sync == "bucketed":
-        model = BucketedDataParallel(model, bucket_mb=0.25)
-    elif sync == "ddp":
-        model = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.25)
-        model.register_comm_hook(None, ddp_comm_hook)
+    model = wrap(MLP(hidden=HIDDEN, seed=SEED).to(device()), sync)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     local_losses, times, calls = [], [], []
     with Ledger(model=model, optimizer=optimizer, track_activations=False) as ledger:
@@ -168,18 +153,63 @@ def train_worker(sync: str) -> dict:
                 local_losses.append(loss.item())
                 calls.append(len(ledger.comm) - sum(calls))  # collectives of this step
     plain = model.module if hasattr(model, "module") else model
-    wire = [None] * world  # every rank's bytes measured on its sockets
-    dist.all_gather_object(wire, ledger.report()["wire"])
-    return summarize(
-        plain,
-        local_losses,
-        times,
-        comm=comm_totals(ledger.report()),
-        calls_per_step=calls,
-        wire=wire,
-        buckets=model.bucket_sizes() if sync == "bucketed" else None,
-    )
+    return summarize(plain, local_losses, times, **ledger_counts(ledger, calls, model))
 
+
+# %%
+# ``wrap`` chooses how the gradients are averaged. With ``"allreduce"`` the model stays as it is
+# and the worker calls ``allreduce_gradients`` after backward; the two other choices are the
+# subject of the section after the check.
+
+
+def ddp_comm_hook(state, bucket):
+    """A DDP communication hook doing what DDP does by default (average, then all-reduce),
+    through ``dist.all_reduce`` so that the ledger can see and count DDP's buckets."""
+    buffer = bucket.buffer().div_(dist.get_world_size())
+    return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+def wrap(model: nn.Module, sync: str) -> nn.Module:
+    if sync == "bucketed":
+        return BucketedDataParallel(model, bucket_mb=0.25)
+    if sync == "ddp":
+        model = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.25)
+        model.register_comm_hook(None, ddp_comm_hook)
+    return model
+
+
+# %%
+# What a worker hands back: the full-batch losses, the median step time, the test accuracy and
+# the final parameters, plus what the ledger counted (collectives per step, and every rank's
+# bytes measured on its sockets).
+
+
+def summarize(plain: nn.Module, local_losses: list, times: list, **extra) -> dict:
+    """The full-batch loss of a step is the mean of the ranks' losses (gathered after
+    training, outside the ledger: it is reporting, not training)."""
+    losses = torch.tensor(local_losses, device=device())
+    dist.all_reduce(losses)
+    return {
+        "losses": (losses / dist.get_world_size()).tolist(),
+        "step_time": float(np.median(times)),
+        "accuracy": accuracy(plain),
+        "params": [p.detach().clone() for p in plain.parameters()],
+        "steps": len(local_losses),
+        **extra,
+    }
+
+
+def ledger_counts(ledger: Ledger, calls: list[int], model: nn.Module) -> dict:
+    return {
+        "comm": comm_totals(ledger.report()),
+        "calls_per_step": calls,
+        "wire": from_every_rank(ledger.report()["wire"]),  # every rank's bytes on its sockets
+        "buckets": model.bucket_sizes() if isinstance(model, BucketedDataParallel) else None,
+    }
+
+
+# %%
+# Launch it on ``WORLD_SIZE`` ranks, gradients averaged by one all-reduce per tensor:
 
 results = {"cai_labs all-reduce": launch(train_worker, WORLD_SIZE, "allreduce")}
 first = results["cai_labs all-reduce"]
@@ -245,14 +275,8 @@ for name, r in results.items():
 # Colossal-AI wraps the same idea behind its ``Booster``: a plugin decides how the model is
 # parallelised, and ``booster.boost`` returns the wrapped model and optimizer. Its
 # ``TorchDDPPlugin`` is PyTorch DDP underneath, and it runs on CPU: the site's build installs
-# ``colossalai`` 0.5.0, and the cell below trains with it.
-
-try:
-    import colossalai  # noqa: F401
-
-    HAVE_COLOSSALAI = True
-except Exception:  # not installed, or installed against another torch
-    HAVE_COLOSSALAI = False
+# ``colossalai`` 0.5.0, and the cell below trains with it: the same loop, with the Booster's
+# model, optimizer and ``booster.backward``.
 
 
 def colossalai_worker() -> dict:
@@ -278,6 +302,16 @@ def colossalai_worker() -> dict:
     plain = model.unwrap() if hasattr(model, "unwrap") else model
     return summarize(plain, local_losses, times, comm={})  # its DDP talks from C++: not counted
 
+
+# %%
+# It runs where ``colossalai`` imports (the site's build installs it):
+
+try:
+    import colossalai  # noqa: F401
+
+    HAVE_COLOSSALAI = True
+except Exception:  # not installed, or installed against another torch
+    HAVE_COLOSSALAI = False
 
 if HAVE_COLOSSALAI:
     results["Colossal-AI TorchDDPPlugin"] = launch(colossalai_worker, WORLD_SIZE)
@@ -309,14 +343,15 @@ formula = round(ring_allreduce_sent(grad_bytes, WORLD_SIZE))
 def row(name: str, r: dict) -> dict:
     ar = r["comm"].get("all_reduce", {"calls": 0, "bytes": 0})
     wire = (r.get("wire") or [{"measured": False}])[0]
+    sent = wire["sent"] / r["steps"] if wire["measured"] else None
     return {
         "variant": name,
         "all-reduce calls/step": ar["calls"] / r["steps"],
         "bytes all-reduced/step": ar["bytes"] / r["steps"],
         "gradient bytes P": grad_bytes,
-        "measured sent/rank/step": wire["sent"] / r["steps"] if wire["measured"] else np.nan,
-        "modeled 2(N-1)/N·P": formula,
-        "measured - modeled": wire["sent"] / r["steps"] - formula if wire["measured"] else np.nan,
+        "measured sent/rank/step (B)": "not measured" if sent is None else sent,
+        "modeled 2(N-1)/N·P (B)": formula,
+        "measured - modeled (B)": "not measured" if sent is None else sent - formula,
         "step time (ms)": 1e3 * r["step_time"],
         "test accuracy": r["accuracy"],
         "max |θ - θ_serial|": max(
@@ -325,29 +360,28 @@ def row(name: str, r: dict) -> dict:
     }
 
 
+# %%
+# One row per run, the serial loop first. Each rank's measured bytes must be the formula's
+# plus gloo's framing: at most 64 message headers per all-reduce call (asserted).
+
 serial = {"comm": {}, "steps": 1, "wire": [{"measured": True, "sent": 0}], "params": serial_params}
 serial.update(step_time=float(np.median(serial_times)), accuracy=serial_acc)
 rows = [row("serial (1 process)", serial)]
-rows[0].update({"modeled 2(N-1)/N·P": 0, "measured - modeled": 0})
+rows[0].update({"modeled 2(N-1)/N·P (B)": 0, "measured - modeled (B)": 0})
 for name, r in results.items():  # measured = formula + framing: at most 64 headers per call
     extra = (r["wire"][0]["sent"] - formula * r["steps"]) if r.get("wire") else 0
     calls = r["comm"].get("all_reduce", {}).get("calls", 0)
     assert 0 <= extra <= 64 * GLOO_HEADER_BYTES * calls, (name, extra, calls)
 rows += [row(f"{name} ({WORLD_SIZE} ranks)", r) for name, r in results.items()]
-table = pd.DataFrame(rows).set_index("variant")
-table.style.format(
-    {
+table(
+    rows,
+    index="variant",
+    formats={
         "all-reduce calls/step": "{:.2f}",
-        "bytes all-reduced/step": "{:,.0f}",
-        "gradient bytes P": "{:,.0f}",
-        "measured sent/rank/step": "{:,.0f}",
-        "modeled 2(N-1)/N·P": "{:,.0f}",
-        "measured - modeled": "{:,.0f}",
         "step time (ms)": "{:.2f}",
         "test accuracy": "{:.3f}",
         "max |θ - θ_serial|": "{:.1e}",
     },
-    na_rep="not measured",
 )
 
 # %%
@@ -367,10 +401,12 @@ def flat_allreduce() -> list[dict]:
     dist.all_reduce(torch.ones(1, device=device()))  # connections up before anything is counted
     with Ledger(track_activations=False) as ledger:
         dist.all_reduce(flat)
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, ledger.report()["wire"])
-    return every
+    return from_every_rank(ledger.report()["wire"])
 
+
+# %%
+# Each rank's measured bytes, split into the formula, whole 48-byte headers and the uneven
+# chunks (a few float32 elements at most; asserted):
 
 wire_rows = []
 for rank, w in enumerate(launch(flat_allreduce, WORLD_SIZE)):
@@ -400,7 +436,7 @@ print(pd.DataFrame(wire_rows).set_index("rank").to_string())
 #
 # Step times: the serial loop runs one process; the four ranks share the machine's
 # cores, one thread each, and add communication on top, so here they are slower than one
-# process. The section after the figure measures data parallelism with one rank per core.
+# process. The section after the figures measures data parallelism with one rank per core.
 
 ddp = results["PyTorch DDP"]["calls_per_step"]
 print(
@@ -412,26 +448,20 @@ for name, r in results.items():
     gap = max(abs(a - b) for a, b in zip(r["losses"], serial_losses))
     assert gap < 1e-4, f"{name} drifted from the serial loss by {gap}"
 
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-ax1.plot(serial_losses, lw=4, alpha=0.35, color="black", label="serial")
-for name, r in results.items():
-    ax1.plot(r["losses"], lw=1.2, label=name)
-ax1.set(
-    xlabel="optimizer step",
-    ylabel="training loss (full batch)",
-    yscale="log",
-    title="Same loss curve, 1 process or 4 ranks",
+# %%
+# The loss curves on a log scale, then the median step times:
+
+runs = {name: r["losses"] for name, r in results.items()}
+title = f"Same loss curve, 1 process or {WORLD_SIZE} ranks"
+fig = loss_curves(serial_losses, runs, title, ylabel="training loss (full batch)")
+fig.axes[0].set_yscale("log")
+step_ms = {"serial": 1e3 * float(np.median(serial_times))}
+step_ms.update({name: 1e3 * r["step_time"] for name, r in results.items()})
+fig = bar_times(
+    step_ms,
+    "median step time (ms), measured in this build",
+    f"{WORLD_SIZE} CPU ranks on shared cores",
 )
-ax1.legend()
-names = ["serial"] + list(results)
-step_ms = [1e3 * float(np.median(serial_times))] + [1e3 * r["step_time"] for r in results.values()]
-ax2.barh(names, step_ms, color=["gray"] + ["C0", "C1", "C2", "C3"][: len(results)])
-ax2.invert_yaxis()
-ax2.set(
-    xlabel="median step time (ms), measured in this build",
-    title=f"{WORLD_SIZE} CPU ranks on shared cores",
-)
-fig.tight_layout()
 
 # %%
 # A real speed-up: one rank per core
@@ -467,6 +497,14 @@ def speed_worker() -> dict:
         if step >= 2:
             compute.append(t1 - t0), exchange.append(t2 - t1)
             cpu, wall = cpu + c2 - c0, wall + t2 - t0
+    return speed_summary(compute, exchange, cpu, wall)
+
+
+# %%
+# Each rank reports the median of its timed steps, and the share of a core it got:
+
+
+def speed_summary(compute: list, exchange: list, cpu: float, wall: float) -> dict:
     step_s = float(np.median(np.add(compute, exchange)))
     return {
         "samples/s": SPEED_BATCH / step_s,
@@ -495,6 +533,38 @@ print(
 )
 
 # %%
+# What the machine itself allows: the same kind of matrix product (half the batch through the
+# widest layer) on each rank's pinned core for a second, with no exchange at all. The ratio of
+# the total throughput of 2 such ranks to 1 is the most any technique can gain here; cores
+# that are hyper-threads of one physical core, or that other processes share, give less than 2.
+
+
+def matmul_worker(seconds: float = 1.0) -> float:
+    rank = dist.get_rank()
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})
+    a = torch.randn(SPEED_BATCH // 2, SPEED_HIDDEN[0], device=device())
+    b = torch.randn(SPEED_HIDDEN[0], SPEED_HIDDEN[1], device=device())
+    a @ b  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        done += 1
+    elapsed = time.perf_counter() - start
+    rate = torch.tensor([2.0 * a.shape[0] * a.shape[1] * b.shape[1] * done / elapsed])
+    dist.all_reduce(rate)  # the ranks' FLOP/s, added up
+    return rate.item()
+
+
+capacity = {n: launch(matmul_worker, n) for n in (1, min(2, cores))}
+print(
+    f"matrix products alone: 1 rank {capacity[1] / 1e9:.1f} GFLOP/s, {min(2, cores)} ranks on "
+    f"{min(2, cores)} cores {capacity[min(2, cores)] / 1e9:.1f} GFLOP/s in total: "
+    f"{capacity[min(2, cores)] / capacity[1]:.2f}x; data parallel reached "
+    f"{speed[min(2, cores)]['samples/s'] / one:.2f}x of its 1-rank throughput"
+)
+
+# %%
 # With one rank per core, each rank computes half the batch on its own core; where the
 # exchange (:math:`2\,\frac{N-1}{N}P` bytes per rank) is small next to that computation, the
 # speed-up approaches the number of cores. With 4 ranks on 2 cores, two ranks take turns on each
@@ -510,6 +580,7 @@ print(
     f"{two} ranks {speed[two]['exchange ms']:.0f} ms, 4 ranks {speed[4]['exchange ms']:.0f} ms"
 )
 
+# %%
 # At real scale
 # -------------
 # The ring formula the ledger confirmed above, :math:`2\,\frac{N-1}{N}\,P`, is the one
@@ -582,6 +653,10 @@ exercises.add(
     "the ring algorithm. How many bytes does it send, before gloo's message headers?",
     f"2(N-1)/N·P = {formula:,} B; {seen} (table 'Bytes on the wire').",
 )
+
+# %%
+# Then bucketing, and ranks on cores:
+
 exercises.add(
     f"BucketedDataParallel with bucket_mb=0.25 on this {grad_bytes:,}-byte model: how many "
     "all-reduce calls per step, and what does bucketing change in the bytes sent?",

@@ -119,6 +119,9 @@ def validation_loss(model: torch.nn.Module, n: int = 8) -> float:
         )
 
 
+# %%
+# One model and optimizer; each serial step records its loss and its time.
+
 model = GPT(CFG, seed=SEED)
 optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
 serial_losses, serial_times = [], []
@@ -490,6 +493,81 @@ report.table(loss_rows, index=["N", "loss"])
 # forward + backward on shared CPU cores, shown, not asserted.
 
 # %%
+# Tensor + sequence parallelism: activations divided by t
+# -------------------------------------------------------
+# 1D tensor parallelism splits the attention and MLP weights, but the layer norms and the
+# inputs of the column-parallel linears still see every token on every rank, so a rank keeps
+# those activations whole. Megatron's *sequence parallelism* (Korthikanti et al. 2022) splits
+# them along the sequence instead: each rank runs the layer norms on ``s/t`` tokens, an
+# all-gather along the sequence before each column-parallel linear replaces *f*, and a
+# reduce-scatter after each row-parallel linear replaces *g*. An all-gather plus a
+# reduce-scatter move the bytes of one all-reduce, so the forward sends the same; the column
+# linear keeps only its shard and gathers it again in backward, which is the price.
+# :mod:`cai_labs.tensor_parallel.sequence_parallel_1d` builds the block from the serial one.
+
+from cai_labs.models import Block
+from cai_labs.tensor_parallel import layers_1d, make_grid
+from cai_labs.tensor_parallel import sequence_parallel_1d as tpsp
+from cai_labs.tensor_parallel.formulas import (
+    block_activation_bytes,
+    block_sent_bytes,
+    sequence_parallel_block_activation_bytes,
+)
+
+SP_CFG = GPTConfig(vocab_size=64, seq_len=64, d_model=128, n_heads=4)
+SP_BATCH = 4
+
+# %%
+# The same block three ways, each measured by a ledger over one forward and backward:
+
+
+def saved_activations(kind: str) -> int:
+    """Bytes one rank saves for backward in one block: ``serial``, ``tp`` or ``tp+sp``."""
+    torch.manual_seed(SEED)
+    block = Block(SP_CFG).to(device())
+    x = torch.randn(SP_BATCH, SP_CFG.seq_len, SP_CFG.d_model, device=device())
+    if kind != "serial":
+        grid = make_grid("1d")
+        split = tpsp.split_input(x, grid) if kind == "tp+sp" else x
+        block = (tpsp if kind == "tp+sp" else layers_1d).parallelize_block(block, grid)
+        x = split.detach()
+    with Ledger(model=block) as ledger:
+        block(x.requires_grad_()).sum().backward()
+    return ledger.report()["memory"]["peak_activations"]
+
+
+# %%
+# Measured by the ledger on 2 and 4 ranks, next to the formulas (bytes per rank, one block):
+
+serial_saved = saved_activations("serial")
+sp_rows = []
+for t in (2, 4):
+    size = (t, SP_BATCH, SP_CFG.seq_len, SP_CFG.d_model, SP_CFG.n_heads)
+    tp, sp = launch(saved_activations, t, "tp"), launch(saved_activations, t, "tp+sp")
+    assert tp == block_activation_bytes("1d", *size)
+    assert sp == sequence_parallel_block_activation_bytes(*size) < tp
+    ring = block_sent_bytes(*size[:4]), block_sent_bytes(*size[:4], sequence_parallel=True)
+    sp_rows.append(
+        {
+            "t": t,
+            "serial / t": serial_saved / t,
+            "TP saved": tp,
+            "TP+SP saved": sp,
+            "TP+SP / TP": sp / tp,
+            "sent TP (ring)": ring[0],
+            "sent TP+SP (ring)": ring[1],
+        }
+    )
+report.table(sp_rows, index="t", formats={"TP+SP / TP": "{:.3f}"})
+
+# %%
+# Every saved tensor of the TP+SP block is the serial one divided by ``t`` except the causal
+# mask, which each rank keeps whole; TP alone keeps the layer norms' tensors whole and so stays
+# above ``serial / t``. The bytes sent are a model (ring formulas, the ledger's buffer bytes
+# checked against them in the tests): TP+SP sends more than TP only by the backward re-gathers
+# and the all-reduces of the replicated layer-norm and bias gradients.
+
+# %%
 # Pipeline schedules, measured
 # ----------------------------
 # Split the batch into ``m`` micro-batches and the stages can overlap: stage 1 works on
@@ -789,6 +867,9 @@ def colossalai_hybrid_parallel(steps: int = 10) -> None:
         optimizer.step()
         optimizer.zero_grad()
 
+
+# %%
+# The check against the installed release (imports, and every call bound to its signature):
 
 print(checked_here(colossalai_hybrid_parallel))
 

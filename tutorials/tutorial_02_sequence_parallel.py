@@ -2,11 +2,13 @@
 Sequence parallelism: ring self-attention for longer sequences
 ==============================================================
 
+Sequence parallelism splits a sequence too long for one device into consecutive chunks, one per
+rank, and computes attention across the ranks.
+
 Data parallelism splits the batch; tensor and pipeline parallelism split the model. None of them
 helps when **one sequence** is too long for one device: the activations of a Transformer grow
 linearly with the sequence length :math:`L` in every layer, and quadratically in attention, whose
-score matrix is :math:`L \\times L` per head. Sequence parallelism splits the sequence itself:
-each of :math:`N` ranks holds :math:`L/N` consecutive tokens.
+score matrix is :math:`L \\times L` per head.
 
 Embeddings, layer norms, MLPs and the loss treat every token alone, so they run unchanged on a
 rank's chunk. Attention is the one place where tokens meet, and it needs a distributed algorithm.
@@ -26,14 +28,16 @@ rank's chunk. Attention is the one place where tokens meet, and it needs a distr
    parallelism on 4 ranks (2 x 2) and all three on 8 ranks (2 x 2 x 2).
 
 All ranks are CPU processes of the machine that built this page, talking through ``gloo``.
+
+**Prerequisites:** tutorial 00 (data parallel), attention, and for the last part tutorial 01
+(pipeline parallel).
 """
 
 # %%
 # Set-up
 # ------
-# Sizes are small so that the page builds in about a minute on two CPU cores; raise them on
-# your own machine. ``MEMORY_BUDGET_MB`` is the per-rank budget for activations in the
-# "longest sequence" experiment.
+# PyTorch, ``transformers`` (for its ``BertForMaskedLM``) and the usual scientific stack first,
+# each set up for this page:
 
 import tempfile
 import time
@@ -46,12 +50,23 @@ import torch.distributed as dist
 from transformers import BertForMaskedLM
 from transformers.utils import logging as hf_logging
 
+pd.set_option("display.width", 200)
+hf_logging.disable_progress_bar()  # from_pretrained on every rank would print a bar each
+# One thread per process: the serial run below and each rank (launch gives each rank
+# cores // ranks threads, here 1) compute on equal terms, and step times compare like for like.
+torch.set_num_threads(1)
+
+# %%
+# Then ``cai_labs``: the launcher and ledger, the data, the attention functions and BERT on
+# sequence chunks, the formulas, the process groups, the pipelined model, and the report helpers.
+
 from cai_labs import Ledger, build_env, comm_totals, device, launch
 from cai_labs.data.mlm import mlm_batch
 from cai_labs.data.stdlib_text import stdlib_docstrings, token_stream, train_wordpiece
 from cai_labs.exercises import Exercises
 from cai_labs.ledger import wire_by_kind
 from cai_labs.pipeline.formulas import in_flight_microbatches, p2p_sent_bytes
+from cai_labs.report import from_every_rank, loss_curves, table
 from cai_labs.sequence_parallel import serial_attention, split_sequence
 from cai_labs.sequence_parallel.all_to_all_attention import all_to_all_attention
 from cai_labs.sequence_parallel.bert import (
@@ -69,6 +84,11 @@ from cai_labs.sequence_parallel.pipelined import PipelinedSequenceBert, traffic_
 from cai_labs.sequence_parallel.ring_attention import ring_attention
 from cai_labs.wire import GLOO_HEADER_BYTES, gloo_headers
 
+# %%
+# Sizes are small so that the page builds in about a minute on two CPU cores; raise them on
+# your own machine. ``MEMORY_BUDGET_MB`` is the per-rank budget for activations in the
+# "longest sequence" experiment.
+
 VOCAB = 2000  # WordPiece vocabulary size
 HIDDEN, LAYERS, HEADS, FFN = 64, 2, 4, 128  # BERT size
 SEQ_LEN = 128  # tokens per training sequence
@@ -82,11 +102,6 @@ LENGTH_STEP = 64  # sequence lengths tried: LENGTH_STEP, 2*LENGTH_STEP, ...
 PIPE_STEPS = 5  # training steps of the SP x PP and SP x DP x PP runs
 PIPE_MICRO = 4  # micro-batches per step on each pipeline (1F1B schedule)
 SEED = 0
-pd.set_option("display.width", 200)
-hf_logging.disable_progress_bar()  # from_pretrained on every rank would print a bar each
-# One thread per process: the serial run below and each rank (launch gives each rank
-# cores // ranks threads, here 1) compute on equal terms, and step times compare like for like.
-torch.set_num_threads(1)
 
 # %%
 # An offline corpus and a WordPiece tokenizer
@@ -108,6 +123,10 @@ print(
 example = tokenizer.encode(texts[1][:90])
 print("text:  ", texts[1][:90])
 print("pieces:", example.tokens)
+
+# %%
+# A training batch cuts the token stream into rows, masks 15 % of the real tokens for the model to
+# predict, and ends some rows in padding (so that the attention mask matters):
 
 
 def batch_at(step: int, seq_len: int = SEQ_LEN, batch: int = BATCH):
@@ -166,6 +185,11 @@ def attention_inputs():
     return q, k, v, mask, d_out
 
 
+# %%
+# On each rank: take my chunk of the sequence (``split_sequence``), run the distributed
+# attention, backward with my chunk of the upstream gradient, and gather every rank's pieces.
+
+
 def attention_worker() -> dict:
     rank, n = dist.get_rank(), dist.get_world_size()
     q, k, v, mask, d_out = attention_inputs()
@@ -174,11 +198,13 @@ def attention_worker() -> dict:
         local = [split_sequence(t, rank, n, dim=2).clone().requires_grad_() for t in (q, k, v)]
         out = fn(*local, split_sequence(mask, rank, n, dim=1))
         out.backward(split_sequence(d_out, rank, n, dim=2))
-        pieces = [None] * n
-        dist.all_gather_object(pieces, [t.cpu() for t in [out.detach()] + [t.grad for t in local]])
+        pieces = from_every_rank([t.cpu() for t in [out.detach()] + [t.grad for t in local]])
         results[name] = [torch.cat([p[i] for p in pieces], dim=2) for i in range(4)]
     return results
 
+
+# %%
+# The reference is serial attention on the whole sequence, with the same upstream gradient:
 
 q, k, v, mask, d_out = attention_inputs()
 leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -186,22 +212,17 @@ out = serial_attention(*leaves, mask)
 out.backward(d_out)
 reference = [out.detach()] + [t.grad for t in leaves]
 
+# %%
+# Both variants on 2 and 4 ranks, every difference against the reference:
+
+ERRORS = ("max |Δ output|", "max |Δ dQ|", "max |Δ dK|", "max |Δ dV|")
 rows = []
 for n in (2, 4):
     for name, got in launch(attention_worker, n).items():
         errors = [(a - b).abs().max().item() for a, b in zip(got, reference)]
-        rows.append(
-            {
-                "variant": name,
-                "N": n,
-                "max |Δ output|": errors[0],
-                "max |Δ dQ|": errors[1],
-                "max |Δ dK|": errors[2],
-                "max |Δ dV|": errors[3],
-            }
-        )
+        rows.append({"variant": name, "N": n, **dict(zip(ERRORS, errors))})
         assert max(errors) < 1e-12, f"{name} on {n} ranks differs from serial attention"
-pd.DataFrame(rows).set_index(["variant", "N"]).style.format("{:.1e}")
+table(rows, index=["variant", "N"], formats=dict.fromkeys(ERRORS, "{:.1e}"))
 
 # %%
 # Both variants reproduce serial attention to float64 rounding, outputs and all three input
@@ -229,21 +250,21 @@ n_params = sum(p.numel() for p in BertForMaskedLM.from_pretrained(checkpoint).pa
 print(f"BertForMaskedLM: {LAYERS} layers, hidden {HIDDEN}, {HEADS} heads, {n_params:,} parameters")
 
 
+# %%
+# On each rank: load the checkpoint, take my chunk of each batch, and train. The loss function
+# runs the model's own layers with attention across the ranks of ``grid.sp_group``; the
+# gradients are then summed over all ranks.
+
+
 def train_worker(sp: int, attention: str, steps: int = STEPS) -> dict:
     """Train on ``sp`` ranks; with more ranks than ``sp``, the rest is data parallelism."""
     grid = make_sp_dp_groups(sp)
     model = BertForMaskedLM.from_pretrained(checkpoint).to(device())
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    per_dp = BATCH // grid.dp_size
-    rows_mine = slice(grid.dp_rank * per_dp, (grid.dp_rank + 1) * per_dp)
     losses, times = [], []
     with Ledger(model=model, optimizer=optimizer, track_activations=False) as ledger:
         for step in range(steps):
-            b = batch_at(step)
-            parts = [
-                split_sequence(t[rows_mine].to(device()), grid.sp_rank, sp)
-                for t in (b.input_ids, b.attention_mask, b.labels)
-            ]
+            parts = my_chunk(batch_at(step), grid, sp)
             start = time.perf_counter()
             optimizer.zero_grad()
             loss = sequence_parallel_mlm_loss(
@@ -254,20 +275,43 @@ def train_worker(sp: int, attention: str, steps: int = STEPS) -> dict:
             optimizer.step()
             times.append(time.perf_counter() - start)
             losses.append(loss.detach())
+    return train_summary(sp, attention, losses, times, ledger)
+
+
+# %%
+# My chunk is my data-parallel share of the rows, and of those, my ``sp``-th of the tokens.
+# What a run hands back: the batch losses, the median step time (after two warm-up steps), and
+# the ledger's counts, with the bytes measured on the sockets for attention and for gradients.
+
+
+def my_chunk(b, grid, sp: int) -> list[torch.Tensor]:
+    per_dp = BATCH // grid.dp_size
+    rows_mine = slice(grid.dp_rank * per_dp, (grid.dp_rank + 1) * per_dp)
+    tensors = (b.input_ids, b.attention_mask, b.labels)
+    return [split_sequence(t[rows_mine].to(device()), grid.sp_rank, sp) for t in tensors]
+
+
+def train_summary(sp: int, attention: str, losses: list, times: list, ledger: Ledger) -> dict:
     losses = torch.stack(losses)
     dist.all_reduce(losses)  # the ranks' shares add up to the batch loss
-    report = ledger.report()
+    counts = ledger.report()
     return {
+        "sp": sp,
+        "attention": attention,
         "losses": losses.tolist(),
         "step_time": float(np.median(times[2:])),
-        "comm": comm_totals(report),
-        "wire": wire_by_kind(report, lambda rec: "grads" if rec["op"] == "all_reduce" else "attn"),
-        "steps": steps,
+        "comm": comm_totals(counts),
+        "wire": wire_by_kind(counts, lambda rec: "grads" if rec["op"] == "all_reduce" else "attn"),
+        "steps": len(losses),
     }
 
 
+# %%
+# The reference is the unmodified ``transformers`` forward on one process, from the same
+# checkpoint and on the same batches:
+
+
 def serial_training(steps: int = STEPS) -> dict:
-    """The reference: the unmodified transformers forward on one process."""
     model = BertForMaskedLM.from_pretrained(checkpoint)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     losses, times = [], []
@@ -280,8 +324,20 @@ def serial_training(steps: int = STEPS) -> dict:
         optimizer.step()
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
-    return {"losses": losses, "step_time": float(np.median(times[2:])), "comm": {}, "steps": steps}
+    median = float(np.median(times[2:]))
+    return {
+        "sp": 1,
+        "attention": None,
+        "losses": losses,
+        "step_time": median,
+        "comm": {},
+        "steps": steps,
+    }
 
+
+# %%
+# Train serially, with the ring on 2 and 4 ranks, and with all-to-all on 4 ranks; every loss
+# curve must stay on the serial one:
 
 runs = {"SP=1 (serial transformers)": serial_training()}
 for sp in SP_SIZES[1:]:
@@ -298,16 +354,13 @@ for name, r in runs.items():
     )
     assert gap < 1e-3, f"{name} drifted from the serial loss curve"
 
-fig, ax = plt.subplots(figsize=(7, 4))
-for i, (name, r) in enumerate(runs.items()):
-    ax.plot(r["losses"], lw=5 - 1.2 * i, alpha=0.6, label=name)
-ax.set(
-    xlabel="optimizer step",
+fig = loss_curves(
+    serial_losses,
+    {name: r["losses"] for name, r in list(runs.items())[1:]},
+    "Same weights, same batches: one loss curve for SP = 1, 2, 4",
     ylabel="MLM loss (whole batch)",
-    title="Same weights, same batches: one loss curve for SP = 1, 2, 4",
+    reference_label="SP=1 (serial transformers)",
 )
-ax.legend()
-fig.tight_layout()
 
 # %%
 # The curves lie on top of each other: sequence parallelism changes where the arithmetic
@@ -345,6 +398,11 @@ def peak_activations(model, length: int, attention: str = "ring") -> float:
     return peak.item()
 
 
+# %%
+# Each rank count tries longer and longer sequences until the peak passes the budget (the
+# serial one, :math:`N = 1`, in this process):
+
+
 def memory_worker(budget_bytes: float) -> list[dict]:
     n = dist.get_world_size() if dist.is_initialized() else 1
     model = BertForMaskedLM.from_pretrained(checkpoint).to(device())
@@ -365,7 +423,10 @@ for sp in SP_SIZES[1:]:
     memory += launch(memory_worker, sp, budget)
 mem = pd.DataFrame(memory)
 
-# Fit peak = (a L^2 + b L) / N on the serial points, then predict the others.
+# %%
+# Fit :math:`a` and :math:`b` of :math:`(a L^2 + b L) / N` on the serial points, then predict the
+# others. The fitted :math:`a` must be the attention probabilities' bytes (asserted):
+
 serial_points = mem[mem.N == 1]
 design = np.stack([serial_points.L**2, serial_points.L], axis=1).astype(float)
 (a_fit, b_fit), *_ = np.linalg.lstsq(design, serial_points.peak_bytes.to_numpy(), rcond=None)
@@ -381,6 +442,10 @@ print(f"largest relative gap between measured peaks (all N) and (a L² + b L)/N:
 assert abs(a_fit / a_probs - 1) < 0.05, "the L^2 term is not the attention probabilities"
 assert worst < 0.05, "activation memory per rank does not follow (a L^2 + b L) / N"
 
+# %%
+# The longest sequence within the budget for each :math:`N`, measured, and as solved from the
+# fitted formula:
+
 
 def predicted_max_length(n: int) -> float:
     """Largest L with (a L^2 + b L) / N <= budget."""
@@ -388,30 +453,20 @@ def predicted_max_length(n: int) -> float:
 
 
 fits = mem[mem.peak_bytes <= budget].groupby("N").L.max()
-table = pd.DataFrame(
-    {
-        "longest L within budget (measured)": fits,
-        "peak at that L (MiB)": [
-            mem[(n == mem.N) & (fits[n] == mem.L)].peak_bytes.item() / 2**20 for n in fits.index
-        ],
-        "ratio to N=1 (measured)": fits / fits[1],
-        "formula (a L² + b L)/N ≤ budget": [predicted_max_length(n) for n in fits.index],
-        "ratio to N=1 (formula)": [
-            predicted_max_length(n) / predicted_max_length(1) for n in fits.index
-        ],
-    }
-)
-table.index.name = f"N (budget {MEMORY_BUDGET_MB:g} MiB/rank)"
 assert fits[SP_SIZES[-1]] > fits[1], "more sequence-parallel ranks should fit longer sequences"
-table.style.format(
+index = f"N (budget {MEMORY_BUDGET_MB:g} MiB/rank)"
+longest_rows = [
     {
-        "longest L within budget (measured)": "{:,.0f}",
-        "peak at that L (MiB)": "{:.2f}",
-        "ratio to N=1 (measured)": "{:.2f}",
-        "formula (a L² + b L)/N ≤ budget": "{:,.0f}",
-        "ratio to N=1 (formula)": "{:.2f}",
+        index: n,
+        "longest L within budget (measured)": fits[n],
+        "peak at that L (MiB)": mem[(n == mem.N) & (fits[n] == mem.L)].peak_bytes.item() / 2**20,
+        "ratio to N=1 (measured)": fits[n] / fits[1],
+        "formula (a L² + b L)/N ≤ budget": predicted_max_length(n),
+        "ratio to N=1 (formula)": predicted_max_length(n) / predicted_max_length(1),
     }
-)
+    for n in fits.index
+]
+table(longest_rows, index=index, formats={"peak at that L (MiB)": "{:.2f}"})
 
 # %%
 # The all-to-all variant keeps the same tensors in another layout (``[B, H/N, L, L]``
@@ -483,43 +538,40 @@ def measured(r: dict, kind: str) -> float:
     return np.nan if w is None or kind not in w else w.get(kind, 0)
 
 
-rows = []
-for name, r in runs.items():
-    n = 1 if name.startswith("SP=1") else int(name.split()[0].split("=")[1])
-    chunk = BATCH * (SEQ_LEN // n) * HIDDEN * 4
+# %%
+# A run's row: its bytes per step next to the formula (the measured attention bytes must be the
+# payload plus whole gloo headers: asserted), its step time and its tokens per second.
+
+
+def attention_traffic_row(name: str, r: dict) -> dict:
+    n, steps = r["sp"], r["steps"]
     masks = r["comm"].get("all_gather", {}).get("modeled_sent_bytes", 0)  # padding masks
-    kind = "all_to_all" if "all-to-all" in name else "ring"
-    formula = LAYERS * attention_sent_bytes(kind, n, chunk)
-    attn = 0 if n == 1 else measured(r, "attn")
+    kind = "all_to_all" if r["attention"] == "all_to_all" else "ring"
+    formula = LAYERS * attention_sent_bytes(kind, n, BATCH * (SEQ_LEN // n) * HIDDEN * 4)
+    attn, headers = (0, 0) if n == 1 else (measured(r, "attn"), np.nan)
     if n > 1 and not np.isnan(attn):  # measured = payload + whole gloo headers
-        payload = round(formula * r["steps"]) + masks
+        payload = round(formula * steps) + masks
         assert gloo_headers(attn, payload) is not None, f"{name}: {attn} B vs {payload} B"
-    rows.append(
-        {
-            "run": name,
-            "attention bytes sent/rank/step (measured)": attn / r["steps"],
-            "formula (modeled)": formula,
-            "gloo headers/step": 0 if n == 1 else (attn - payload) / GLOO_HEADER_BYTES / r["steps"],
-            "padding masks/step": masks / r["steps"],
-            "gradient all-reduce bytes/rank/step (measured)": measured(r, "grads") / r["steps"]
-            if n > 1
-            else 0,
-            "step time (ms)": 1e3 * r["step_time"],
-            "tokens/s": BATCH * SEQ_LEN / r["step_time"],
-        }
-    )
-pd.DataFrame(rows).set_index("run").style.format(
-    {
-        "attention bytes sent/rank/step (measured)": "{:,.0f}",
-        "formula (modeled)": "{:,.0f}",
-        "gloo headers/step": "{:.0f}",
-        "padding masks/step": "{:,.0f}",
-        "gradient all-reduce bytes/rank/step (measured)": "{:,.0f}",
-        "step time (ms)": "{:.1f}",
-        "tokens/s": "{:,.0f}",
-    },
-    na_rep="not measured",
-)
+        headers = (attn - payload) / GLOO_HEADER_BYTES
+    return {
+        "attention bytes sent/rank/step (measured)": attn / steps,
+        "formula (modeled)": formula,
+        "gloo headers/step": headers / steps,
+        "padding masks/step": masks / steps,
+        "gradient all-reduce bytes/rank/step (measured)": measured(r, "grads") / steps
+        if n > 1
+        else 0,
+        "step time (ms)": 1e3 * r["step_time"],
+        "tokens/s": BATCH * SEQ_LEN / r["step_time"],
+    }
+
+
+# %%
+# One row per training run above:
+
+rows = [{"run": name, **attention_traffic_row(name, r)} for name, r in runs.items()]
+formats = {"gloo headers/step": "{:.0f}", "padding masks/step": "{:,.0f}", "tokens/s": "{:,.0f}"}
+table(pd.DataFrame(rows).fillna("not measured"), index="run", formats=formats)
 
 # %%
 # The attention bytes measured on each rank's sockets are the formula's payload plus the padding
@@ -586,8 +638,28 @@ def pipelined_worker(sp: int, dp: int, pp: int, n_micro: int) -> dict:
         BertForMaskedLM.from_pretrained(checkpoint), groups, n_micro=n_micro, schedule="1f1b"
     )  # grad_sum="replica"
     optimizer = torch.optim.AdamW(pipe.stage.parameters(), lr=LR)
-    # Activation bytes held right after each part of the stage ran forward (its last call):
-    # with one micro-batch they split the peak into embeddings, each layer, and head + loss.
+    marks, current = watch_parts(pipe)
+    losses = []
+    for step in range(PIPE_STEPS):
+        with Ledger(model=pipe.stage, optimizer=optimizer) as ledger:  # keep the last step's
+            current["ledger"] = ledger
+            loss = pipe.train_step(batch_at(step), optimizer, ledger=ledger, step=step)
+        losses.append(pipe.global_loss(loss))
+    # The same gradients summed the old way, SP group then DP group, to compare the bytes.
+    pipe.grad_sum = "sp_then_dp"
+    with Ledger(track_activations=False) as two_step:
+        pipe.sum_gradients()
+    mine = rank_record(pipe, groups, ledger, two_step, marks)
+    return {"losses": losses, "ranks": from_every_rank(mine)}
+
+
+# %%
+# ``watch_parts`` records the activation bytes held right after each part of the stage ran
+# forward (its last call): with one micro-batch they split the peak into embeddings, each layer,
+# and head + loss.
+
+
+def watch_parts(pipe: PipelinedSequenceBert) -> tuple[dict, dict]:
     marks, current = {}, {}
 
     def mark(name):
@@ -601,37 +673,36 @@ def pipelined_worker(sp: int, dp: int, pp: int, n_micro: int) -> dict:
     ]
     for name, module in parts:
         module.register_forward_hook(mark(name))
-    losses = []
-    for step in range(PIPE_STEPS):
-        with Ledger(model=pipe.stage, optimizer=optimizer) as ledger:  # keep the last step's
-            current["ledger"] = ledger
-            loss = pipe.train_step(batch_at(step), optimizer, ledger=ledger, step=step)
-        losses.append(pipe.global_loss(loss))
-    # The same gradients summed the old way, SP group then DP group, to compare the bytes.
-    pipe.grad_sum = "sp_then_dp"
-    with Ledger(track_activations=False) as two_step:
-        pipe.sum_gradients()
-    stage_bytes = sum(p.numel() * p.element_size() for p in pipe.stage.parameters())
-    mine = {
+    return marks, current
+
+
+# %%
+# Each rank hands back where it sits on the grid, its stage's size, its peak and marks, and
+# what it sent in the last step by purpose (and in the two-step gradient sum):
+
+
+def rank_record(pipe, groups, ledger: Ledger, two_step: Ledger, marks: dict) -> dict:
+    sent = traffic_by_kind(ledger.report(), groups)
+    return {
         "rank": dist.get_rank(),
         "replica": groups.dp_rank,
         "stage": groups.pp_rank,
         "sp rank": groups.sp_rank,
         "layers": len(pipe.stage.layer_ids),
-        "stage param bytes": stage_bytes,
+        "stage param bytes": sum(p.numel() * p.element_size() for p in pipe.stage.parameters()),
         "tied": bool(pipe.tied),
         "peak": ledger.peak_activations,
         "marks": marks,
-        "measured": traffic_by_kind(ledger.report(), groups),
-        "grad all-reduce": traffic_by_kind(ledger.report(), groups).get("grad all-reduce"),
+        "measured": sent,
+        "grad all-reduce": sent.get("grad all-reduce"),
         "grad all-reduce, SP then DP": traffic_by_kind(two_step.report(), groups)[
             "grad all-reduce"
         ],
     }
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
-    return {"losses": losses, "ranks": every}
 
+
+# %%
+# Three layouts, from the same checkpoint and on the same batches, against the serial losses:
 
 LAYOUTS = {
     "SP=2": (2, 1, 1, 1),
@@ -692,6 +763,10 @@ def traffic_formula(r: dict, sp: int, dp: int, pp: int) -> dict:
     }
 
 
+# %%
+# The check: every measured entry is its formula's payload plus whole gloo headers.
+
+
 def check_kinds(r: dict, formula: dict) -> dict:
     """Each measured entry (one kind, or kinds whose transfers overlapped) against its formula:
     the number of 48-byte gloo headers on top of the payload (asserted to be whole)."""
@@ -704,6 +779,24 @@ def check_kinds(r: dict, formula: dict) -> dict:
     return headers
 
 
+# %%
+# A row per rank: what it sent by purpose, the totals measured and modeled, and the two ways of
+# summing the gradients.
+
+
+def rank_traffic_row(r: dict, formula: dict, headers: dict) -> dict:
+    return {
+        "rank": r["rank"],
+        "(replica, stage, sp)": f"({r['replica']}, {r['stage']}, {r['sp rank']})",
+        **{kind: v / 1e3 for kind, v in r["measured"].items()},
+        "measured total (kB)": sum(r["measured"].values()) / 1e3,
+        "formula total (kB)": sum(formula[kind] for kind in KINDS) / 1e3,
+        "gloo headers": sum(h for k, h in headers.items() if k != TWO_STEP),
+        f"{TWO_STEP} (kB)": r[TWO_STEP] / 1e3,
+        "its formula (kB)": formula[TWO_STEP] / 1e3,
+    }
+
+
 rows = []
 for name, (sp, dp, pp, _) in LAYOUTS.items():
     for r in hybrid[name]["ranks"]:
@@ -711,20 +804,7 @@ for name, (sp, dp, pp, _) in LAYOUTS.items():
         headers = check_kinds(r, formula)
         if sp > 1 and dp > 1:
             assert r["grad all-reduce"] < r[TWO_STEP], "one all-reduce should send less"
-        total = sum(v for k, v in r["measured"].items())
-        rows.append(
-            {
-                "layout": name,
-                "rank": r["rank"],
-                "(replica, stage, sp)": f"({r['replica']}, {r['stage']}, {r['sp rank']})",
-                **{kind: v / 1e3 for kind, v in r["measured"].items()},
-                "measured total (kB)": total / 1e3,
-                "formula total (kB)": sum(formula[kind] for kind in KINDS) / 1e3,
-                "gloo headers": sum(h for k, h in headers.items() if k != TWO_STEP),
-                f"{TWO_STEP} (kB)": r[TWO_STEP] / 1e3,
-                "its formula (kB)": formula[TWO_STEP] / 1e3,
-            }
-        )
+        rows.append({"layout": name, **rank_traffic_row(r, formula, headers)})
 traffic = pd.DataFrame(rows).set_index(["layout", "rank"])
 kb_columns = [c for c in traffic.columns if c not in ("(replica, stage, sp)", "gloo headers")]
 traffic.style.format("{:,.1f}", subset=kb_columns, na_rep="-")
@@ -782,6 +862,10 @@ print(
     f"per layer; logits alone: V x 4 = {VOCAB * 4:,})"
 )
 
+# %%
+# The formula for a rank: its micro-batches in flight, times its local tokens per micro-batch,
+# times the bytes per token of the parts its stage holds.
+
 
 def peak_formula(r: dict, sp: int, dp: int, pp: int, n_micro: int) -> tuple[int, float]:
     """Micro-batches in flight and predicted peak bytes of rank ``r``."""
@@ -794,6 +878,10 @@ def peak_formula(r: dict, sp: int, dp: int, pp: int, n_micro: int) -> tuple[int,
     )
     return in_flight, in_flight * tokens * per_token_bytes
 
+
+# %%
+# Every rank of the three layouts, measured against its prediction (within 5 %, asserted), and
+# against a rank of SP=2 alone (the pipelined layouts must need less):
 
 sp_only_peak = max(r["peak"] for r in hybrid["SP=2"]["ranks"])
 memory_rows = []
@@ -815,19 +903,32 @@ for name, (sp, dp, pp, m) in LAYOUTS.items():
         )
 memory_table = pd.DataFrame(memory_rows).set_index(["layout", "rank"])
 print(memory_table[["measured / formula"]].T.to_string())
+
+# %%
+# The checks, then the whole table:
+
 for name in list(LAYOUTS)[1:]:
     assert memory_table.loc[name, "vs SP=2 alone"].max() < 1, f"{name} should need less memory"
 formula_gap = (memory_table["measured / formula"] - 1).abs().max()
 print(f"largest |measured / formula - 1| over all ranks: {formula_gap:.1%}")
 assert formula_gap < 0.05, f"peak activations differ from the fitted formula by {formula_gap:.1%}"
-memory_table.style.format(
-    {
-        "peak activations (MiB)": "{:.2f}",
-        "formula (MiB)": "{:.2f}",
-        "measured / formula": "{:.3f}",
-        "vs SP=2 alone": "{:.2f}",
-    }
-)
+formats = {"peak activations (MiB)": "{:.2f}", "formula (MiB)": "{:.2f}", "vs SP=2 alone": "{:.2f}"}
+table(memory_table, formats={**formats, "measured / formula": "{:.3f}"})
+
+# %%
+# The formula, with three constants fitted on the SP=2 run, predicts the peak of every rank of
+# the pipelined layouts to within the largest gap printed above the table (the page fails if it
+# exceeds 5 %): what a rank keeps for backward is (micro-batches in flight) x (its local tokens
+# per micro-batch) x (bytes per token of the parts it holds). The SP=2 rows match by
+# construction (the fit comes from them). The small residual is larger where micro-batches are
+# smaller (one sequence per micro-batch with DP=2), consistent with a few saved tensors whose size
+# does not scale with the local tokens. The fitted layer constant :math:`c` is larger than the
+# attention probabilities alone (projections, LayerNorm inputs and the MLP are saved as well),
+# and :math:`h` is close to the logits' :math:`V \cdot 4` bytes: one vocabulary-sized tensor
+# per token is kept for the loss's backward, plus the head's small hidden-sized transform.
+# Every rank of the pipelined layouts needs less activation memory than a rank of SP=2 alone,
+# for the same sequence length: the pipeline and data dimensions can be spent on a longer
+# sequence per rank, or on a larger model.
 
 # %%
 # At real scale
@@ -845,19 +946,28 @@ def fits(n: int, seq: int) -> bool:
     return predict("bert-large", "a100-80gb", ScaleLayout(sp=n, seq=seq, global_batch=1)).fits
 
 
-longest = []
-for n in (1, 2, 4, 8, 16, 32, 64):
+def longest_fitting(n: int) -> int:
+    """The longest sequence, in whole 1,024 tokens, that fits on ``n`` SP ranks (bisection)."""
     lo, hi = 1, 2  # in units of 1,024 tokens; lo fits, hi is being tried
     while fits(n, 1024 * hi):
         lo, hi = hi, 2 * hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(n, 1024 * mid) else (lo, mid)
-    p = predict("bert-large", "a100-80gb", ScaleLayout(sp=n, seq=1024 * lo, global_batch=1))
+    return 1024 * lo
+
+
+# %%
+# For 1 to 64 GPUs: the longest sequence, the memory per GPU, and the modeled throughput there.
+
+longest = []
+for n in (1, 2, 4, 8, 16, 32, 64):
+    seq = longest_fitting(n)
+    p = predict("bert-large", "a100-80gb", ScaleLayout(sp=n, seq=seq, global_batch=1))
     longest.append(
         {
             "SP ranks": n,
-            "longest sequence": 1024 * lo,
+            "longest sequence": seq,
             "memory per GPU (GB)": p.memory_per_gpu_bytes["total"] / 1e9,
             "tokens/s/GPU": p.tokens_per_s_per_gpu,
             "bound": p.bound,
@@ -868,20 +978,6 @@ assert longest["longest sequence"].is_monotonic_increasing
 longest.style.format({"memory per GPU (GB)": "{:.1f}", "tokens/s/GPU": "{:,.0f}"})
 
 # %%
-# The formula, with three constants fitted on the SP=2 run, predicts the peak of every rank of
-# the pipelined layouts to within the largest gap printed above the table (the page fails if it
-# exceeds 5 %): what a rank keeps for backward is (micro-batches in flight) x (its local tokens
-# per micro-batch) x (bytes per token of the parts it holds). The SP=2 rows match by
-# construction (the fit comes from them). The small residual is larger where micro-batches are
-# smaller (one sequence per micro-batch with DP=2), consistent with a few saved tensors whose size
-# does not scale with the local tokens. The fitted layer constant :math:`c` is larger than the
-# attention probabilities alone (projections, LayerNorm inputs and the MLP are saved as well),
-# and :math:`h` is close to the logits' :math:`V \cdot 4` bytes: one vocabulary-sized tensor
-# per token is kept for the loss's backward, plus the head's small hidden-sized transform.
-# Every rank of the pipelined layouts needs less activation memory than a rank of SP=2 alone,
-# for the same sequence length: the pipeline and data dimensions can be spent on a longer
-# sequence per rank, or on a larger model.
-#
 # Running it on GPUs, and with Colossal-AI
 # ----------------------------------------
 # ``launch`` uses NCCL when enough GPUs are visible, and under ``torchrun`` it runs the worker in
@@ -897,8 +993,6 @@ longest.style.format({"memory per GPU (GB)": "{:.1f}", "tokens/s/GPU": "{:,.0f}"
 # attention kernels). **Checked against colossalai 0.5.0, needs CUDA** (the plugin does): the
 # cell defines a training function for a small Llama and checks it against the installed
 # release.
-
-from cai_labs.colossal import checked_here
 
 
 def colossalai_sequence_parallel(steps: int = 10, seq_len: int = 4096) -> None:
@@ -923,6 +1017,12 @@ def colossalai_sequence_parallel(steps: int = 10, seq_len: int = 4096) -> None:
         optimizer.step()
         optimizer.zero_grad()
 
+
+# %%
+# ``checked_here`` checks the function against the installed release without running it: its
+# imports resolve and its calls bind to the installed signatures.
+
+from cai_labs.colossal import checked_here
 
 print(checked_here(colossalai_sequence_parallel))
 

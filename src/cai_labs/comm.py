@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import FunctionCtx
 from torch.distributed import ProcessGroup
 
 __all__ = [
@@ -171,12 +172,14 @@ class _Mapping(torch.autograd.Function):
     """``forward_op(x, *args)`` in forward, ``backward_op(grad, *args)`` in backward."""
 
     @staticmethod
-    def forward(ctx, x, forward_op: Callable, backward_op: Callable, *args: Any):
+    def forward(
+        ctx: FunctionCtx, x: torch.Tensor, forward_op: Callable, backward_op: Callable, *args: Any
+    ) -> torch.Tensor:
         ctx.backward_op, ctx.args = backward_op, args
         return forward_op(x, *args)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: FunctionCtx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return ctx.backward_op(g, *ctx.args), None, None, *(None for _ in ctx.args)
 
 

@@ -11,7 +11,7 @@ __all__ = ["RankFailed", "LaunchTimeout"]
 class RankFailed(RuntimeError):
     """A rank raised (or died). ``rank`` says which; ``remote_traceback`` is its traceback."""
 
-    def __init__(self, rank: int, remote_traceback: str):
+    def __init__(self, rank: int, remote_traceback: str) -> None:
         self.rank = rank
         self.remote_traceback = remote_traceback
         super().__init__(

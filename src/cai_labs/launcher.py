@@ -47,7 +47,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import connection, get_context
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -56,6 +56,9 @@ from cai_labs.devices import device, pick_backend, to_host, use_rank_device
 from cai_labs.errors import LaunchTimeout, RankFailed
 from cai_labs.torchrun import quiet_other_ranks, run_under_torchrun, under_torchrun
 from cai_labs.wire import forget_inherited_sockets
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
 
 __all__ = [
     "RankFailed",
@@ -348,7 +351,7 @@ def _stacks(procs: dict[int, Any], stack_paths: list[str], wait: float = 1.0) ->
     return "\n".join(f"--- rank {rank} ---\n{out.get(rank) or silent}" for rank in procs)
 
 
-def _death_note(proc) -> str:
+def _death_note(proc: BaseProcess) -> str:
     proc.join(1.0)
     code = proc.exitcode
     how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"

@@ -200,7 +200,7 @@ class _Saved:
 
     __slots__ = ("tensor", "__weakref__")
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor) -> None:
         self.tensor = tensor
 
 
@@ -222,7 +222,7 @@ class Ledger:
         *,
         track_activations: bool = True,
         wire: bool = True,
-    ):
+    ) -> None:
         self._params: list[torch.Tensor] = []
         self._optimizers: list[torch.optim.Optimizer] = []
         self._extra: dict[str, list[torch.Tensor]] = defaultdict(list)

@@ -11,7 +11,7 @@ Formatting only: nothing here computes a number a page reports.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
@@ -49,7 +49,7 @@ def column_format(name: str, values: Iterable[Any] = ()) -> str | None:
     return None
 
 
-def _format_or_text(fmt: str):
+def _format_or_text(fmt: str) -> Callable[[Any], str]:
     def f(v: Any) -> str:
         if isinstance(v, bool) or not isinstance(v, int | float):
             return "" if v is None else str(v)

@@ -100,7 +100,9 @@ def run_under_torchrun(
     return payload
 
 
-def _rank0_arguments(store, rank: int, args: tuple, kwargs: dict, timeout: float):
+def _rank0_arguments(
+    store: dist.Store, rank: int, args: tuple, kwargs: dict, timeout: float
+) -> tuple[tuple, dict]:
     """Every member gets rank 0's arguments, as forked ranks get their parent's: each process
     computed its own in the page's serial cells, and a search with a time limit (the
     auto-parallel solver) may not find the same answer twice. Arguments that do not pickle
@@ -117,7 +119,16 @@ def _rank0_arguments(store, rank: int, args: tuple, kwargs: dict, timeout: float
     return (args0, kwargs0) if whose == "rank0" else (args, kwargs)
 
 
-def _run_member(fn, rank, world_size, args, kwargs, backend, collective_timeout, store) -> None:
+def _run_member(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    args: tuple,
+    kwargs: dict,
+    backend: str | None,
+    collective_timeout: float,
+    store: dist.Store,
+) -> None:
     """Join this launch's group, run ``fn``; rank 0 posts its result (or its traceback)."""
     backend = pick_backend(world_size, backend, local=True)
     use_rank_device(backend, int(os.environ["LOCAL_RANK"]))

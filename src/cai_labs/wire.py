@@ -134,7 +134,7 @@ class WireCounter:
         store_ports: ports whose sockets belong to the rendezvous store (default: ``MASTER_PORT``).
     """
 
-    def __init__(self, store_ports: set[int] | None = None):
+    def __init__(self, store_ports: set[int] | None = None) -> None:
         if store_ports is None:
             port = os.environ.get("MASTER_PORT", "")
             store_ports = {int(port)} if port.isdigit() else set()

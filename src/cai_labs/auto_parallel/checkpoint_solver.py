@@ -178,7 +178,7 @@ class CheckpointedChain(nn.Module):
     ``torch.utils.checkpoint`` (re-entrant: it keeps the stage input as a tensor saved for
     backward, which the ledger sees, and recomputes under autograd during backward)."""
 
-    def __init__(self, stages: list[nn.Module], checkpointed: list[bool]):
+    def __init__(self, stages: list[nn.Module], checkpointed: list[bool]) -> None:
         super().__init__()
         if len(stages) != len(checkpointed):
             raise ValueError(f"{len(stages)} stages but {len(checkpointed)} checkpoint flags")

@@ -34,7 +34,9 @@ activations at the end of forward, but an allocator sees them).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -53,6 +55,9 @@ from cai_labs.auto_parallel.strategies import (
     reshard_comm,
 )
 from cai_labs.devices import device
+
+if TYPE_CHECKING:
+    from cai_labs.auto_parallel.runtime import MeshGroups
 
 __all__ = [
     "MachineModel",
@@ -91,7 +96,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _typical_time(fn, reps: int) -> float:
+def _typical_time(fn: Callable[[], object], reps: int) -> float:
     """Median of ``reps`` timed calls after one warm-up. With more ranks than cores a call
     waits for its peers to be scheduled; the median prices that wait as a step meets it."""
     fn()
@@ -106,7 +111,9 @@ def _typical_time(fn, reps: int) -> float:
 
 
 def calibrate(
-    mesh_groups, sizes=(1 << 8, 1 << 12, 1 << 16, 1 << 18), reps: int = 7
+    mesh_groups: MeshGroups,
+    sizes: tuple[int, ...] = (1 << 8, 1 << 12, 1 << 16, 1 << 18),
+    reps: int = 7,
 ) -> MachineModel:
     """Measure the machine on every rank (call inside ``launch``); all ranks get rank 0's model.
 
@@ -128,7 +135,12 @@ def calibrate(
                 x = torch.randn(size, device=dev)
                 outs = [torch.empty(size, device=dev) for _ in range(n)]
 
-                def call(x=x, outs=outs, op=op, group=group):
+                def call(
+                    x: torch.Tensor = x,
+                    outs: list[torch.Tensor] = outs,
+                    op: str = op,
+                    group: dist.ProcessGroup = group,
+                ) -> None:
                     if op == "all_reduce":
                         dist.all_reduce(x, group=group)
                     else:
@@ -188,7 +200,7 @@ def edge_time(sg: StrategyGraph, e: Edge, src: Layout, dst: Layout, m: MachineMo
     return sum(comm_time(c, m) for c in reshard_comm(e.shape, src, dst, sg.mesh, e.needs_grad))
 
 
-def _bytes(shape, layout: Layout, sg: StrategyGraph) -> int:
+def _bytes(shape: tuple[int, ...] | None, layout: Layout, sg: StrategyGraph) -> int:
     return numel(local_shape(shape, layout, sg.mesh)) * FLOAT_BYTES if shape else 0
 
 

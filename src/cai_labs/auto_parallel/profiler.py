@@ -12,6 +12,7 @@ micro-benchmarks of single ops: the plans the model ranks are never timed for it
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ class LocalGroups(MeshGroups):
     """A mesh's groups in which every rank is alone: shapes and chunks of the mesh, and
     collectives that do nothing (``cai_labs.comm`` skips a group of one)."""
 
-    def __init__(self, mesh: Mesh):
+    def __init__(self, mesh: Mesh) -> None:
         self.mesh, self.rank = mesh, dist.get_rank()
         alone = [dist.new_group([r]) for r in range(dist.get_world_size())]
         self._alone = alone[self.rank]
@@ -55,7 +56,13 @@ def op_key(sg: StrategyGraph, info: NodeInfo, s: Strategy) -> OpKey:
     return (node.op, what, shapes, s.roles)
 
 
-def _runner(sg: StrategyGraph, info: NodeInfo, s: Strategy, groups: MeshGroups, needs_grad):
+def _runner(
+    sg: StrategyGraph,
+    info: NodeInfo,
+    s: Strategy,
+    groups: MeshGroups,
+    needs_grad: dict[tuple[str, int], bool],
+) -> Callable[[], None]:
     """A callable running the op's forward and backward once on fresh local-shaped inputs."""
     node, dev = info.node, device()
     inputs = {
@@ -83,7 +90,7 @@ def _runner(sg: StrategyGraph, info: NodeInfo, s: Strategy, groups: MeshGroups, 
     return run
 
 
-def _time(run, reps: int) -> float:
+def _time(run: Callable[[], None], reps: int) -> float:
     """Median of ``reps`` calls after one warm-up, as the collectives are priced."""
     run()
     times = []

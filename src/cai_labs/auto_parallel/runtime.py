@@ -38,9 +38,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.autograd.function import FunctionCtx
 
 from cai_labs.auto_parallel.strategies import (
     Mesh,
+    Strategy,
     StrategyGraph,
     axes_of,
     reshard_steps,
@@ -72,7 +74,7 @@ __all__ = [
 class MeshGroups:
     """The process groups of a :class:`Mesh` for this rank (create on every rank, same order)."""
 
-    def __init__(self, mesh: Mesh):
+    def __init__(self, mesh: Mesh) -> None:
         if dist.get_world_size() != mesh.size:
             raise ValueError(
                 f"a {mesh.shape[0]} x {mesh.shape[1]} mesh needs {mesh.size} ranks; "
@@ -116,7 +118,7 @@ def reshard(x: torch.Tensor, src: tuple, dst: tuple, mg: MeshGroups) -> torch.Te
 class Reshard(nn.Module):
     """A graph node changing its input's layout from ``src`` to ``dst`` (see :func:`reshard`)."""
 
-    def __init__(self, src: tuple, dst: tuple, mg: MeshGroups):
+    def __init__(self, src: tuple, dst: tuple, mg: MeshGroups) -> None:
         super().__init__()
         self.src, self.dst, self.mg = src, dst, mg
 
@@ -148,7 +150,7 @@ class _Sharded(nn.Module):
         self.register_parameter(name, nn.Parameter(local.clone()))
         self.shard_index[name] = index
 
-    def embed(self, name: str, local: torch.Tensor, full_shape) -> torch.Tensor:
+    def embed(self, name: str, local: torch.Tensor, full_shape: tuple[int, ...]) -> torch.Tensor:
         """A zero tensor of the serial parameter's shape with ``local`` written into its slot."""
         out = torch.zeros(full_shape, dtype=local.dtype, device=local.device)
         index = self.shard_index[name]
@@ -166,7 +168,7 @@ def _range(n: int, ways: int, k: int) -> torch.Tensor:
 class ShardedLinear(_Sharded):
     """``nn.Linear`` split by column axes ``c`` (output features) and row axes ``w`` (input)."""
 
-    def __init__(self, mod: nn.Module, c: tuple, w: tuple, mg: MeshGroups):
+    def __init__(self, mod: nn.Module, c: tuple, w: tuple, mg: MeshGroups) -> None:
         super().__init__()
         self.c, self.w, self.mg, self.shard_index = c, w, mg, {}
         out_f, in_f = mod.weight.shape[:2]
@@ -193,14 +195,14 @@ class ShardedLinear(_Sharded):
 class ShardedConv2d(ShardedLinear):
     """``nn.Conv2d`` split by output channels (``c``) and input channels (``w``)."""
 
-    def __init__(self, mod: nn.Conv2d, c: tuple, w: tuple, mg: MeshGroups):
+    def __init__(self, mod: nn.Conv2d, c: tuple, w: tuple, mg: MeshGroups) -> None:
         super().__init__(mod, c, w, mg)
         self.conf = dict(stride=mod.stride, padding=mod.padding, dilation=mod.dilation)
 
-    def _op(self, x):
+    def _op(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, None, **self.conf)
 
-    def _add_bias(self, y):
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y + self.bias.view(1, -1, 1, 1)
 
 
@@ -212,7 +214,15 @@ class _SyncBN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, mg, axes):
+    def forward(
+        ctx: FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        eps: float,
+        mg: MeshGroups,
+        axes: tuple[int, ...],
+    ) -> torch.Tensor:
         group = mg.group(axes)
         dims = (0, 2, 3)
         count = x.numel() // x.shape[1] * mg.ways(axes)
@@ -228,7 +238,7 @@ class _SyncBN(torch.autograd.Function):
         return (x - mean.view(shape)) * (invstd * weight).view(shape) + bias.view(shape)
 
     @staticmethod
-    def backward(ctx, gy):
+    def backward(ctx: FunctionCtx, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
         count, mg, axes = ctx.args
         shape, dims = (1, -1, 1, 1), (0, 2, 3)
@@ -245,7 +255,7 @@ class _SyncBN(torch.autograd.Function):
 class ShardedBatchNorm2d(_Sharded):
     """Batch norm on this rank's channels (``f`` axes), synchronised over batch axes ``b``."""
 
-    def __init__(self, mod: nn.BatchNorm2d, b: tuple, f: tuple, mg: MeshGroups):
+    def __init__(self, mod: nn.BatchNorm2d, b: tuple, f: tuple, mg: MeshGroups) -> None:
         super().__init__()
         self.b, self.mg, self.eps, self.momentum, self.shard_index = (
             b,
@@ -283,7 +293,7 @@ class ShardedBatchNorm2d(_Sharded):
 class ShardedAttention(_Sharded):
     """GPT attention on this rank's heads (``h`` axes): column QKV, row output projection."""
 
-    def __init__(self, mod: CausalSelfAttention, h: tuple, mg: MeshGroups):
+    def __init__(self, mod: CausalSelfAttention, h: tuple, mg: MeshGroups) -> None:
         super().__init__()
         self.h, self.mg, self.shard_index = h, mg, {}
         d = mod.proj.weight.shape[0]
@@ -319,7 +329,7 @@ class SPMDModule(nn.Module):
         origin: dict[str, tuple[str, str, tuple]],
         mg: MeshGroups,
         replicas: dict[str, int],
-    ):
+    ) -> None:
         super().__init__()
         self.gm, self.mg = gm, mg
         self.origin = origin  # local param name -> (module path, its param name, serial shape)
@@ -344,7 +354,7 @@ class SPMDModule(nn.Module):
         return out
 
 
-def _local_module(mod: nn.Module, strategy, mg: MeshGroups) -> nn.Module:
+def _local_module(mod: nn.Module, strategy: Strategy, mg: MeshGroups) -> nn.Module:
     roles = strategy.roles
     if isinstance(mod, nn.Conv2d):
         return ShardedConv2d(mod, axes_of(roles, "C"), axes_of(roles, "W"), mg)
@@ -403,7 +413,7 @@ def parallelize(sg: StrategyGraph, plan: dict[str, int], mg: MeshGroups) -> SPMD
     return SPMDModule(gm, origin, mg, replicas).to(device())
 
 
-def _param_axes(roles, local: nn.Module, pname: str) -> tuple[int, ...]:
+def _param_axes(roles: tuple[str, ...], local: nn.Module, pname: str) -> tuple[int, ...]:
     """Mesh axes along which a parameter is split (so it is replicated along the others)."""
     if isinstance(local, ShardedLinear):
         ax = axes_of(roles, "C") + (axes_of(roles, "W") if pname == "weight" else ())

@@ -47,7 +47,7 @@ from cai_labs.auto_parallel.cost_model import (
     node_time,
     plan_cost,
 )
-from cai_labs.auto_parallel.strategies import NodeInfo, Strategy, StrategyGraph
+from cai_labs.auto_parallel.strategies import Edge, NodeInfo, Strategy, StrategyGraph
 
 __all__ = ["Solution", "solve", "MemoryBudgetError", "minimum_memory"]
 
@@ -55,7 +55,7 @@ __all__ = ["Solution", "solve", "MemoryBudgetError", "minimum_memory"]
 class MemoryBudgetError(ValueError):
     """No plan fits the per-rank memory budget; ``minimum`` is the smallest that would."""
 
-    def __init__(self, budget: float, minimum: float):
+    def __init__(self, budget: float, minimum: float) -> None:
         self.budget, self.minimum = budget, minimum
         super().__init__(
             f"no sharding plan fits a memory budget of {budget / 2**20:.2f} MiB per rank: the "
@@ -103,7 +103,7 @@ class _Problem:
             self.rows.append(r), self.cols.append(c), self.vals.append(v)
         self.rhs.append(rhs)
 
-    def arrays(self):
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, list[LinearConstraint], Bounds, np.ndarray]:
         n_rows, n_cols = len(self.rhs), len(self.cost)
         a_eq = coo_array((self.vals, (self.rows, self.cols)), shape=(n_rows, n_cols)).tocsr()
         rhs = np.array(self.rhs)
@@ -133,7 +133,7 @@ def _node_columns(
     return out
 
 
-def _edge_rows(p: _Problem, sg: StrategyGraph, e, m: MachineModel, xcol: dict) -> None:
+def _edge_rows(p: _Problem, sg: StrategyGraph, e: Edge, m: MachineModel, xcol: dict) -> None:
     """Columns ``z[lo, li]`` of an edge (its layout pair), tied to both ends' choices."""
     src_s, dst_s = sg.nodes[e.src].strategies, sg.nodes[e.dst].strategies
     outs = sorted({s.out_layout for s in src_s})
@@ -151,7 +151,11 @@ def _edge_rows(p: _Problem, sg: StrategyGraph, e, m: MachineModel, xcol: dict) -
         p.row([(zcol[(lo, li)], 1.0) for lo in outs] + mine, 0.0)
 
 
-def _build(sg: StrategyGraph, m: MachineModel, allowed: Allowed | None):
+def _build(
+    sg: StrategyGraph, m: MachineModel, allowed: Allowed | None
+) -> tuple[
+    np.ndarray, np.ndarray, list[LinearConstraint], Bounds, np.ndarray, dict[tuple[str, int], int]
+]:
     p = _Problem()
     xcol: dict[tuple[str, int], int] = {}
     for name in sg.nodes:
@@ -235,11 +239,20 @@ def minimum_memory(sg: StrategyGraph, machine: MachineModel) -> float:
     return float(res.fun)
 
 
-def _lagrangian(cost, mem, eq, integrality, bounds, budget, options, iters: int = 8):
+def _lagrangian(
+    cost: np.ndarray,
+    mem: np.ndarray,
+    eq: list[LinearConstraint],
+    integrality: np.ndarray,
+    bounds: Bounds,
+    budget: float,
+    options: dict[str, float],
+    iters: int = 8,
+) -> np.ndarray | None:
     """Bisect the memory price ``lam`` (log scale) for the cheapest plan of ``cost + lam*mem``
     that fits ``budget``; None if even the memory-only objective does not fit."""
 
-    def plan_at(lam):
+    def plan_at(lam: float) -> np.ndarray | None:
         r = milp(
             cost + lam * mem,
             constraints=eq,

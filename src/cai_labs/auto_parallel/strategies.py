@@ -157,7 +157,7 @@ def layout_valid(shape: tuple[int, ...] | None, layout: Layout, mesh: Mesh) -> b
     return all(shape[d] % mesh.ways(ax) == 0 for d, ax in split_dims(layout, len(shape)).items())
 
 
-def numel(shape) -> int:
+def numel(shape: tuple[int, ...] | None) -> int:
     return math.prod(shape) if shape else 1
 
 
@@ -293,7 +293,13 @@ def _grad_sync(axes: tuple[int, ...], params: list[int]) -> list[Comm]:
     return [Comm("all_reduce", axes, b, "bwd") for b in params] if axes else []
 
 
-def _matmul_strategies(mod: nn.Module, in_shape, out_shape, mesh: Mesh, needs_grad: bool):
+def _matmul_strategies(
+    mod: nn.Module,
+    in_shape: tuple[int, ...] | None,
+    out_shape: tuple[int, ...] | None,
+    mesh: Mesh,
+    needs_grad: bool,
+) -> list[Strategy]:
     """Conv2d / Linear: roles B, C (column), W (row), R on each axis."""
     w = mod.weight
     fan_in = w[0].numel() // (w.shape[1])  # kernel size (1 for linear)
@@ -341,7 +347,9 @@ def _matmul_strategies(mod: nn.Module, in_shape, out_shape, mesh: Mesh, needs_gr
     return out
 
 
-def _attention_strategies(mod: CausalSelfAttention, shape, mesh: Mesh, needs_grad: bool):
+def _attention_strategies(
+    mod: CausalSelfAttention, shape: tuple[int, ...], mesh: Mesh, needs_grad: bool
+) -> list[Strategy]:
     """GPT attention leaf: roles B (batch), H (heads), R."""
     b, s, d = shape
     full_flops = 2.0 * b * s * d * 3 * d + 4.0 * b * s * s * d + 2.0 * b * s * d * d
@@ -382,7 +390,9 @@ def _attention_strategies(mod: CausalSelfAttention, shape, mesh: Mesh, needs_gra
     return out
 
 
-def _norm_strategies(mod: nn.Module, shape, mesh: Mesh, allow_feature: bool):
+def _norm_strategies(
+    mod: nn.Module, shape: tuple[int, ...] | None, mesh: Mesh, allow_feature: bool
+) -> list[Strategy]:
     """Batch norm (any layout; batch split = synchronised) or layer norm (no feature split)."""
     out = []
     for lay in ALL_LAYOUTS:
@@ -415,7 +425,12 @@ def _norm_strategies(mod: nn.Module, shape, mesh: Mesh, allow_feature: bool):
     return out
 
 
-def _passthrough_strategies(n_inputs: int, in_shapes, out_shape, mesh: Mesh):
+def _passthrough_strategies(
+    n_inputs: int,
+    in_shapes: list[tuple[int, ...] | None],
+    out_shape: tuple[int, ...] | None,
+    mesh: Mesh,
+) -> list[Strategy]:
     out = []
     for lay in ALL_LAYOUTS:
         if all(layout_valid(s, lay, mesh) for s in (*in_shapes, out_shape)):
@@ -433,7 +448,7 @@ def _passthrough_strategies(n_inputs: int, in_shapes, out_shape, mesh: Mesh):
     return out
 
 
-def _replicate_strategy(n_inputs: int, out_shape, params: int) -> Strategy:
+def _replicate_strategy(n_inputs: int, out_shape: tuple[int, ...] | None, params: int) -> Strategy:
     rr = ("R", "R")
     return Strategy(
         rr,
@@ -465,7 +480,12 @@ def _passes_through(node: fx.Node, mod: nn.Module | None, in_shapes: list) -> bo
 
 
 def _node_strategies(
-    node: fx.Node, mod: nn.Module | None, in_shapes: list, shape, mesh: Mesh, first_needs: bool
+    node: fx.Node,
+    mod: nn.Module | None,
+    in_shapes: list,
+    shape: tuple[int, ...] | None,
+    mesh: Mesh,
+    first_needs: bool,
 ) -> list[Strategy]:
     """The legal strategies of one node; replicate it when none applies."""
     n_in = len(in_shapes)

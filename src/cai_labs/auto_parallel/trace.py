@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -35,7 +36,7 @@ DEFAULT_LEAVES: tuple[type[nn.Module], ...] = (CausalSelfAttention,)
 class AutoTracer(fx.Tracer):
     """fx tracer that keeps ``leaves`` (and PyTorch's own ``nn`` modules) as single nodes."""
 
-    def __init__(self, leaves: Iterable[type[nn.Module]] = DEFAULT_LEAVES):
+    def __init__(self, leaves: Iterable[type[nn.Module]] = DEFAULT_LEAVES) -> None:
         super().__init__()
         self.leaves = tuple(leaves)
 
@@ -86,16 +87,16 @@ class SavedProfile:
 
 
 class _SaveRecorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self.param_ptrs = {p.untyped_storage().data_ptr() for p in gm.parameters()}
         self.out_ptr: dict[int, str] = {}
         self.saved: dict[str, dict[int, int]] = {}
 
-    def run_node(self, n: fx.Node):
+    def run_node(self, n: fx.Node) -> Any:
         record: dict[int, int] = {}
 
-        def pack(t: torch.Tensor):
+        def pack(t: torch.Tensor) -> torch.Tensor:
             st = t.untyped_storage()
             if st.data_ptr() not in self.param_ptrs:
                 record[st.data_ptr()] = st.nbytes()

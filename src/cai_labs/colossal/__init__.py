@@ -9,8 +9,11 @@ pulp) are missing, and its plugins log the same through its logger; on CPU ranks
 say nothing about the code checked here, so this package silences them (errors still show).
 """
 
+from __future__ import annotations
+
 import logging
 import warnings
+from typing import Any
 
 __all__ = ["checked_here"]
 
@@ -19,7 +22,7 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"colossalai(\.|$
 logging.getLogger("colossalai").addFilter(lambda record: record.levelno >= logging.ERROR)
 
 
-def checked_here(function) -> str:
+def checked_here(function: Any) -> str:
     """:func:`cai_labs.colossal.check.checked_here`, imported on first use (so that
     ``python -m cai_labs.colossal.check`` does not find its module already imported)."""
     from cai_labs.colossal.check import checked_here as check

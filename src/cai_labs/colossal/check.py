@@ -121,10 +121,17 @@ def _pyflakes(source: str, filename: str) -> list[tuple[int, str]]:
         def flake(self, message: Any) -> None:
             self.found.append((message.lineno, message.message % message.message_args))
 
-        def syntaxError(self, filename, msg, lineno, offset, text) -> None:  # noqa: N802
+        def syntaxError(  # noqa: N802
+            self,
+            filename: str,
+            msg: str,
+            lineno: int | None,
+            offset: int | None,
+            text: str | None,
+        ) -> None:
             self.found.append((lineno or 0, f"syntax error: {msg}"))
 
-        def unexpectedError(self, filename, msg) -> None:  # noqa: N802
+        def unexpectedError(self, filename: str, msg: object) -> None:  # noqa: N802
             self.found.append((0, str(msg)))
 
     reporter = _Collect()

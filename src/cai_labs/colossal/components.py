@@ -9,6 +9,10 @@ the components out as the layers a training script goes through.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 __all__ = ["Component", "COMPONENTS", "draw"]
 
@@ -150,7 +154,7 @@ COMPONENTS = [
 _LAYERS = ("launch", "Booster + plugin", "parallel engines", "around the training loop")
 
 
-def draw(ax) -> None:
+def draw(ax: Axes) -> None:
     """The components as boxes, one row per layer, on the matplotlib axes ``ax``."""
     ax.set_axis_off()
     rows = [[c for c in COMPONENTS if c.layer == layer] for layer in range(len(_LAYERS))]

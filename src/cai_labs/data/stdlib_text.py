@@ -202,7 +202,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 2000) -> tokenizers.
     return tok
 
 
-def token_stream(tokenizer, texts: Iterable[str]) -> torch.Tensor:
+def token_stream(tokenizer: tokenizers.Tokenizer, texts: Iterable[str]) -> torch.Tensor:
     """All ``texts`` encoded and joined, each followed by ``[SEP]``: a 1-D LongTensor of ids."""
     sep = tokenizer.token_to_id("[SEP]")
     ids: list[int] = []

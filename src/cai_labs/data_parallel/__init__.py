@@ -81,7 +81,7 @@ class BucketedDataParallel(nn.Module):
 
     def __init__(
         self, module: nn.Module, bucket_mb: float = 25.0, group: dist.ProcessGroup | None = None
-    ):
+    ) -> None:
         super().__init__()
         self.module = module
         self.group = group

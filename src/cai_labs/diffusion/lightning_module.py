@@ -58,7 +58,7 @@ class DiffusionModule(pl.LightningModule):
         uncond_prob: float = 0.1,
         seed: int = 0,
         gradient_checkpointing: bool = False,
-    ):
+    ) -> None:
         super().__init__()
         if not 0.0 <= uncond_prob < 1.0:
             raise ValueError(f"uncond_prob must be in [0, 1); got {uncond_prob}")
@@ -124,7 +124,9 @@ class DiffusionModule(pl.LightningModule):
             target = noise
         return F.mse_loss(pred.float(), target)
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, list[str], torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         """The diffusion loss of ``batch = (images, captions, labels)``; records it."""
         images, captions, _ = batch
         loss = self.diffusion_loss(images, captions, self.step_generator())

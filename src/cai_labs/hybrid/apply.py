@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -50,7 +51,7 @@ def parallelize(model: GPT, layout: Layout) -> ParallelGPT:
 
 
 def vocab_parallel_lm_loss(
-    logits: torch.Tensor, targets: torch.Tensor, group, vocab_size: int
+    logits: torch.Tensor, targets: torch.Tensor, group: dist.ProcessGroup, vocab_size: int
 ) -> torch.Tensor:
     """Mean cross-entropy of logits split by vocabulary ``(b, s, V/tp)`` (never gathered)."""
     return vocab_parallel_cross_entropy(logits, targets, group, vocab_size=vocab_size)

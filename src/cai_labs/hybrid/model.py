@@ -9,6 +9,7 @@ pipeline runs micro-batches, and gradients are summed and averaged before the op
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -84,7 +85,7 @@ class ParallelGPT(nn.Module):
         zero: the :class:`~cai_labs.zero.ZeroModel` around the stage (set by ``apply_zero``).
     """
 
-    def __init__(self, gpt: GPT, layout: Layout, groups: LayoutGroups):
+    def __init__(self, gpt: GPT, layout: Layout, groups: LayoutGroups) -> None:
         super().__init__()
         self.cfg, self.layout, self.groups = gpt.cfg, layout, groups
         self.coords, self.grid, self.sp_group = groups.coords, groups.grid, groups.sp_group
@@ -96,7 +97,9 @@ class ParallelGPT(nn.Module):
         self.zero = None
 
     # -- training ------------------------------------------------------------------------------
-    def make_optimizer(self, cls: type[torch.optim.Optimizer], **kwargs) -> torch.optim.Optimizer:
+    def make_optimizer(
+        self, cls: type[torch.optim.Optimizer], **kwargs: Any
+    ) -> torch.optim.Optimizer:
         """``cls`` over this rank's parameters (sharded over the replicas under ZeRO)."""
         if self.zero is not None:
             from cai_labs.zero import ZeroOptimizer

@@ -26,7 +26,7 @@ __all__ = ["LedgerCallback"]
 class LedgerCallback(pl.Callback):
     """Open a ledger for the training run on this rank; record step times (seconds)."""
 
-    def __init__(self, track_activations: bool = True):
+    def __init__(self, track_activations: bool = True) -> None:
         self.track_activations = track_activations
         self.ledger: Ledger | None = None
         self.step_times: list[float] = []

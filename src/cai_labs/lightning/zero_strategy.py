@@ -74,7 +74,7 @@ class ZeroStrategy(ExistingRanksDDPStrategy):
         offload: bool = False,
         device_budget: int | None = None,
         **kwargs: Any,
-    ):
+    ) -> None:
         if stage not in STAGES:
             raise ValueError(f"stage must be 1, 2 or 3; got {stage!r}")
         if device_budget is not None and not offload:

@@ -35,7 +35,7 @@ class CNN1d(nn.Module):
         classes: int = 10,
         groups: int = 4,
         seed: int | None = None,
-    ):
+    ) -> None:
         super().__init__()
         if length % 4:
             raise ValueError(f"length must be divisible by 4 (two stride-2 convs); got {length}")

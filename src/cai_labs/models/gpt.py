@@ -38,7 +38,7 @@ class GPTConfig:
 class CausalSelfAttention(nn.Module):
     """``(b, s, d) -> (b, s, d)``: one fused QKV projection, causal softmax, output projection."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
@@ -72,7 +72,7 @@ def causal_attention(qkv: torch.Tensor, n_heads: int, causal: torch.Tensor) -> t
 class MLPBlock(nn.Module):
     """``(b, s, d) -> (b, s, d)``: ``Linear(d, r*d) -> GELU -> Linear(r*d, d)``."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.fc1 = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model)
         self.act = nn.GELU()
@@ -85,7 +85,7 @@ class MLPBlock(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
@@ -104,7 +104,7 @@ class GPT(nn.Module):
     With ``seed`` the initial weights are reproducible: every layout starts from the same weights.
     """
 
-    def __init__(self, cfg: GPTConfig, seed: int | None = None):
+    def __init__(self, cfg: GPTConfig, seed: int | None = None) -> None:
         super().__init__()
         if seed is not None:
             torch.manual_seed(seed)

@@ -27,7 +27,7 @@ class MLP(nn.Sequential):
         hidden: tuple[int, ...] = (256, 256),
         out_features: int = 10,
         seed: int | None = None,
-    ):
+    ) -> None:
         if seed is not None:
             torch.manual_seed(seed)
         widths = (in_features, *hidden)

@@ -24,7 +24,7 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, c_in: int, planes: int, stride: int = 1):
+    def __init__(self, c_in: int, planes: int, stride: int = 1) -> None:
         super().__init__()
         c_out = planes * self.expansion
         self.conv1 = nn.Conv2d(c_in, planes, 1, bias=False)
@@ -59,7 +59,7 @@ class ResNet(nn.Module):
         width: int = 64,
         num_classes: int = 10,
         seed: int | None = None,
-    ):
+    ) -> None:
         super().__init__()
         if seed is not None:
             torch.manual_seed(seed)

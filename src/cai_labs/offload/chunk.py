@@ -36,7 +36,7 @@ class Chunk:
         numel: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | None = None,
-    ):
+    ) -> None:
         self.kind, self.index, self.numel = kind, index, numel
         self.data = torch.zeros(numel, dtype=dtype, device=device or rank_device())
         self.host = torch.zeros(numel, dtype=dtype, pin_memory=self.data.is_cuda)

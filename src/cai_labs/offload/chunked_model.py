@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,7 +62,7 @@ class ChunkedModel(nn.Module):
         device_budget: int | None,
         prefetch: int = 2,
         group: dist.ProcessGroup | None = None,
-    ):
+    ) -> None:
         super().__init__()
         self.module = module.to(device())  # buffers too; parameters become views of chunks
         self.group = group
@@ -131,7 +132,7 @@ class ChunkedModel(nn.Module):
         idx = sorted({self.location[id(p)][0] for p in self._owners[id(m)]})
         return [self.param_chunks[i] for i in idx]
 
-    def _pre_forward(self, m: nn.Module, args) -> None:
+    def _pre_forward(self, m: nn.Module, args: tuple[Any, ...]) -> None:
         for c in self._chunks_of(m):
             self.manager.fetch(c)
         if self._recording:
@@ -144,7 +145,7 @@ class ChunkedModel(nn.Module):
             ahead = self._order[k + 1 : k + 1 + self.prefetch_depth]
             self.manager.prefetch(c for n in ahead for c in self._chunks_of(n))
 
-    def _post_forward(self, m: nn.Module, args, output) -> None:
+    def _post_forward(self, m: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         for c in self._chunks_of(m):
             self.manager.unpin(c)
         if torch.is_grad_enabled():
@@ -152,8 +153,8 @@ class ChunkedModel(nn.Module):
                 if isinstance(t, torch.Tensor) and t.requires_grad:
                     t.register_hook(self._pre_backward(m))
 
-    def _pre_backward(self, m: nn.Module):
-        def hook(grad):
+    def _pre_backward(self, m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(grad: torch.Tensor) -> torch.Tensor:
             for p in self._owners[id(m)]:
                 self.manager.fetch(self.param_chunks[self.location[id(p)][0]])
                 self._pending[id(p)] += 1
@@ -221,7 +222,7 @@ class ChunkedAdam:
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-    ):
+    ) -> None:
         self.model = model
         self.lr, self.betas, self.eps = lr, betas, eps
         self.t = 0

@@ -38,7 +38,7 @@ class ChunkManager:
         device_budget: bytes the device pool may hold (``None``: unlimited).
     """
 
-    def __init__(self, device_budget: int | None):
+    def __init__(self, device_budget: int | None) -> None:
         self.device = MemoryPool("device", device_budget)
         self.host = MemoryPool("host", None)
         self.chunks: list[Chunk] = []

@@ -21,7 +21,7 @@ class PoolBudgetExceeded(MemoryError):
 class MemoryPool:
     """Bytes in use, and the peak, of one memory pool (``budget=None``: unlimited)."""
 
-    def __init__(self, name: str, budget: int | None = None):
+    def __init__(self, name: str, budget: int | None = None) -> None:
         if budget is not None and budget <= 0:
             raise ValueError(f"pool {name!r}: budget must be a positive number of bytes or None")
         self.name = name

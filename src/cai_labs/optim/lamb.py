@@ -61,7 +61,7 @@ class LAMB(LayerwiseOptimizer):
         weight_decay: float = 0.0,
         bias_correction: bool = True,
         max_trust_ratio: float | None = None,
-    ):
+    ) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0; got {lr}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):

@@ -70,7 +70,7 @@ class LARS(LayerwiseOptimizer):
         eps: float = 0.0,
         max_trust_ratio: float | None = None,
         lr_in_momentum: bool = True,
-    ):
+    ) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0; got {lr}")
         if not 0 <= momentum < 1:

@@ -9,7 +9,7 @@ gradients are those of the full batch's mean loss.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,14 @@ class TorchPipeline:
         loss_fn: ``loss_fn(logits, targets)`` mean loss of a micro-batch.
     """
 
-    def __init__(self, cfg: GPTConfig, n_micro: int, schedule: str, loss_fn, seed: int = 0):
+    def __init__(
+        self,
+        cfg: GPTConfig,
+        n_micro: int,
+        schedule: str,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        seed: int = 0,
+    ) -> None:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.rank, self.n = dist.get_rank(), dist.get_world_size()

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from cai_labs.scale.hardware import GPUS
 from cai_labs.scale.layout import ScaleLayout
-from cai_labs.scale.models import MODELS, custom_model, get_model
+from cai_labs.scale.models import MODELS, ModelShape, custom_model, get_model
 from cai_labs.scale.predict import Prediction, predict
 
 CUSTOM = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab")
@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model(args: argparse.Namespace):
+def _model(args: argparse.Namespace) -> ModelShape:
     given = {k: getattr(args, k) for k in CUSTOM if getattr(args, k) is not None}
     base = get_model(args.model) if args.model else None
     if not given:

@@ -2,6 +2,8 @@
 
 * :mod:`~cai_labs.tensor_parallel.grid` — process grids and their groups (1D, 2D, 2.5D, 3D).
 * :mod:`~cai_labs.tensor_parallel.layers_1d` — Megatron column/row-parallel linears.
+* :mod:`~cai_labs.tensor_parallel.sequence_parallel_1d` — 1D plus sequence parallelism
+  (Megatron SP): norms on sequence shards, all-gather / reduce-scatter around the linears.
 * :mod:`~cai_labs.tensor_parallel.layers_2d` — SUMMA on a ``q x q`` grid.
 * :mod:`~cai_labs.tensor_parallel.layers_2p5d` — Tesseract: ``d`` SUMMA layers, ``q x q x d``.
 * :mod:`~cai_labs.tensor_parallel.layers_3d` — ``q x q x q`` cube.

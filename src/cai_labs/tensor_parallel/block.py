@@ -46,7 +46,7 @@ class ParallelAttention(nn.Module):
     attention itself needs no communication in any mode.
     """
 
-    def __init__(self, qkv: nn.Module, proj: nn.Module, n_heads: int, causal: torch.Tensor):
+    def __init__(self, qkv: nn.Module, proj: nn.Module, n_heads: int, causal: torch.Tensor) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.qkv = qkv
@@ -63,7 +63,7 @@ class ParallelAttention(nn.Module):
 class ParallelMLP(nn.Module):
     """``fc2(GELU(fc1(x)))``; GELU is elementwise, so it runs on whatever block a rank holds."""
 
-    def __init__(self, fc1: nn.Module, fc2: nn.Module):
+    def __init__(self, fc1: nn.Module, fc2: nn.Module) -> None:
         super().__init__()
         self.fc1 = fc1
         self.act = nn.GELU()
@@ -80,7 +80,7 @@ class ParallelBlock(nn.Module):
     """Pre-norm residual block; the residual adds are local in every mode (the two operands
     always have the same layout)."""
 
-    def __init__(self, ln1: nn.Module, attn: nn.Module, ln2: nn.Module, mlp: nn.Module):
+    def __init__(self, ln1: nn.Module, attn: nn.Module, ln2: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
         self.ln1 = ln1
         self.attn = attn

@@ -16,7 +16,7 @@ from cai_labs.devices import device
 from cai_labs.ledger import Ledger, comm_totals, tensor_bytes
 from cai_labs.models.gpt import Block, GPTConfig
 from cai_labs.tensor_parallel.grid import Grid
-from cai_labs.tensor_parallel.modes import tp_mode
+from cai_labs.tensor_parallel.modes import TPMode, tp_mode
 
 __all__ = ["check_block", "check_linear", "max_errors"]
 
@@ -32,15 +32,23 @@ def max_errors(full: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> d
 
 
 def check_block(
-    grid: Grid, cfg: GPTConfig, batch: int, seed: int = 0, block: Block | None = None
+    grid: Grid,
+    cfg: GPTConfig,
+    batch: int,
+    seed: int = 0,
+    block: Block | None = None,
+    mode: TPMode | None = None,
 ) -> dict[str, Any]:
     """Serial vs parallel block on this rank; collective over ``grid`` (call on all its ranks).
+
+    ``mode`` defaults to ``grid.mode``'s :class:`~cai_labs.tensor_parallel.modes.TPMode`; pass
+    another (e.g. tensor + sequence parallelism on a 1D grid) to check that one.
 
     Returns ``{"out", "input_grad", "param_grads"}`` errors, ``"comm"`` (ledger totals of the
     parallel forward+backward), ``"param_bytes"`` and ``"peak_activation_bytes"`` of this rank.
     The loss is ``sum(y * w)`` for a fixed random ``w``, so every output element matters.
     """
-    mode = tp_mode(grid.mode)
+    mode = mode or tp_mode(grid.mode)
     gen = torch.Generator().manual_seed(seed)
     if block is None:
         torch.manual_seed(seed)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import FunctionCtx
 from torch.distributed import ProcessGroup
 
 from cai_labs.comm import all_reduce_, rank
@@ -53,7 +54,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token loss ``(...)`` from local logits ``(..., V/N)``; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, local_logits, targets, group, ignore_index):
+    def forward(
+        ctx: FunctionCtx,
+        local_logits: torch.Tensor,
+        targets: torch.Tensor,
+        group: ProcessGroup,
+        ignore_index: int,
+    ) -> torch.Tensor:
         v_local = local_logits.shape[-1]
         start, end = vocab_range(v_local, rank(group))
         z = local_logits.detach()
@@ -85,7 +92,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx: FunctionCtx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         softmax, local_target = ctx.saved_tensors
         grad = softmax.clone()  # d loss / d z = softmax - onehot(target), per token
         rows = local_target >= 0

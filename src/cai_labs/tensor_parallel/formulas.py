@@ -37,8 +37,12 @@ reduce-scatters ``dX`` and ``dA``; the bias gradient is summed over two axes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cai_labs.tensor_parallel.grid import grid_shape
+
+if TYPE_CHECKING:
+    from transformers import OPTConfig
 
 __all__ = [
     "COLOSSALAI_TABLE",
@@ -52,6 +56,10 @@ __all__ = [
     "vocab_loss_cost",
     "RECOMPUTE",
     "layer_activation_bytes",
+    "sequence_parallel_block_activation_bytes",
+    "sequence_parallel_block_comm",
+    "block_sent_bytes",
+    "sequence_parallel_block_cost",
 ]
 
 #: Activation recomputation policies of :func:`layer_activation_bytes`.
@@ -306,7 +314,7 @@ def serial_block_params(d_model: int, mlp_ratio: int = 4, elem: int = 4) -> int:
     return n * elem
 
 
-def opt_1d_cost(config, size: int, tokens: int, elem: int = 4) -> Cost:
+def opt_1d_cost(config: OPTConfig, size: int, tokens: int, elem: int = 4) -> Cost:
     """Parameter bytes per rank and communication per forward+backward of an
     ``OPTForCausalLM`` split by :func:`~cai_labs.tensor_parallel.opt_1d.parallelize_opt` over
     ``size`` ranks, for a batch of ``tokens = b*s`` tokens (activations not counted: 0).
@@ -423,3 +431,135 @@ def layer_activation_bytes(
         scores = heads * seq * (seq if kv_seq is None else kv_seq) * batch
         total += scores * (2 * elem + 1 if dropout else elem) / tp
     return total
+
+
+# -- tensor + sequence parallelism (Megatron, Korthikanti et al. 2022) ---------------------------
+def _check_sequence_split(size: int, seq: int, n_heads: int | None = None) -> None:
+    if seq % size:
+        raise ValueError(
+            f"sequence parallelism splits the sequence s={seq} into {size} shards; "
+            f"choose s divisible by {size}"
+        )
+    if n_heads is not None and n_heads % size:
+        raise ValueError(f"{size} ranks do not divide the {n_heads} attention heads")
+
+
+def sequence_parallel_block_activation_bytes(
+    size: int,
+    batch: int,
+    seq: int,
+    d_model: int,
+    n_heads: int,
+    mlp_ratio: int = 4,
+    *,
+    regather: bool = True,
+    seq_len: int | None = None,
+    elem: int = 4,
+) -> int:
+    """Bytes one rank saves for backward in one forward of a
+    :class:`~cai_labs.tensor_parallel.sequence_parallel_1d.SequenceParallelBlock`.
+
+    With ``t = size`` ranks, ``M = b*s`` tokens, ``m = M/t`` on this rank's shard, width ``h``,
+    MLP ratio ``r`` and ``n`` heads (elements unless said):
+
+    * each layer norm, on the shard: its input ``m*h``, mean and 1/std ``2m``, and its output
+      ``m*h`` (the shard the column linear keeps and gathers again in backward); with
+      ``regather=False`` the column linear keeps the gathered ``M*h`` instead of that output;
+    * attention, as in 1D: q, k, v ``3*M*h/t``, the softmax ``b*(n/t)*s^2``, the merged heads
+      ``M*h/t``; the MLP: ``fc1``'s output and GELU's ``2*M*r*h/t``;
+    * the causal mask, ``seq_len^2`` bools, the same on every rank.
+
+    So with ``regather`` every term is the serial block's divided by ``t`` except the mask:
+    ``t * this == serial + (t - 1) * seq_len^2``. Checked against the ledger in the tests.
+    """
+    _check_sequence_split(size, seq, n_heads)
+    t, h, r = size, d_model, mlp_ratio
+    M = batch * seq
+    m = M // t
+    ln = 2 * m * h + 2 * m if regather else m * h + 2 * m + M * h
+    attn = 3 * M * h // t + batch * (n_heads // t) * seq * seq + M * h // t
+    mlp = 2 * M * r * h // t
+    return (2 * ln + attn + mlp) * elem + (seq_len or seq) ** 2
+
+
+def sequence_parallel_block_comm(
+    size: int, batch: int, seq: int, d_model: int, *, regather: bool = True, elem: int = 4
+) -> dict[str, dict[str, int]]:
+    """Collectives of one forward+backward of a sequence-parallel block on one rank:
+    ``{op: {"calls", "bytes", "ring_sent_bytes"}}`` (buffer bytes as the ledger counts them,
+    and the ring algorithms' bytes this rank sends, a model). Empty for one rank.
+
+    * ``all_gather`` of ``b*s*h``: before ``qkv`` and ``fc1`` (forward), of ``dY`` after
+      ``proj`` and ``fc2`` (backward), and with ``regather`` the two column inputs again;
+    * ``reduce_scatter`` of ``b*s*h``: after ``proj`` and ``fc2`` (forward), ``dX`` of ``qkv``
+      and ``fc1`` (backward);
+    * ``all_reduce`` of ``h``: the gradients of the norms' weights and biases and of the
+      row-parallel biases, which each rank computed from its tokens only (6 calls).
+
+    On a ring an all-gather or a reduce-scatter sends ``(t-1)/t`` of its buffer, an all-reduce
+    ``2(t-1)/t``: the four of each replace 1D's four all-reduces of ``b*s*h`` at equal volume.
+    """
+    _check_sequence_split(size, seq)
+    t = size
+    if t == 1:
+        return {}
+    act, vec = batch * seq * d_model * elem, d_model * elem
+    calls = {"all_gather": 6 if regather else 4, "reduce_scatter": 4, "all_reduce": 6}
+    sizes = {"all_gather": act, "reduce_scatter": act, "all_reduce": vec}
+    factor = {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 2}
+    return {
+        op: {
+            "calls": n,
+            "bytes": n * sizes[op],
+            "ring_sent_bytes": n * round(factor[op] * (t - 1) * sizes[op] / t),  # per call
+        }
+        for op, n in calls.items()
+    }
+
+
+def block_sent_bytes(
+    size: int,
+    batch: int,
+    seq: int,
+    d_model: int,
+    *,
+    sequence_parallel: bool = False,
+    regather: bool = True,
+    elem: int = 4,
+) -> int:
+    """Bytes one rank sends in one block's forward+backward on ring algorithms (a model):
+    1D tensor parallelism's four all-reduces of ``b*s*h``, ``8 (t-1)/t * b*s*h*elem``, or
+    :func:`sequence_parallel_block_comm`'s total (the same plus ``12 (t-1)/t * h*elem`` for the
+    replicated gradients, plus ``2 (t-1)/t * b*s*h*elem`` with ``regather``)."""
+    if sequence_parallel:
+        comm = sequence_parallel_block_comm(size, batch, seq, d_model, regather=regather, elem=elem)
+        return sum(c["ring_sent_bytes"] for c in comm.values())
+    return 4 * round(2 * (size - 1) * batch * seq * d_model * elem / size)
+
+
+def sequence_parallel_block_cost(
+    size: int,
+    batch: int,
+    seq: int,
+    d_model: int,
+    n_heads: int,
+    mlp_ratio: int = 4,
+    *,
+    regather: bool = True,
+    seq_len: int | None = None,
+    elem: int = 4,
+) -> Cost:
+    """:class:`Cost` of one sequence-parallel block per rank: the parameters of the 1D block
+    (the same split), :func:`sequence_parallel_block_activation_bytes`, and the buffer bytes
+    and calls of :func:`sequence_parallel_block_comm`."""
+    params = block_cost("1d", size, batch, seq, d_model, mlp_ratio, elem=elem).param_bytes
+    act = sequence_parallel_block_activation_bytes(
+        size, batch, seq, d_model, n_heads, mlp_ratio, regather=regather, seq_len=seq_len, elem=elem
+    )
+    comm = sequence_parallel_block_comm(size, batch, seq, d_model, regather=regather, elem=elem)
+    return Cost(
+        params,
+        act,
+        sum(c["bytes"] for c in comm.values()),
+        sum(c["calls"] for c in comm.values()),
+    )

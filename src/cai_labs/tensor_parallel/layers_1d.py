@@ -90,7 +90,7 @@ class ColumnParallelLinear(nn.Module):
         gather_output: bool = False,
         chunks: int = 1,
         reduce_input_grad: bool = True,
-    ):
+    ) -> None:
         super().__init__()
         check_divisible("out_features", out_features, grid.size * chunks, "1D")
         self.grid, self.gather_output, self.chunks = grid, gather_output, chunks
@@ -154,7 +154,7 @@ class RowParallelLinear(nn.Module):
         grid: Grid,
         bias: bool = True,
         input_is_parallel: bool = True,
-    ):
+    ) -> None:
         super().__init__()
         check_divisible("in_features", in_features, grid.size, "1D")
         self.grid, self.input_is_parallel = grid, input_is_parallel
@@ -200,7 +200,7 @@ class ParallelAttention1D(ParallelAttention):
     attention on those heads -> ``(b, s, d/N)`` -> proj row-parallel -> ``(b, s, d)`` whole.
     """
 
-    def __init__(self, attn: CausalSelfAttention, grid: Grid):
+    def __init__(self, attn: CausalSelfAttention, grid: Grid) -> None:
         check_divisible("n_heads", attn.n_heads, grid.size, "1D")
         super().__init__(
             ColumnParallelLinear.from_serial(attn.qkv, grid, chunks=3),
@@ -214,7 +214,7 @@ class ParallelMLP1D(ParallelMLP):
     """``fc1`` column-parallel ``(b, s, r*d/N)`` -> GELU (elementwise, local) -> ``fc2``
     row-parallel ``(b, s, d)``."""
 
-    def __init__(self, mlp: MLPBlock, grid: Grid):
+    def __init__(self, mlp: MLPBlock, grid: Grid) -> None:
         super().__init__(
             ColumnParallelLinear.from_serial(mlp.fc1, grid),
             RowParallelLinear.from_serial(mlp.fc2, grid),
@@ -228,7 +228,7 @@ class ParallelBlock1D(ParallelBlock):
     Communication per forward+backward: 4 all-reduces of ``b*s*d`` elements.
     """
 
-    def __init__(self, block: Block, grid: Grid):
+    def __init__(self, block: Block, grid: Grid) -> None:
         super().__init__(
             copy.deepcopy(block.ln1),
             ParallelAttention1D(block.attn, grid),
@@ -270,7 +270,7 @@ class VocabParallelEmbedding(nn.Module):
     gradient ``(b, s, d)`` is whole on every rank and each rank scatters it into its own rows.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, grid: Grid):
+    def __init__(self, num_embeddings: int, embedding_dim: int, grid: Grid) -> None:
         super().__init__()
         check_divisible("the vocabulary", num_embeddings, grid.size, "1D")
         self.grid, self.num_embeddings = grid, num_embeddings

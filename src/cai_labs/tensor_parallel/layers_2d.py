@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.function import FunctionCtx
 
 from cai_labs.comm import all_reduce, all_reduce_both, broadcast_, copy_to_group, reduce_
 from cai_labs.models.gpt import Block, CausalSelfAttention, MLPBlock
@@ -76,7 +77,9 @@ class _Summa(torch.autograd.Function):
     """``Y_ij = sum_t X_it A_tj`` with its two backward SUMMAs (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, weight, grid):
+    def forward(
+        ctx: FunctionCtx, x: torch.Tensor, weight: torch.Tensor, grid: Grid
+    ) -> torch.Tensor:
         x = x.contiguous()
         ctx.save_for_backward(x, weight)
         ctx.grid = grid
@@ -94,7 +97,7 @@ class _Summa(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx: FunctionCtx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         grid = ctx.grid
         q, (i, j, _) = grid.q, _ijk(grid)
@@ -143,7 +146,7 @@ class Linear2D(nn.Module):
     """``Y = X A + b`` by SUMMA. Input ``(b/q, s, K/q)``, output ``(b/q, s, N/q)`` (2.5D: batch
     block ``b/(dq)``); ``weight (N/q, K/q)``; ``bias (N/q,)`` replicated down the column."""
 
-    def __init__(self, in_features: int, out_features: int, grid: Grid, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, grid: Grid, bias: bool = True) -> None:
         super().__init__()
         name = _MODE_NAME[grid.mode]
         check_divisible("in_features", in_features, grid.q, name)
@@ -193,7 +196,7 @@ class LayerNorm2D(nn.Module):
     ``bias`` ``(d/q,)`` are replicated down the column.
     """
 
-    def __init__(self, ln: nn.LayerNorm, grid: Grid):
+    def __init__(self, ln: nn.LayerNorm, grid: Grid) -> None:
         super().__init__()
         (h,) = ln.normalized_shape
         check_divisible("d_model", h, grid.q, _MODE_NAME[grid.mode])
@@ -223,7 +226,7 @@ class Attention2D(ParallelAttention):
     """Causal self-attention on head group ``j`` for batch block ``i``: no communication
     besides the two SUMMA linears. ``(b/q, s, d/q) -> (b/q, s, d/q)``."""
 
-    def __init__(self, attn: CausalSelfAttention, grid: Grid):
+    def __init__(self, attn: CausalSelfAttention, grid: Grid) -> None:
         check_divisible("n_heads", attn.n_heads, grid.q, _MODE_NAME[grid.mode])
         super().__init__(
             Linear2D.from_serial(attn.qkv, grid, chunks=3),
@@ -236,7 +239,7 @@ class Attention2D(ParallelAttention):
 class MLP2D(ParallelMLP):
     """``fc1`` SUMMA ``(b/q, s, r*d/q)`` -> GELU -> ``fc2`` SUMMA ``(b/q, s, d/q)``."""
 
-    def __init__(self, mlp: MLPBlock, grid: Grid):
+    def __init__(self, mlp: MLPBlock, grid: Grid) -> None:
         super().__init__(Linear2D.from_serial(mlp.fc1, grid), Linear2D.from_serial(mlp.fc2, grid))
 
 
@@ -247,7 +250,7 @@ class Block2D(ParallelBlock):
     ``(b/(dq), s, d/q)``); the residual adds are local.
     """
 
-    def __init__(self, block: Block, grid: Grid):
+    def __init__(self, block: Block, grid: Grid) -> None:
         super().__init__(
             LayerNorm2D(block.ln1, grid),
             Attention2D(block.attn, grid),

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import FunctionCtx
 
 from cai_labs.comm import (
     all_gather,
@@ -71,7 +72,13 @@ ODD = (0, 2, 1)
 
 class _Linear3D(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, grid, axes):
+    def forward(
+        ctx: FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        grid: Grid,
+        axes: tuple[int, int, int],
+    ) -> torch.Tensor:
         a, b, c = axes
         g = grid.axis_groups
         x = x.contiguous()
@@ -82,7 +89,7 @@ class _Linear3D(torch.autograd.Function):
         return reduce_scatter(xg @ wg.t(), g[c], 0)  # sum over c; keep batch sub-block c
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx: FunctionCtx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         a, b, c = ctx.axes
         g = ctx.grid.axis_groups
@@ -106,8 +113,13 @@ class Linear3D(nn.Module):
     ``bias (N/q,)`` replicated over axes ``a`` and ``c``."""
 
     def __init__(
-        self, in_features: int, out_features: int, grid: Grid, axes=EVEN, bias: bool = True
-    ):
+        self,
+        in_features: int,
+        out_features: int,
+        grid: Grid,
+        axes: tuple[int, int, int] = EVEN,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         q = grid.q
         check_divisible("in_features", in_features, q, "3D")
@@ -119,7 +131,9 @@ class Linear3D(nn.Module):
         init_like_linear(self.weight, self.bias, in_features)
 
     @classmethod
-    def from_serial(cls, linear: nn.Linear, grid: Grid, axes=EVEN, chunks: int = 1) -> Linear3D:
+    def from_serial(
+        cls, linear: nn.Linear, grid: Grid, axes: tuple[int, int, int] = EVEN, chunks: int = 1
+    ) -> Linear3D:
         """This rank's shard of ``linear`` (``chunks=3`` for a fused qkv)."""
         out_f, in_f = linear.weight.shape
         m = cls(in_f, out_f, grid, axes, linear.bias is not None).to(linear.weight.device)
@@ -171,7 +185,7 @@ class LayerNorm3D(nn.Module):
     """Layer norm on layout ``axes``: features split along axis ``c`` (statistics summed
     there), ``weight``/``bias`` ``(d/q,)`` replicated over axes ``a`` and ``b``."""
 
-    def __init__(self, ln: nn.LayerNorm, grid: Grid, axes=EVEN):
+    def __init__(self, ln: nn.LayerNorm, grid: Grid, axes: tuple[int, int, int] = EVEN) -> None:
         super().__init__()
         (h,) = ln.normalized_shape
         check_divisible("d_model", h, grid.q, "3D")
@@ -208,7 +222,7 @@ class Attention3D(ParallelAttention):
     """``qkv`` (layout EVEN -> ODD), local attention on head group ``j`` for batch block
     ``(i, l)``, ``proj`` (ODD -> EVEN). ``(b/q², s, d/q)`` in and out."""
 
-    def __init__(self, attn: CausalSelfAttention, grid: Grid):
+    def __init__(self, attn: CausalSelfAttention, grid: Grid) -> None:
         check_divisible("n_heads", attn.n_heads, grid.q, "3D")
         super().__init__(
             Linear3D.from_serial(attn.qkv, grid, EVEN, chunks=3),
@@ -221,7 +235,7 @@ class Attention3D(ParallelAttention):
 class MLP3D(ParallelMLP):
     """``fc1`` (EVEN -> ODD) -> GELU -> ``fc2`` (ODD -> EVEN)."""
 
-    def __init__(self, mlp: MLPBlock, grid: Grid):
+    def __init__(self, mlp: MLPBlock, grid: Grid) -> None:
         super().__init__(
             Linear3D.from_serial(mlp.fc1, grid, EVEN), Linear3D.from_serial(mlp.fc2, grid, ODD)
         )
@@ -231,7 +245,7 @@ class Block3D(ParallelBlock):
     """The serial :class:`~cai_labs.models.gpt.Block` on the cube; residual stream in layout
     EVEN: ``(b/q², s, d/q)`` with batch block ``i*q + j`` and feature block ``l``."""
 
-    def __init__(self, block: Block, grid: Grid):
+    def __init__(self, block: Block, grid: Grid) -> None:
         if grid.mode != "3d":
             raise ValueError(f"3D layers need a 3d grid (q x q x q); got a {grid.mode} grid")
         super().__init__(
@@ -248,7 +262,7 @@ def parallelize_block(block: Block, grid: Grid) -> Block3D:
     return Block3D(block, grid)
 
 
-def split_input(x: torch.Tensor, grid: Grid, axes=EVEN) -> torch.Tensor:
+def split_input(x: torch.Tensor, grid: Grid, axes: tuple[int, int, int] = EVEN) -> torch.Tensor:
     """This rank's block of a whole ``(b, s, d)`` activation in layout ``axes``."""
     if grid.mode != "3d":
         raise ValueError(f"3D layers need a 3d grid (q x q x q); got a {grid.mode} grid")
@@ -259,7 +273,7 @@ def split_input(x: torch.Tensor, grid: Grid, axes=EVEN) -> torch.Tensor:
     return x.chunk(q * q, dim=0)[a * q + b].chunk(q, dim=-1)[c].contiguous()
 
 
-def gather_output(y: torch.Tensor, grid: Grid, axes=EVEN) -> torch.Tensor:
+def gather_output(y: torch.Tensor, grid: Grid, axes: tuple[int, int, int] = EVEN) -> torch.Tensor:
     """Whole ``(b, s, d)`` from every rank's block in layout ``axes``."""
     q = grid.q
     parts = gather_by_position(y, grid)

@@ -11,6 +11,8 @@ Why the split is exact is told in tutorial 05.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,9 @@ from torch import nn
 from cai_labs.comm import copy_to_group
 from cai_labs.tensor_parallel.grid import Grid
 from cai_labs.tensor_parallel.layers_1d import ColumnParallelLinear, RowParallelLinear
+
+if TYPE_CHECKING:
+    from transformers import Cache, OPTConfig
 
 __all__ = [
     "check_opt_tp_size",
@@ -37,7 +42,7 @@ def _join(xs: list[int]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
-def check_opt_tp_size(config, size: int) -> None:
+def check_opt_tp_size(config: OPTConfig, size: int) -> None:
     """Raise a ValueError saying which sizes work unless ``size`` ranks can split this OPT.
 
     Heads are split whole (``num_attention_heads % size == 0``) and so are the MLP's columns
@@ -70,7 +75,7 @@ class ParallelOPTAttention(nn.Module):
     included) and attention is then called with scale 1.
     """
 
-    def __init__(self, attn: nn.Module, grid: Grid):
+    def __init__(self, attn: nn.Module, grid: Grid) -> None:
         super().__init__()
         self.grid = grid
         self.num_heads = attn.num_heads // grid.size  # local heads
@@ -88,10 +93,10 @@ class ParallelOPTAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        cache=None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
-        **kwargs,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         """``(b, s, d)`` -> ``((b, s, d), None)``, as ``OPTAttention`` returns (no weights)."""
         cache = (

@@ -70,7 +70,7 @@ class ZeroModel(nn.Module):
         module: nn.Module,
         units: list[nn.Module] | None = None,
         group: dist.ProcessGroup | None = None,
-    ):
+    ) -> None:
         super().__init__()
         if not dist.is_initialized():
             raise ValueError("ZeRO needs a process group: run inside cai_labs.launch or torchrun")

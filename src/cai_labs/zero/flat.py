@@ -51,7 +51,7 @@ class FlatParamUnit:
         rank: int,
         world_size: int,
         group: dist.ProcessGroup | None = None,
-    ):
+    ) -> None:
         if not params:
             raise ValueError(f"unit {name!r} has no parameters")
         dtypes = {p.dtype for p in params}

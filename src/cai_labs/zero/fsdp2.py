@@ -11,6 +11,7 @@ storage-based memory account does not read; :func:`fsdp2_memory` sums their loca
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def fsdp2_memory(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Bytes this rank holds of parameters, gradients and optimizer state (local shards)."""
 
-    def nbytes(ts) -> int:
+    def nbytes(ts: Iterable[torch.Tensor]) -> int:
         seen: dict[int, int] = {}
         for t in ts:
             loc = _local(t)

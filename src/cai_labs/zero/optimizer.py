@@ -40,7 +40,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         zero_model: ZeroModel,
         optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
         **defaults: Any,
-    ):
+    ) -> None:
         self.zero_model = zero_model
         self.inner = optimizer_cls(zero_model.shards, **defaults)
         super().__init__(zero_model.shards, self.inner.defaults)

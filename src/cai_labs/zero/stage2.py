@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from cai_labs.zero.base import ZeroModel
@@ -42,11 +43,11 @@ class Zero2(ZeroModel):
     def __init__(
         self,
         module: nn.Module,
-        units=None,
-        group=None,
+        units: list[nn.Module] | None = None,
+        group: dist.ProcessGroup | None = None,
         overlap_comm: bool = True,
         max_in_flight: int = 2,
-    ):
+    ) -> None:
         super().__init__(module, units=units, group=group)
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1; got {max_in_flight}")

@@ -35,7 +35,11 @@ values. Under ``torch.no_grad()`` (evaluation, generation) units are gathered an
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
@@ -65,12 +69,12 @@ class Zero3(Zero2):
     def __init__(
         self,
         module: nn.Module,
-        units=None,
-        group=None,
+        units: list[nn.Module] | None = None,
+        group: dist.ProcessGroup | None = None,
         overlap_comm: bool = True,
         max_in_flight: int = 2,
         prefetch: bool | int = True,
-    ):
+    ) -> None:
         if isinstance(prefetch, bool):
             depth = int(prefetch)
         elif isinstance(prefetch, int) and prefetch >= 0:
@@ -135,8 +139,8 @@ class Zero3(Zero2):
         sizes = [u.gathered_bytes for u in self.units if u is not self.root] or [0]
         return (self.prefetch_depth + 1) * max(sizes)
 
-    def _pre_forward(self, u: FlatParamUnit):
-        def hook(module, args):
+    def _pre_forward(self, u: FlatParamUnit) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if torch.is_grad_enabled():
                 self._use(u, "forward")
             else:  # evaluation: gather and free per call, no recorded order
@@ -144,8 +148,8 @@ class Zero3(Zero2):
 
         return hook
 
-    def _post_forward(self, u: FlatParamUnit):
-        def hook(module, args, output):
+    def _post_forward(self, u: FlatParamUnit) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not torch.is_grad_enabled():
                 u.free()
                 return
@@ -161,8 +165,8 @@ class Zero3(Zero2):
 
         return hook
 
-    def _pre_backward(self, u: FlatParamUnit):
-        def hook(grad):
+    def _pre_backward(self, u: FlatParamUnit) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(grad: torch.Tensor) -> torch.Tensor:
             self._use(u, "backward")
             return grad
 
