@@ -607,8 +607,9 @@ assert lse_share < 0.01
 #     torchrun --nproc-per-node=4 tutorial_09_context_parallel.py
 #
 # (the workers put their tensors and the GPT on ``cai_labs.device()``; over NCCL the sockets do
-# not carry the tensors, so the wire bytes are left blank). A production ring computes each block with a
-# flash-attention kernel that returns the block's log-sum-exp; the recurrence is the one above.
+# not carry the tensors, so the wire bytes are left blank). A production ring computes each
+# block with a flash-attention kernel that returns the block's log-sum-exp; the recurrence is
+# the one above.
 # PyTorch ships one as ``torch.distributed.tensor.experimental.context_parallel``; it does not run
 # on CPU with torch 2.13, so this page does not run it. Colossal-AI 0.5.0 offers the same as
 # ``sequence_parallelism_mode="ring_attn"`` of its ``HybridParallelPlugin`` (CUDA only; tutorial
