@@ -550,8 +550,8 @@ def matmul_worker(seconds: float = 1.0) -> float:
     while time.perf_counter() - start < seconds:
         a @ b
         done += 1
-    elapsed = time.perf_counter() - start
-    rate = torch.tensor([2.0 * a.shape[0] * a.shape[1] * b.shape[1] * done / elapsed])
+    flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1] * done
+    rate = torch.tensor([flops / (time.perf_counter() - start)], device=device())
     dist.all_reduce(rate)  # the ranks' FLOP/s, added up
     return rate.item()
 
