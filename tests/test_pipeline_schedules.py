@@ -1,6 +1,7 @@
 """Interleaved 1F1B and ZB-H1: valid orders, their ideal bubbles equal the formulas, and on 2 and
 4 ranks they give the serial loss and gradients (float64), as 1F1B does; breaks are caught."""
 
+import itertools
 from collections import Counter, defaultdict
 
 import pytest
@@ -24,7 +25,7 @@ from cai_labs.pipeline import (
 )
 from cai_labs.pipeline import partition as partition_mod
 from cai_labs.pipeline import schedules as schedules_mod
-from cai_labs.pipeline.formulas import in_flight_microbatches
+from cai_labs.pipeline.formulas import in_flight_microbatches, zb_h1_bubble
 from cai_labs.pipeline.split_backward import record_module_outputs
 
 SCHEDULES = schedules_mod.SCHEDULES
@@ -69,15 +70,15 @@ def check_ops(orders: list[list[tuple]], p: int, m: int, v: int) -> bool:
     return split
 
 
-def play(orders: list[list[tuple]], p: int, m: int, v: int = 1) -> dict:
-    """Run the orders on an ideal pipeline: F takes 1, B 2 (1 where W takes the other 1), all
-    divided by ``v``; an op starts when its rank is free and its message has arrived (the k-th
-    receive on a channel ``(src, dst, tag)`` gets the k-th send). Checks that the ops are
-    complete, that every channel's sends and receives carry the same micro-batches in the same
-    order, and that nothing deadlocks. Returns the events and each rank's peak of micro-batches
-    in flight (in units of a whole stage: a chunk counts ``1/v``)."""
+def play(orders: list[list[tuple]], p: int, m: int, v: int = 1, times: dict | None = None) -> dict:
+    """Run the orders on an ideal pipeline: F takes 1, B 2 (1 where W takes the other 1), or
+    ``times``, all divided by ``v``; an op starts when its rank is free and its message has
+    arrived (the k-th receive on a channel ``(src, dst, tag)`` gets the k-th send). Checks that
+    the ops are complete, that every channel's sends and receives carry the same micro-batches
+    in the same order, and that nothing deadlocks. Returns the events and each rank's peak of
+    micro-batches in flight (in units of a whole stage: a chunk counts ``1/v``)."""
     split = check_ops(orders, p, m, v)
-    n, dur = p * v, {"F": 1.0, "B": 1.0 if split else 2.0, "W": 1.0}
+    n, dur = p * v, times or {"F": 1.0, "B": 1.0 if split else 2.0, "W": 1.0}
     sends, recvs = defaultdict(list), defaultdict(list)
     for r, order in enumerate(orders):
         for kind, i, c in order:
@@ -145,6 +146,18 @@ def test_ideal_bubble_equals_the_formula(schedule, p, m):
 def test_ideal_interleaved_bubble_equals_the_formula(p, v, m):
     got = measured_bubble(play(orders_of("interleaved", p, m, v), p, m, v)["events"])["bubble"]
     assert got == pytest.approx(bubble_fraction("interleaved", p, m, v), abs=8 * 2**-52)
+
+
+TIMES = (0.25, 0.5, 1.0, 1.5, 3.0)
+
+
+@pytest.mark.parametrize("p, m", [(2, 2), (2, 5), (3, 6), (4, 4), (5, 8)])
+def test_ideal_zb_h1_bubble_with_unequal_times_equals_the_formula(p, m):
+    orders = orders_of("zb-h1", p, m)
+    for t_f, t_b, t_w in itertools.product(TIMES, repeat=3):
+        events = play(orders, p, m, times={"F": t_f, "B": t_b, "W": t_w})["events"]
+        want = zb_h1_bubble(p, m, t_f, t_b, t_w)
+        assert measured_bubble(events)["bubble"] == pytest.approx(want, abs=8 * 2**-52)
 
 
 @pytest.mark.parametrize("p, m", [(p, m) for p, m in GRID if p > 1])
@@ -279,6 +292,13 @@ def test_interleaved_and_zb_h1_equal_serial_and_1f1b(ranks):
         assert names == {"F": N_MICRO, "B": N_MICRO, "W": N_MICRO}
     b = measured_bubble(step_events([r["zb-h1"]["timeline"] for r in res], step=0))
     assert 0.0 < b["bubble"] < 1.0
+    # Memory: ZB-H1 holds min(p, m) micro-batches on every stage, 1F1B p - s: measured saved
+    # activation bytes in that ratio (the last stage, which also keeps the loss's, left out).
+    zb, ofob = [r["zb-h1"]["peak_act"] for r in res], [r["1f1b"]["peak_act"] for r in res]
+    assert zb[0] == ofob[0]
+    for s in range(ranks - 1):
+        want = in_flight_microbatches("zb-h1", s, ranks, N_MICRO)
+        assert zb[s] * in_flight_microbatches("1f1b", s, ranks, N_MICRO) == ofob[s] * want
 
 
 def test_zb_h1_skipping_the_last_weight_pass_is_caught(monkeypatch):
@@ -311,6 +331,8 @@ def test_bad_schedule_inputs_raise_clear_errors():
         interleaved_order(0, 4, 6, 2)
     with pytest.raises(ValueError, match=r"at least as many micro-batches \(2\) as stages \(4\)"):
         bubble_fraction("zb-h1", 4, 2)
+    with pytest.raises(ValueError, match="op times must be positive"):
+        zb_h1_bubble(2, 4, 1.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="schedule must be one of"):
         bubble_fraction("zb-h2", 4, 8)
     assert bubble_fraction("interleaved", 4, 8, 2) == 3 / 19

@@ -13,6 +13,7 @@ __all__ = [
     "PIPELINE_SCHEDULES",
     "bubble_formula",
     "bubble_fraction",
+    "zb_h1_bubble",
     "in_flight_microbatches",
     "p2p_sent_bytes",
     "P2P_HEADER_BYTES",
@@ -41,15 +42,29 @@ def bubble_fraction(schedule: str, n_stages: int, n_micro: int, chunks: int = 1)
     _check(schedule, n_stages, n_micro, chunks)
     p, m = n_stages, n_micro
     if schedule == "zb-h1":
-        if m < p:
-            raise ValueError(
-                f"the zb-h1 bubble formula needs at least as many micro-batches ({m}) as "
-                f"stages ({p}), so that every stage reaches its steady state; raise "
-                "--microbatches"
-            )
-        return (p - 1) / (3 * m + p - 1)
+        return zb_h1_bubble(p, m)
     v = chunks if schedule == "interleaved" else 1
     return (p - 1) / (v * m + p - 1)
+
+
+def zb_h1_bubble(
+    n_stages: int, n_micro: int, t_f: float = 1.0, t_b: float = 1.0, t_w: float = 1.0
+) -> float:
+    """ZB-H1's idle fraction for forward, input-gradient and weight-gradient times ``t_f``,
+    ``t_b``, ``t_w`` (per micro-batch and stage): each stage is busy ``m (t_f + t_b + t_w)``
+    and idles ``(p - 1) (t_f + t_b - t_w)`` (Qi et al. 2023, section 3.1) while ``t_w <=
+    min(t_f, t_b)``; a longer ``W`` no longer fits the gaps and the idle time is
+    ``(p - 1) max(t_f, t_b)``. Needs ``m >= p``."""
+    p, m = n_stages, n_micro
+    if m < p:
+        raise ValueError(
+            f"the zb-h1 bubble formula needs at least as many micro-batches ({m}) as "
+            f"stages ({p}), so that every stage reaches its steady state; raise --microbatches"
+        )
+    if min(t_f, t_b, t_w) <= 0:
+        raise ValueError(f"op times must be positive; got {t_f}, {t_b}, {t_w}")
+    idle = (p - 1) * max(t_f + t_b - t_w, t_f, t_b)
+    return idle / (m * (t_f + t_b + t_w) + idle)
 
 
 def in_flight_microbatches(

@@ -179,7 +179,7 @@ class _Step:
                 grad_x, self.pending[(c, i)] = backward_input(out, grad, x, records)
             else:
                 out.backward(grad)
-                grad_x = x.grad
+                grad_x = None if first else x.grad
         if not first:
             if grad_x is None:
                 raise RuntimeError(
