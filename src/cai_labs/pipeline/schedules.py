@@ -216,7 +216,8 @@ def pipeline_step(
             ``c * n_stages + stage`` of ``v * n_stages``.
         links: the global ranks of the previous and next stage (for ``"interleaved"``,
             :meth:`StageLinks.ring`).
-        stage, n_stages: this rank's place in the pipeline and the number of pipeline ranks.
+        stage: this rank's place in the pipeline, ``0 .. n_stages - 1``.
+        n_stages: the number of pipeline ranks ``p``.
         inputs: the batch ``(B, ...)``, fed to the first stage (passed on every stage: its size
             fixes the shapes of the messages).
         targets: the batch's targets ``(B, ...)``, scored on the last stage.
