@@ -79,15 +79,20 @@ def play(orders: list[list[tuple]], p: int, m: int, v: int = 1, times: dict | No
     micro-batches in flight (in units of a whole stage: a chunk counts ``1/v``)."""
     split = check_ops(orders, p, m, v)
     n, dur = p * v, times or {"F": 1.0, "B": 1.0 if split else 2.0, "W": 1.0}
-    sends, recvs = defaultdict(list), defaultdict(list)
+    sends, recvs = defaultdict(list), defaultdict(list)  # channel -> micro-batches, in order
+    pair_sends, pair_recvs = defaultdict(list), defaultdict(list)  # (src, dst rank) -> messages
     for r, order in enumerate(orders):
         for kind, i, c in order:
             recv, send = _messages(kind, c * p + r, n)
             for ch in recv:
                 recvs[ch].append(i)
+                pair_recvs[(ch[0] % p, r)].append((ch, i))
             for ch in send:
                 sends[ch].append(i)
+                pair_sends[(r, ch[1] % p)].append((ch, i))
     assert dict(sends) == dict(recvs), "sends and receives do not match channel by channel"
+    # A backend that ignores tags (NCCL) matches a pair of ranks' messages in order.
+    assert dict(pair_sends) == dict(pair_recvs), "messages out of order between a pair of ranks"
     arrived: dict[tuple, list[float]] = defaultdict(list)  # channel -> arrival times
     taken: Counter = Counter()  # channel -> messages received so far
     pos, free, events = [0] * p, [0.0] * p, []
@@ -197,12 +202,16 @@ def test_broken_orders_are_caught():
     with pytest.raises(AssertionError, match="ops"):
         play([[(k, i, 0) for k, i in _zb_without_last_w(r, 3, 4)] for r in range(3)], 3, 4)
     broken = [_interleaved_backward_same_chunks(r, 2, 4, 2) for r in range(2)]
-    with pytest.raises(AssertionError, match="deadlock"):
+    with pytest.raises(AssertionError, match="out of order between a pair|deadlock"):
         play(broken, 2, 4, 2)
     swapped = orders_of("1f1b", 2, 4)
     swapped[1][0], swapped[1][1] = swapped[1][1], swapped[1][0]  # B0 before F0 on stage 1
     with pytest.raises(AssertionError, match="before F"):
         play(swapped, 2, 4)
+    crossed = orders_of("gpipe", 2, 4)
+    crossed[1][0], crossed[1][1] = crossed[1][1], crossed[1][0]  # stage 1 takes F1 first
+    with pytest.raises(AssertionError, match="channel by channel"):
+        play(crossed, 2, 4)
 
 
 # -- on ranks: equal to serial and to 1F1B, in float64 ----------------------------------------

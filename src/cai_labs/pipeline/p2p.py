@@ -13,11 +13,12 @@ The receiver must allocate a buffer of the right shape. The first time a micro-b
 used on a link, the sender first sends a small header (rank, shape, dtype code) and both sides
 remember it; afterwards only the tensors travel.
 
-Every message carries a ``tag``. With one stage per rank the two directions of a link come from
-different peers and the tag is 0. The interleaved schedule links the last rank back to the first
-(a ring; on 2 ranks both neighbours are the same rank), so several streams share a pair of ranks;
-it tags each stage boundary and direction apart, and gloo matches a receive only with a send of
-its tag. (NCCL ignores tags and matches sends and receives of a pair of ranks in order.)
+Every message carries a ``tag`` (0 unless given). The interleaved schedule links the last rank
+back to the first (a ring; on 2 ranks both neighbours are the same rank), so several streams
+share a pair of ranks: :func:`~cai_labs.pipeline.schedules.pipeline_step` tags each stage boundary
+and direction apart, and gloo matches a receive only with a send of its tag. NCCL ignores tags
+and matches a pair of ranks' messages in order; the schedules' orders keep that order too
+(checked on the orders; only gloo is run here).
 """
 
 from __future__ import annotations
