@@ -3,7 +3,8 @@
 **Formula.** With ``p`` stages and ``m`` micro-batches, if every stage takes the same time ``t``
 for a micro-batch's forward plus backward, a step lasts ``(m + p - 1) t`` (the last micro-batch
 enters stage ``p-1`` after ``p-1`` slots) while each stage computes for ``m t``. The idle fraction
-is ``(p - 1) / (m + p - 1)`` for GPipe and 1F1B alike.
+is ``(p - 1) / (m + p - 1)`` for GPipe and 1F1B alike; interleaved 1F1B and ZB-H1 shrink it
+(:func:`~cai_labs.pipeline.formulas.bubble_fraction`).
 
 **Measurement.** Take each stage's ``F``/``B`` (and ``W``) events of one step. The step's span
 runs from the earliest start to the latest end over all stages; a stage's busy time is the sum of
