@@ -10,7 +10,9 @@ assumes ``T_F = T_B = T_W``; the measured op times are printed, with the bubble 
 (:func:`~cai_labs.pipeline.formulas.zb_h1_bubble`).
 
 The median over the measured steps is printed; a loaded machine (other processes on the cores)
-shows up as extra idle time. Nothing is asserted on time.
+shows up as extra idle time, most where messages are most frequent (interleaved): a rank
+blocked in a receive waits for the scheduler to wake it. ``--no-pin`` lets the OS move the ranks
+(on a loaded machine a pinned rank cannot leave a busy core). Nothing is asserted on time.
 
     PYTHONPATH=src python benchmarks/bench_pipeline_schedules.py [--micro 4] [--steps 5]
 """
@@ -43,12 +45,13 @@ def tanh_layers(d: int, layers: int, seed: int) -> nn.Sequential:
 def _pin(rank: int) -> None:
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cores[rank % len(cores)]})
-    torch.set_num_threads(1)
 
 
 def worker(schedule: str, args: argparse.Namespace) -> dict:
     rank, p = dist.get_rank(), dist.get_world_size()
-    _pin(rank)
+    torch.set_num_threads(1)
+    if args.pin:
+        _pin(rank)
     if schedule == "interleaved":  # the same layers per rank, in v chunks of layers / v
         per_chunk = args.layers // args.chunks
         module = [tanh_layers(args.d, per_chunk, seed=10 * rank + c) for c in range(args.chunks)]
@@ -95,12 +98,14 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=512, help="layer width")
     ap.add_argument("--layers", type=int, default=4, help="tanh(Linear) layers per rank")
     ap.add_argument("--rows", type=int, default=512, help="rows per micro-batch")
+    ap.add_argument("--no-pin", dest="pin", action="store_false", help="let the OS place the ranks")
     args, _ = ap.parse_known_args()  # nox -s bench passes the same arguments to every script
     if args.layers % args.chunks:
         raise SystemExit(f"--layers {args.layers} must be a multiple of --chunks {args.chunks}")
     load = os.getloadavg()[0]
+    placed = "one core and one thread each" if args.pin else "one thread each, unpinned"
     print(
-        f"p = {RANKS} ranks, one core and one thread each, on a machine of {os.cpu_count()} "
+        f"p = {RANKS} ranks, {placed}, on a machine of {os.cpu_count()} "
         f"cores (load average {load:.1f} at start); m = {args.micro}, v = {args.chunks}; "
         f"{args.layers} x tanh(Linear({args.d}, {args.d})) per rank, {args.rows} rows per "
         f"micro-batch; median of {args.steps} steps"
