@@ -114,6 +114,18 @@ def test_parameters_saved_by_ops_are_not_activations():
     assert ledger.report()["memory"]["peak_activations"] == 4 * 10 * 4
 
 
+def test_activations_kept_by_a_retained_graph_are_freed_with_it():
+    """tanh saves its *output*: held with its grad_fn, it would keep the graph alive after a
+    backward with retain_graph=True (a split backward runs that way), and never be freed."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    with Ledger(model=model) as ledger:
+        out = model(torch.randn(4, 8, requires_grad=True)).sum()
+        out.backward(retain_graph=True)
+        assert ledger.live_activations == 2 * 4 * 8 * 4  # the input and the tanh output
+        del out
+        assert ledger.live_activations == 0
+
+
 def test_timeline_events_are_ordered_and_carry_meta():
     with Ledger() as ledger:
         with ledger.event("forward", microbatch=0):

@@ -313,7 +313,9 @@ class Ledger:
             entry[1] += 1
         # Autograd holds the packed object exactly as long as it keeps the activation for
         # backward; its end (not the tensor's, which the caller may still hold) frees the count.
-        saved = _Saved(t)
+        # Detached: an op's saved *output* would otherwise hold its own grad_fn, a cycle that
+        # outlives the graph once backward kept it (retain_graph=True) and is never freed.
+        saved = _Saved(t.detach())
         weakref.finalize(saved, self._release, ptr)
         return saved
 

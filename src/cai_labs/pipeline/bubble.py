@@ -3,11 +3,12 @@
 **Formula.** With ``p`` stages and ``m`` micro-batches, if every stage takes the same time ``t``
 for a micro-batch's forward plus backward, a step lasts ``(m + p - 1) t`` (the last micro-batch
 enters stage ``p-1`` after ``p-1`` slots) while each stage computes for ``m t``. The idle fraction
-is ``(p - 1) / (m + p - 1)`` for GPipe and 1F1B alike.
+is ``(p - 1) / (m + p - 1)`` for GPipe and 1F1B alike; interleaved 1F1B and ZB-H1 shrink it
+(:func:`~cai_labs.pipeline.formulas.bubble_fraction`).
 
-**Measurement.** Take each stage's ``F``/``B`` events of one step. The step's span runs from the
-earliest start to the latest end over all stages; a stage's busy time is the sum of its event
-durations; its bubble is ``1 - busy / span``; the pipeline's is the mean over stages.
+**Measurement.** Take each stage's ``F``/``B`` (and ``W``) events of one step. The step's span
+runs from the earliest start to the latest end over all stages; a stage's busy time is the sum of
+its event durations; its bubble is ``1 - busy / span``; the pipeline's is the mean over stages.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ __all__ = ["measured_bubble", "step_events"]  # bubble_formula: see pipeline.for
 
 
 def step_events(timelines: Iterable[list[dict]], step: int) -> list[dict]:
-    """The ``F``/``B`` events tagged ``step=step`` from every rank's timeline."""
-    return [e for tl in timelines for e in tl if e.get("step") == step and e["name"] in ("F", "B")]
+    """The ``F``/``B``/``W`` events tagged ``step=step`` from every rank's timeline."""
+    ops = ("F", "B", "W")
+    return [e for tl in timelines for e in tl if e.get("step") == step and e["name"] in ops]
 
 
 def measured_bubble(events: list[dict]) -> dict[str, float]:

@@ -8,6 +8,10 @@ forward and its gradient travels back.
 
 The blocks are divided as evenly as possible, earlier stages taking the remainder; a stage with
 no block would do nothing useful, so more stages than blocks is an error.
+
+Interleaved 1F1B cuts the model into ``p v`` *virtual* stages and gives rank ``r`` the chunks
+``r, r + p, ..., r + (v - 1) p`` (:func:`virtual_stages`), round-robin, so that a micro-batch
+visits every rank once per chunk.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch import nn
 
 from cai_labs.models.gpt import GPT
 
-__all__ = ["partition_layers", "GPTStage"]
+__all__ = ["partition_layers", "virtual_stages", "GPTStage"]
 
 
 def partition_layers(n_layers: int, n_stages: int) -> list[range]:
@@ -42,6 +46,20 @@ def partition_layers(n_layers: int, n_stages: int) -> list[range]:
         out.append(range(start, start + size))
         start += size
     return out
+
+
+def virtual_stages(rank: int, n_stages: int, chunks: int) -> list[int]:
+    """The virtual stages pipeline rank ``rank`` of ``n_stages`` holds under interleaving with
+    ``chunks`` chunks per rank: chunk ``c`` is virtual stage ``c * n_stages + rank``.
+
+    >>> virtual_stages(1, 4, 2)
+    [1, 5]
+    """
+    if not 0 <= rank < n_stages or chunks < 1:
+        raise ValueError(
+            f"need 0 <= rank < n_stages and chunks >= 1; got {rank}, {n_stages}, {chunks}"
+        )
+    return [c * n_stages + rank for c in range(chunks)]
 
 
 class GPTStage(nn.Module):

@@ -1,0 +1,136 @@
+"""Pipeline schedules on the same model: measured bubble next to its formula, one run.
+
+GPipe, 1F1B, interleaved 1F1B (``v`` chunks per rank) and ZB-H1 run on ``p = 2`` ranks, each
+rank pinned to its own core with one thread, on equal stages of ``tanh(Linear)`` layers whose
+micro-batches take tens of milliseconds, so that computation dominates the step (the formulas'
+condition). The bubble is measured from the ledger's ``F``/``B``/``W`` events
+(:func:`~cai_labs.pipeline.measured_bubble`: idle time over the step's span, mean over ranks);
+the formula is :func:`~cai_labs.pipeline.formulas.bubble_fraction`. For ZB-H1 the formula
+assumes ``T_F = T_B = T_W``; the measured op times are printed, with the bubble for those times
+(:func:`~cai_labs.pipeline.formulas.zb_h1_bubble`).
+
+The median over the measured steps is printed; a loaded machine (other processes on the cores)
+shows up as extra idle time, most where messages are most frequent (interleaved): a rank
+blocked in a receive waits for the scheduler to wake it. ``--no-pin`` lets the OS move the ranks
+(on a loaded machine a pinned rank cannot leave a busy core). Nothing is asserted on time.
+
+    PYTHONPATH=src python benchmarks/bench_pipeline_schedules.py [--micro 4] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cai_labs import Ledger, launch
+from cai_labs.pipeline import StageLinks, measured_bubble, pipeline_step, step_events
+from cai_labs.pipeline.formulas import bubble_fraction, zb_h1_bubble
+
+RANKS = 2
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+
+
+def tanh_layers(d: int, layers: int, seed: int) -> nn.Sequential:
+    """``layers`` x tanh(Linear(d, d)): F, B (input gradient) and W (weight gradient) are one
+    ``d x d`` matrix product each per row, so ``T_F ~ T_B ~ T_W``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(d, d), nn.Tanh())])
+
+
+def _pin(rank: int) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})
+
+
+def worker(schedule: str, args: argparse.Namespace) -> dict:
+    rank, p = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    if args.pin:
+        _pin(rank)
+    if schedule == "interleaved":  # the same layers per rank, in v chunks of layers / v
+        per_chunk = args.layers // args.chunks
+        module = [tanh_layers(args.d, per_chunk, seed=10 * rank + c) for c in range(args.chunks)]
+        links = StageLinks.ring(rank, p)
+    else:
+        module = tanh_layers(args.d, args.layers, seed=rank)
+        links = StageLinks(rank - 1 if rank > 0 else None, rank + 1 if rank < p - 1 else None)
+    rows = args.rows * args.micro
+    x = torch.randn(rows, args.d, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    y = torch.zeros(rows, args.d)  # stage 0 computes its input gradient too, like every stage
+    with Ledger(track_activations=False) as ledger:
+        for step in range(args.steps + 1):  # step 0 warms up (shape handshakes, allocator)
+            dist.barrier()
+            pipeline_step(
+                module,
+                links,
+                stage=rank,
+                n_stages=p,
+                inputs=x,
+                targets=y,
+                n_micro=args.micro,
+                loss_fn=nn.functional.mse_loss,
+                schedule=schedule,
+                ledger=ledger,
+                step=step,
+            )
+    timelines = [None] * p
+    dist.all_gather_object(timelines, ledger.report()["timeline"])
+    steps = [step_events(timelines, s) for s in range(1, args.steps + 1)]
+    v = args.chunks if schedule == "interleaved" else 1
+    times = {  # per micro-batch through the rank's whole stage (v chunks)
+        k: v * statistics.median(d)
+        for k in ("F", "B", "W")
+        if (d := [e["end"] - e["start"] for ev in steps for e in ev if e["name"] == k])
+    }
+    return {"bubbles": [measured_bubble(ev)["bubble"] for ev in steps], "times": times}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--micro", type=int, default=4, help="micro-batches m (a multiple of p)")
+    ap.add_argument("--chunks", type=int, default=2, help="chunks per rank v (interleaved)")
+    ap.add_argument("--steps", type=int, default=5, help="measured steps per schedule")
+    ap.add_argument("--d", type=int, default=512, help="layer width")
+    ap.add_argument("--layers", type=int, default=4, help="tanh(Linear) layers per rank")
+    ap.add_argument("--rows", type=int, default=512, help="rows per micro-batch")
+    ap.add_argument("--no-pin", dest="pin", action="store_false", help="let the OS place the ranks")
+    args, _ = ap.parse_known_args()  # nox -s bench passes the same arguments to every script
+    if args.layers % args.chunks:
+        raise SystemExit(f"--layers {args.layers} must be a multiple of --chunks {args.chunks}")
+    load = os.getloadavg()[0]
+    placed = "one core and one thread each" if args.pin else "one thread each, unpinned"
+    print(
+        f"p = {RANKS} ranks, {placed}, on a machine of {os.cpu_count()} "
+        f"cores (load average {load:.1f} at start); m = {args.micro}, v = {args.chunks}; "
+        f"{args.layers} x tanh(Linear({args.d}, {args.d})) per rank, {args.rows} rows per "
+        f"micro-batch; median of {args.steps} steps"
+    )
+    print(
+        f"{'schedule':<12} {'measured':>9} {'min-max':>13} {'formula':>8} {'ratio':>6}  "
+        "median op time per micro-batch and stage, ms (B: whole backward unless W)"
+    )
+    for schedule in SCHEDULES:
+        res = launch(worker, RANKS, schedule, args)
+        got = statistics.median(res["bubbles"])
+        v = args.chunks if schedule == "interleaved" else 1
+        want = bubble_fraction(schedule, RANKS, args.micro, v)
+        lo, hi = min(res["bubbles"]), max(res["bubbles"])
+        ops = "  ".join(f"{k} {t * 1e3:.1f}" for k, t in res["times"].items())
+        print(f"{schedule:<12} {got:9.3f} {lo:6.3f}-{hi:6.3f} {want:8.3f} {got / want:6.2f}  {ops}")
+        if schedule == "zb-h1":
+            t = res["times"]
+            with_times = zb_h1_bubble(RANKS, args.micro, t["F"], t["B"], t["W"])
+            print(
+                f"{'':<12} formula with the measured T_F, T_B, T_W: {with_times:.3f}, "
+                f"ratio {got / with_times:.2f}"
+            )
+    print(f"load average at end {os.getloadavg()[0]:.1f} (measured under this load)")
+
+
+if __name__ == "__main__":
+    main()
