@@ -697,6 +697,111 @@ print(
 # and scheduling, not the schedule: the first run measures the machine. Raise ``SIZED_MICRO`` to
 # shrink the bubble, ``SIZED_MICRO_BATCH`` to lengthen the events.
 #
+# Smaller bubbles: interleaved 1F1B and zero-bubble ZB-H1
+# -------------------------------------------------------
+# Two schedules shrink the bubble without more micro-batches. **Interleaved 1F1B**
+# (Narayanan et al. 2021) gives each rank ``v`` chunks of layers, round-robin (rank 0 holds
+# chunks 0 and ``p``, ...), so a slot lasts ``1/v`` as long and the bubble is
+# :math:`(p-1)/(vm+p-1)`, at the price of ``v`` times as many messages. **ZB-H1** (Qi et al.
+# 2023) splits each backward into B, the input gradient the previous stage is waiting for, and
+# W, the weight gradient nobody waits for; W fills the idle slots, and with
+# :math:`T_F = T_B = T_W` the bubble is :math:`(p-1)/(3m+p-1)`, with 1F1B's memory.
+# :mod:`cai_labs.pipeline.schedules` writes each as an order of F, B and W ops; the tests check
+# every order for dependencies and matched messages, and all four give the serial gradients.
+# Below, all four run on the same equal stages of ``tanh(Linear)`` layers, one rank per core.
+
+from cai_labs.pipeline import StageLinks, pipeline_step
+from cai_labs.pipeline.formulas import bubble_fraction, zb_h1_bubble
+
+SCHED_D, SCHED_LAYERS, SCHED_ROWS, SCHED_CHUNKS = 512, 4, 512, 2
+
+# %%
+# Equal stages: every rank gets the same layers, as pieces for the interleaved run.
+
+
+def tanh_stage(chunks: int, rank: int) -> list[torch.nn.Module]:
+    """This rank's ``SCHED_LAYERS`` layers of tanh(Linear), cut into ``chunks`` pieces."""
+    torch.manual_seed(SEED + rank)
+    per = SCHED_LAYERS // chunks
+    layer = lambda: [torch.nn.Linear(SCHED_D, SCHED_D), torch.nn.Tanh()]  # noqa: E731
+    return [
+        torch.nn.Sequential(*[m for _ in range(per) for m in layer()]).to(device())
+        for _ in range(chunks)
+    ]
+
+
+def stage_links(rank: int, p: int, ring: bool) -> StageLinks:
+    """The neighbours of a rank: a line of stages, or a ring when chunks wrap around."""
+    if ring:
+        return StageLinks.ring(rank, p)
+    return StageLinks(rank - 1 if rank > 0 else None, rank + 1 if rank < p - 1 else None)
+
+
+def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(out, target)
+
+
+# %%
+# Each rank runs ``SIZED_STEPS`` steps of one schedule and hands back its timeline:
+
+
+def schedule_worker(schedule: str) -> list[list[dict]]:
+    rank, p = dist.get_rank(), dist.get_world_size()
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})
+    v = SCHED_CHUNKS if schedule == "interleaved" else 1
+    chunks, links = tanh_stage(v, rank), stage_links(rank, p, ring=v > 1)
+    x = torch.randn(SCHED_ROWS * SIZED_MICRO, SCHED_D, device=device()).requires_grad_()
+    run = dict(stage=rank, n_stages=p, inputs=x, targets=torch.zeros_like(x), schedule=schedule)
+    with Ledger(track_activations=False) as ledger:
+        for step in range(SIZED_STEPS):
+            dist.barrier()
+            module = chunks if v > 1 else chunks[0]
+            pipeline_step(
+                module, links, n_micro=SIZED_MICRO, loss_fn=mse, ledger=ledger, step=step, **run
+            )
+    return report.from_every_rank(ledger.timeline)
+
+
+# %%
+# The four schedules, measured, next to their formulas:
+
+sched_rows, timelines = [], {}
+for schedule in ("gpipe", "1f1b", "interleaved", "zb-h1"):
+    tl = timelines[schedule] = launch(schedule_worker, SIZED_STAGES, schedule)
+    got = float(
+        np.median([measured_bubble(step_events(tl, s))["bubble"] for s in range(1, SIZED_STEPS)])
+    )
+    v = SCHED_CHUNKS if schedule == "interleaved" else 1
+    want = bubble_fraction(schedule, SIZED_STAGES, SIZED_MICRO, v)
+    sched_rows.append(
+        {
+            "schedule": schedule,
+            "measured bubble": got,
+            "formula": want,
+            "measured / formula": got / want,
+        }
+    )
+report.table(sched_rows, index="schedule")
+
+# %%
+# ZB-H1's formula assumes F, B and W take the same time; the second line below uses the
+# times measured in the last run. Interleaving sends ``v`` times as many messages, and each
+# wait for one is idle time the formula does not count.
+
+ev = step_events(timelines["zb-h1"], SIZED_STEPS - 1)
+op_ms = {
+    k: 1e3 * float(np.median([e["end"] - e["start"] for e in ev if e["name"] == k]))
+    for k in ("F", "B", "W")
+}
+print("median op times (ms):", {k: round(t, 1) for k, t in op_ms.items()})
+print(
+    f"ZB-H1 formula with the measured times: "
+    f"{zb_h1_bubble(SIZED_STAGES, SIZED_MICRO, *op_ms.values()):.3f}; "
+    f"measured {sched_rows[-1]['measured bubble']:.3f}"
+)
+
+# %%
 # PyTorch side by side
 # --------------------
 # PyTorch ships both techniques, and both run on CPU:
