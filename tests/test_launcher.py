@@ -177,3 +177,38 @@ def test_forked_ranks_stay_on_one_thread():
     with pytest.raises(RankFailed, match="computes on one thread"):
         launch(greedy, 2, timeout=60)
     assert not _children()
+
+
+_HIGHLIGHT = (
+    "import sys; from pygments import highlight; from pygments.formatters import HtmlFormatter; "
+    "from pygments.lexers import PythonTracebackLexer; "
+    "highlight(sys.stdin.read(), PythonTracebackLexer(), HtmlFormatter())"
+)
+_DUMP = 'Current thread 0x00007f2a (most recent call first):\n  File "b.py", line 979 in step\n'
+_TRACE = 'Traceback (most recent call last):\n  File "a.py", line 1, in <module>\n    f()\n'
+
+
+def _highlights_within(text: str, seconds: float = 30.0) -> bool:
+    """Whether sphinx-gallery's traceback highlighter gets through ``text`` in time."""
+    import subprocess
+    import sys
+
+    try:
+        subprocess.run(
+            [sys.executable, "-c", _HIGHLIGHT], input=text, text=True, timeout=seconds, check=True
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def test_rank_stacks_in_a_timeout_do_not_hang_the_docs_highlighter():
+    from cai_labs.launcher import traceback_form
+
+    assert traceback_form(_DUMP).endswith("line 979, in step\n")
+    assert _highlights_within(_TRACE + "LaunchTimeout: where:\n" + traceback_form(_DUMP))
+
+
+def test_the_raw_faulthandler_form_is_what_hangs_it():
+    if _highlights_within(_TRACE + "LaunchTimeout: where:\n" + _DUMP, seconds=10.0):
+        pytest.skip("this Pygments highlights faulthandler's frames: the rewrite is not needed")

@@ -38,6 +38,7 @@ import faulthandler
 import io
 import os
 import pickle
+import re
 import shutil
 import signal
 import sys
@@ -348,7 +349,19 @@ def _stacks(procs: dict[int, Any], stack_paths: list[str], wait: float = 1.0) ->
             break
         time.sleep(0.05)
     silent = "(no stack: the rank did not answer)"
-    return "\n".join(f"--- rank {rank} ---\n{out.get(rank) or silent}" for rank in procs)
+    return "\n".join(
+        f"--- rank {rank} ---\n{traceback_form(out.get(rank) or silent)}" for rank in procs
+    )
+
+
+_FAULTHANDLER_FRAME = re.compile(r'^(\s*File ".*", line \d+) in ', re.M)
+
+
+def traceback_form(stack: str) -> str:
+    """faulthandler's frames (``File "x", line 3 in f``) written as a traceback's
+    (``File "x", line 3, in f``): Pygments' traceback lexer, which sphinx-gallery uses for a
+    page's exception, loops forever on the former and would hang the docs build."""
+    return _FAULTHANDLER_FRAME.sub(r"\1, in ", stack)
 
 
 def _death_note(proc: BaseProcess) -> str:
