@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import FunctionCtx
 
 from cai_labs.sequence_parallel.chunking import causal_scores, gather_padding_mask, masked_scores
 
@@ -110,7 +111,7 @@ class RingQK(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, ring: _Ring) -> torch.Tensor:
+    def forward(ctx: FunctionCtx, q: torch.Tensor, k: torch.Tensor, ring: _Ring) -> torch.Tensor:
         """Compute the result; see the class docstring."""
         b, h, c, _ = q.shape
         scores = q.new_empty(b, h, c, c * ring.size)
@@ -124,7 +125,7 @@ class RingQK(torch.autograd.Function):
         return scores
 
     @staticmethod
-    def backward(ctx, d_scores: torch.Tensor):
+    def backward(ctx: FunctionCtx, d_scores: torch.Tensor):
         """Gradients of the inputs; see the class docstring."""
         q, k = ctx.saved_tensors
         ring, c = ctx.ring, q.shape[2]
@@ -146,7 +147,9 @@ class RingAV(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, probs: torch.Tensor, v: torch.Tensor, ring: _Ring) -> torch.Tensor:
+    def forward(
+        ctx: FunctionCtx, probs: torch.Tensor, v: torch.Tensor, ring: _Ring
+    ) -> torch.Tensor:
         """Compute the result; see the class docstring."""
         c = v.shape[2]
         out = torch.zeros_like(v)
@@ -160,7 +163,7 @@ class RingAV(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, d_out: torch.Tensor):
+    def backward(ctx: FunctionCtx, d_out: torch.Tensor):
         """Gradients of the inputs; see the class docstring."""
         probs, v = ctx.saved_tensors
         ring, c = ctx.ring, v.shape[2]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import FunctionCtx
 
 from cai_labs.sequence_parallel.ring_attention import _Ring
 
@@ -151,7 +152,9 @@ class _Blocks:
         return out
 
 
-def _ring_forward(q, k, v, scale, blocks: _Blocks):
+def _ring_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, blocks: _Blocks
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Online softmax over every key chunk of the ring; returns ``out`` and ``lse``."""
     ring = blocks.ring
     qs = _split(q)
@@ -179,7 +182,16 @@ def _ring_forward(q, k, v, scale, blocks: _Blocks):
     return out, lse
 
 
-def _ring_backward(q, k, v, d_out, out, lse, scale, blocks: _Blocks):
+def _ring_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    d_out: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    blocks: _Blocks,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dq, dk, dv``: blocks recomputed from ``lse``; dK/dV accumulators ride the ring."""
     ring = blocks.ring
     acc_dtype = lse.dtype
@@ -221,7 +233,16 @@ class RingFlashAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, ring: _Ring, scale: float, layout: str, causal: bool):
+    def forward(
+        ctx: FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ring: _Ring,
+        scale: float,
+        layout: str,
+        causal: bool,
+    ) -> torch.Tensor:
         """Compute the result; see the class docstring."""
         blocks = _Blocks(ring, layout, causal)
         out, lse = _ring_forward(q, k, v, scale, blocks)
@@ -230,7 +251,7 @@ class RingFlashAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, d_out):
+    def backward(ctx: FunctionCtx, d_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Gradients of ``q, k, v``; see the class docstring."""
         q, k, v, out, lse = ctx.saved_tensors
         grads = _ring_backward(q, k, v, d_out, out, lse, ctx.scale, ctx.blocks)
