@@ -193,7 +193,8 @@ def soak(requests: int, concurrency: int) -> None:
         print(
             f"soak: {r.sent} requests at concurrency {concurrency} in "
             f"{time.perf_counter() - start:.0f} s; statuses {dict(sorted(r.statuses.items()))}; "
-            f"unanswered or 5xx other than 503: {r.sent - answered} {r.client_errors}; "
+            f"failures (unanswered, or 5xx other than 503): {r.sent - answered}"
+            f"{f' {r.client_errors}' if r.client_errors else ''}; "
             f"server alive: {alive}; "
             f"RSS {before / 1024:.0f} MiB after warm-up -> {after / 1024:.0f} MiB "
             f"({100 * (after - before) / before:+.1f}%)",

@@ -18,9 +18,6 @@ MAX_LINES = 25
 NOT_YET = {
     "tutorial_04_large_batch",
     "tutorial_05_opt_zero_offload",
-    "tutorial_06_serving",
-    "tutorial_07_stable_diffusion_lightning",
-    "tutorial_08_colossalai_system",
 }
 _MARKER = re.compile(r"^(# %%.*|#{20,})$")
 

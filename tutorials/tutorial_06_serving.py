@@ -2,21 +2,26 @@
 Serving the fine-tuned OPT model over HTTP
 ==========================================
 
-Training ends with a checkpoint directory; users meet the model through a service. This page
-puts the OPT model fine-tuned by the recipe of the fine-tuning tutorial behind an HTTP API and
-measures what a serving system adds to ``model.generate``:
+Put a fine-tuned OPT checkpoint behind an HTTP service with continuous batching, a bounded
+queue, a result cache and an OpenAI-compatible API, and measure what each adds to
+``model.generate``.
 
-1. **batching** — requests decoded together, with left padding, so one decoding step serves many
+**In this tutorial** you will
+
+1. **batch** requests, decoded together with left padding, so one decoding step serves many
    users; **continuous** batching (iteration-level scheduling, as in Orca, vLLM and TGI) lets
    requests join and leave the running batch at every step, where **static** batching runs a batch
    until its longest request ends;
-2. a **bounded request queue** that answers "503, retry later" at once when it is full, instead of
-   letting latency grow without bound;
-3. an **LRU result cache** for deterministic requests (greedy, or sampled with a seed);
-4. an **OpenAI-compatible API** (``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``)
-   next to the service's own ``/generate``, **metrics** that matter for serving (time to first
-   token, time per output token, batch occupancy; JSON and Prometheus text), **OpenAPI** docs,
-   **streaming**, and one ``{"error": ...}`` body for every kind of bad request.
+2. bound the **request queue**, which answers "503, retry later" at once when it is full, instead
+   of letting latency grow without bound;
+3. add an **LRU result cache** for deterministic requests (greedy, or sampled with a seed);
+4. speak the **OpenAI API** (``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``)
+   next to the service's own ``/generate``, and read the **metrics** that matter for serving (time
+   to first token, time per output token, batch occupancy; JSON and Prometheus text), the
+   **OpenAPI** docs, **streaming**, and one ``{"error": ...}`` body for every kind of bad request.
+
+**Prerequisites:** the OPT fine-tuning recipe of :doc:`tutorial_05_opt_zero_offload` (it makes
+the checkpoint served here) and the basics of HTTP and JSON.
 
 The service is :func:`cai_labs.serving.create_app` (FastAPI) run by uvicorn. The page starts it
 in background processes on free ports of the loopback interface (127.0.0.1), queries it, checks
@@ -28,10 +33,8 @@ CPU whose cores the load generator and the server share.
 # %%
 # Set-up
 # ------
-# The constants size the run; raise them on your own machine. ``CONCURRENCIES`` are the numbers of
-# clients that each send a request and wait for its answer before sending the next;
-# ``REQUESTS_PER_RUN`` and ``TIME_LIMIT_S`` bound every load-test run, ``REPEATS`` runs of each
-# setting are made and the best is kept.
+# The page needs the serving package, an HTTP client (``httpx``) and the official ``openai``
+# client; the servers it starts are ordinary ``python -m cai_labs.serving`` processes.
 
 import json
 import tempfile
@@ -46,8 +49,16 @@ import openai
 import pandas as pd
 import torch
 
+from cai_labs import build_env
+from cai_labs.exercises import Exercises
 from cai_labs.recipes.opt_finetune import FinetuneConfig, make_finetuned_checkpoint
 from cai_labs.serving import GenerationEngine, GenerationJob, Scheduler, ServerProcess, load_test
+
+# %%
+# The constants size the run; raise them on your own machine. ``CONCURRENCIES`` are the numbers of
+# clients that each send a request and wait for its answer before sending the next;
+# ``REQUESTS_PER_RUN`` and ``TIME_LIMIT_S`` bound every load-test run, ``REPEATS`` runs of each
+# setting are made and the best is kept.
 
 CONCURRENCIES = (1, 4, 16)  # closed-loop clients per load-test run
 REQUESTS_PER_RUN = 48  # bound on requests per run
@@ -61,6 +72,12 @@ QUEUE_SIZE = 64  # bounded queue in front of the batcher
 CACHE_SIZE = 256  # LRU result cache entries
 THREADS = 1  # torch threads of each server process
 torch.set_num_threads(THREADS)
+# Where this page's numbers were measured: three servers and the load generator share its cores.
+print(build_env.describe(libraries=("torch", "transformers", "fastapi", "uvicorn", "httpx")))
+
+# %%
+# The served checkpoint is made here by the fine-tuning recipe (pre-train a small OPT on a
+# word-reversal task, fine-tune it, ``save_pretrained``), so the page needs no download.
 
 workdir = Path(tempfile.mkdtemp(prefix="cai_labs_serving_"))
 start = time.perf_counter()
@@ -143,6 +160,10 @@ def time_batch(b: int, repeats: int = 5) -> float:
         best = min(best, time.perf_counter() - t0)
     return best
 
+
+# %%
+# The best of 5 calls for each batch size, and the gain it would give a server that always had
+# full batches:
 
 batch_times = {b: time_batch(b) for b in (1, 4, MAX_BATCH)}
 engine_table = pd.DataFrame(
@@ -317,6 +338,12 @@ load = [
     {"prompt": task.prompt(w), "max_new_tokens": int(n), "ignore_eos": True, "use_cache": False}
     for w, n in zip(task.test_words, rng.integers(LENGTHS[0], LENGTHS[1] + 1, 64))
 ]
+print(f"{len(load)} requests asking for {min(p['max_new_tokens'] for p in load)}-"
+      f"{max(p['max_new_tokens'] for p in load)} new tokens")  # fmt: skip
+
+# %%
+# One run against one server: reset its metrics, load it, and read back what the client and
+# the server measured.
 
 
 def measure(name: str, concurrency: int, payloads: list[dict]) -> dict:
@@ -333,6 +360,10 @@ def measure(name: str, concurrency: int, payloads: list[dict]) -> dict:
         "cache hits": m["cache"]["hits"], "throughput (req/s)": r.throughput_rps,
     }  # fmt: skip
 
+
+# %%
+# Every server is warmed up first; then the servers take turns at each concurrency, so that
+# whatever else loads the machine meanwhile spreads over all three.
 
 for name in urls:  # warm every server up
     load_test(urls[name], load[:4], concurrency=2, max_requests=4)
@@ -464,11 +495,11 @@ from cai_labs.scale import GPUS, ScaleLayout, get_model, params_per_gpu
 hbm = GPUS["h100"].hbm_bytes
 serve_rows = []
 for name in ("opt-6.7b", "opt-13b", "opt-30b", "opt-66b"):
-    m = get_model(name)
+    spec = get_model(name)
     for tp in (1, 2, 4, 8):
-        weights = 2 * params_per_gpu(m, ScaleLayout(tp=tp))
+        weights = 2 * params_per_gpu(spec, ScaleLayout(tp=tp))
         free = hbm - weights
-        tokens = free / (m.kv_cache_bytes_per_token() / tp) if free > 0 else 0
+        tokens = free / (spec.kv_cache_bytes_per_token() / tp) if free > 0 else 0
         serve_rows.append(
             {
                 "model": name,
@@ -521,3 +552,41 @@ print(checked_here(colossalai_generate))
 
 # %%
 # Only the CPU runs on this page were executed for this build.
+
+# %%
+# Predict, then check
+# -------------------
+# Answer each question before opening its answer; the answers are this build's numbers.
+
+gain16 = engine_table.loc[MAX_BATCH, "ideal gain b·T(1)/T(b)"]
+exercises = Exercises()
+exercises.add(
+    f"One generate call decodes {MAX_BATCH} requests together instead of one. How many times "
+    "the requests per second of a batch of 1 do you expect on this CPU?",
+    f"{gain16:.1f}x (T(1) = {1e3 * batch_times[1]:.0f} ms, T({MAX_BATCH}) = "
+    f"{1e3 * batch_times[MAX_BATCH]:.0f} ms for {NEW_TOKENS} tokens, the engine timing above).",
+)
+exercises.add(
+    f"At {top} clients, how many requests share a decoding step on average, with continuous and "
+    f"with static batching (at most {MAX_BATCH})?",
+    f"{cont['occupancy']:.1f} (continuous) and {stat['occupancy']:.1f} (static); throughput "
+    f"ratio continuous / static {ratio:.2f}x, measured under this build's load.",
+)
+
+# %%
+# Two more, on the queue and on serving at real scale:
+
+exercises.add(
+    f"{burst.sent} clients send at once to a server whose queue holds {QUEUE_SIZE} waiting "
+    f"requests and whose running batch holds {MAX_BATCH}. How many get 503?",
+    f"{burst.rejected} got 503 and {burst.ok} were answered; the deepest queue was "
+    f"{m['queue_depth_max']}. A request that joins the running batch leaves the queue, so the "
+    "answered count depends on how fast the batch drains it while the burst arrives.",
+)
+weights66 = serving.loc[("opt-66b", 8), "weights per GPU (GB)"]
+exercises.add(
+    "OPT-66B in bf16 on 8 tensor-parallel H100s: how many GB of weights per GPU? (Modeled.)",
+    f"{weights66:.1f} GB, leaving room for "
+    f"{serving.loc[('opt-66b', 8), 'KV-cache tokens that fit']:,.0f} cached tokens per GPU.",
+)
+exercises

@@ -2,6 +2,9 @@
 Stable Diffusion with Lightning, and a ZeRO strategy
 ====================================================
 
+Train a toy text-to-image diffusion model with a Lightning ``Trainer`` on 2 CPU ranks, under
+DDP and a ZeRO strategy with offload, and judge whether its samples show the prompted digit.
+
 Stable Diffusion generates an image from a prompt by removing noise step by step, steered by a
 text encoder. Its training loop is usually written with PyTorch Lightning, and Colossal-AI reached
 those users through a Lightning *strategy* (``lightning_colossalai.ColossalAIStrategy``) that swaps
@@ -19,6 +22,9 @@ data parallelism for its ZeRO and memory-management engine without touching the 
    offloaded to host memory, bf16 autocast and activation checkpointing;
 4. generate digits for the prompts "digit 0" ... "digit 9" and have a classifier trained on real
    digits judge whether each sample shows the digit it was asked for.
+
+**Prerequisites:** ZeRO's three stages and offload from :doc:`tutorial_05_opt_zero_offload`,
+data parallelism from :doc:`tutorial_00_data_parallel`, and a first look at a ``LightningModule``.
 
 All ranks are CPU processes on the machine that built this page (``gloo``).
 """
@@ -50,6 +56,7 @@ from cai_labs.diffusion.model import (
     save_components,
 )
 from cai_labs.diffusion.sampling import encode_prompts, generate
+from cai_labs.exercises import Exercises
 from cai_labs.lightning.measure import LedgerCallback
 from cai_labs.lightning.trainer import rank_trainer
 
@@ -74,8 +81,12 @@ page_start = time.perf_counter()
 # that asked OpenMP for more threads than the parent's pool left it would hang: see the
 # docstring of cai_labs.launcher).
 torch.set_num_threads(1)
-
 print(build_env.describe(ranks=WORLD_SIZE))  # where this page's numbers were measured
+
+# %%
+# The data: scikit-learn's handwritten digits, upscaled to ``CONFIG.image_size`` pixels and
+# captioned from a few templates (:func:`~cai_labs.diffusion.data.load_captioned_digits`):
+
 train_set, test_set = load_captioned_digits(size=CONFIG.image_size, seed=SEED)
 print(
     f"{len(train_set)} training images of {tuple(train_set.images.shape[1:])}, "
@@ -451,6 +462,10 @@ pipeline = load_components(checkpoint_dir)
 judge, judge_accuracy = train_digit_classifier(size=CONFIG.image_size, seed=SEED)
 print(f"judge accuracy on held-out real digits: {judge_accuracy:.3f}")
 
+# %%
+# Eight samples per digit with guidance, the same prompts without it (:math:`g = 1`), and one
+# batch drawn twice from the same seed, which must give the same images:
+
 labels = torch.arange(10).repeat_interleave(SAMPLES_PER_DIGIT)
 prompts = [prompt_for(int(d)) for d in labels]
 start = time.perf_counter()
@@ -526,14 +541,19 @@ def v_losses(level: int, captions: dict) -> dict:
 # %%
 # Five noise levels, the right caption and a wrong one (the digit three further on):
 
-probe_rows = []
+pipeline.unet.eval()
+pipeline.text_encoder.eval()
 with torch.no_grad():
-    pipeline.unet.eval()
-    pipeline.text_encoder.eval()
     captions = {
         "right": encode_prompts(pipeline, [prompt_for(int(d)) for d in y]),
         "wrong": encode_prompts(pipeline, [prompt_for(int(d + 3) % 10) for d in y]),
     }
+
+# %%
+# At each level, both losses on the same noised images, and the gap in both objectives' units:
+
+probe_rows = []
+with torch.no_grad():
     for level in (50, 250, 500, 750, 950):
         loss = v_losses(level, captions)
         abar = scheduler.alphas_cumprod[level].item()
@@ -641,3 +661,29 @@ print(checked_here(colossalai_gemini_unet))
 # ``cai_labs.device()`` is one (the process group then comes from ``torchrun``'s environment).
 
 print(f"page executed in {time.perf_counter() - page_start:.0f} s")
+
+# %%
+# Predict, then check
+# -------------------
+# Answer each question before opening its answer; the answers are this build's numbers.
+
+ddp_opt = table.loc["Lightning DDP", "optimizer"]
+zero1_opt = table.loc["cai_labs ZeRO-1", "optimizer"]
+exercises = Exercises()
+exercises.add(
+    f"The UNet and text encoder have Psi = {psi:,} parameters. How many MiB of Adam state does "
+    f"rank 0 hold under Lightning DDP, and under ZeRO-1 on {WORLD_SIZE} ranks?",
+    f"Measured {ddp_opt:.2f} MiB (DDP) and {zero1_opt:.2f} MiB (ZeRO-1); the formula 8 Psi and "
+    f"8 Psi / N gives {8 * psi / MiB:.2f} and {8 * psi / WORLD_SIZE / MiB:.2f} MiB.",
+)
+exercises.add(
+    "Does bf16 autocast make a training step of this toy UNet faster than fp32 on this CPU?",
+    f"{'No' if bf16_ratio > 1 else 'Yes'}: bf16 step / fp32 step = {bf16_ratio:.2f} in this build "
+    f"(bf16 instructions of this CPU: {', '.join(native_bf16)}).",
+)
+exercises.add(
+    "Without classifier-free guidance (g = 1), what share of the samples will the judge read as "
+    f"the prompted digit, against {hits.mean():.2f} with g = {GUIDANCE}?",
+    f"{unguided_score:.3f} (chance is 0.100).",
+)
+exercises

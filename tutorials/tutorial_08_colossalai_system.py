@@ -2,6 +2,9 @@
 Colossal-AI 0.5.0 as a system: its components, and what of it runs on CPU
 ==========================================================================
 
+See Colossal-AI 0.5.0 as one system of launcher, Booster plugins, ShardFormer, Gemini and
+friends, each next to its ``cai_labs`` twin, and run against that twin what of it runs on CPU.
+
 The other pages teach one technique each and show, at the end, the Colossal-AI code that does
 it on GPUs. This page puts those pieces together: how a Colossal-AI training script is
 launched, what the ``Booster`` and its plugins do, where ShardFormer, Gemini, the pipeline
@@ -12,12 +15,15 @@ Colossal-AI snippet, checked against the installed release.
 It then runs every Colossal-AI component that can run on CPU ranks against its twin, and shows
 the error that stops the others.
 
-You will:
+**In this tutorial** you will
 
 1. see the components as layers of one system;
 2. check every Colossal-AI snippet and API named on this site against the installed release;
 3. run what runs on CPU (the Booster with DDP, tensor parallelism through ShardFormer, lazy
    initialisation, checkpoint I/O) against its twin, and read why the rest needs CUDA.
+
+**Prerequisites:** data parallelism from :doc:`tutorial_00_data_parallel`; the other tutorials
+explain each component this page places (none is needed to run it).
 """
 
 # %%
@@ -32,7 +38,10 @@ import warnings
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from cai_labs import build_env
+from cai_labs.colossal import checked_here
 from cai_labs.colossal.components import COMPONENTS, draw
+from cai_labs.exercises import Exercises
 
 page_start = time.perf_counter()
 pd.set_option("display.max_colwidth", None)  # the tables' cells whole
@@ -44,6 +53,7 @@ try:
 except Exception as exc:  # not installed, or installed against another torch
     VERSION = f"not importable here ({type(exc).__name__})"
 print("colossalai:", VERSION)
+print(build_env.describe(ranks=2))  # where this page's numbers were measured (2 ranks)
 
 # %%
 # The components
@@ -109,8 +119,6 @@ pd.DataFrame(
 #
 # Two components have their snippet here. **Checked against colossalai 0.5.0, needs CUDA**:
 # expert parallelism through ``MoeHybridParallelPlugin`` on a small Mixtral.
-
-from cai_labs.colossal import checked_here
 
 
 def colossalai_moe(steps: int = 10) -> None:
@@ -228,11 +236,36 @@ for feature in tp:
     print(f"  {feature}: {rows.loc[feature, 'runs on CPU']} {rows.loc[feature, 'error']}")
 
 # %%
-# Exercises
-# ---------
-# - **Predict, then check**: remove the shim (call ``probes.shardformer_opt`` directly under
-#   ``launch``) and predict the error; ``tests/test_colossalai_probes.py`` does it.
-# - Break a snippet: change ``logical_mesh_shape`` to ``device_mesh`` in tutorial 03's
+# Predict, then check
+# -------------------
+# Answer each question before opening its answer; the answers are this build's numbers.
+
+exercises = Exercises()
+if VERSION[0].isdigit():
+    error = rows.loc["Booster + GeminiPlugin", "error"]
+    stopped = error.strip().splitlines()[-1] if isinstance(error, str) else "nothing: it ran"
+    exercises.add(
+        f"Of the {len(rows)} Colossal-AI features probed, how many run on 2 CPU ranks here?",
+        f"{len(ran)}: {', '.join(ran)}.",
+    )
+    exercises.add(
+        "GeminiPlugin (ZeRO-3 over chunks) is asked to boost a model on CPU ranks. What stops it?",
+        f"{stopped}",
+    )
+    exercises.add(
+        "How many Colossal-AI snippets does this site carry, and how many of their calls bind to "
+        "the installed signatures?",
+        f"{len(results)} snippets; {sum(r.calls for r in results.values())} calls bind, "
+        f"{sum(r.imports for r in results.values())} imports resolve; failed: {failed or 'none'}.",
+    )
+exercises
+
+# %%
+# Two more to try on your own machine:
+#
+# - remove the shim (call ``probes.shardformer_opt`` directly under ``launch``) and predict the
+#   error; ``tests/test_colossalai_probes.py`` does it;
+# - break a snippet: change ``logical_mesh_shape`` to ``device_mesh`` in tutorial 03's
 #   ``colossalai_autoparallel`` and run ``python -m cai_labs.colossal.check``.
 
 print(f"page executed in {time.perf_counter() - page_start:.0f} s")

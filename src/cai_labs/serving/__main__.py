@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--request-timeout", type=float, default=DEFAULTS.request_timeout_s)
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model")
+    p.add_argument(
+        "--keep-alive",
+        type=float,
+        default=DEFAULTS.keep_alive_s,
+        help="seconds an idle connection stays open (longer than clients' pool expiry)",
+    )
     p.add_argument("--log-level", default="warning")
     return p.parse_args(argv)
 
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from cai_labs.serving.app import create_app
+    from cai_labs.serving.runner import uvicorn_config
 
     args = parse_args(argv)
     try:
@@ -82,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             max_new_tokens_limit=args.max_new_tokens,
             request_timeout_s=args.request_timeout,
             torch_threads=args.threads,
+            keep_alive_s=args.keep_alive,
         )
         app = create_app(args.checkpoint, config)
     except ValueError as exc:
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     sock.bind((args.host, args.port))
     host, port = sock.getsockname()[:2]
     print(f"cai_labs.serving: listening on http://{host}:{port} (docs at /docs)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, log_level=args.log_level))
     server.run(sockets=[sock])
 
 

@@ -38,6 +38,10 @@ class ServeConfig:
         max_body_bytes: larger request bodies are refused with 413 before being parsed.
         torch_threads: ``torch.set_num_threads`` for the model, ``None`` leaves torch's default.
         model_name: the id ``/v1/models`` lists; ``None``: the checkpoint directory's name.
+        keep_alive_s: seconds an idle connection stays open (uvicorn's ``timeout_keep_alive``).
+            It must exceed the idle time after which clients stop reusing a pooled connection
+            (httpx 5 s, aiohttp 15 s): with uvicorn's default of 5 s against httpx's 5 s, a
+            client reuses a connection just as the server closes it, and its request is reset.
     """
 
     max_batch_size: int = 16
@@ -54,6 +58,7 @@ class ServeConfig:
     max_body_bytes: int = 65536
     torch_threads: int | None = None
     model_name: str | None = None
+    keep_alive_s: float = 30.0
 
     def __post_init__(self) -> None:
         def positive_or_none(x) -> bool:
@@ -73,6 +78,7 @@ class ServeConfig:
             "request_timeout_s": self.request_timeout_s > 0,
             "max_body_bytes": self.max_body_bytes >= 256,
             "torch_threads": positive_or_none(self.torch_threads),
+            "keep_alive_s": self.keep_alive_s > 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

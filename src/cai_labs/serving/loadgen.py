@@ -26,7 +26,12 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-__all__ = ["LoadResult", "check_loopback", "run_load", "load_test"]
+__all__ = ["KEEPALIVE_EXPIRY_S", "LoadResult", "check_loopback", "run_load", "load_test"]
+
+#: Seconds after which the clients stop reusing an idle pooled connection (httpx's default):
+#: below the server's keep-alive (``ServeConfig.keep_alive_s``), so that the server never
+#: closes a connection at the moment a client reuses it.
+KEEPALIVE_EXPIRY_S = 5.0
 
 
 @dataclass
@@ -117,7 +122,11 @@ async def run_load(
     counters = {"next": 0, "tokens": 0, "cached": 0}
     start = time.perf_counter()
     deadline = start + time_limit_s
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    limits = httpx.Limits(
+        max_connections=concurrency,
+        max_keepalive_connections=concurrency,
+        keepalive_expiry=KEEPALIVE_EXPIRY_S,
+    )
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=request_timeout_s) as client:
 
         async def user() -> None:

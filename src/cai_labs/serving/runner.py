@@ -28,7 +28,18 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["loopback_socket", "ServerThread", "ServerProcess", "wait_healthy"]
+__all__ = ["loopback_socket", "uvicorn_config", "ServerThread", "ServerProcess", "wait_healthy"]
+
+
+def uvicorn_config(app, log_level: str = "warning"):
+    """uvicorn's settings for an app of :func:`~cai_labs.serving.create_app`: its idle
+    keep-alive comes from the app's :class:`~cai_labs.serving.ServeConfig` (``keep_alive_s``)."""
+    import uvicorn
+
+    keep_alive = app.state.service.config.keep_alive_s
+    return uvicorn.Config(
+        app, log_level=log_level, lifespan="on", access_log=False, timeout_keep_alive=keep_alive
+    )
 
 
 def loopback_socket(port: int = 0) -> socket.socket:
@@ -72,8 +83,7 @@ class ServerThread:
         self.sock = loopback_socket()
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(app))
         self.thread = threading.Thread(
             target=self.server.run,
             kwargs={"sockets": [self.sock]},
