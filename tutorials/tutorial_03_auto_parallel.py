@@ -62,7 +62,12 @@ from cai_labs.auto_parallel import (
     solve,
     trace,
 )
-from cai_labs.auto_parallel.cost_model import replicated_plan, with_op_seconds
+from cai_labs.auto_parallel.cost_model import (
+    busy_latency,
+    replicated_plan,
+    with_busy_latency,
+    with_op_seconds,
+)
 from cai_labs.auto_parallel.profiler import profile_ops
 from cai_labs.auto_parallel.runtime import measure_step
 from cai_labs.exercises import Exercises
@@ -177,7 +182,9 @@ pd.DataFrame(
 # Every price is a micro-benchmark; none is fitted to the plans the model will rank.
 # Collectives are timed on the 4 ranks for each mesh group (axis 0 = ranks ``{0, 2}``,
 # ``{1, 3}``; axis 1 = ``{0, 1}``, ``{2, 3}``; both axes = all 4) and fitted to
-# :math:`t(n) = \alpha + \beta n`. Compute is timed op by op: each node under each of its
+# :math:`t(n) = \alpha + \beta n`; a small collective is also timed between bursts of compute,
+# where a rank often waits for peers that share its core (the latency a step meets; the larger
+# of the two latencies is used). Compute is timed op by op: each node under each of its
 # strategies runs forward and backward at the local shapes that strategy gives a rank, on all 4
 # ranks at once (as in training), its collectives left out
 # (:func:`~cai_labs.auto_parallel.profiler.profile_ops`; ops with the same configuration and
@@ -187,7 +194,8 @@ pd.DataFrame(
 
 def calibrate_worker() -> dict:
     start = time.perf_counter()
-    machine = calibrate(MeshGroups(MESH))
+    mg = MeshGroups(MESH)
+    machine = with_busy_latency(calibrate(mg), busy_latency(mg))
     op_seconds = {name: profile_ops(graphs[name]) for name in MAKERS}
     return {"machine": machine, "ops": op_seconds, "seconds": time.perf_counter() - start}
 
@@ -202,6 +210,7 @@ pd.DataFrame(
             "mesh axes": str(axes),
             "alpha (µs)": 1e6 * m0.alpha[(op, axes)],
             "bandwidth 1/beta (MB/s)": 1e-6 / m0.beta[(op, axes)],
+            "between compute (µs)": 1e6 * m0.busy_alpha[(op, axes)],
         }
         for (op, axes) in m0.alpha
     ]

@@ -63,6 +63,8 @@ __all__ = [
     "MachineModel",
     "calibrate",
     "with_op_seconds",
+    "busy_latency",
+    "with_busy_latency",
     "replicated_plan",
     "PlanCost",
     "plan_cost",
@@ -87,6 +89,7 @@ class MachineModel:
     mem_bw: float  # bytes/s of an element-wise op on one rank
     overhead: float  # seconds to launch one small op (forward or backward)
     op_seconds: dict[tuple[str, str], float] = field(default_factory=dict)  # profiled compute
+    busy_alpha: dict[tuple[str, tuple[int, ...]], float] = field(default_factory=dict)
     samples: dict[str, list] = field(default_factory=dict)  # raw timings, for the page
 
 
@@ -175,9 +178,53 @@ def calibrate(
     return box[0]
 
 
+def busy_latency(
+    mesh_groups: MeshGroups, reps: int = 15, work: int = 256
+) -> dict[tuple[str, tuple[int, ...]], float]:
+    """Latency of a small collective between bursts of compute, per op and mesh group.
+
+    In a training step a rank reaches a collective after computing, and with more ranks than
+    cores its peers may be descheduled then: the call waits for them. Here every rank
+    alternates a matrix product (``work`` x ``work``) and a small collective, and the median
+    time inside the collective is that latency. A micro-benchmark, like the fits above.
+    """
+    dev = device()
+    a, b = torch.randn(2 * work, work, device=dev), torch.randn(work, work, device=dev)
+    out = {}
+    for axes in GROUPS:
+        group = mesh_groups.group(axes)
+        n = len(mesh_groups.ranks(axes))
+        x = torch.randn(256, device=dev)
+        outs = [torch.empty(256, device=dev) for _ in range(n)]
+        for op in ("all_reduce", "all_gather"):
+            dist.barrier()
+            times = []
+            for _ in range(reps + 1):
+                a @ b
+                _sync()
+                start = time.perf_counter()
+                if op == "all_reduce":
+                    dist.all_reduce(x, group=group)
+                else:
+                    dist.all_gather(outs, x, group=group)
+                _sync()
+                times.append(time.perf_counter() - start)
+            out[(op, axes)] = float(np.median(times[1:]))
+    box = [out]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def with_busy_latency(
+    m: MachineModel, latency: dict[tuple[str, tuple[int, ...]], float]
+) -> MachineModel:
+    """A copy of ``m`` whose collectives cost at least ``latency`` (see :func:`busy_latency`)."""
+    return replace(m, busy_alpha=dict(latency))
+
+
 def comm_time(c: Comm, m: MachineModel) -> float:
     key = (c.op, c.axes)
-    return m.alpha[key] + m.beta[key] * c.nbytes
+    return max(m.alpha[key], m.busy_alpha.get(key, 0.0)) + m.beta[key] * c.nbytes
 
 
 def with_op_seconds(m: MachineModel, op_seconds: dict[tuple[str, str], float]) -> MachineModel:

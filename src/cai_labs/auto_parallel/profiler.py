@@ -121,8 +121,8 @@ def profile_ops(sg: StrategyGraph, reps: int = 5) -> dict[tuple[str, str], float
             keys.setdefault(key, (info, s))
             owners[(name, s.name)] = key
     mine = []
+    dist.barrier()  # then no more: the ranks compute at once throughout, as in a step
     for info, s in keys.values():
-        dist.barrier()
         mine.append(_time(_runner(sg, info, s, groups, needs_grad), reps))
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
