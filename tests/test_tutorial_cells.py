@@ -20,7 +20,6 @@ NOT_YET = {
     "tutorial_01_multidim_parallel",
     "tutorial_02_sequence_parallel",
     "tutorial_03_auto_parallel",
-    "tutorial_04_large_batch",
     "tutorial_06_serving",
     "tutorial_07_stable_diffusion_lightning",
     "tutorial_08_colossalai_system",
