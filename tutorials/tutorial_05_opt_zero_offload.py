@@ -1008,22 +1008,30 @@ exercises.add(
     "elements does one rank send per step, compared with DDP?",
     f"The formula says 3(N-1)/N·Ψ = {comm_table.loc['ZeRO-3', 'formula']:,.0f}, 1.5x DDP's "
     f"{comm_table.loc['DDP', 'formula']:,.0f}; the ledger counted {z3:,.0f} ({z3 / dp:.2f}x "
-    f"DDP's {dp:,.0f}): {'less than' if z3 < comm_table.loc['ZeRO-3', 'formula'] else 'equal to'}"
-    " the formula, because the root unit is gathered once per step, not twice.",
+    f"DDP's {dp:,.0f})"
+    + (
+        ": less than the formula, because the root unit is gathered once per step, not twice."
+        if z3 < comm_table.loc["ZeRO-3", "formula"]
+        else "."
+    ),
 )
+tp_lo, tp_hi = (tp_table.loc[f"TP, N={n}"] for n in TP_SIZES)  # for the next two
 
 # %%
 # Two more, on tensor parallelism and the chunk manager:
 
-tp_lo, tp_hi = (tp_table.loc[f"TP, N={n}"] for n in TP_SIZES)
 exercises.add(
     f"1D tensor parallelism of this {LAYERS}-layer OPT: how many all-reduces per step, and do "
     f"their bytes shrink from N = {TP_SIZES[0]} to N = {TP_SIZES[-1]}?",
     f"{tp_hi['all-reduces/step']:.0f} per step ({tp_hi['all-reduces/step'] / LAYERS:g} per "
     f"layer, L = {LAYERS}; the formula's 4L = {4 * LAYERS}); "
     f"{tp_lo['all-reduce bytes/step measured']:,.0f} B at N = {TP_SIZES[0]} and "
-    f"{tp_hi['all-reduce bytes/step measured']:,.0f} B at N = {TP_SIZES[-1]}: they are "
-    "activations of the batch, not weights, so N does not change them.",
+    f"{tp_hi['all-reduce bytes/step measured']:,.0f} B at N = {TP_SIZES[-1]}"
+    + (
+        ": the same, since they are activations of the batch, not weights."
+        if tp_lo["all-reduce bytes/step measured"] == tp_hi["all-reduce bytes/step measured"]
+        else "."
+    ),
 )
 exercises.add(
     f"The chunk manager's device budget is {stats['device_budget']:,} B. Can rank 0's "
