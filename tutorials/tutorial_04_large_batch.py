@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import cai_labs.colossal  # noqa: F401 -- quiets Colossal-AI's notices about CUDA-only packages
 from cai_labs import Ledger, build_env, comm_totals, device, launch, report
 from cai_labs.data.mnist1d import load_mnist1d_split
 from cai_labs.data_parallel import BucketedDataParallel, allreduce_gradients, shard_batch
@@ -73,7 +74,7 @@ LR_GRID = {  # the rates tried at BASE_BATCH, a factor 2 apart
     "SGD+momentum": (0.025, 0.05, 0.1, 0.2),
     "LARS": (10.0, 20.0, 40.0, 80.0),  # LARS steps are lr * eta * ||w||: another scale
     "LAMB": (0.01, 0.02, 0.04, 0.08),
-    "AdamW": (0.008, 0.016, 0.032, 0.064),
+    "AdamW": (0.016, 0.032, 0.064, 0.128),
 }
 
 # %%
@@ -792,7 +793,7 @@ print(
 # clips the ratio at 50 and gradients at :math:`\pm 10`, and excludes a group with ``lars=False``.
 
 try:
-    import colossalai  # noqa: F401
+    import colossalai
 
     HAVE_COLOSSALAI = True
 except Exception:  # not installed, or installed against another torch
@@ -982,18 +983,18 @@ exercises.add(
     + ", ".join(f"{n} {v:+.1f}" for n, v in lost.drop(lost.idxmin()).items())
     + f"); the largest seed-to-seed difference at the base was {worst_noise:.1f} points.",
 )
+small, big_b = SPEED_BATCHES[0], SPEED_BATCHES[-1]  # for the next two
+epoch_time = speed["s / epoch"].groupby(level="batch").mean()
 
 # %%
 # Two more, on what the batch does to communication and time:
 
-small, big_b = SPEED_BATCHES[0], SPEED_BATCHES[-1]
 exercises.add(
     f"How many bytes does each step all-reduce with LAMB at B={big_b}, and with SGD at B={small}?",
     f"The same, P = {grad_bytes:,} B (asserted in every speed run): the all-reduce carries "
     f"the gradients, the model's size. Per training sample that is {grad_bytes / small:,.0f} B "
     f"at B={small} and {grad_bytes / big_b:,.1f} B at B={big_b}.",
 )
-epoch_time = speed["s / epoch"].groupby(level="batch").mean()
 exercises.add(
     f"On {WORLD_SIZE} ranks here, how many times faster is an epoch at B={big_b} than at "
     f"B={small}?",
