@@ -34,7 +34,7 @@ PAGES: dict[str, tuple[int, list[str]]] = {
     "tutorial_01": (8, ["TP8-3D ", "DP2 x PP2 x TP2-1D ", "max |loss - serial|"]),
     "tutorial_02": (8, ["SP=4 all-to-all", "largest |measured / formula - 1| over all ranks"]),
     "tutorial_03": (4, ["pairs timed", "Spearman rho"]),
-    "tutorial_04": (4, ["B= 4096"]),
+    "tutorial_04": (4, ["float64: largest |θ_parallel", "all-reduce bytes per step =="]),
     "tutorial_05": (4, ["largest loss difference from DDP", "ZeRO-3 fine-tuning:"]),
     "tutorial_06": (1, ["identical to one at a time", "server processes ended:"]),
     "tutorial_07": (2, ["judge accuracy"]),

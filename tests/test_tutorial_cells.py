@@ -14,11 +14,6 @@ import pytest
 
 TUTORIALS = sorted((Path(__file__).parents[1] / "tutorials").glob("tutorial_*.py"))
 MAX_LINES = 25
-#: Pages whose cells are still being split (strict: a page that passes must leave this set).
-NOT_YET = {
-    "tutorial_04_large_batch",
-    "tutorial_05_opt_zero_offload",
-}
 _MARKER = re.compile(r"^(# %%.*|#{20,})$")
 
 
@@ -57,14 +52,7 @@ def test_the_cell_count_sees_a_long_cell():
     assert code_cells(page) == [(7, 26), (35, 1)]
 
 
-@pytest.mark.parametrize(
-    "page",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(strict=True)) if p.stem in NOT_YET else p
-        for p in TUTORIALS
-    ],
-    ids=lambda p: p.stem[:11],
-)
+@pytest.mark.parametrize("page", TUTORIALS, ids=lambda p: p.stem[:11])
 def test_no_code_cell_over_25_lines(page):
     long = [(line, n) for line, n in code_cells(page.read_text()) if n > MAX_LINES]
     assert not long, f"{page.name}: code cells over {MAX_LINES} lines (line, length): {long}"

@@ -2,6 +2,9 @@
 Fine-tune OPT with ZeRO, chunk-based offload and tensor parallelism
 ===================================================================
 
+Fine-tune a Hugging Face OPT model on 4 CPU ranks with ZeRO-1/2/3, FSDP2, a Gemini-style chunk
+manager and 1D tensor parallelism, and measure each one's memory and traffic next to its formula.
+
 Data parallelism (tutorial 00) keeps a full copy of everything on every rank: parameters,
 gradients and optimizer state. For a model of :math:`\\Psi` parameters trained with Adam that is
 about :math:`16\\Psi` bytes per rank, whatever the number of ranks, so adding GPUs never lets a
@@ -30,6 +33,9 @@ instead: every rank holds and multiplies a slice of each attention and MLP weigh
 Everything runs on CPU processes talking through ``gloo``. The "device" memory of step 4 is an
 accounted, enforced byte budget on ordinary RAM, not separate hardware: the page says so where
 it matters. The Colossal-AI code for GPUs is at the end, labelled as not executed here.
+
+**Prerequisites:** tutorial 00 (data parallelism, all-reduce), Adam, and the ``input_ids`` /
+``labels`` interface of a Hugging Face causal language model.
 """
 
 # %%
@@ -58,8 +64,9 @@ from transformers.utils import logging as hf_logging
 
 # %%
 # The package's pieces this page uses:
-from cai_labs import Ledger, comm_totals, device, launch, report
+from cai_labs import Ledger, build_env, comm_totals, device, launch, report
 from cai_labs.data_parallel import shard_batch
+from cai_labs.exercises import Exercises
 from cai_labs.offload import ChunkedAdam, ChunkedModel
 from cai_labs.recipes.opt_finetune import (
     FinetuneConfig,
@@ -102,6 +109,7 @@ WORK_DIR = Path(work_dir.name)
 threads_before = torch.get_num_threads()
 torch.set_num_threads(1)
 
+print(build_env.describe(ranks=WORLD_SIZE))  # where this page's numbers were measured
 finetune_cfg = FinetuneConfig(steps=FINETUNE_STEPS, batch_size=GLOBAL_BATCH, lr=LR)
 task = finetune_cfg.task()
 
@@ -215,6 +223,10 @@ def wrap_ddp(model: nn.Module) -> nn.Module:
     return model
 
 
+# %%
+# PyTorch's own ZeRO-1 sits next to DDP; the other data-parallel runs use plain Adam:
+
+
 def zero_redundancy(model: nn.Module) -> tuple:
     """PyTorch's ZeRO-1 next to DDP."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -226,6 +238,11 @@ def zero_redundancy(model: nn.Module) -> tuple:
 
 def adam(model: nn.Module) -> tuple:
     return model, torch.optim.Adam(model.parameters(), lr=LR)
+
+
+# %%
+# The chunk manager (its own section below) wraps the model and brings its own Adam; the page
+# reads its statistics and its trace of chunk moves after the run:
 
 
 def chunked(model: nn.Module) -> tuple:
@@ -915,30 +932,41 @@ fit_table
 # ``LowLevelZeroPlugin`` and ZeRO-3 with chunk-based offload is the ``GeminiPlugin``; tensor
 # parallelism (Hugging Face models such as OPT sharded by its built-in policies: the same
 # column/row split of attention and MLP as above) is the ``HybridParallelPlugin``. They need
-# CUDA: **checked against colossalai 0.5.0, needs CUDA**. The cell defines the fine-tuning
-# function and checks it against the installed release; ``colossalai run --nproc_per_node 4
-# train.py`` runs it.
+# CUDA: **checked against colossalai 0.5.0, needs CUDA**. The two cells below define the
+# fine-tuning code and check it against the installed release; ``colossalai run
+# --nproc_per_node 4 train.py`` runs it. First the plugin, one per technique of this page:
 
 from cai_labs.colossal import checked_here
 
 
+def colossalai_plugin(name: str):
+    """Colossal-AI's plugin for ZeRO-2, Gemini (ZeRO-3 + offload) or TP=2 x ZeRO-1."""
+    from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin
+
+    plugins = {
+        "zero2": lambda: LowLevelZeroPlugin(stage=2, precision="bf16"),
+        "gemini": lambda: GeminiPlugin(placement_policy="static", offload_optim_frac=1.0),
+        "tp2": lambda: HybridParallelPlugin(tp_size=2, pp_size=1, zero_stage=1),
+    }
+    return plugins[name]()
+
+
+# %%
+# Then the fine-tuning loop, the same whatever the plugin: ``booster.boost`` wraps model and
+# optimizer, ``booster.backward`` replaces ``loss.backward()``.
+
+
 def colossalai_finetune(model_dir: str, plugin_name: str = "gemini", steps: int = 10) -> None:
-    """Fine-tune OPT with ZeRO-2, Gemini (ZeRO-3 + offload) or TP=2 x ZeRO-1 in Colossal-AI."""
+    """Fine-tune OPT on the GPUs of ``colossalai run`` with the plugin ``plugin_name``."""
     import colossalai
     from colossalai.booster import Booster
-    from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin
     from colossalai.nn.optimizer import HybridAdam
     from transformers import OPTForCausalLM
 
     colossalai.launch_from_torch()
     model = OPTForCausalLM.from_pretrained(model_dir)  # e.g. the directory made on this page
     vocab = model.config.vocab_size
-    plugins = {
-        "zero2": lambda: LowLevelZeroPlugin(stage=2, precision="bf16"),
-        "gemini": lambda: GeminiPlugin(placement_policy="static", offload_optim_frac=1.0),
-        "tp2": lambda: HybridParallelPlugin(tp_size=2, pp_size=1, zero_stage=1),
-    }
-    booster = Booster(plugin=plugins[plugin_name]())
+    booster = Booster(plugin=colossalai_plugin(plugin_name))
     optimizer = HybridAdam(model.parameters(), lr=3e-5)  # CPU+GPU Adam, for offload
     model, optimizer, *_ = booster.boost(model, optimizer)
     for _ in range(steps):
@@ -949,6 +977,7 @@ def colossalai_finetune(model_dir: str, plugin_name: str = "gemini", steps: int 
     booster.save_model(model, "opt-finetuned", shard=True)
 
 
+print(checked_here(colossalai_plugin))
 print(checked_here(colossalai_finetune))
 
 # %%
@@ -958,3 +987,57 @@ print(checked_here(colossalai_finetune))
 #
 # On 8 GPUs this is 2-way tensor parallel inside each pair of GPUs and 4-way data parallel
 # (with ZeRO-1) across the pairs.
+
+# %%
+# Predict, then check
+# -------------------
+# Answer each question before opening its answer; the answers are this build's numbers.
+
+exercises = Exercises()
+z2 = memory_table.loc["ZeRO-2"]
+exercises.add(
+    f"fp32 Adam, Ψ = {PSI:,} parameters, N = {WORLD_SIZE} ranks: how many bytes of model states "
+    "does one rank hold under ZeRO-2, as a fraction of DDP's?",
+    f"4Ψ + 12Ψ/N = {z2['total formula']:,.0f} B by the formula; rank 0 measured "
+    f"{z2['total measured']:,.0f} B, {z2['total / DDP']:.2f} of DDP's "
+    f"{memory_table.loc['DDP', 'total measured']:,.0f} B.",
+)
+z3, dp = (comm_table.loc[m, "modeled elements/rank/step"] for m in ("ZeRO-3", "DDP"))
+exercises.add(
+    "ZeRO-3 all-gathers each layer's parameters in forward and again in backward. How many "
+    "elements does one rank send per step, compared with DDP?",
+    f"The formula says 3(N-1)/N·Ψ = {comm_table.loc['ZeRO-3', 'formula']:,.0f}, 1.5x DDP's "
+    f"{comm_table.loc['DDP', 'formula']:,.0f}; the ledger counted {z3:,.0f} ({z3 / dp:.2f}x "
+    f"DDP's {dp:,.0f})"
+    + (
+        ": less than the formula, because the root unit is gathered once per step, not twice."
+        if z3 < comm_table.loc["ZeRO-3", "formula"]
+        else "."
+    ),
+)
+tp_lo, tp_hi = (tp_table.loc[f"TP, N={n}"] for n in TP_SIZES)  # for the next two
+
+# %%
+# Two more, on tensor parallelism and the chunk manager:
+
+exercises.add(
+    f"1D tensor parallelism of this {LAYERS}-layer OPT: how many all-reduces per step, and do "
+    f"their bytes shrink from N = {TP_SIZES[0]} to N = {TP_SIZES[-1]}?",
+    f"{tp_hi['all-reduces/step']:.0f} per step ({tp_hi['all-reduces/step'] / LAYERS:g} per "
+    f"layer, L = {LAYERS}; the formula's 4L = {4 * LAYERS}); "
+    f"{tp_lo['all-reduce bytes/step measured']:,.0f} B at N = {TP_SIZES[0]} and "
+    f"{tp_hi['all-reduce bytes/step measured']:,.0f} B at N = {TP_SIZES[-1]}"
+    + (
+        ": the same, since they are activations of the batch, not weights."
+        if tp_lo["all-reduce bytes/step measured"] == tp_hi["all-reduce bytes/step measured"]
+        else "."
+    ),
+)
+exercises.add(
+    f"The chunk manager's device budget is {stats['device_budget']:,} B. Can rank 0's "
+    f"{states_total:,} B of states train without evicting chunks?",
+    f"No: the states are {states_total / stats['device_budget']:.1f}x the budget; rank 0 evicted "
+    f"{stats['evict'] / MEASURE_STEPS:.0f} chunks per step and wrote "
+    f"{stats['d2h'] / MEASURE_STEPS:,.0f} B per step back to the host.",
+)
+exercises
