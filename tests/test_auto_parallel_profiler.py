@@ -121,3 +121,30 @@ def _profile_with_real_groups(sg):
 def test_the_check_sees_a_profiler_that_communicates():
     ops = launch(_profile_with_real_groups, 4, _gpt_graph())
     assert "all_reduce" in ops, ops
+
+
+def test_a_collective_costs_at_least_its_latency_between_compute():
+    from cai_labs.auto_parallel.cost_model import comm_time, with_busy_latency
+    from cai_labs.auto_parallel.strategies import Comm
+
+    m = _machine()
+    c = Comm("all_reduce", (0, 1), 4096, "bwd")
+    assert comm_time(c, m) == 2e-4 + 1e-9 * 4096
+    slow = with_busy_latency(m, {("all_reduce", (0, 1)): 5e-3})
+    assert comm_time(c, slow) == 5e-3 + 1e-9 * 4096
+    assert comm_time(Comm("all_reduce", (0,), 4096, "bwd"), slow) == comm_time(
+        Comm("all_reduce", (0,), 4096, "bwd"), m
+    )
+
+
+def _busy(mesh):
+    from cai_labs.auto_parallel.cost_model import busy_latency
+    from cai_labs.auto_parallel.runtime import MeshGroups
+
+    return busy_latency(MeshGroups(mesh), reps=3, work=64)
+
+
+def test_busy_latency_is_measured_for_every_op_and_group():
+    lat = launch(_busy, 4, MESH)
+    assert set(lat) == {(op, ax) for op in ("all_reduce", "all_gather") for ax in GROUPS}
+    assert all(v > 0 for v in lat.values())
