@@ -34,6 +34,7 @@ explain each component this page places (none is needed to run it).
 
 import time
 import warnings
+from dataclasses import replace
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -234,6 +235,40 @@ tp = [f for f in rows.index if "tensor parallel" in f or "(TP)" in f]
 print(f"transformers {transformers.__version__} in this build; tensor-parallel rows:")
 for feature in tp:
     print(f"  {feature}: {rows.loc[feature, 'runs on CPU']} {rows.loc[feature, 'error']}")
+
+# %%
+# At real scale
+# -------------
+# What each Booster plugin is for, at a size that needs it: OPT-13B in bf16 with fp32 master
+# weights on 8 A100 80 GB, 64 sequences of 2,048 tokens per step, full recomputation, each
+# plugin as the layout it applies. **Modeled** by :mod:`cai_labs.scale` (the same byte formulas
+# the tests check against the ledger on CPU ranks), not measured in this build.
+
+from cai_labs.scale import ScaleLayout, predict
+
+PLUGINS = {
+    "TorchDDPPlugin (replicas)": ScaleLayout(dp=8),
+    "LowLevelZeroPlugin stage 2": ScaleLayout(dp=8, zero=2),
+    "GeminiPlugin (ZeRO-3 chunks)": ScaleLayout(dp=8, zero=3),
+    "GeminiPlugin + CPU offload": ScaleLayout(dp=8, zero=3, offload=True),
+    "HybridParallelPlugin TP2 x PP2": ScaleLayout(dp=2, tp=2, pp=2, zero=1),
+}
+scale_rows = []
+for plugin, layout in PLUGINS.items():
+    p = predict("opt-13b", "a100-80gb", replace(layout, global_batch=64, recompute="full"))
+    scale_rows.append(
+        {
+            "plugin": plugin,
+            "GB per GPU": p.memory_per_gpu_bytes["total"] / 1e9,
+            "fits 80 GB": p.fits,
+            "step (s)": p.step_time_s,
+            "MFU": p.mfu,
+        }
+    )
+fitting = [r["plugin"] for r in scale_rows if r["fits 80 GB"]]
+print(f"{len(fitting)} of {len(scale_rows)} plugins fit OPT-13B on 8 x 80 GB; the replicas do not")
+assert scale_rows[0]["fits 80 GB"] is False and len(fitting) == len(scale_rows) - 1
+pd.DataFrame(scale_rows).set_index("plugin").style.format(precision=2)
 
 # %%
 # Predict, then check
