@@ -426,3 +426,15 @@ def test_calls_are_recorded_in_process(monkeypatch):
         True,
     )
     assert 0 <= first["t"] <= second["t"] and first["seconds"] >= 0
+
+
+def test_on_host_looks_into_arguments_lists_and_keywords():
+    """Wire bytes are read only for calls whose tensors are all on the CPU (a GPU buffer's
+    traffic bypasses the sockets' counters): a meta tensor stands in for a GPU one here."""
+    from cai_labs.ledger import _on_host
+
+    cpu, off = torch.ones(1), torch.ones(1, device="meta")
+    assert _on_host((cpu, [cpu, cpu]), {"tensor": cpu})
+    assert not _on_host((cpu,), {"tensor": off})
+    assert not _on_host(([cpu, off],), {})
+    assert not _on_host(([[off]],), {})
