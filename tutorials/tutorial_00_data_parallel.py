@@ -503,7 +503,9 @@ def speed_worker() -> dict:
 
 
 # %%
-# Each rank reports the median of its timed steps, and the share of a core it got:
+# Each rank reports the median of its timed steps, and the share of a core it got. Each
+# configuration runs ``SPEED_RUNS`` times and its fastest run counts, as benchmarks do: the
+# run least disturbed by whatever else the machine was doing.
 
 
 def speed_summary(compute: list, exchange: list, cpu: float, wall: float) -> dict:
@@ -516,8 +518,12 @@ def speed_summary(compute: list, exchange: list, cpu: float, wall: float) -> dic
     }
 
 
+SPEED_RUNS = 3
 cores = len(os.sched_getaffinity(0))
-speed = {n: launch(speed_worker, n) for n in (1, min(2, cores), 4)}
+speed = {
+    n: max((launch(speed_worker, n) for _ in range(SPEED_RUNS)), key=lambda r: r["samples/s"])
+    for n in (1, min(2, cores), 4)
+}
 print(pd.DataFrame(speed).T.rename_axis("ranks").round(2).to_string())
 
 # %%
