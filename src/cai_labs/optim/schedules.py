@@ -82,7 +82,7 @@ def warmup_cosine(
     Call ``scheduler.step()`` once after each ``optimizer.step()``; step ``s`` then runs with
     ``lr * warmup_cosine_factor(s, ...)``.
     """
-    warmup_cosine_factor(0, total_steps, warmup_steps, final_factor)  # validate now
+    # LambdaLR evaluates the factor at step 0 as it is built, so bad arguments raise here.
     return LambdaLR(
         optimizer, lambda s: warmup_cosine_factor(s, total_steps, warmup_steps, final_factor)
     )
