@@ -71,12 +71,10 @@ def _runner(
     }
     if node.op == "call_module":
         fn = _local_module(sg.gm.get_submodule(node.target), s, groups).to(dev)
-        args = fx.node.map_arg(node.args, lambda a: inputs[a.name])
-        kwargs = fx.node.map_arg(node.kwargs, lambda a: inputs[a.name])
     else:
         fn = node.target
-        args = fx.node.map_arg(node.args, lambda a: inputs[a.name])
-        kwargs = fx.node.map_arg(node.kwargs, lambda a: inputs[a.name])
+    args = fx.node.map_arg(node.args, lambda a: inputs[a.name])
+    kwargs = fx.node.map_arg(node.kwargs, lambda a: inputs[a.name])
     params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
     backward = any(t.requires_grad for t in inputs.values()) or bool(params)
 
