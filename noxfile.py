@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from pathlib import Path
 
 import nox
@@ -75,31 +76,37 @@ def docs(session: nox.Session) -> None:
     session.run("python", "docs/check_build.py", "docs/_build/html", env=ENV)
 
 
-@nox.session(python=PYTHON)
+DOCS_ENV = Path(".nox") / "docs"
+
+
+def _docs_env(session: nox.Session) -> tuple[str, dict[str, str]]:
+    """The docs build's environment, for the sessions that execute every page (docs, notebooks,
+    torchrun): they need the same packages, so they share one environment, installed once.
+    ``nox -s docs --install-only`` brings it up to date (in seconds when it is)."""
+    session.run(sys.executable, "-m", "nox", "-s", "docs", "--install-only", external=True)
+    bindir = (DOCS_ENV / "bin").resolve()
+    return str(bindir / "python"), dict(ENV, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
+
+
+@nox.session(venv_backend="none")
 def notebooks(session: nox.Session) -> None:
-    """Execute every notebook download of the built site in a Jupyter kernel (after docs)."""
-    _install(session, "docs,test")
-    _install_colossalai(session)  # as in the docs build
-    session.run("python", "docs/run_notebooks.py", *session.posargs, env=ENV)
+    """Execute every notebook download of the built site in a Jupyter kernel (after docs), in
+    the docs build's environment."""
+    python, env = _docs_env(session)
+    session.run(python, "docs/run_notebooks.py", *session.posargs, env=env, external=True)
 
 
-@nox.session(python=PYTHON)
+@nox.session(venv_backend="none")
 def torchrun(session: nox.Session) -> None:
     """Run every tutorial under torchrun (gloo, CPU) with as many processes as its largest
-    launch; then one page as two torchrun agents joined on loopback (a two-node cluster)."""
-    _install(session, "docs,test")
-    _install_colossalai(session)  # as in the docs build
+    launch; then one page as two torchrun agents joined on loopback (a two-node cluster). In the
+    docs build's environment."""
+    python, env = _docs_env(session)
     pattern = session.posargs or ["tutorial_"]
-    session.run("python", "docs/run_torchrun.py", *pattern, env=ENV)
+    session.run(python, "docs/run_torchrun.py", *pattern, env=env, external=True)
     if not session.posargs:
-        session.run(
-            "python",
-            "docs/run_torchrun.py",
-            "tutorial_00",
-            "--nnodes=2",
-            "--nproc-per-node=4",
-            env=ENV,
-        )
+        two_nodes = ["tutorial_00", "--nnodes=2", "--nproc-per-node=4"]
+        session.run(python, "docs/run_torchrun.py", *two_nodes, env=env, external=True)
 
 
 @nox.session(venv_backend="none")
