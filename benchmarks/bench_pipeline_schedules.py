@@ -9,6 +9,12 @@ the formula is :func:`~cai_labs.pipeline.formulas.bubble_fraction`. For ZB-H1 th
 assumes ``T_F = T_B = T_W``; the measured op times are printed, with the bubble for those times
 (:func:`~cai_labs.pipeline.formulas.zb_h1_bubble`).
 
+PyTorch's own engine runs next to each schedule on the same layers, micro-batches and ranks:
+``torch.distributed.pipelining``'s ``ScheduleGPipe``, ``Schedule1F1B``,
+``ScheduleInterleaved1F1B`` (``v`` stages per rank) and ``ScheduleInterleavedZeroBubble`` with one
+stage per rank (its split backward on the ZB-H1 layout). The median step time of each is printed
+with the ratio torch / cai_labs.
+
 The median over the measured steps is printed; a loaded machine (other processes on the cores)
 shows up as extra idle time, most where messages are most frequent (interleaved): a rank
 blocked in a receive waits for the scheduler to wake it. ``--no-pin`` lets the OS move the ranks
@@ -22,10 +28,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import pipelining
 
 from cai_labs import Ledger, launch
 from cai_labs.pipeline import StageLinks, measured_bubble, pipeline_step, step_events
@@ -33,6 +41,12 @@ from cai_labs.pipeline.formulas import bubble_fraction, zb_h1_bubble
 
 RANKS = 2
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+TORCH_SCHEDULES = {  # name -> (torch.distributed.pipelining schedule, stages per rank)
+    "gpipe": ("ScheduleGPipe", 1),
+    "1f1b": ("Schedule1F1B", 1),
+    "interleaved": ("ScheduleInterleaved1F1B", 0),  # 0: --chunks
+    "zb-h1": ("ScheduleInterleavedZeroBubble", 1),
+}
 
 
 def tanh_layers(d: int, layers: int, seed: int) -> nn.Sequential:
@@ -62,9 +76,11 @@ def worker(schedule: str, args: argparse.Namespace) -> dict:
     rows = args.rows * args.micro
     x = torch.randn(rows, args.d, generator=torch.Generator().manual_seed(0)).requires_grad_()
     y = torch.zeros(rows, args.d)  # stage 0 computes its input gradient too, like every stage
+    seconds = []
     with Ledger(track_activations=False) as ledger:
         for step in range(args.steps + 1):  # step 0 warms up (shape handshakes, allocator)
             dist.barrier()
+            start = time.perf_counter()
             pipeline_step(
                 module,
                 links,
@@ -78,6 +94,8 @@ def worker(schedule: str, args: argparse.Namespace) -> dict:
                 ledger=ledger,
                 step=step,
             )
+            dist.barrier()
+            seconds.append(time.perf_counter() - start)
     timelines = [None] * p
     dist.all_gather_object(timelines, ledger.report()["timeline"])
     steps = [step_events(timelines, s) for s in range(1, args.steps + 1)]
@@ -87,7 +105,39 @@ def worker(schedule: str, args: argparse.Namespace) -> dict:
         for k in ("F", "B", "W")
         if (d := [e["end"] - e["start"] for ev in steps for e in ev if e["name"] == k])
     }
-    return {"bubbles": [measured_bubble(ev)["bubble"] for ev in steps], "times": times}
+    bubbles = [measured_bubble(ev)["bubble"] for ev in steps]
+    return {"bubbles": bubbles, "times": times, "seconds": statistics.median(seconds[1:])}
+
+
+def torch_worker(schedule: str, args: argparse.Namespace) -> float:
+    """Median step time of ``torch.distributed.pipelining`` on the same layers and batches."""
+    rank, p = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    if args.pin:
+        _pin(rank)
+    name, per_rank = TORCH_SCHEDULES[schedule]
+    v = per_rank or args.chunks
+    stages = [
+        pipelining.PipelineStage(
+            tanh_layers(args.d, args.layers // v, seed=s), s, p * v, torch.device("cpu")
+        )
+        for s in (rank + c * p for c in range(v))
+    ]
+    multi = name in ("ScheduleInterleaved1F1B", "ScheduleInterleavedZeroBubble")
+    run = getattr(pipelining, name)(
+        stages if multi else stages[0], n_microbatches=args.micro, loss_fn=nn.functional.mse_loss
+    )
+    rows = args.rows * args.micro
+    x = torch.randn(rows, args.d, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(rows, args.d)
+    seconds = []
+    for _ in range(args.steps + 1):
+        dist.barrier()
+        start = time.perf_counter()
+        run.step(x) if rank == 0 else run.step(target=y)
+        dist.barrier()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds[1:])
 
 
 def main() -> None:
@@ -111,7 +161,8 @@ def main() -> None:
         f"micro-batch; median of {args.steps} steps"
     )
     print(
-        f"{'schedule':<12} {'measured':>9} {'min-max':>13} {'formula':>8} {'ratio':>6}  "
+        f"{'schedule':<12} {'measured':>9} {'min-max':>13} {'formula':>8} {'ratio':>6} "
+        f"{'s/step':>7} {'torch':>7} {'t/ours':>6}  "
         "median op time per micro-batch and stage, ms (B: whole backward unless W)"
     )
     for schedule in SCHEDULES:
@@ -121,7 +172,11 @@ def main() -> None:
         want = bubble_fraction(schedule, RANKS, args.micro, v)
         lo, hi = min(res["bubbles"]), max(res["bubbles"])
         ops = "  ".join(f"{k} {t * 1e3:.1f}" for k, t in res["times"].items())
-        print(f"{schedule:<12} {got:9.3f} {lo:6.3f}-{hi:6.3f} {want:8.3f} {got / want:6.2f}  {ops}")
+        ours, theirs = res["seconds"], launch(torch_worker, RANKS, schedule, args)
+        print(
+            f"{schedule:<12} {got:9.3f} {lo:6.3f}-{hi:6.3f} {want:8.3f} {got / want:6.2f} "
+            f"{ours:7.3f} {theirs:7.3f} {theirs / ours:6.2f}  {ops}"
+        )
         if schedule == "zb-h1":
             t = res["times"]
             with_times = zb_h1_bubble(RANKS, args.micro, t["F"], t["B"], t["W"])
@@ -129,6 +184,11 @@ def main() -> None:
                 f"{'':<12} formula with the measured T_F, T_B, T_W: {with_times:.3f}, "
                 f"ratio {got / with_times:.2f}"
             )
+    print(
+        "torch: torch.distributed.pipelining's "
+        + ", ".join(n for n, _ in TORCH_SCHEDULES.values())
+        + " (zb-h1's row: the zero-bubble schedule with one stage per rank)"
+    )
     print(f"load average at end {os.getloadavg()[0]:.1f} (measured under this load)")
 
 
