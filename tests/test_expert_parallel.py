@@ -14,6 +14,7 @@ import torch.distributed as dist
 from cai_labs import Ledger, comm, comm_totals, device, launch
 from cai_labs.moe import ExpertParallelMoE, MoELayer, TopKRouter, expert_parallel, formulas
 from cai_labs.report import from_every_rank
+from cai_labs.wire import gloo_headers
 
 D, HIDDEN, E, S = 8, 12, 4, 12  # model width, expert width, experts, tokens per rank
 F64 = torch.float64
@@ -129,6 +130,29 @@ def test_bad_input_says_what_to_change():
         ExpertParallelMoE.from_serial(layer, None)(torch.zeros(1, S, D, dtype=F64))
 
 
+# -- the all-to-all mapping ------------------------------------------------------------------
+def _all_to_all_worker() -> dict:
+    rank, n = dist.get_rank(), dist.get_world_size()
+    # piece j of rank r holds 10 r + j: after the all-to-all, piece i of rank r holds 10 i + r
+    x = (10 * rank + torch.arange(n, dtype=F64)).repeat_interleave(2).to(device())
+    x.requires_grad_()
+    y = comm.all_to_all_group(x, None)
+    g = torch.randn(2 * n, dtype=F64, generator=torch.Generator().manual_seed(rank)).to(device())
+    y.backward(g)
+    # the backward is the transpose: sum over ranks of <y, g> == sum over ranks of <x, dx>
+    inner = torch.tensor([(y * g).sum().item(), (x * x.grad).sum().item()], dtype=F64)
+    dist.all_reduce(inner)
+    along_1 = comm.all_to_all(x.detach().view(1, 2 * n), None, dim=1)
+    return {"y": y.detach().cpu(), "inner": inner, "along_1": along_1.cpu()}
+
+
+def test_all_to_all_mapping_sends_piece_i_to_rank_i_and_is_its_own_transpose():
+    got = launch(_all_to_all_worker, 4, timeout=120)
+    assert got["y"].tolist() == [float(10 * i) for i in range(4) for _ in range(2)]
+    assert got["inner"][0].item() == pytest.approx(got["inner"][1].item(), abs=1e-12)
+    assert got["along_1"].flatten().tolist() == got["y"].tolist()
+
+
 # -- expert parallel against serial ----------------------------------------------------------
 def _wrong_rank(buf: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Dispatch with every piece sent one rank too far."""
@@ -218,6 +242,10 @@ def test_expert_parallel_equals_serial(n, k):
     fwd, bwd = got["bytes"]
     assert (fwd["calls"], fwd["bytes"]) == (2, model["forward"])
     assert (bwd["calls"], bwd["bytes"]) == (2, model["backward"])
+    # the sockets sent (N-1)/N of each buffer plus whole gloo headers
+    for measured, name in ((fwd, "forward"), (bwd, "backward")):
+        payload = int(formulas.all_to_all_sent_bytes(model[name], n))
+        assert measured["wire_sent"] is None or gloo_headers(measured["wire_sent"], payload)
 
 
 @pytest.mark.parametrize("broken", list(BREAKS))

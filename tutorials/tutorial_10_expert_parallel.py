@@ -62,6 +62,7 @@ F64 = torch.float64
 #: Each output and gradient sums at most N * S products of O(1) terms (the router's gradient
 #: sums over every token): a thousandfold margin on that many float64 roundings.
 TOL = 1e3 * max(WORLD_SIZES) * S * torch.finfo(F64).eps
+AUX_WEIGHT = 0.01  # alpha, the auxiliary loss's weight in the training loss (Switch's value)
 SEED = 0
 
 print(build_env.describe(ranks=max(WORLD_SIZES)))  # where this page's numbers were measured
@@ -161,7 +162,7 @@ def ep_worker(k: int) -> dict:
     with Ledger(track_activations=False) as forward:
         y, routing = ep(x)
     with Ledger(track_activations=False) as backward:
-        ((y * dy).sum() + 0.01 * routing.aux_loss / n).backward()
+        ((y * dy).sum() + AUX_WEIGHT * routing.aux_loss / n).backward()
     router_grad = ep.router.gate.weight.grad.clone()
     dist.all_reduce(router_grad)  # the replicated router: sum over ranks
     per_pass = [comm_totals(led.report())["all_to_all_single"] for led in (forward, backward)]
@@ -184,7 +185,7 @@ def serial_reference(k: int, n: int) -> dict:
     x, dy = (t.cpu() for t in tokens(n))
     x.requires_grad_()
     y, routing = serial(x, groups=n)
-    ((y * dy).sum() + 0.01 * routing.aux_loss).backward()  # the mean over groups
+    ((y * dy).sum() + AUX_WEIGHT * routing.aux_loss).backward()  # the mean over groups
     experts = [p.grad for e in serial.experts for p in e.parameters()]
     return {"y": y.detach(), "dx": x.grad, "router": serial.router.gate.weight.grad,
             "experts": experts, "aux": routing.aux_loss.item()}  # fmt: skip
@@ -274,12 +275,13 @@ table(expert_rows, index="expert")
 # --------------------------------------
 # A larger capacity factor drops fewer tokens and makes every buffer, and every all-to-all,
 # larger in proportion; an unbalanced router needs more slack for the same drops. Measured with
-# the router alone, on 4 groups of 256 tokens: the random router above, and the same router on
-# tokens shifted toward expert 0's direction (an unbalanced load).
+# the router alone, on ``SWEEP_GROUPS`` groups of ``SWEEP_TOKENS`` tokens: the random router
+# above, and the same router on tokens shifted toward expert 0's direction (an unbalanced load).
 
 CAPACITY_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+SWEEP_GROUPS, SWEEP_TOKENS = 4, 256
 g = torch.Generator().manual_seed(SEED + 2)
-sweep_x = torch.randn(4, 256, D, generator=g, dtype=F64)
+sweep_x = torch.randn(SWEEP_GROUPS, SWEEP_TOKENS, D, generator=g, dtype=F64)
 w0 = layer.router.gate.weight[0].detach()
 inputs = {"balanced": sweep_x, "unbalanced": sweep_x + 1.5 * w0 / w0.norm()}
 
@@ -318,8 +320,8 @@ assert sweep[("unbalanced", K)][at_one] > sweep[("balanced", K)][at_one]
 
 for (name, k), shares in sweep.items():
     none_at = next((c for c, v in zip(CAPACITY_FACTORS, shares) if v == 0), None)
-    grow = formulas.capacity(256, E, k, none_at or CAPACITY_FACTORS[-1]) / formulas.capacity(
-        256, E, k, 1.0
+    grow = formulas.capacity(SWEEP_TOKENS, E, k, none_at or CAPACITY_FACTORS[-1]) / (
+        formulas.capacity(SWEEP_TOKENS, E, k, 1.0)
     )
     print(f"{name}, k={k}: nothing dropped from factor {none_at} on; buffer {grow:.2f}x factor 1's")
 
@@ -327,8 +329,8 @@ fig, ax = plt.subplots(figsize=(7, 4))
 for (name, k), shares in sweep.items():
     ls = "-" if name == "balanced" else "--"
     ax.plot(CAPACITY_FACTORS, [100 * v for v in shares], ls, marker="o", label=f"{name}, k={k}")
-ax.set(xlabel="capacity factor c", ylabel="assignments dropped (%, measured)",
-       title=f"Dropped assignments vs capacity factor, E={E}, groups of 256 tokens")  # fmt: skip
+title = f"Dropped assignments vs capacity factor, E={E}, groups of {SWEEP_TOKENS} tokens"
+ax.set(xlabel="capacity factor c", ylabel="assignments dropped (%, measured)", title=title)
 ax.legend(fontsize=8)
 fig.tight_layout()
 
@@ -338,7 +340,7 @@ fig.tight_layout()
 # Train only the router of the unbalanced case on its auxiliary loss (plain SGD): the loss
 # pushes probability away from the crowded experts, and at a capacity factor of 1 fewer
 # assignments are dropped. In a real model this term is added, scaled by a small
-# :math:`\alpha` (Switch uses 0.01), to the language-model loss.
+# :math:`\alpha` (``AUX_WEIGHT``, as in the equality runs above), to the language-model loss.
 
 AUX_STEPS, AUX_LR = 60, 1.0
 router = layer_router(K).requires_grad_(True)
