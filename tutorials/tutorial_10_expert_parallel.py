@@ -131,7 +131,7 @@ assert largest == 0
 # Experts on ranks: dispatch and combine by all-to-all
 # ----------------------------------------------------
 # On :math:`N` ranks, rank :math:`r` keeps experts :math:`rE/N \dots (r+1)E/N - 1`
-# (:meth:`ExpertParallelMoE.from_serial <cai_labs.moe.ExpertParallelMoE.from_serial>` copies
+# (:meth:`~cai_labs.moe.expert_parallel.ExpertParallelMoE.from_serial` copies
 # them, and the whole router, from the serial layer). Each rank routes its own :math:`S` tokens
 # and fills the same ``[E, C, d]`` buffer. Cut along the experts, piece :math:`j` holds the
 # slots of rank :math:`j`'s experts: one ``all_to_all_single`` sends piece :math:`j` to rank
