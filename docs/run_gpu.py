@@ -33,6 +33,7 @@ TESTS = [
     "tests/test_tensor_parallel_3d.py",
     "tests/test_sequence_parallel.py",
     "tests/test_context_parallel.py",
+    "tests/test_expert_parallel.py",
     "tests/test_zero.py",
     "tests/test_opt_tensor_parallel.py",
 ]

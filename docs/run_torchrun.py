@@ -40,6 +40,7 @@ PAGES: dict[str, tuple[int, list[str]]] = {
     "tutorial_07": (2, ["judge accuracy"]),
     "tutorial_08": (1, ["colossalai:"]),
     "tutorial_09": (4, ["largest |ring - serial| over outputs", "longest sequence seed ring"]),
+    "tutorial_10": (4, ["largest |expert parallel - serial| over", "all-to-all bytes == formula"]),
 }
 
 

@@ -110,8 +110,8 @@ pd.DataFrame(
 # - ShardFormer and its policies: :mod:`cai_labs.tensor_parallel.opt_1d`,
 #   :doc:`tutorial_05_opt_zero_offload`; sequence parallelism: :mod:`cai_labs.sequence_parallel`,
 #   :doc:`tutorial_02_sequence_parallel`
-# - ``MoeHybridParallelPlugin``: no expert-parallel module on this site yet; its all-to-all is
-#   the one of :mod:`cai_labs.sequence_parallel.all_to_all_attention`; snippet below
+# - ``MoeHybridParallelPlugin``: :mod:`cai_labs.moe`, :doc:`tutorial_10_expert_parallel`;
+#   snippet below
 # - Lars, Lamb: :mod:`cai_labs.optim`, :doc:`tutorial_04_large_batch`
 # - checkpoint I/O and lazy initialisation: :mod:`cai_labs.recipes.opt_finetune` (save and reload
 #   with ``save_pretrained``), snippet below

@@ -14,6 +14,8 @@ Each module holds one technique and is checked against its serial twin in ``test
 * :mod:`cai_labs.hybrid` — ``parallelize(model, layout)``: one GPT in any DP x PP x TP (x SP,
   ZeRO) layout, from one :class:`~cai_labs.hybrid.layout.Layout`.
 * :mod:`cai_labs.sequence_parallel` — ring and all-to-all self-attention, BERT on sequence chunks.
+* :mod:`cai_labs.moe` — mixture of experts: top-k router with capacity, expert parallelism by
+  all-to-all.
 * :mod:`cai_labs.auto_parallel` — trace, sharding strategies, cost model, solver, runtime, and
   automatic activation checkpointing.
 * :mod:`cai_labs.optim` — LARS, LAMB and their learning-rate schedules.

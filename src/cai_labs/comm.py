@@ -16,6 +16,7 @@ function                  forward                       backward
 ``reduce_scatter_group``  reduce-scatter                all-gather
 ``seq_to_heads_group``    all-to-all: tokens -> heads   all-to-all: heads -> tokens
 ``heads_to_seq_group``    all-to-all: heads -> tokens   all-to-all: tokens -> heads
+``all_to_all_group``      all-to-all of dim-0 pieces    the same all-to-all
 ``conjugate``             any ``forward_op``            the given ``backward_op``
 ========================  ============================  ================================
 
@@ -48,6 +49,7 @@ __all__ = [
     "split_along",
     "seq_to_heads",
     "heads_to_seq",
+    "all_to_all",
     "conjugate",
     "copy_to_group",
     "reduce_from_group",
@@ -58,6 +60,7 @@ __all__ = [
     "reduce_scatter_group",
     "seq_to_heads_group",
     "heads_to_seq_group",
+    "all_to_all_group",
 ]
 
 
@@ -159,6 +162,21 @@ def heads_to_seq(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> t
     return recv.transpose(0, 1).reshape(b, n * hn, c, d)
 
 
+def all_to_all(x: torch.Tensor, group: ProcessGroup | None, dim: int = 0) -> torch.Tensor:
+    """Cut ``x`` into ``n`` equal pieces along ``dim`` and send piece ``i`` to rank ``i``; piece
+    ``i`` of the result is what rank ``i`` sent here (expert parallelism's dispatch and combine).
+    Its own transpose: the gradient of piece ``i`` goes back to rank ``i`` the same way."""
+    n = size(group)
+    if n == 1:
+        return x
+    if x.shape[dim] % n:
+        raise ValueError(f"cannot cut size {x.shape[dim]} of dim {dim} into {n} equal pieces")
+    send = x.movedim(dim, 0).contiguous()  # all_to_all_single cuts dim 0
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.movedim(0, dim)
+
+
 # -- the mappings: a forward op and its transpose ----------------------------------------------
 def _identity(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
     return x
@@ -245,3 +263,9 @@ def seq_to_heads_group(x: torch.Tensor, group: ProcessGroup | None) -> torch.Ten
 def heads_to_seq_group(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Forward: :func:`heads_to_seq`. Backward: :func:`seq_to_heads` of the gradient."""
     return _Mapping.apply(x, heads_to_seq, seq_to_heads, group, 1)
+
+
+def all_to_all_group(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Forward: :func:`all_to_all` along dim 0. Backward: the same all-to-all of the gradient
+    (piece ``i`` came from rank ``i``, so its gradient goes back to rank ``i``)."""
+    return _Mapping.apply(x, all_to_all, all_to_all, group, 0)

@@ -81,7 +81,7 @@ COMPONENTS = [
     Component(
         "MoeHybridParallelPlugin",
         ("colossalai.booster.plugin.MoeHybridParallelPlugin",),
-        "cai_labs.sequence_parallel.all_to_all_attention",  # the all-to-all that EP also uses
+        "cai_labs.moe",
         "tutorial_08_colossalai_system",
         "colossalai_moe",
         2,
