@@ -438,3 +438,29 @@ def test_on_host_looks_into_arguments_lists_and_keywords():
     assert not _on_host((cpu,), {"tensor": off})
     assert not _on_host(([cpu, off],), {})
     assert not _on_host(([[off]],), {})
+
+
+def test_wire_by_kind_splits_measured_bytes_by_kind():
+    from cai_labs.ledger import wire_by_kind
+
+    def report(sent: int | None, *recs: tuple[str, int | None], measured: bool = True) -> dict:
+        comm = [{"kind": k, "wire_sent": w} for k, w in recs]
+        return {"comm": comm, "wire": {"measured": measured, "sent": sent}}
+
+    kind = lambda rec: rec["kind"]  # noqa: E731
+    assert wire_by_kind(report(10, ("a", 4), measured=False), kind) is None
+    assert wire_by_kind(report(None, ("a", 4)), kind) is None
+    assert wire_by_kind({"comm": []}, kind) is None
+    # every call measured: bytes no call sent (DDP's C++ reducer) are "unrecorded"
+    assert wire_by_kind(report(10, ("a", 4), ("b", 1), ("a", 2)), kind) == {
+        "a": 6,
+        "b": 1,
+        "unrecorded": 3,
+    }
+    assert wire_by_kind(report(7, ("a", 4), ("b", 3)), kind) == {"a": 4, "b": 3}
+    # one kind has asynchronous calls: the rest is its
+    assert wire_by_kind(report(20, ("a", 4), ("b", None), ("b", 5)), kind) == {"a": 4, "b": 16}
+    # two kinds do: one entry named by both, sorted, holding their measured bytes too
+    got = wire_by_kind(report(30, ("c", None), ("a", 4), ("b", None), ("b", 5), ("c", 1)), kind)
+    assert got == {"a": 4, "b + c": 26}
+    assert wire_by_kind(report(0, ("a", None)), kind) == {"a": 0}

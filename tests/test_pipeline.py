@@ -222,8 +222,8 @@ def test_step_events_keep_one_step_of_forwards_and_backwards():
         {"name": "optimizer", "step": 1},
         {"name": "F"},
     ]
-    tl1 = [{"name": "B", "step": 1, "stage": 1}]
-    assert step_events([tl0, tl1], step=1) == [tl0[0], tl0[1], tl1[0]]
+    tl1 = [{"name": "B", "step": 1, "stage": 1}, {"name": "W", "step": 1, "stage": 1}]
+    assert step_events([tl0, tl1], step=1) == [tl0[0], tl0[1], *tl1]  # W: split backward
     assert step_events([tl0], step=3) == []
 
 
