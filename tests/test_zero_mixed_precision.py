@@ -114,11 +114,13 @@ def _worker(
             if first_grad is None:
                 wrapped.reduce_gradients()
                 first_grad = [s.grad.detach().float().clone() for s in wrapped.shards]
-            stepped.append(scale.step(opt) if scale else (opt.step(), True)[1])
-            opt.zero_grad() if stage != 1 else None
-            mem = ledger.snapshot("after step")
-            if stage == 1:  # stage 1 keeps the full p.grad until zero_grad: measured before it
-                opt.zero_grad()
+            if scale:
+                stepped.append(scale.step(opt))
+            else:
+                opt.step()
+                stepped.append(True)
+            mem = ledger.snapshot("after step")  # before zero_grad: stage 1 holds every p.grad
+            opt.zero_grad()
     full = wrapped.full_state_dict()
     names = [n for n, _ in wrapped.module.named_parameters()]
     low = torch.cat([full[n].reshape(-1) for n in names])
@@ -249,6 +251,18 @@ def test_bf16_master_kept_in_low_precision_is_caught():
     assert lost > 0.75 and kept > 0.95, (lost, kept)  # updates lost vs. accumulated in fp32
     with pytest.raises(AssertionError):
         _assert_equals_twin(bad, 2)
+
+
+def test_zero2_keeping_full_bf16_gradients_is_caught_by_the_byte_check(monkeypatch):
+    from test_zero import _reduce_keeping_full_gradients
+
+    from cai_labs.zero import Zero2
+
+    monkeypatch.setattr(Zero2, "_reduce_unit", _reduce_keeping_full_gradients(Zero2._reduce_unit))
+    out = launch(_worker, 2, 2)
+    with pytest.raises(AssertionError):
+        _assert_bytes_match_formula(out, 2, 2)
+    assert out["mem"]["grads"] > zero_unit_memory(out["units"], 2, 2, 2, 2, 12)["grads"]
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
