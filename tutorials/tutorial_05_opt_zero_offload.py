@@ -81,7 +81,8 @@ from cai_labs.recipes.opt_finetune import (
 from cai_labs.tensor_parallel import make_grid
 from cai_labs.tensor_parallel.formulas import opt_1d_cost
 from cai_labs.tensor_parallel.opt_1d import check_opt_tp_size, opt_full_state, parallelize_opt
-from cai_labs.zero import Zero3, ZeroOptimizer, memory_by_kind, zero_memory_formula, zero_wrap
+from cai_labs.zero import DynamicLossScaler, Zero3, ZeroOptimizer, memory_by_kind, zero_wrap
+from cai_labs.zero.formulas import zero_memory_formula, zero_unit_memory
 from cai_labs.zero.fsdp2 import fsdp2_memory, fsdp2_wrap
 
 hf_logging.disable_progress_bar()
@@ -96,6 +97,7 @@ PRETRAIN_STEPS = 120  # next-character steps on docstrings for the base checkpoi
 GLOBAL_BATCH = 32  # words per optimizer step, summed over the ranks
 LR = 3e-3  # Adam learning rate for fine-tuning
 MEASURE_STEPS = 8  # steps of each memory technique in the side-by-side comparison
+MIXED_STEPS = 2  # steps of each ZeRO stage in bf16 with fp32 master weights
 FINETUNE_STEPS = 150  # steps of the ZeRO-3 fine-tuning run
 CHUNK_ELEMENTS = 16 * 1024  # elements per chunk of the Gemini-style manager (64 KiB in fp32)
 BUDGET_CHUNKS = 6  # device budget of the chunk manager, in chunks
@@ -179,11 +181,12 @@ print(
 #    \text{ZeRO-2: } 2\Psi + \frac{(2+K)\Psi}{N} \qquad
 #    \text{ZeRO-3: } \frac{(2+2+K)\Psi}{N}
 #
-# **On this page everything is fp32**, as CPUs train: parameters :math:`4\Psi`, gradients
-# :math:`4\Psi`, and Adam's two moments :math:`K=8` (no master copy: the parameters already are
-# fp32). So DDP needs :math:`16\Psi` per rank, ZeRO-1 :math:`8\Psi + 8\Psi/N`, ZeRO-2
-# :math:`4\Psi + 12\Psi/N`, ZeRO-3 :math:`16\Psi/N`. Activations and temporary buffers (a
-# gathered layer in ZeRO-3) come on top and are not part of these formulas.
+# **On this page everything is fp32**, as CPUs train (but for the section *Mixed precision: K = 12*,
+# which runs the paper's case): parameters :math:`4\Psi`, gradients :math:`4\Psi`, and Adam's two
+# moments :math:`K=8` (no master copy: the parameters already are fp32). So DDP needs :math:`16\Psi`
+# per rank, ZeRO-1 :math:`8\Psi + 8\Psi/N`, ZeRO-2 :math:`4\Psi + 12\Psi/N`, ZeRO-3
+# :math:`16\Psi/N`. Activations and temporary buffers (a gathered layer in ZeRO-3) come on top and
+# are not part of these formulas.
 #
 # The stages differ in what they communicate. Data parallel all-reduces gradients; an
 # all-reduce is a reduce-scatter followed by an all-gather, which is exactly what ZeRO-1 and
@@ -273,10 +276,11 @@ class Technique:
     extras: Callable = lambda model: {}  # what else the page reads from the wrapped model
 
 
-def _zero(stage: int) -> Technique:
+def _zero(stage: int, param_dtype: torch.dtype | None = None) -> Technique:
     return Technique(
-        wrap=lambda m: zero_wrap(m, torch.optim.Adam, stage=stage, lr=LR),
+        wrap=lambda m: zero_wrap(m, torch.optim.Adam, stage=stage, param_dtype=param_dtype, lr=LR),
         watch=lambda ledger, plain, model, opt: model.watch(ledger, opt),
+        extras=lambda model: {"units": [u.numel for u in model.units]},
     )
 
 
@@ -290,6 +294,7 @@ TECHNIQUES = {
         watch=lambda ledger, plain, model, opt: ledger.watch(model=plain, optimizer=opt.optim),
     ),
     **{f"ZeRO-{k}": _zero(k) for k in (1, 2, 3)},
+    **{f"ZeRO-{k} bf16": _zero(k, torch.bfloat16) for k in (1, 2, 3)},
     "FSDP2": Technique(
         wrap=lambda m: adam(fsdp2_wrap(m)), memory=lambda model, opt, _: fsdp2_memory(model, opt)
     ),
@@ -426,6 +431,65 @@ ax.scatter(
 ax.set(ylabel="KiB per rank", title=f"Model states per rank, Ψ = {PSI:,}, N = {WORLD_SIZE}")
 ax.legend()
 fig.tight_layout()
+
+# %%
+# Mixed precision: K = 12
+# -----------------------
+# The paper's case, run: ``zero_wrap(..., param_dtype=torch.bfloat16)`` casts the model to bf16,
+# so forward, backward, the gradients and both collectives use 2-byte elements, while each rank's
+# shard of the weights is an fp32 *master* that Adam updates next to its two fp32 moments
+# (:math:`K = 12`). After the step the master is rounded into the bf16 parameters. Without the
+# master, an update smaller than half a bf16 step of the weight (at most :math:`2^{-8}` of it)
+# would be rounded away. Measured: the ledger's bytes of every tensor the wrapper and its
+# optimizer hold on rank 0, per parameter; the exact formula adds the flat buffers' padding and
+# Adam's one 4-byte step count per unit to the paper's.
+
+mixed_rows = []
+for stage, paper in {1: 4 + 12 / WORLD_SIZE, 2: 2 + 14 / WORLD_SIZE, 3: 16 / WORLD_SIZE}.items():
+    r = launch(train_worker, WORLD_SIZE, f"ZeRO-{stage} bf16", MIXED_STEPS)
+    exact = zero_unit_memory(r["units"], stage, WORLD_SIZE, 2, 2, 12, counter_bytes=4)
+    assert r["memory"] == exact, (stage, r["memory"], exact)
+    assert abs(r["memory"]["total"] / PSI - paper) < 0.01 * paper  # padding and counters
+    mixed_rows.append(
+        {
+            "stage": f"ZeRO-{stage}",
+            "measured bytes / param": r["memory"]["total"] / PSI,
+            "paper bytes / param": paper,
+            "measured bytes": r["memory"]["total"],
+            "exact formula bytes": exact["total"],
+            "padding + step counters bytes": r["memory"]["total"] - paper * PSI,
+        }
+    )
+per_param = {c: "{:.4f}" for c in ("measured bytes / param", "paper bytes / param")}
+report.table(mixed_rows, "stage", per_param, f"bf16 + fp32 masters, Ψ = {PSI:,}, N = {WORLD_SIZE}")
+
+# %%
+# fp16 has only 5 exponent bits, so its gradients are computed on the loss times a scale and
+# divided by it again in fp32; a scale too large overflows. Every rank checks only its own
+# gradient shard, so the overflow flag is all-reduced and all ranks skip the step together:
+
+
+def overflow_worker(init_scale: float) -> dict:
+    plain, tok = load_checkpoint(base_dir)
+    model, opt = zero_wrap(plain.train(), torch.optim.Adam, 2, param_dtype=torch.float16, lr=LR)
+    scaler = DynamicLossScaler(init_scale=init_scale)
+    x, y = task_batch(tok, task, sample_words(task, GLOBAL_BATCH, 0))
+    x, y = shard_batch(x, y, rank=dist.get_rank(), world_size=dist.get_world_size())
+    before = [s.detach().clone() for s in model.shards]
+    scaler.scale(model(input_ids=x, labels=y).loss).backward()
+    stepped = scaler.step(opt)
+    same = all(torch.equal(a, b) for a, b in zip(before, model.shards))
+    return {"stepped": report.from_every_rank(stepped), "same": same, "scale": scaler.scale_value}
+
+
+big = 2.0**24
+ov = launch(overflow_worker, WORLD_SIZE, big)
+assert not any(ov["stepped"]) and ov["same"] and ov["scale"] == big / 2
+print(
+    f"loss scale {big:.0f}: the gradients overflow fp16 (largest finite value "
+    f"{torch.finfo(torch.float16).max:.0f}), so {ov['stepped'].count(False)} of {WORLD_SIZE} "
+    f"ranks skip the step, the weights stay as they were, and the scale drops to {ov['scale']:.0f}"
+)
 
 # %%
 # Why flat buffers: PyTorch's ``ZeroRedundancyOptimizer``

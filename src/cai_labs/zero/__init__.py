@@ -16,7 +16,10 @@ Modules: :mod:`~cai_labs.zero.flat` (flat units), :mod:`~cai_labs.zero.base` (sh
 :mod:`~cai_labs.zero.stage1`, :mod:`~cai_labs.zero.stage2`, :mod:`~cai_labs.zero.stage3`,
 :mod:`~cai_labs.zero.optimizer` (sharded optimizer), :mod:`~cai_labs.zero.formulas` (the paper's
 formulas and the bytes per step), :mod:`~cai_labs.zero.memory` (the measured account),
+:mod:`~cai_labs.zero.loss_scale` (fp16 dynamic loss scaling),
 :mod:`~cai_labs.zero.fsdp2` (PyTorch FSDP2 side by side).
+``zero_wrap(..., param_dtype=torch.bfloat16)`` trains in mixed precision (fp32 master shards,
+``K = 12``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import nn
 
 from cai_labs.zero.base import ZeroModel, default_units
 from cai_labs.zero.flat import FlatParamUnit
+from cai_labs.zero.loss_scale import DynamicLossScaler
 from cai_labs.zero.memory import memory_by_kind, zero_memory_formula
 from cai_labs.zero.optimizer import ZeroOptimizer
 from cai_labs.zero.stage1 import Zero1
@@ -46,6 +50,7 @@ __all__ = [
     "default_units",
     "zero_memory_formula",
     "memory_by_kind",
+    "DynamicLossScaler",
     "STAGES",
 ]
 
@@ -58,6 +63,7 @@ def zero_wrap(
     stage: int = 1,
     units: list[nn.Module] | None = None,
     group: dist.ProcessGroup | None = None,
+    param_dtype: torch.dtype | None = None,
     **optimizer_kwargs: Any,
 ) -> tuple[ZeroModel, ZeroOptimizer]:
     """Wrap ``module`` for ZeRO ``stage`` and build its sharded optimizer.
@@ -70,6 +76,8 @@ def zero_wrap(
         stage: 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters).
         units: modules that each become one flat unit (default: the model's layers).
         group: data-parallel process group (default: all ranks).
+        param_dtype: ``torch.bfloat16`` / ``torch.float16`` for mixed precision (low-precision
+            parameters, gradients and collectives; fp32 master shards and optimizer state).
 
     Returns:
         ``(zero_model, zero_optimizer)``: call ``zero_model(...)`` like the module,
@@ -77,7 +85,7 @@ def zero_wrap(
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be 1, 2 or 3; got {stage!r}")
-    model = STAGES[stage](module, units=units, group=group)
+    model = STAGES[stage](module, units=units, group=group, param_dtype=param_dtype)
     if isinstance(optimizer, torch.optim.Optimizer):
         if optimizer_kwargs:
             raise ValueError("pass hyper-parameters either in the optimizer or as kwargs, not both")

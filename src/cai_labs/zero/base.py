@@ -18,6 +18,14 @@ Subclasses: :class:`~cai_labs.zero.stage1.Zero1`, :class:`~cai_labs.zero.stage2.
 :class:`~cai_labs.zero.optimizer.ZeroOptimizer`, whose ``step`` calls :meth:`reduce_gradients`,
 the inner optimizer on the shards, then :meth:`after_step`.
 
+Mixed precision (``param_dtype=torch.bfloat16`` or ``torch.float16``): the module is cast to that
+dtype, so forward, backward, the gradients and both collectives run in 2-byte elements, while each
+rank's shard of the weights, the one the optimizer updates, is an fp32 *master* copy ``(S,)``; the
+optimizer's state lives beside it in fp32 (``K = 12`` bytes per parameter: master, momentum,
+variance). After the step the master is rounded into the low-precision parameters (stages 1/2
+all-gather it in the low dtype, stage 3 copies it into its low-precision shard). Without a master,
+an update smaller than half a bf16 ulp of the weight would be rounded away.
+
 Units: by default each element of the model's largest ``nn.ModuleList`` (the transformer
 layers) is one unit and all remaining parameters (embeddings, final norm, a tied LM head) form
 the root unit. A parameter shared by two modules (tied embeddings) belongs to exactly one unit.
@@ -36,7 +44,9 @@ from cai_labs.ledger import Ledger
 from cai_labs.zero.collectives import all_gather_flat
 from cai_labs.zero.flat import FlatParamUnit
 
-__all__ = ["ZeroModel", "default_units"]
+__all__ = ["ZeroModel", "default_units", "LOW_PRECISION"]
+
+LOW_PRECISION: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
 
 
 def default_units(module: nn.Module) -> list[nn.Module]:
@@ -56,11 +66,14 @@ class ZeroModel(nn.Module):
         units: modules whose parameters form one flat unit each (default :func:`default_units`);
             pass ``[]`` for a single unit holding the whole model.
         group: the data-parallel process group (default: all ranks).
+        param_dtype: ``None`` (train in the module's dtype) or ``torch.bfloat16`` /
+            ``torch.float16``: low-precision parameters and gradients, fp32 master shards.
 
     Attributes:
         module: the wrapped model (its parameters are views into the flat buffers).
         units: the :class:`~cai_labs.zero.flat.FlatParamUnit` list, root unit last.
-        shards: this rank's shard of each unit, the parameters the sharded optimizer owns.
+        shards: this rank's shard of each unit, the parameters the sharded optimizer owns
+            (fp32 masters under mixed precision).
     """
 
     stage: int = 0
@@ -70,10 +83,18 @@ class ZeroModel(nn.Module):
         module: nn.Module,
         units: list[nn.Module] | None = None,
         group: dist.ProcessGroup | None = None,
+        param_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not dist.is_initialized():
             raise ValueError("ZeRO needs a process group: run inside cai_labs.launch or torchrun")
+        if param_dtype not in LOW_PRECISION + (None,):
+            raise ValueError(
+                f"param_dtype must be None, torch.bfloat16 or torch.float16; got {param_dtype!r}"
+            )
+        self.param_dtype = param_dtype
+        if param_dtype is not None:
+            module.to(param_dtype)
         self.module = module
         self.group = group
         self.rank = dist.get_rank(group)
@@ -109,10 +130,21 @@ class ZeroModel(nn.Module):
         self.shards: list[nn.Parameter] = [self._make_shard(u) for u in self.units]
 
     # -- what the stages override -------------------------------------------------------------
+    @property
+    def mixed(self) -> bool:
+        """True when parameters are low precision and the shards fp32 masters."""
+        return self.param_dtype is not None
+
     def _make_shard(self, unit: FlatParamUnit) -> nn.Parameter:
-        """ZeRO-1/2: the shard is a view of the full buffer, so updating it updates the model."""
-        unit.shard = nn.Parameter(unit.full_slice(), requires_grad=False)
+        """ZeRO-1/2: the shard is a view of the full buffer, so updating it updates the model;
+        under mixed precision it is an fp32 master copy of that slice instead."""
+        own = unit.full_slice().to(torch.float32, copy=True) if self.mixed else unit.full_slice()
+        unit.shard = nn.Parameter(own, requires_grad=False)
         return unit.shard
+
+    def _master_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient as the shard's optimizer reads it: an fp32 copy of a low-precision one."""
+        return grad.to(torch.float32) if self.mixed else grad
 
     def reduce_gradients(self) -> None:
         """Make ``shard.grad`` hold this rank's slice of the averaged gradient (before a step)."""
@@ -121,8 +153,8 @@ class ZeroModel(nn.Module):
     def after_step(self) -> None:
         """Bring the replicas back in line after the shards were updated."""
         with torch.no_grad():
-            for u in self.units:
-                all_gather_flat(u.full, u.shard.detach().clone(), self.group)
+            for u in self.units:  # (a copy: the shard may be a view of ``full``)
+                all_gather_flat(u.full, u.shard.detach().to(u.full.dtype, copy=True), self.group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.module.zero_grad(set_to_none=True)
@@ -181,8 +213,9 @@ class ZeroModel(nn.Module):
         """Tensors this stage keeps *besides* the module's parameters/grads and optimizer state.
 
         Register them with ``ledger.watch(**zero_model.memory_tensors())`` (see :meth:`watch`).
+        Under mixed precision the fp32 master shards are ``master_shards`` (optimizer state).
         """
-        return {}
+        return {"master_shards": list(self.shards)} if self.mixed else {}
 
     def watch(self, ledger: Ledger, optimizer: torch.optim.Optimizer | None = None) -> Ledger:
         """Account this rank's memory in ``ledger``: the module's parameters and gradients, the

@@ -42,6 +42,8 @@ class FlatParamUnit:
         numel: elements before padding; ``shard_numel``: ``S``.
         shard: ``(S,)`` this rank's slice, an ``nn.Parameter`` the sharded optimizer updates
             (set by the stage: a view of ``full`` for ZeRO-1/2, its own storage for ZeRO-3).
+        low: ``(S,)`` ZeRO-3 under mixed precision: the low-precision copy of the fp32 master
+            ``shard`` that :meth:`gather` all-gathers (``None`` otherwise).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class FlatParamUnit:
                 offset += p.numel()
         self.full = full
         self.shard: nn.Parameter | None = None
+        self.low: torch.Tensor | None = None
         self.gathered = True  # storage allocated (and filled, once ``_work`` is waited for)
         self._work: dist.Work | None = None  # an all-gather started with ``async_op=True``
         self.reduced = False  # gradients of this backward already reduce-scattered
@@ -123,8 +126,9 @@ class FlatParamUnit:
                 self.wait()
             return
         assert self.shard is not None
+        source = self.shard.detach() if self.low is None else self.low
         self.full.untyped_storage().resize_(self.padded_numel * self.full.element_size())
-        work = all_gather_flat(self.full, self.shard.detach(), self.group, async_op=async_op)
+        work = all_gather_flat(self.full, source, self.group, async_op=async_op)
         self._work = work if async_op else None
         self.gathered = True
 

@@ -10,9 +10,11 @@ state with ``K = 12`` (fp32 master weights, momentum, variance):
 * stage 2 (P_os+g): ``2Ψ + (2 + K)Ψ/N``
 * stage 3 (P_os+g+p): ``(2 + 2 + K)Ψ/N``
 
-On CPU these tutorials train in fp32 with plain Adam: parameters ``4Ψ``, gradients ``4Ψ``, and
-``K = 8`` (momentum and variance; no master copy). The byte counts are arguments, so either
-convention can be computed.
+On CPU these tutorials train in fp32 with plain Adam by default: parameters ``4Ψ``, gradients
+``4Ψ``, and ``K = 8`` (momentum and variance; no master copy). With ``param_dtype=torch.bfloat16``
+(or fp16) :mod:`cai_labs.zero` holds the paper's case: 2-byte parameters and gradients and
+``K = 12``. The byte counts are arguments, so either convention can be computed;
+:func:`zero_unit_memory` gives the exact bytes of the flat units, padding included.
 
 Communication per step (buffer bytes, as the ledger counts them) of :mod:`cai_labs.zero`'s flat
 units, each padded to ``N ceil(numel/N)`` elements: every stage reduce-scatters each unit's
@@ -26,7 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["zero_memory_formula", "zero_step_comm", "zero_sent_factor", "padded_numel"]
+__all__ = [
+    "zero_memory_formula",
+    "zero_unit_memory",
+    "zero_step_comm",
+    "zero_sent_factor",
+    "padded_numel",
+]
 
 
 def zero_memory_formula(
@@ -46,6 +54,34 @@ def zero_memory_formula(
     params = numel * param_bytes / (n if stage >= 3 else 1)
     grads = numel * grad_bytes / (n if stage >= 2 else 1)
     optim = numel * optimizer_bytes / (n if stage >= 1 else 1)
+    return {"params": params, "grads": grads, "optimizer": optim, "total": params + grads + optim}
+
+
+def zero_unit_memory(
+    unit_numels: Sequence[int],
+    stage: int,
+    world_size: int,
+    param_bytes: int = 4,
+    grad_bytes: int = 4,
+    optimizer_bytes: int = 8,
+    counter_bytes: int = 0,
+) -> dict[str, int]:
+    """Exact bytes per rank that :mod:`cai_labs.zero` holds after a step, for flat units of
+    ``unit_numels`` parameters each padded to ``N S`` elements (``S = ceil(numel / N)``).
+
+    Parameters: the padded full buffers (stages 1-2) or one shard ``S`` per unit (stage 3).
+    Gradients: stage 1 keeps every parameter's full gradient until ``zero_grad`` (``numel``, no
+    padding); stages 2-3 one shard each. Optimizer: ``optimizer_bytes`` per shard element
+    (``K``) plus ``counter_bytes`` per unit (torch Adam's step count: one 4-byte scalar).
+    """
+    _check(stage, world_size)
+    if stage == 0:
+        raise ValueError("stage 0 is data parallel: use zero_memory_formula")
+    shards = sum(math.ceil(n / world_size) for n in unit_numels)
+    padded = sum(padded_numel(n, world_size) for n in unit_numels)
+    params = param_bytes * (shards if stage == 3 else padded)
+    grads = grad_bytes * (sum(unit_numels) if stage == 1 else shards)
+    optim = optimizer_bytes * shards + counter_bytes * len(unit_numels)
     return {"params": params, "grads": grads, "optimizer": optim, "total": params + grads + optim}
 
 

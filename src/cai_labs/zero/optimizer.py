@@ -3,7 +3,8 @@
 :class:`ZeroOptimizer` is a real :class:`torch.optim.Optimizer` (so learning-rate schedulers,
 Lightning and ``state_dict`` work with it) whose ``param_groups`` and ``state`` are those of an
 inner optimizer built over the :attr:`ZeroModel.shards <cai_labs.zero.base.ZeroModel.shards>`.
-Its state is therefore ``K Ψ / N`` bytes per rank instead of ``K Ψ`` (``K = 8`` for fp32 Adam).
+Its state is therefore ``K Ψ / N`` bytes per rank instead of ``K Ψ`` (``K = 8`` for fp32 Adam;
+``K = 12`` in mixed precision, where the shards are fp32 master weights).
 
 ``step()`` = :meth:`~cai_labs.zero.base.ZeroModel.reduce_gradients` (stage 1 reduce-scatters
 here; stages 2 and 3 already did during backward), the inner step on the shards, then
@@ -73,6 +74,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.zero_model.reduce_gradients()
         self.inner.step()
         self.zero_model.after_step()
+        if self.zero_model.mixed:  # the fp32 gradient copies were temporaries of this step
+            for s in self.zero_model.shards:
+                s.grad = None
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -39,8 +39,12 @@ class Zero1(ZeroModel):
             for u in self.units:
                 out = u.full.new_empty(u.shard_numel)
                 reduce_scatter_flat(out, u.flat_grad(), self.group)
-                u.shard.grad = self._average(out)
+                u.shard.grad = self._master_grad(self._average(out))
         self._reduced = True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._reduced = False  # (a skipped step, e.g. on fp16 overflow, reduces again next time)
 
     def after_step(self) -> None:
         super().after_step()

@@ -47,8 +47,9 @@ class Zero2(ZeroModel):
         group: dist.ProcessGroup | None = None,
         overlap_comm: bool = True,
         max_in_flight: int = 2,
+        param_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(module, units=units, group=group)
+        super().__init__(module, units=units, group=group, param_dtype=param_dtype)
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1; got {max_in_flight}")
         self.overlap_comm, self.max_in_flight = overlap_comm, max_in_flight
@@ -56,8 +57,8 @@ class Zero2(ZeroModel):
         self._pending: list[tuple[FlatParamUnit, torch.Tensor, torch.Tensor, Any]] = []
         self._unit_of: dict[int, FlatParamUnit] = {}
         for u in self.units:
-            u.grad_shard = u.full.new_zeros(u.shard_numel)
-            u.shard.grad = u.grad_shard
+            u.grad_shard = u.full.new_zeros(u.shard_numel)  # (S,) in the parameters' dtype
+            self._attach_grad(u)
             for p in u.params:
                 self._unit_of[id(p)] = u
                 p.register_post_accumulate_grad_hook(self._grad_ready)
@@ -109,16 +110,27 @@ class Zero2(ZeroModel):
             u.ready, u.reduced = 0, False
         self._queued = False
 
-    def reduce_gradients(self) -> None:
-        """Nothing left to do: backward already reduce-scattered every unit."""
-        for u in self.units:
+    def _attach_grad(self, u: FlatParamUnit) -> None:
+        """The shard's gradient is the shard buffer itself; under mixed precision an fp32 copy
+        of it is made only when the optimizer needs it (:meth:`reduce_gradients`)."""
+        if not self.mixed:
             u.shard.grad = u.grad_shard
+
+    def reduce_gradients(self) -> None:
+        """Nothing left to communicate: backward already reduce-scattered every unit."""
+        for u in self.units:
+            if not self.mixed:
+                u.shard.grad = u.grad_shard
+            elif u.shard.grad is None:  # (kept if already made, e.g. clipped, this step)
+                u.shard.grad = self._master_grad(u.grad_shard)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.module.zero_grad(set_to_none=True)
+        super().zero_grad(set_to_none)
         for u in self.units:
             u.grad_shard.zero_()
-            u.shard.grad = u.grad_shard
+            self._attach_grad(u)
 
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
-        return {"grad_shards": [u.grad_shard for u in self.units]}
+        out = super().memory_tensors()
+        out["grad_shards"] = [u.grad_shard for u in self.units]
+        return out

@@ -53,7 +53,9 @@ class Zero3(Zero2):
     """ZeRO-3: optimizer state, gradients and parameters sharded.
 
     Args:
-        module, units, group, overlap_comm, max_in_flight: as :class:`~cai_labs.zero.Zero2`.
+        module, units, group, overlap_comm, max_in_flight, param_dtype: as
+            :class:`~cai_labs.zero.Zero2` (under mixed precision the rank keeps a low-precision
+            shard, which is gathered, next to its fp32 master).
         prefetch: all-gathers started ahead of use, in the order recorded in the first step:
             ``True`` (one unit ahead), ``False`` (none) or an int depth ``>= 0``.
 
@@ -74,6 +76,7 @@ class Zero3(Zero2):
         overlap_comm: bool = True,
         max_in_flight: int = 2,
         prefetch: bool | int = True,
+        param_dtype: torch.dtype | None = None,
     ) -> None:
         if isinstance(prefetch, bool):
             depth = int(prefetch)
@@ -82,7 +85,12 @@ class Zero3(Zero2):
         else:
             raise ValueError(f"prefetch must be True, False or an int depth >= 0; got {prefetch!r}")
         super().__init__(
-            module, units=units, group=group, overlap_comm=overlap_comm, max_in_flight=max_in_flight
+            module,
+            units=units,
+            group=group,
+            overlap_comm=overlap_comm,
+            max_in_flight=max_in_flight,
+            param_dtype=param_dtype,
         )
         self.prefetch_depth = depth
         self.root = self.units[-1] if self.unit_modules[-1] is module else None
@@ -98,7 +106,10 @@ class Zero3(Zero2):
 
     def _make_shard(self, unit: FlatParamUnit) -> nn.Parameter:
         """ZeRO-3: the shard owns its storage, so the full buffer can be released."""
-        unit.shard = nn.Parameter(unit.full_slice().clone(), requires_grad=False)
+        own = unit.full_slice().clone()
+        if self.mixed:  # gathered: the low-precision copy; updated: the fp32 master
+            unit.low, own = own, own.to(torch.float32)
+        unit.shard = nn.Parameter(own, requires_grad=False)
         return unit.shard
 
     # -- gathering with prefetch -------------------------------------------------------------
@@ -185,7 +196,12 @@ class Zero3(Zero2):
                 self._position[phase] = {id(u): i for i, u in enumerate(order)}
 
     def after_step(self) -> None:
-        """Nothing to gather: the updated shard is all this rank keeps; forward gathers."""
+        """Nothing to gather: the updated shard is all this rank keeps; forward gathers.
+        Under mixed precision the master is rounded into the low-precision shard."""
+        if self.mixed:
+            with torch.no_grad():
+                for u in self.units:
+                    u.low.copy_(u.shard)
 
     def _gather_all(self) -> None:
         for u in self.units:
@@ -197,5 +213,5 @@ class Zero3(Zero2):
 
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
         out = super().memory_tensors()
-        out["param_shards"] = list(self.shards)
+        out["param_shards"] = [u.low for u in self.units] if self.mixed else list(self.shards)
         return out
