@@ -445,7 +445,8 @@ fig.tight_layout()
 # Adam's one 4-byte step count per unit to the paper's.
 
 mixed_rows = []
-for stage, paper in {1: 4 + 12 / WORLD_SIZE, 2: 2 + 14 / WORLD_SIZE, 3: 16 / WORLD_SIZE}.items():
+for stage in (1, 2, 3):  # the paper's bytes: 2 + 2 + 12/N, 2 + 14/N, 16/N per parameter
+    paper = zero_memory_formula(PSI, stage, WORLD_SIZE, 2, 2, 12)["total"] / PSI
     r = launch(train_worker, WORLD_SIZE, f"ZeRO-{stage} bf16", MIXED_STEPS)
     exact = zero_unit_memory(r["units"], stage, WORLD_SIZE, 2, 2, 12, counter_bytes=4)
     assert r["memory"] == exact, (stage, r["memory"], exact)
