@@ -26,16 +26,19 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Protocol
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cai_labs.serving.config import ServeConfig
-from cai_labs.serving.engine import GenerationEngine
+from cai_labs.serving.engine import Completion, GenerationEngine
 from cai_labs.serving.openai_api import OpenAIFormat, chat_ask, completion_ask
 from cai_labs.serving.schemas import (
     ChatRequest,
@@ -63,7 +66,13 @@ def _service(request: Request) -> Service:
     return request.app.state.service
 
 
-def _error(service: Service, status: int, message: str, headers=None, detail=None):
+def _error(
+    service: Service,
+    status: int,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    detail: list[dict] | None = None,
+) -> JSONResponse:
     service.metrics.record(ServiceError(status, message).outcome)
     body = {"error": message} if detail is None else {"error": message, "detail": detail}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -76,10 +85,10 @@ class _BodyLimit:
 
     DRAIN = 64
 
-    def __init__(self, app, limit: int, service: Service) -> None:
+    def __init__(self, app: ASGIApp, limit: int, service: Service) -> None:
         self.app, self.limit, self.service = app, limit, service
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             length = dict(scope.get("headers") or []).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.limit:
@@ -92,7 +101,7 @@ class _BodyLimit:
                 return
         await self.app(scope, receive, send)
 
-    async def _drain(self, receive) -> None:
+    async def _drain(self, receive: Receive) -> None:
         seen = 0
         while seen <= self.DRAIN * self.limit:
             message = await receive()
@@ -109,7 +118,7 @@ def _describe(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
-async def _invalid(request: Request, exc: RequestValidationError):
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [
         {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
         for e in exc.errors()
@@ -123,7 +132,7 @@ async def _invalid(request: Request, exc: RequestValidationError):
     return _error(_service(request), 422, f"invalid request: {_describe(errors)}", detail=errors)
 
 
-async def _http_error(request: Request, exc: HTTPException):
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     message = {
         400: "the request body could not be read: send UTF-8 encoded JSON",
         404: f"no such path: {request.url.path}; the endpoints are listed at /docs",
@@ -132,11 +141,23 @@ async def _http_error(request: Request, exc: HTTPException):
     return _error(_service(request), exc.status_code, message, headers=exc.headers)
 
 
-async def _service_error(request: Request, exc: ServiceError):
+async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
     return _error(_service(request), exc.status, exc.message, headers=exc.headers)
 
 
 # -- streaming: one generator for every streamed endpoint -----------------------------------------
+
+
+class _Events(Protocol):
+    """The text of a stream's events: before the first token, per token, at the end, on error."""
+
+    def start(self) -> str: ...
+
+    def token(self, token_id: int, delta: str) -> str: ...
+
+    def end(self, result: Completion, run: Run, rest: str) -> str: ...
+
+    def error(self, message: str) -> str: ...
 
 
 class _NativeEvents:
@@ -151,7 +172,7 @@ class _NativeEvents:
     def token(self, token_id: int, delta: str) -> str:
         return f"event: token\ndata: {json.dumps({'token_id': token_id, 'text': delta})}\n\n"
 
-    def end(self, result, run: Run, rest: str) -> str:
+    def end(self, result: Completion, run: Run, rest: str) -> str:
         return f"event: done\ndata: {_generate_response(result, run).model_dump_json()}\n\n"
 
     def error(self, message: str) -> str:
@@ -170,7 +191,7 @@ class _OpenAIEvents:
     def token(self, token_id: int, delta: str) -> str:
         return self.fmt.chunk(delta) if delta else ""
 
-    def end(self, result, run: Run, rest: str) -> str:
+    def end(self, result: Completion, run: Run, rest: str) -> str:
         last = self.fmt.chunk(rest, self.fmt.reason(result))
         return last + self.fmt.done()
 
@@ -178,10 +199,10 @@ class _OpenAIEvents:
         return self.fmt.error(message) + self.fmt.done()
 
 
-def _stream(service: Service, ask: Ask, events) -> StreamingResponse:
+def _stream(service: Service, ask: Ask, events: _Events) -> StreamingResponse:
     run = service.start(ask, stream=True)  # ServiceError here: a JSON error, not a stream
 
-    async def body():
+    async def body() -> AsyncIterator[str]:
         sent = ""
         yield events.start()
         try:
@@ -210,7 +231,7 @@ def _ask(req: GenerateRequest) -> Ask:
     )  # fmt: skip
 
 
-def _generate_response(result, run: Run) -> GenerateResponse:
+def _generate_response(result: Completion, run: Run) -> GenerateResponse:
     cached = run.cached is not None
     return GenerateResponse(
         text=result.text,
@@ -226,18 +247,18 @@ def _generate_response(result, run: Run) -> GenerateResponse:
 
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS,
              summary="Generate a continuation of the prompt")  # fmt: skip
-async def generate(req: GenerateRequest, request: Request):
+async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
     result, run = await _service(request).complete(_ask(req))
     return _generate_response(result, run)
 
 
 @router.post("/generate/stream", responses=SSE, summary="Generate, streaming server-sent events")
-async def generate_stream(req: GenerateRequest, request: Request):
+async def generate_stream(req: GenerateRequest, request: Request) -> StreamingResponse:
     ask = _ask(req)
     return _stream(_service(request), ask, _NativeEvents(ask))
 
 
-async def _openai(service: Service, ask: Ask, kind: str, stream: bool):
+async def _openai(service: Service, ask: Ask, kind: str, stream: bool) -> StreamingResponse | dict:
     fmt = OpenAIFormat(kind, service.config.model_name)
     if stream:
         return _stream(service, ask, _OpenAIEvents(fmt))
@@ -245,14 +266,16 @@ async def _openai(service: Service, ask: Ask, kind: str, stream: bool):
     return fmt.response(result, len(run.ids))
 
 
-@router.post("/v1/completions", responses=SSE, summary="OpenAI-compatible text completion")
-async def completions(req: CompletionRequest, request: Request):
+@router.post("/v1/completions", response_model=None, responses=SSE,
+             summary="OpenAI-compatible text completion")  # fmt: skip
+async def completions(req: CompletionRequest, request: Request) -> StreamingResponse | dict:
     service = _service(request)
     return await _openai(service, completion_ask(service, req), "text", req.stream)
 
 
-@router.post("/v1/chat/completions", responses=SSE, summary="OpenAI-compatible chat completion")
-async def chat_completions(req: ChatRequest, request: Request):
+@router.post("/v1/chat/completions", response_model=None, responses=SSE,
+             summary="OpenAI-compatible chat completion")  # fmt: skip
+async def chat_completions(req: ChatRequest, request: Request) -> StreamingResponse | dict:
     service = _service(request)
     return await _openai(service, chat_ask(service, req), "chat", req.stream)
 
@@ -310,7 +333,7 @@ def create_app(
     service = Service(engine, config, name=Path(checkpoint).name if checkpoint else "model")
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.start_batcher()
         yield
         await service.stop_batcher()

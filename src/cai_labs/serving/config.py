@@ -61,7 +61,7 @@ class ServeConfig:
     keep_alive_s: float = 30.0
 
     def __post_init__(self) -> None:
-        def positive_or_none(x) -> bool:
+        def positive_or_none(x: float | None) -> bool:
             return x is None or x >= 1
 
         checks = {

@@ -25,10 +25,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cai_labs.serving.sampling import TokenSampler
+
+if TYPE_CHECKING:  # transformers is imported when a model is loaded, not with this module
+    from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["GenerationJob", "Completion", "RowSampler", "GenerationEngine"]
 
@@ -112,7 +116,12 @@ class GenerationEngine:
         torch_threads: ``torch.set_num_threads`` value, or ``None`` to leave torch's default.
     """
 
-    def __init__(self, model, tokenizer, torch_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        torch_threads: int | None = None,
+    ) -> None:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         self.model = model.eval()
@@ -135,7 +144,9 @@ class GenerationEngine:
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048))
 
     @classmethod
-    def from_pretrained(cls, checkpoint: str | Path, torch_threads: int | None = None):
+    def from_pretrained(
+        cls, checkpoint: str | Path, torch_threads: int | None = None
+    ) -> GenerationEngine:
         """Load ``AutoModelForCausalLM`` and ``AutoTokenizer`` from a ``save_pretrained``
         directory (any OPT checkpoint, e.g. a local copy of facebook/opt-125m)."""
         import transformers
@@ -167,13 +178,13 @@ class GenerationEngine:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def new_cache(self):
+    def new_cache(self) -> DynamicCache:
         """An empty transformers ``DynamicCache`` (keys/values ``(b, heads, s, head_dim)``)."""
         from transformers import DynamicCache
 
         return DynamicCache()
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: Cache) -> torch.Tensor:
         """One forward pass over ``ids (b, s)`` after the ``cache``'s positions; ``mask (b,
         cached + s)`` marks real tokens with 1. Appends to ``cache``; returns the last
         position's logits ``(b, V)``."""

@@ -80,7 +80,9 @@ def check_loopback(url: str) -> None:
     )
 
 
-async def _post(client: httpx.AsyncClient, path: str, payload) -> httpx.Response:
+async def _post(
+    client: httpx.AsyncClient, path: str, payload: dict | tuple[str, bytes]
+) -> httpx.Response:
     if isinstance(payload, tuple):
         where, body = payload
         return await client.post(where, content=body, headers={"content-type": "application/json"})

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PCounter
+
+if TYPE_CHECKING:
+    from cai_labs.serving.scheduler import Sequence, StepReport
 
 __all__ = ["ServerMetrics", "percentile_ms"]
 
@@ -98,7 +102,7 @@ class ServerMetrics:
             self.latencies.append(latency_s)
             self.prom.hist["latency"].observe(latency_s)
 
-    def record_step(self, report) -> None:
+    def record_step(self, report: StepReport) -> None:
         """One scheduler iteration (a :class:`~cai_labs.serving.scheduler.StepReport`)."""
         for size in report.joined:
             self.batch_sizes[size] += 1
@@ -110,7 +114,7 @@ class ServerMetrics:
         self.prom.prefill.inc(report.prefill_tokens)
         self.prom.hist["step"].observe(report.seconds)
 
-    def record_timing(self, seq) -> None:
+    def record_timing(self, seq: Sequence) -> None:
         """Queue time, TTFT, TPOT and tokens of a finished request (a ``Sequence``)."""
         if seq.finish_reason == "cancelled":
             return

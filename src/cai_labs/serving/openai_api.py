@@ -75,7 +75,9 @@ class OpenAIFormat:
     def reason(result: Completion) -> str:
         return "length" if result.finish_reason == "length" else "stop"
 
-    def _choice(self, text: str | None, reason: str | None, chunk: bool, first=False) -> dict:
+    def _choice(
+        self, text: str | None, reason: str | None, chunk: bool, first: bool = False
+    ) -> dict:
         if self.kind != "chat":
             return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
         if not chunk:

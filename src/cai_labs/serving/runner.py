@@ -24,14 +24,20 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:  # uvicorn and FastAPI are imported where a server is built
+    import uvicorn
+    from fastapi import FastAPI
 
 __all__ = ["loopback_socket", "uvicorn_config", "ServerThread", "ServerProcess", "wait_healthy"]
 
 
-def uvicorn_config(app, log_level: str = "warning"):
+def uvicorn_config(app: FastAPI, log_level: str = "warning") -> uvicorn.Config:
     """uvicorn's settings for an app of :func:`~cai_labs.serving.create_app`: its idle
     keep-alive comes from the app's :class:`~cai_labs.serving.ServeConfig` (``keep_alive_s``)."""
     import uvicorn
@@ -50,7 +56,7 @@ def loopback_socket(port: int = 0) -> socket.socket:
     return sock
 
 
-def wait_healthy(url: str, timeout: float, alive=lambda: True) -> dict:
+def wait_healthy(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> dict:
     """Poll ``GET url/health`` until it answers 200; raise ``RuntimeError`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     last = None
@@ -77,7 +83,7 @@ class ServerThread:
             httpx.post(f"{url}/generate", json={"prompt": "Hi"})
     """
 
-    def __init__(self, app, startup_timeout: float = 30.0) -> None:
+    def __init__(self, app: FastAPI, startup_timeout: float = 30.0) -> None:
         import uvicorn
 
         self.sock = loopback_socket()

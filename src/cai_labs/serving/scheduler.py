@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ import torch.nn.functional as F
 from cai_labs.serving.engine import Completion, GenerationEngine, GenerationJob
 from cai_labs.serving.running_batch import RunningBatch
 from cai_labs.serving.sampling import TokenSampler
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 __all__ = ["Sequence", "StepReport", "Scheduler", "visible_text"]
 
@@ -264,7 +268,9 @@ class Scheduler:
                 joined.append(1)
         return fed, joined
 
-    def _join(self, seqs: list[Sequence], cache, mask: torch.Tensor, logits: torch.Tensor) -> None:
+    def _join(
+        self, seqs: list[Sequence], cache: Cache, mask: torch.Tensor, logits: torch.Tensor
+    ) -> None:
         """First tokens of freshly prefilled ``seqs``; the unfinished join the running batch."""
         tokens = self.agree([s.sampler(logits[i]) for i, s in enumerate(seqs)])
         for seq, token in zip(seqs, tokens):

@@ -121,7 +121,7 @@ class _OpenAIRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _few_stops(cls, value):
+    def _few_stops(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings")
@@ -136,7 +136,7 @@ class CompletionRequest(_OpenAIRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value):
+    def _one_prompt(cls, value: str | list[str]) -> str:
         prompts = [value] if isinstance(value, str) else value
         if len(prompts) != 1 or not prompts[0].strip():
             raise ValueError("send one non-empty prompt string per request")

@@ -15,19 +15,24 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TypeVar
 
 import torch.distributed as dist
 
 from cai_labs.launcher import device
 from cai_labs.serving.engine import GenerationEngine, GenerationJob
 from cai_labs.serving.scheduler import Scheduler, Sequence, StepReport
-from cai_labs.tensor_parallel import make_grid
+from cai_labs.tensor_parallel import Grid, make_grid
 from cai_labs.tensor_parallel.opt_1d import parallelize_opt
 
 __all__ = ["tensor_parallel_engine", "TensorParallelScheduler"]
 
+T = TypeVar("T")
 
-def tensor_parallel_engine(checkpoint: str | Path, grid=None, torch_threads: int | None = None):
+
+def tensor_parallel_engine(
+    checkpoint: str | Path, grid: Grid | None = None, torch_threads: int | None = None
+) -> tuple[GenerationEngine, Grid]:
     """Load ``checkpoint`` on this rank and split it over ``grid`` (default: a 1D grid of all
     ranks). Returns ``(engine, grid)``."""
     grid = grid or make_grid("1d")
@@ -40,7 +45,7 @@ def tensor_parallel_engine(checkpoint: str | Path, grid=None, torch_threads: int
 class TensorParallelScheduler(Scheduler):
     """A :class:`Scheduler` whose iterations are the same on every rank of ``grid``."""
 
-    def __init__(self, engine: GenerationEngine, grid, **settings) -> None:
+    def __init__(self, engine: GenerationEngine, grid: Grid, **settings: int | str) -> None:
         super().__init__(engine, **settings)
         self.grid = grid
         self.root = grid.ranks[0]
@@ -50,7 +55,7 @@ class TensorParallelScheduler(Scheduler):
         self._by_uid: dict[int, Sequence] = {}
         self._uids = 0
 
-    def _broadcast(self, obj):
+    def _broadcast(self, obj: T) -> T:
         box = [obj]
         dist.broadcast_object_list(box, src=self.root, group=self.grid.group)
         return box[0]

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # transformers is imported when a tokenizer or checkpoint is built
+    from transformers import PreTrainedTokenizerFast
 
 __all__ = [
     "stdlib_text",
@@ -56,7 +60,7 @@ def stdlib_text(max_docs: int = 400) -> list[str]:
     return docs
 
 
-def train_toy_tokenizer(vocab_size: int = 512):
+def train_toy_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer as a ``PreTrainedTokenizerFast`` (pad ``<pad>``, end ``</s>``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -131,7 +135,9 @@ def make_toy_checkpoint(
     return path
 
 
-def make_opt_125m_shaped_checkpoint(path: str | Path, vocab_size: int = 4096, seed: int = 0):
+def make_opt_125m_shaped_checkpoint(
+    path: str | Path, vocab_size: int = 4096, seed: int = 0
+) -> Path:
     """A random OPT with facebook/opt-125m's shape (about 90M parameters with this
     vocabulary), for benchmarks: real per-token compute and KV-cache sizes, gibberish text."""
     return make_toy_checkpoint(path, vocab_size=vocab_size, seed=seed, **OPT_125M_SHAPE)
