@@ -168,10 +168,11 @@ class GenerationEngine:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def new_cache(self):
-        """An empty transformers ``DynamicCache`` (keys/values ``(b, heads, s, head_dim)``)."""
-        from transformers import DynamicCache
+        """An empty transformers ``DynamicCache`` (keys/values ``(b, heads, s, head_dim)``) whose
+        layers append in place (:class:`~cai_labs.serving.headroom_cache.HeadroomCache`)."""
+        from cai_labs.serving.headroom_cache import HeadroomCache
 
-        return DynamicCache()
+        return HeadroomCache()
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """One forward pass over ``ids (b, s)`` after the ``cache``'s positions; ``mask (b,
