@@ -394,10 +394,12 @@ table.style.format({c: "{:.1f}" for c in table.columns if table[c].dtype.kind ==
 # Reading the table. The numbers are this build's; the build machine's two cores are shared by
 # the load generator, three servers and whatever else runs, so compare columns within one build.
 # What to expect (reasoning, not measured here): continuous batching pays for its joins, each
-# one a prefill pass (unless it fits into the decoding pass) and a copy of the running batch's
-# cache, so its time per output token can rise; it gains when the steps it saves (fuller
-# batches, no wait for the longest request) outweigh that. With a model this small on a CPU, a
-# step is cheap and the bookkeeping is not; on a GPU a decoding step is memory-bound (the
+# one a prefill pass (unless it fits into the decoding pass) that holds up the running batch's
+# step, and every row attends over the longest row's cache, padding included, so its time per
+# output token can rise; it gains when the steps it saves (fuller batches, no wait for the
+# longest request) outweigh that. (The cache itself grows in place: a join writes only its own
+# rows, a leave moves only a row from the end into the freed one.) With a model this small on a
+# CPU, a step is cheap and the bookkeeping is not; on a GPU a decoding step is memory-bound (the
 # weights are read once per step whatever the batch), which favours fuller batches.
 
 top = CONCURRENCIES[-1]

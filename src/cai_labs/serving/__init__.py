@@ -8,6 +8,7 @@ One concept per module:
   checkpoint, one forward step, and a whole batch by one ``generate`` call (the reference).
 * :mod:`~cai_labs.serving.sampling` — :class:`TokenSampler`, one request's token choice.
 * :mod:`~cai_labs.serving.running_batch` — the running batch and its left-padded KV cache.
+* :mod:`~cai_labs.serving.headroom_cache` — a KV cache that grows in place (spare columns, rows).
 * :mod:`~cai_labs.serving.scheduler` — :class:`Scheduler`: iteration-level (continuous)
   batching, chunked prefill, a token budget; or static batching.
 * :mod:`~cai_labs.serving.batcher` — :class:`Batcher`: bounded queue → scheduler steps.

@@ -179,18 +179,18 @@ class GenerationEngine:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def new_cache(self) -> DynamicCache:
-        """An empty transformers ``DynamicCache`` (keys/values ``(b, heads, s, head_dim)``)."""
-        from transformers import DynamicCache
+        """An empty transformers ``DynamicCache`` (keys/values ``(b, heads, s, head_dim)``) whose
+        layers append in place (:class:`~cai_labs.serving.headroom_cache.HeadroomCache`)."""
+        from cai_labs.serving.headroom_cache import HeadroomCache
 
-        return DynamicCache()
+        return HeadroomCache()
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: Cache) -> torch.Tensor:
         """One forward pass over ``ids (b, s)`` after the ``cache``'s positions; ``mask (b,
         cached + s)`` marks real tokens with 1. Appends to ``cache``; returns the last
         position's logits ``(b, V)``."""
-        dev = (
-            self.model.device
-        )  # the scheduler's tensors live on the host; the cache with the model
+        # the scheduler's tensors live on the host; the cache with the model
+        dev = self.model.device
         with torch.inference_mode():
             out = self.model(
                 input_ids=ids.to(dev), attention_mask=mask.to(dev), cache=cache, use_cache=True

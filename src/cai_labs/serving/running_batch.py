@@ -6,9 +6,9 @@ mask ``(b, L)`` marks real positions with 1 (OPT derives its position ids from i
 row computes what the request computes alone). A request joins by concatenating its own cache,
 made by its prefill, padded to a common length (:meth:`RunningBatch.extend`), or is prefilled
 inside a decoding step (:meth:`RunningBatch.add_rows`, then :meth:`RunningBatch.close_gap`); it
-leaves by dropping its row, after which columns that only held padding are cut
-(:meth:`RunningBatch.keep`). This is the batch surgery of Orca-style iteration-level scheduling
-on a contiguous cache.
+leaves by dropping its row (a row from the end moves into its place, so only moved rows are
+copied), after which columns that only held padding are cut (:meth:`RunningBatch.keep`). This
+is the batch surgery of Orca-style iteration-level scheduling on a contiguous cache.
 """
 
 from __future__ import annotations
@@ -47,14 +47,26 @@ class RunningBatch:
         return self.mask.shape[1]
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in this order), then cut leading columns that are padding in all."""
-        index = torch.tensor(rows, dtype=torch.long)
-        self.seqs = [self.seqs[i] for i in rows]
+        """Keep only ``rows`` (increasing), then cut leading columns that are padding in all.
+
+        Each leaving row's place is taken by a kept row from the end of the batch, copied in
+        place; the batch is then the first ``len(rows)`` rows, a view. A leave thus copies the
+        rows moved, not the whole cache (which every layer's keys and values would cost).
+        """
+        n, kept = len(rows), set(rows)
+        movers = iter(r for r in rows if r >= n)
+        order = [i if i in kept else next(movers) for i in range(n)]
+        index = torch.tensor(order, dtype=torch.long)
+        self.seqs = [self.seqs[i] for i in order]
         self.mask = self.mask[index]
         self.last = self.last[index]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index]
-            layer.values = layer.values[index]
+        holes = torch.tensor([i for i in range(n) if i not in kept], dtype=torch.long)
+        with torch.inference_mode():  # the cache's tensors were made in inference mode
+            for layer in self.cache.layers:
+                if len(holes):
+                    layer.keys[holes] = layer.keys[index[holes]]
+                    layer.values[holes] = layer.values[index[holes]]
+                layer.keys, layer.values = layer.keys[:n], layer.values[:n]
         self._trim()
 
     def _trim(self) -> None:
@@ -92,15 +104,16 @@ class RunningBatch:
         self._trim()
 
     def extend(self, other: RunningBatch) -> None:
-        """Append ``other``'s rows, left-padding the shorter of the two caches."""
+        """Append ``other``'s rows, left-padding the shorter of the two caches (in place when
+        the running rows need no padding: only the new rows are copied)."""
         length = max(self.length, other.length)
         a, b = length - self.length, length - other.length
         self.mask = torch.cat([_pad_left(self.mask, a), _pad_left(other.mask, b)])
         self.last = torch.cat([self.last, other.last])
         self.seqs = self.seqs + other.seqs
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, a), _pad_left(theirs.keys, b)])
-            mine.values = torch.cat([_pad_left(mine.values, a), _pad_left(theirs.values, b)])
+        with torch.inference_mode():
+            for mine, theirs in zip(self.cache.layers, other.cache.layers):
+                mine.append_rows(theirs.keys, theirs.values, a, b)
 
     def kv_bytes(self) -> int:
         """Bytes held by the cache's keys and values (padding included)."""
