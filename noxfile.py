@@ -19,7 +19,12 @@ import nox
 
 nox.options.sessions = ["tests", "docs"]
 nox.options.reuse_existing_virtualenvs = True
-nox.options.default_venv_backend = "venv"
+# uv when it is installed (environments in seconds, not minutes), else the standard venv + pip.
+nox.options.default_venv_backend = "uv|venv"
+# uv reads its own settings, not pip's: carry over a local wheel folder pip is configured with
+# (here, the CPU build of torch), so that both install the same files.
+if "PIP_FIND_LINKS" in os.environ:
+    os.environ.setdefault("UV_FIND_LINKS", os.environ["PIP_FIND_LINKS"])
 
 PYTHON = "3.11"
 TORCH_SPEC = shlex.split(os.environ.get("CAI_LABS_TORCH", "torch==2.13.0"))
