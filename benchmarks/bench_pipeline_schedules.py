@@ -36,7 +36,13 @@ from torch import nn
 from torch.distributed import pipelining
 
 from cai_labs import Ledger, launch
-from cai_labs.pipeline import StageLinks, measured_bubble, pipeline_step, step_events
+from cai_labs.pipeline import (
+    StageLinks,
+    measured_bubble,
+    pipeline_step,
+    step_events,
+    waiting_bubble,
+)
 from cai_labs.pipeline.formulas import bubble_fraction, zb_h1_bubble
 
 RANKS = 2
@@ -106,7 +112,16 @@ def worker(schedule: str, args: argparse.Namespace) -> dict:
         if (d := [e["end"] - e["start"] for ev in steps for e in ev if e["name"] == k])
     }
     bubbles = [measured_bubble(ev)["bubble"] for ev in steps]
-    return {"bubbles": bubbles, "times": times, "seconds": statistics.median(seconds[1:])}
+    waits = [
+        waiting_bubble(step_events(timelines, s, waits=True))["bubble"]
+        for s in range(1, args.steps + 1)
+    ]
+    return {
+        "bubbles": bubbles,
+        "waits": waits,
+        "times": times,
+        "seconds": statistics.median(seconds[1:]),
+    }
 
 
 def torch_worker(schedule: str, args: argparse.Namespace) -> float:
@@ -161,8 +176,12 @@ def main() -> None:
         f"micro-batch; median of {args.steps} steps"
     )
     print(
-        f"{'schedule':<12} {'measured':>9} {'min-max':>13} {'formula':>8} {'ratio':>6} "
-        f"{'s/step':>7} {'torch':>7} {'t/ours':>6}  "
+        "not computing: 1 - F/B/W time / span; waiting: blocked in a receive or outside the "
+        "stage's own ops (measured_bubble, waiting_bubble; medians over steps)"
+    )
+    print(
+        f"{'schedule':<12} {'formula':>8} {'waiting':>8} {'min-max':>13} {'ratio':>6} "
+        f"{'not comp':>8} {'ratio':>6} {'s/step':>7} {'torch':>7} {'t/ours':>6}  "
         "median op time per micro-batch and stage, ms (B: whole backward unless W)"
     )
     for schedule in SCHEDULES:
@@ -170,19 +189,20 @@ def main() -> None:
         got = statistics.median(res["bubbles"])
         v = args.chunks if schedule == "interleaved" else 1
         want = bubble_fraction(schedule, RANKS, args.micro, v)
-        lo, hi = min(res["bubbles"]), max(res["bubbles"])
+        wait = statistics.median(res["waits"])
+        lo, hi = min(res["waits"]), max(res["waits"])
         ops = "  ".join(f"{k} {t * 1e3:.1f}" for k, t in res["times"].items())
         ours, theirs = res["seconds"], launch(torch_worker, RANKS, schedule, args)
         print(
-            f"{schedule:<12} {got:9.3f} {lo:6.3f}-{hi:6.3f} {want:8.3f} {got / want:6.2f} "
-            f"{ours:7.3f} {theirs:7.3f} {theirs / ours:6.2f}  {ops}"
+            f"{schedule:<12} {want:8.3f} {wait:8.3f} {lo:6.3f}-{hi:6.3f} {wait / want:6.2f} "
+            f"{got:8.3f} {got / want:6.2f} {ours:7.3f} {theirs:7.3f} {theirs / ours:6.2f}  {ops}"
         )
         if schedule == "zb-h1":
             t = res["times"]
             with_times = zb_h1_bubble(RANKS, args.micro, t["F"], t["B"], t["W"])
             print(
                 f"{'':<12} formula with the measured T_F, T_B, T_W: {with_times:.3f}, "
-                f"ratio {got / with_times:.2f}"
+                f"ratio waiting {wait / with_times:.2f}, not computing {got / with_times:.2f}"
             )
     print(
         "torch: torch.distributed.pipelining's "

@@ -23,6 +23,7 @@ from cai_labs.pipeline import (
     virtual_stages,
     zb_h1_order,
 )
+from cai_labs.pipeline import bubble as bubble_mod
 from cai_labs.pipeline import partition as partition_mod
 from cai_labs.pipeline import schedules as schedules_mod
 from cai_labs.pipeline.formulas import in_flight_microbatches, zb_h1_bubble
@@ -70,13 +71,25 @@ def check_ops(orders: list[list[tuple]], p: int, m: int, v: int) -> bool:
     return split
 
 
-def play(orders: list[list[tuple]], p: int, m: int, v: int = 1, times: dict | None = None) -> dict:
+def play(
+    orders: list[list[tuple]],
+    p: int,
+    m: int,
+    v: int = 1,
+    times: dict | None = None,
+    overhead: float = 0.0,
+) -> dict:
     """Run the orders on an ideal pipeline: F takes 1, B 2 (1 where W takes the other 1), or
     ``times``, all divided by ``v``; an op starts when its rank is free and its message has
     arrived (the k-th receive on a channel ``(src, dst, tag)`` gets the k-th send). Checks that
     the ops are complete, that every channel's sends and receives carry the same micro-batches
     in the same order, and that nothing deadlocks. Returns the events and each rank's peak of
-    micro-batches in flight (in units of a whole stage: a chunk counts ``1/v``)."""
+    micro-batches in flight (in units of a whole stage: a chunk counts ``1/v``).
+
+    With ``overhead``, a rank stays busy that long after each op's event before it sends and
+    moves on (Python, sends: not computing, but not waiting either); each receive is an ``R``
+    event from the moment the rank asks until its message is there, as ``pipeline_step`` records
+    it."""
     split = check_ops(orders, p, m, v)
     n, dur = p * v, times or {"F": 1.0, "B": 1.0 if split else 2.0, "W": 1.0}
     sends, recvs = defaultdict(list), defaultdict(list)  # channel -> micro-batches, in order
@@ -108,10 +121,13 @@ def play(orders: list[list[tuple]], p: int, m: int, v: int = 1, times: dict | No
                 continue
             start = max([free[r]] + [arrived[ch][taken[ch]] for ch in recv])
             taken.update(recv)
-            free[r] = start + dur[kind] / v
+            if recv:
+                events.append({"name": "R", "stage": r, "start": free[r], "end": start, "step": 0})
+            end = start + dur[kind] / v
+            free[r] = end + overhead
             for ch in send:
                 arrived[ch].append(free[r])
-            events.append({"name": kind, "stage": r, "start": start, "end": free[r], "step": 0})
+            events.append({"name": kind, "stage": r, "start": start, "end": end, "step": 0})
             held[r] += {"F": 1, "B": 0 if split else -1, "W": -1}[kind]
             peak[r] = max(peak[r], held[r])
             pos[r] += 1
@@ -152,6 +168,52 @@ def test_ideal_interleaved_bubble_equals_the_formula(p, v, m):
     # v a power of two: op times 1/v and 2/v stay dyadic, so every time is exact.
     got = measured_bubble(play(orders_of("interleaved", p, m, v), p, m, v)["events"])["bubble"]
     assert got == pytest.approx(bubble_fraction("interleaved", p, m, v), abs=8 * 2**-52)
+
+
+@pytest.mark.parametrize("overhead", [0.0, 0.25])
+@pytest.mark.parametrize(
+    "schedule, p, m, v",
+    [("gpipe", 2, 4, 1), ("1f1b", 3, 6, 1), ("1f1b", 4, 4, 1), ("interleaved", 2, 4, 2)]
+    + [("interleaved", 4, 8, 2), ("interleaved", 3, 6, 4)],
+)
+def test_waiting_bubble_counts_what_a_stage_waits_not_what_it_does_between_ops(
+    schedule, p, m, v, overhead
+):
+    """Time a rank spends between ops on its own (``overhead``) is idle for ``measured_bubble``
+    but work for ``waiting_bubble``: with it, the pipeline is the ideal one of ops that long,
+    whose bubble is the formula's, but for the ends: the span runs from the first op's event
+    to the last's, without the overhead after it (at most one overhead per rank)."""
+    events = play(orders_of(schedule, p, m, v), p, m, v, overhead=overhead)["events"]
+    want = bubble_fraction(schedule, p, m, v)
+    got = bubble_mod.waiting_bubble(events)
+    assert got["bubble"] == pytest.approx(want, abs=overhead / got["span"] + 8 * 2**-52)
+    not_computing = measured_bubble(events)["bubble"]
+    assert (
+        not_computing == pytest.approx(want, abs=8 * 2**-52)
+        if not overhead
+        else (not_computing > want + 0.05)
+    )
+
+
+def test_waiting_bubble_that_counts_only_receive_waits_is_caught(monkeypatch):
+    """A break: counting only the receive waits misses the last stage's idle tail (and the
+    first stage's idle head); the check above fails on it."""
+
+    def blocked_only(events):
+        ops = [e for e in events if e["name"] != "R"]
+        span = max(e["end"] for e in ops) - min(e["start"] for e in ops)
+        waits = sum(e["end"] - e["start"] for e in events if e["name"] == "R")
+        return {"bubble": waits / span / len({e["stage"] for e in ops}), "span": span}
+
+    monkeypatch.setattr(bubble_mod, "waiting_bubble", blocked_only)
+    with pytest.raises(AssertionError):
+        test_waiting_bubble_counts_what_a_stage_waits_not_what_it_does_between_ops(
+            "1f1b", 4, 4, 1, 0.25
+        )
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="no R events"):
+        events = play(orders_of("1f1b", 2, 2), 2, 2)["events"]
+        bubble_mod.waiting_bubble([e for e in events if e["name"] != "R"])
 
 
 TIMES = (0.25, 0.5, 1.0, 1.5, 3.0)
@@ -295,11 +357,14 @@ def test_interleaved_and_zb_h1_equal_serial_and_1f1b(ranks):
     for r in res:  # and equal to 1F1B's (through serial, but say it)
         for name, g in r["zb-h1"]["grads"].items():
             torch.testing.assert_close(g, r["1f1b"]["grads"][name], **TOL)
-    for r in res:
+    for rank, r in enumerate(res):  # R: a receive for every F but the first virtual stage's,
+        first, last = rank == 0, rank == ranks - 1  # and every B but the last's
         names = Counter(e["name"] for e in r["interleaved"]["timeline"])
-        assert names == {"F": N_MICRO * CHUNKS, "B": N_MICRO * CHUNKS}
+        waits = N_MICRO * (2 * CHUNKS - first - last)
+        assert names == {"F": N_MICRO * CHUNKS, "B": N_MICRO * CHUNKS, "R": waits}
         names = Counter(e["name"] for e in r["zb-h1"]["timeline"])
-        assert names == {"F": N_MICRO, "B": N_MICRO, "W": N_MICRO}
+        waits = N_MICRO * (2 - first - last)
+        assert names == {"F": N_MICRO, "B": N_MICRO, "W": N_MICRO, "R": waits}
     b = measured_bubble(step_events([r["zb-h1"]["timeline"] for r in res], step=0))
     assert 0.0 < b["bubble"] < 1.0
     # Memory: ZB-H1 holds min(p, m) micro-batches on every stage, 1F1B p - s: measured saved

@@ -12,7 +12,7 @@
 * :mod:`~cai_labs.pipeline.formulas` — bubble, micro-batches in flight and p2p bytes.
 """
 
-from cai_labs.pipeline.bubble import measured_bubble, step_events
+from cai_labs.pipeline.bubble import measured_bubble, step_events, waiting_bubble
 from cai_labs.pipeline.formulas import bubble_formula, bubble_fraction
 from cai_labs.pipeline.microbatch import split_microbatches
 from cai_labs.pipeline.p2p import StageLinks
@@ -42,4 +42,5 @@ __all__ = [
     "bubble_fraction",
     "measured_bubble",
     "step_events",
+    "waiting_bubble",
 ]

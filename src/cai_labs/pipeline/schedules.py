@@ -27,7 +27,9 @@ gradient where the order has ``W`` ops) and ``W``. :func:`pipeline_step` runs an
 
 Each op is recorded on the ledger's timeline as ``F``/``B``/``W`` with its ``microbatch``,
 ``chunk`` and ``stage``, so the measured schedule can be drawn as a Gantt chart; the events cover
-computation only (waiting for a neighbour's message is the gap between them).
+computation only. Each blocking receive is recorded as ``R`` (the time the stage waited for its
+neighbour's message), so that what a stage spends between ops on its own (Python, sends) can be
+told from the time it waits for the pipeline (:func:`~cai_labs.pipeline.bubble.waiting_bubble`).
 """
 
 from __future__ import annotations
@@ -157,7 +159,11 @@ class _Step:
     def forward(self, i: int, c: int) -> None:
         u = c * self.p + self.stage
         first, last = u == 0, u == self.n_virtual - 1
-        x = self.in_mbs[i] if first else self.links.recv_forward(self.key, tag=2 * u - 2)
+        if first:
+            x = self.in_mbs[i]
+        else:
+            with self.event("R", i, c):
+                x = self.links.recv_forward(self.key, tag=2 * u - 2)
         module = self.chunks[c]
         rec = record_module_outputs(module) if self.split else contextlib.nullcontext([])
         with self.event("F", i, c), rec as records:
@@ -172,7 +178,10 @@ class _Step:
     def backward(self, i: int, c: int) -> None:
         u = c * self.p + self.stage
         first, last = u == 0, u == self.n_virtual - 1
-        grad = None if last else self.links.recv_backward(self.key, tag=2 * u + 1)
+        grad = None
+        if not last:
+            with self.event("R", i, c):
+                grad = self.links.recv_backward(self.key, tag=2 * u + 1)
         x, out, records = self.saved.pop((c, i))
         with self.event("B", i, c):
             if self.split:
@@ -226,7 +235,8 @@ def pipeline_step(
         schedule: a key of :data:`SCHEDULES`: ``"gpipe"``, ``"1f1b"``, ``"interleaved"``,
             ``"zb-h1"``.
         ledger: if given, each op is recorded as a timeline event ``F``/``B``/``W`` with
-            ``microbatch``, ``chunk``, ``stage``, ``step`` and ``rank``.
+            ``microbatch``, ``chunk``, ``stage``, ``step`` and ``rank``; each blocking receive
+            as ``R``.
         step: the step number written on the events.
         extra_inputs: optional per-sample data ``(B, ...)`` that *every* stage needs besides the
             activation, e.g. BERT's attention mask (each encoder layer masks the padded keys).
