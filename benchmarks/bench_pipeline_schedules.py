@@ -2,10 +2,13 @@
 
 GPipe, 1F1B, interleaved 1F1B (``v`` chunks per rank) and ZB-H1 run on ``p = 2`` ranks, each
 rank pinned to its own core with one thread, on equal stages of ``tanh(Linear)`` layers whose
-micro-batches take tens of milliseconds, so that computation dominates the step (the formulas'
-condition). The bubble is measured from the ledger's ``F``/``B``/``W`` events
-(:func:`~cai_labs.pipeline.measured_bubble`: idle time over the step's span, mean over ranks);
-the formula is :func:`~cai_labs.pipeline.formulas.bubble_fraction`. For ZB-H1 the formula
+ops take about 0.3 s per micro-batch (``--d 2048``), so that computation dominates the step (the
+formulas' condition; with ``--d 512``, ops of 10-20 ms, the waits for messages add about 0.05-0.1
+to every bubble). Two shares of the step's span are measured from the ledger's events, mean over
+ranks: *not computing* (:func:`~cai_labs.pipeline.measured_bubble`: outside ``F``/``B``/``W``)
+and *waiting* (:func:`~cai_labs.pipeline.waiting_bubble`: blocked in a receive, ``R``, or
+before a rank's first op and after its last); the formula is
+:func:`~cai_labs.pipeline.formulas.bubble_fraction`. For ZB-H1 the formula
 assumes ``T_F = T_B = T_W``; the measured op times are printed, with the bubble for those times
 (:func:`~cai_labs.pipeline.formulas.zb_h1_bubble`).
 
@@ -159,8 +162,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--micro", type=int, default=4, help="micro-batches m (a multiple of p)")
     ap.add_argument("--chunks", type=int, default=2, help="chunks per rank v (interleaved)")
-    ap.add_argument("--steps", type=int, default=5, help="measured steps per schedule")
-    ap.add_argument("--d", type=int, default=512, help="layer width")
+    ap.add_argument("--steps", type=int, default=4, help="measured steps per schedule")
+    ap.add_argument("--d", type=int, default=2048, help="layer width")
     ap.add_argument("--layers", type=int, default=4, help="tanh(Linear) layers per rank")
     ap.add_argument("--rows", type=int, default=512, help="rows per micro-batch")
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="let the OS place the ranks")
