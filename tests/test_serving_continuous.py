@@ -18,6 +18,7 @@ from cai_labs.serving import (
     make_toy_checkpoint,
     running_batch,
 )
+from cai_labs.serving import scheduler as scheduler_mod
 from cai_labs.serving.scheduler import visible_text
 
 PROMPTS = [
@@ -152,3 +153,6 @@ def test_stop_strings_and_bad_settings(engine):
         Scheduler(engine, max_batch_tokens=8, prefill_chunk=16)
     with pytest.raises(ValueError, match="policy"):
         Scheduler(engine, policy="dynamic")
+    with pytest.raises(RuntimeError, match=r"transformers >= 99\.0 .*pip install -U"):
+        scheduler_mod.require_transformers((99, 0))
+    scheduler_mod.require_transformers(scheduler_mod.MIN_TRANSFORMERS)  # what is installed

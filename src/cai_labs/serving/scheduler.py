@@ -41,6 +41,25 @@ if TYPE_CHECKING:
 __all__ = ["Sequence", "StepReport", "Scheduler", "visible_text"]
 
 
+#: The oldest transformers release the running batch works with: with 5.23.0, 5.18.0, 5.0.0,
+#: 4.57.6 and 4.54.1 the tests fail when requests join a running batch (shapes or cache API).
+MIN_TRANSFORMERS = (5, 24)
+
+
+def require_transformers(version: tuple[int, int]) -> None:
+    """Raise a clear error if the installed transformers is older than ``version``."""
+    import transformers
+
+    found = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    if found < version:
+        want = ".".join(map(str, version))
+        raise RuntimeError(
+            f"cai_labs.serving's scheduler needs transformers >= {want} (older releases fail "
+            "when requests join a running batch); "
+            f"found {transformers.__version__}: pip install -U 'transformers>={want}'"
+        )
+
+
 def visible_text(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     """``(text to show, stopped)``: cut at the first stop string; while none has appeared,
     hold back a tail that could still become one."""
@@ -126,6 +145,7 @@ class Scheduler:
         mix_tokens: int = 32,
         join_wait: int = 4,
     ) -> None:
+        require_transformers(MIN_TRANSFORMERS)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if not 1 <= prefill_chunk <= max_batch_tokens:
