@@ -18,6 +18,7 @@ from cai_labs.serving import (
     make_toy_checkpoint,
     running_batch,
 )
+from cai_labs.serving import scheduler as scheduler_mod
 from cai_labs.serving.scheduler import visible_text
 
 PROMPTS = [
@@ -125,6 +126,21 @@ def test_static_policy_admits_only_into_an_empty_batch(engine):
     assert any(s.admitted < t.finished and t.admitted < s.admitted for s in seqs for t in seqs)
 
 
+def test_padded_policy_computes_finished_rows_until_the_longest_ends(engine):
+    """``padded``: the same text as alone, and every decoding step of a batch computes all of its
+    rows (finished ones included), so each step decodes the batch's full size."""
+    jobs = _jobs(engine)[:3]  # 10, 3 and 12 new tokens: one batch of 3
+    alone = [engine.generate_batch([job])[0].token_ids for job in jobs]
+    for policy, rows in (("padded", [3] * 11), ("static", [3, 3, 2, 2, 2, 2, 2, 2, 2, 1, 1])):
+        scheduler = Scheduler(engine, max_batch_size=3, prefill_chunk=16, policy=policy)
+        seqs = [scheduler.add(job) for job in jobs]
+        reports = []
+        while not scheduler.idle():
+            reports.append(scheduler.step())
+        assert [s.tokens for s in seqs] == alone, policy
+        assert [r.decoded for r in reports] == rows, policy  # prefill + 11 decoding steps
+
+
 def test_stop_strings_and_bad_settings(engine):
     assert visible_text("abc STOP def", ("STOP",)) == ("abc ", True)
     assert visible_text("abc ST", ("STOP",)) == ("abc ", False)  # held back: may become STOP
@@ -137,3 +153,6 @@ def test_stop_strings_and_bad_settings(engine):
         Scheduler(engine, max_batch_tokens=8, prefill_chunk=16)
     with pytest.raises(ValueError, match="policy"):
         Scheduler(engine, policy="dynamic")
+    with pytest.raises(RuntimeError, match=r"transformers >= 99\.0 .*pip install -U"):
+        scheduler_mod.require_transformers((99, 0))
+    scheduler_mod.require_transformers(scheduler_mod.MIN_TRANSFORMERS)  # what is installed

@@ -186,12 +186,16 @@ engine_table.style.format("{:.1f}")
 #
 #     python -m cai_labs.serving --checkpoint DIR --port 8000
 #
-# (``--policy static`` switches to static batching, ``--max-batch-size 1`` turns batching off,
+# (``--policy static`` switches to static batching, ``--policy padded`` to static batching as one
+# ``generate`` call per batch does it, ``--max-batch-size 1`` turns batching off,
 # ``--cache-size 0`` the cache; ``--help`` lists the rest; interactive OpenAPI docs are then at
 # http://127.0.0.1:8000/docs). Prompt and generation limits default to what the checkpoint's
 # ``max_position_embeddings`` allows; this checkpoint has only 64 positions, so the page asks for
-# 32 new tokens at most. Here the page starts three such processes on free loopback ports:
-# continuous batching, static batching, and one request at a time. The
+# 32 new tokens at most. Here the page starts four such processes on free loopback ports:
+# continuous batching; static batching, where finished requests leave the batch but nobody joins
+# until it is empty; *padded* static batching, where finished rows are still computed until the
+# batch's longest request ends (what one Hugging Face ``generate`` call per batch does: the
+# service's first engine); and one request at a time. The
 # :class:`~cai_labs.serving.ServerProcess` helper waits for ``/health`` and stops the process at
 # the end of the page (and, failing that, when Python exits).
 
@@ -201,6 +205,7 @@ batch = ["--max-batch-size", str(MAX_BATCH)]
 servers = {
     "continuous": ServerProcess(checkpoint, [*common, *batch, "--policy", "continuous"]),
     "static": ServerProcess(checkpoint, [*common, *batch, "--policy", "static"]),
+    "padded static": ServerProcess(checkpoint, [*common, *batch, "--policy", "padded"]),
     "one at a time": ServerProcess(checkpoint, [*common, "--max-batch-size", "1"]),
 }
 urls = {name: server.start() for name, server in servers.items()}
@@ -363,7 +368,7 @@ def measure(name: str, concurrency: int, payloads: list[dict]) -> dict:
 
 # %%
 # Every server is warmed up first; then the servers take turns at each concurrency, so that
-# whatever else loads the machine meanwhile spreads over all three.
+# whatever else loads the machine meanwhile spreads over all four.
 
 for name in urls:  # warm every server up
     load_test(urls[name], load[:4], concurrency=2, max_requests=4)
@@ -400,14 +405,20 @@ table.style.format({c: "{:.1f}" for c in table.columns if table[c].dtype.kind ==
 # longest request) outweigh that. (The cache itself grows in place: a join writes only its own
 # rows, a leave moves only a row from the end into the freed one.) With a model this small on a
 # CPU, a step is cheap and the bookkeeping is not; on a GPU a decoding step is memory-bound (the
-# weights are read once per step whatever the batch), which favours fuller batches.
+# weights are read once per step whatever the batch), which favours fuller batches. Padded static
+# batching computes rows whose requests have already been answered; on a CPU, where a decoding
+# step costs about in proportion to its rows, not computing them is most of what continuous
+# batching saves, and static batching that lets finished rows leave saves it too.
 
 top = CONCURRENCIES[-1]
-cont, stat, one = (table.loc[(n, top)] for n in ("continuous", "static", "one at a time"))
+names = ("continuous", "static", "padded static", "one at a time")
+cont, stat, padded, one = (table.loc[(n, top)] for n in names)
 ratio = cont["tokens/s"] / stat["tokens/s"]
+ratio_padded = cont["tokens/s"] / padded["tokens/s"]
 print(
     f"{top} clients: continuous {cont['tokens/s']:.0f} tokens/s, static {stat['tokens/s']:.0f}, "
-    f"one at a time {one['tokens/s']:.0f}: continuous / static = {ratio:.2f}x; "
+    f"padded static {padded['tokens/s']:.0f}, one at a time {one['tokens/s']:.0f}: "
+    f"continuous / static = {ratio:.2f}x, continuous / padded static = {ratio_padded:.2f}x; "
     f"requests per decoding step {cont['occupancy']:.1f} (continuous) vs "
     f"{stat['occupancy']:.1f} (static), of at most {MAX_BATCH}"
 )
@@ -430,8 +441,7 @@ assert cont["occupancy"] > 1, "no batching happened under concurrent load"
 
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
 columns = ("tokens/s", "TTFT p99 (ms)", "TPOT p50 (ms)")
-for (name, marker), color in zip((("continuous", "o"), ("static", "s"), ("one at a time", "^")),
-                                 ("C0", "C1", "C7")):  # fmt: skip
+for (name, marker), color in zip(zip(names, "osD^"), ("C0", "C1", "C3", "C7")):
     part = table.loc[name]
     for ax, col in zip(axes, columns):
         ax.plot(part.index, part[col], marker=marker, color=color, label=name)

@@ -12,7 +12,7 @@ import argparse
 import socket
 import sys
 
-from cai_labs.serving.config import ServeConfig
+from cai_labs.serving.config import POLICIES, ServeConfig
 
 DEFAULTS = ServeConfig()
 
@@ -34,9 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=DEFAULTS.max_wait_ms)
     p.add_argument(
         "--policy",
-        choices=("continuous", "static"),
+        choices=POLICIES,
         default=DEFAULTS.policy,
-        help="continuous: requests join and leave at every step; static: whole batches",
+        help="continuous: requests join and leave at every step; static: whole batches; "
+        "padded: whole batches, finished rows still computed (one generate call per batch)",
     )
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULTS.max_batch_tokens)
     p.add_argument("--prefill-chunk", type=int, default=DEFAULTS.prefill_chunk)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+#: Batching policies of the scheduler (:mod:`~cai_labs.serving.scheduler`).
+POLICIES = ("continuous", "static", "padded")
+
 __all__ = ["ServeConfig"]
 
 
@@ -24,8 +27,9 @@ class ServeConfig:
             join the first batch. ``0`` takes only what is already queued.
         queue_size: most requests waiting for admission; one more is rejected with 503.
         cache_size: entries of the LRU cache of finished deterministic requests; ``0`` = off.
-        policy: ``"continuous"`` (requests join and leave at every step) or ``"static"`` (a
-            batch runs until its longest request ends).
+        policy: ``"continuous"`` (requests join and leave at every step), ``"static"`` (a
+            batch runs until its longest request ends) or ``"padded"`` (static, with finished
+            rows still computed, as one ``generate`` call per batch).
         max_batch_tokens: most tokens one scheduler iteration feeds the model.
         prefill_chunk: longer prompts are prefilled in chunks of this many tokens.
         max_prompt_tokens: longest accepted prompt in tokens; ``None``: the checkpoint's
@@ -69,7 +73,7 @@ class ServeConfig:
             "max_wait_ms": self.max_wait_ms >= 0,
             "queue_size": self.queue_size >= 1,
             "cache_size": self.cache_size >= 0,
-            "policy": self.policy in ("continuous", "static"),
+            "policy": self.policy in POLICIES,
             "max_batch_tokens": self.max_batch_tokens >= 1,
             "prefill_chunk": 1 <= self.prefill_chunk <= self.max_batch_tokens,
             "max_prompt_tokens": positive_or_none(self.max_prompt_tokens),
@@ -86,7 +90,7 @@ class ServeConfig:
             raise ValueError(
                 f"invalid ServeConfig: {values}; sizes and limits must be positive "
                 "(max_wait_ms and cache_size may be 0, max_body_bytes >= 256, prefill_chunk "
-                "<= max_batch_tokens, policy 'continuous' or 'static')"
+                f"<= max_batch_tokens, policy one of {POLICIES})"
             )
 
     def for_checkpoint(self, max_positions: int, name: str) -> ServeConfig:

@@ -10,7 +10,10 @@ join together, so that one prefill pass serves several. When the padding it cost
 (``mix_tokens``), the prefill happens *inside* the decoding step: one forward pass feeds each
 running request its last token and each new request its prompt.
 ``policy="static"`` admits only into an empty batch: the batch then runs until its longest
-request ends (what one ``generate`` call per batch does), the baseline of the benchmark.
+request ends, finished requests leaving it. ``policy="padded"`` is static batching as one
+Hugging Face ``generate`` call per batch does it: finished rows stay in the batch and keep being
+computed (their tokens thrown away) until the longest request ends. Both are baselines of the
+benchmark.
 
 The scheduler is synchronous and single-threaded; :mod:`~cai_labs.serving.batcher` drives it
 from the event loop, one step per call on a worker thread.
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from cai_labs.serving.config import POLICIES
 from cai_labs.serving.engine import Completion, GenerationEngine, GenerationJob
 from cai_labs.serving.running_batch import RunningBatch
 from cai_labs.serving.sampling import TokenSampler
@@ -36,7 +40,24 @@ if TYPE_CHECKING:
 
 __all__ = ["Sequence", "StepReport", "Scheduler", "visible_text"]
 
-POLICIES = ("continuous", "static")
+
+#: The oldest transformers release the running batch works with: with 5.23.0, 5.18.0, 5.0.0,
+#: 4.57.6 and 4.54.1 the tests fail when requests join a running batch (shapes or cache API).
+MIN_TRANSFORMERS = (5, 24)
+
+
+def require_transformers(version: tuple[int, int]) -> None:
+    """Raise a clear error if the installed transformers is older than ``version``."""
+    import transformers
+
+    found = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    if found < version:
+        want = ".".join(map(str, version))
+        raise RuntimeError(
+            f"cai_labs.serving's scheduler needs transformers >= {want} (older releases fail "
+            "when requests join a running batch); "
+            f"found {transformers.__version__}: pip install -U 'transformers>={want}'"
+        )
 
 
 def visible_text(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -105,7 +126,7 @@ class Scheduler:
         max_batch_tokens: most tokens one iteration feeds the model (one per decoding request
             plus the prefill tokens, padding included); bounds an iteration's time and memory.
         prefill_chunk: prompts longer than this are prefilled in chunks of this many tokens.
-        policy: ``"continuous"`` or ``"static"``.
+        policy: ``"continuous"``, ``"static"`` or ``"padded"`` (see the module docstring).
         mix_tokens: newcomers are prefilled inside the decoding pass when that costs at most
             this many padding tokens (each running row gets ``prompt width - 1`` pads); else in
             a pass of their own.
@@ -124,6 +145,7 @@ class Scheduler:
         mix_tokens: int = 32,
         join_wait: int = 4,
     ) -> None:
+        require_transformers(MIN_TRANSFORMERS)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if not 1 <= prefill_chunk <= max_batch_tokens:
@@ -164,7 +186,7 @@ class Scheduler:
     @property
     def free_slots(self) -> int:
         """How many more requests could be admitted now under the policy."""
-        if self.policy == "static" and self.active:
+        if self.policy != "continuous" and self.active:
             return 0
         return max(0, self.max_batch_size - self.active - len(self.waiting))
 
@@ -215,7 +237,7 @@ class Scheduler:
 
     def _admit(self) -> list[Sequence]:
         """Move waiting requests in: short prompts into one prefill group, long ones to chunks."""
-        if self.policy == "static" and self.active or self._defer():
+        if self.policy != "continuous" and self.active or self._defer():
             return []
         budget = self.max_batch_tokens - self.active - self.prefill_chunk * len(self.prefilling)
         group: list[Sequence] = []
@@ -276,9 +298,11 @@ class Scheduler:
         for seq, token in zip(seqs, tokens):
             self._emit(seq, token)
         piece = RunningBatch(seqs, cache, mask, torch.tensor(tokens, dtype=torch.long))
-        piece.keep([i for i, s in enumerate(seqs) if s.finish_reason is None])
-        if not piece.seqs:
+        rows = [i for i, s in enumerate(seqs) if s.finish_reason is None]
+        if not rows:
             return
+        if self.policy != "padded":
+            piece.keep(rows)
         if self.running is None:
             self.running = piece
         else:
@@ -305,11 +329,15 @@ class Scheduler:
         logits = self.engine.forward(ids, batch.mask, batch.cache)
         if group:
             batch.close_gap(n, length, width - 1)
-        tokens = self.agree([s.sampler(logits[i]) for i, s in enumerate(batch.seqs)])
+        pad = self.engine.pad_id  # a finished row kept in a padded batch is fed pads
+        tokens = self.agree(
+            [pad if s.finish_reason else s.sampler(logits[i]) for i, s in enumerate(batch.seqs)]
+        )
         batch.last = torch.tensor(tokens, dtype=torch.long)
         for seq, token in zip(batch.seqs, tokens):
-            seq.most_company = max(seq.most_company, len(batch))
-            self._emit(seq, token)
+            if seq.finish_reason is None:
+                seq.most_company = max(seq.most_company, len(batch))
+                self._emit(seq, token)
         self._retire()
 
     # -- finishing --------------------------------------------------------------------------------
@@ -342,7 +370,7 @@ class Scheduler:
         rows = [i for i, s in enumerate(self.running.seqs) if s.finish_reason is None]
         if not rows:
             self.running = None
-        elif len(rows) < len(self.running):
+        elif len(rows) < len(self.running) and self.policy != "padded":
             self.running.keep(rows)
 
     def _retire_cancelled(self) -> None:
