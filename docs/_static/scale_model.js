@@ -122,10 +122,11 @@
     if (!isTransformer(m)) return m.params;
     const perLayer = layerCost(m, L, L.micro_batch_size * seqLen(m, L))[0];
     const body = fl((layersPerStage(m, L) * perLayer) / elemBytes(L));
-    const embed = fl(embeddingParams(m) / L.tp);
-    let head = headParams(m);
-    if (L.pp > 1 && m.tied) head += m.vocab * m.hidden;
-    head = fl(head / L.tp);
+    // Words split over TP (vocabulary-parallel); positions and the final norm replicated.
+    const words = m.vocab * m.hidden;
+    const embed = fl(words / L.tp) + embeddingParams(m) - words;
+    let head = headParams(m) - (m.tied ? 0 : words);
+    if (L.pp > 1 || !m.tied) head += fl(words / L.tp);
     return body + (L.pp === 1 ? embed + head : Math.max(embed, head));
   }
 

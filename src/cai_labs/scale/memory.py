@@ -67,11 +67,13 @@ def params_per_gpu(model: ModelShape, layout: ScaleLayout) -> int:
     seq = layout.seq_len(model)
     per_layer = layer_cost(model, layout, layout.micro_batch_size * seq).param_bytes
     body = layers_per_stage(model, layout) * per_layer // elem_bytes(layout)
-    embed = model.embedding_params() // layout.tp
-    head = model.head_params()
-    if layout.pp > 1 and model.tied:
-        head += model.vocab * model.hidden  # the last stage keeps its own copy
-    head //= layout.tp
+    # The word embedding and the output projection are split over TP (vocabulary-parallel);
+    # learned positions and the final norm are replicated (Megatron-LM's layout).
+    words = model.vocab * model.hidden
+    embed = words // layout.tp + model.embedding_params() - words
+    head = model.head_params() - (0 if model.tied else words)  # the final norm
+    if layout.pp > 1 or not model.tied:
+        head += words // layout.tp  # untied, or tied across stages: the last stage's own copy
     ends = embed + head if layout.pp == 1 else max(embed, head)
     return body + ends
 
