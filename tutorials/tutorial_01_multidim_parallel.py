@@ -770,20 +770,18 @@ def schedule_worker(schedule: str) -> list[list[dict]]:
 # or before its first op and after its last). The difference is what a stage does between its
 # ops on its own (Python, sending), which the formula's model counts as part of the ops.
 
+
+def median_share(share, timelines: list[list[dict]], waits: bool) -> float:
+    """The median over the measured steps (step 0 warms up) of one idle share."""
+    steps = range(1, SIZED_STEPS)
+    return float(np.median([share(step_events(timelines, s, waits))["bubble"] for s in steps]))
+
+
 sched_rows, timelines = [], {}
 for schedule in ("gpipe", "1f1b", "interleaved", "zb-h1"):
     tl = timelines[schedule] = launch(schedule_worker, SIZED_STAGES, schedule)
-    got = float(
-        np.median([measured_bubble(step_events(tl, s))["bubble"] for s in range(1, SIZED_STEPS)])
-    )
-    waited = float(
-        np.median(
-            [
-                waiting_bubble(step_events(tl, s, waits=True))["bubble"]
-                for s in range(1, SIZED_STEPS)
-            ]
-        )
-    )
+    got = median_share(measured_bubble, tl, waits=False)
+    waited = median_share(waiting_bubble, tl, waits=True)
     v = SCHED_CHUNKS if schedule == "interleaved" else 1
     want = bubble_fraction(schedule, SIZED_STAGES, SIZED_MICRO, v)
     sched_rows.append(
