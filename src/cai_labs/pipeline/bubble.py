@@ -49,10 +49,7 @@ def measured_bubble(events: list[dict]) -> dict[str, float]:
     per_stage: dict[int, list[float]] = defaultdict(list)
     for (stage, _), b in busy.items():
         per_stage[stage].append(1.0 - b / span)
-    out = {f"stage{s}": sum(v) / len(v) for s, v in sorted(per_stage.items())}
-    out["bubble"] = sum(out.values()) / len(out)
-    out["span"] = span
-    return out
+    return _by_stage(per_stage, span)
 
 
 def waiting_bubble(events: list[dict]) -> dict[str, float]:
@@ -79,6 +76,11 @@ def waiting_bubble(events: list[dict]) -> dict[str, float]:
             max(0.0, min(e["end"], last) - max(e["start"], first)) for e in own if e["name"] == "R"
         )
         per_stage[stage].append((blocked + (first - lo) + (hi - last)) / span)
+    return _by_stage(per_stage, span)
+
+
+def _by_stage(per_stage: dict[int, list[float]], span: float) -> dict[str, float]:
+    """Each stage's share (the mean over its ranks), their mean, and the span."""
     out = {f"stage{s}": sum(v) / len(v) for s, v in sorted(per_stage.items())}
     out["bubble"] = sum(out.values()) / len(out)
     out["span"] = span
