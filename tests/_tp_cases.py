@@ -12,6 +12,22 @@ CFG = GPTConfig(d_model=16, n_heads=4, seq_len=8, mlp_ratio=4)
 BATCH, TOL = 4, 1e-4
 K, N = 16, 32  # the lone linear layer
 GPT_CFG = GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_heads=4, n_layers=2)
+ROW_K, ROW_N = 32, 16  # the 1D row-parallel linear
+
+#: What the ledger measured for these cases, (mode, ranks, depth) -> layer -> (parameter bytes,
+#: saved activation bytes, communication bytes, collective calls). The multi-rank tests assert
+#: that the ledger still measures these numbers; ``test_tp_formulas_measured.py`` checks the
+#: formulas against them in one process, fast enough to run for every mutant of ``nox -s
+#: mutants``.
+MEASURED = {
+    ("1d", 2, 1): {"linear": (1088, 2048, 2048, 1), "block": (6752, 23104, 8192, 4),
+                   "row": (1088, 2048, 2048, 1)},
+    ("1d", 4, 1): {"linear": (544, 2048, 2048, 1), "block": (3568, 15936, 8192, 4),
+                   "row": (576, 1024, 2048, 1)},
+    ("2d", 4, 1): {"linear": (576, 512, 6208, 13), "block": (3488, 10432, 40864, 64)},
+    ("2.5d", 8, 2): {"linear": (576, 256, 5248, 15), "block": (3488, 5248, 33344, 76)},
+    ("3d", 8, 1): {"linear": (320, 256, 5248, 10), "block": (1952, 5248, 30272, 56)},
+}  # fmt: skip
 
 
 def run_mode(mode: str, depth: int = 1, break_it=None) -> dict:
@@ -43,9 +59,18 @@ def assert_gpt_trains_like_serial(res: dict) -> None:
     assert res["grad_err"] < TOL and res["param_err"] < TOL
 
 
+def ledger_row(res: dict, activations: str = "activation_bytes") -> tuple[int, ...]:
+    """One layer's measured numbers in :data:`MEASURED`'s order."""
+    return tuple(res[k] for k in ("param_bytes", activations, "comm_bytes", "comm_calls"))
+
+
 def assert_matches_formulas(out: dict, mode: str, depth: int = 1) -> None:
-    """Measured ledger bytes == the formulas of :mod:`cai_labs.tensor_parallel.formulas`."""
+    """Measured ledger bytes == the formulas of :mod:`cai_labs.tensor_parallel.formulas`, and
+    == the numbers recorded in :data:`MEASURED`."""
     n = out["size"]
+    recorded = MEASURED[(mode, n, depth)]
+    assert ledger_row(out["linear"]) == recorded["linear"]
+    assert ledger_row(out["block"], "peak_activation_bytes") == recorded["block"]
     lc = linear_cost(mode, n, BATCH * CFG.seq_len, K, N, depth=depth)
     lin = out["linear"]
     assert (lin["comm_bytes"], lin["comm_calls"]) == (lc.comm_bytes, lc.comm_calls)

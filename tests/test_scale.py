@@ -4,11 +4,13 @@ refusing impossible layouts with the CPU code's errors."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from cai_labs.scale import MODELS, ScaleLayout, predict
 from cai_labs.scale.__main__ import main
+from cai_labs.scale.models import custom_model, get_model
 from cai_labs.scale.published import all_rows, throughput_rows
 from cai_labs.tensor_parallel.grid import check_divisible, grid_shape
 
@@ -168,3 +170,46 @@ def test_the_typo_check_catches_a_typo(monkeypatch):
     monkeypatch.setattr(published, "ZERO_TABLE_1", table)
     with pytest.raises(AssertionError):
         test_zero_table_1_as_typed_follows_the_papers_closed_form()
+
+
+@pytest.mark.parametrize(
+    "layout, gpus, message",
+    [
+        (ScaleLayout(dp=0), 1, "dp must be a positive integer; got 0"),
+        (ScaleLayout(tp=1.5), 1, "tp must be a positive integer; got 1.5"),
+        (ScaleLayout(chunks=0), 1, "chunks must be a positive integer"),
+        (ScaleLayout(micro_batch_size=0), 1, "micro_batch_size must be a positive integer"),
+        (ScaleLayout(dp=2, tp=2), 8, "2 x 2 x 1 x 1 = 4 GPUs, but --gpus is 8"),
+        (ScaleLayout(schedule="zigzag"), 1, "schedule must be one of"),
+        (ScaleLayout(recompute="some"), 1, "recompute must be one of"),
+        (ScaleLayout(precision="fp8"), 1, "precision must be one of"),
+        (ScaleLayout(zero=4), 1, "zero must be 0 (data parallel), 1, 2 or 3; got 4"),
+        (ScaleLayout(dp=2, global_batch=3), 2, "use a multiple of 2"),
+        (ScaleLayout(global_batch=0), 1, "gives no micro-batch per replica"),
+        (ScaleLayout(pp=2, schedule="zb-h1", microbatches=1), 2, "at least as many micro-batches"),
+        (ScaleLayout(pp=64, microbatches=64), 64, "the model has 32. Lower pp"),
+        (ScaleLayout(tp=3), 3, "heads=32"),
+        (ScaleLayout(sp=3, seq=8192), 3, "does not split over sp=3 ranks"),
+    ],
+)
+def test_each_impossible_layout_says_what_to_change(layout, gpus, message):
+    """Every branch of ``ScaleLayout.validate`` on Llama 3 8B (32 layers, 32 heads, 8 KV heads)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        layout.validate(get_model("llama-3-8b"), gpus)
+
+
+def test_tp_that_splits_the_kv_heads_unevenly_says_so():
+    """12 heads in 4 KV groups: tp=6 neither divides 4 nor is a multiple of it."""
+    model = custom_model(2, 768, 12, 1000, kv_heads=4, ffn=3072)
+    with pytest.raises(ValueError, match="tp=6 neither divides nor is a multiple of kv_heads=4"):
+        ScaleLayout(tp=6).validate(model, 6)
+    ScaleLayout(tp=2).validate(model, 2)
+    ScaleLayout(tp=12).validate(model, 12)
+
+
+def test_a_possible_layout_validates():
+    """The boundary cases of the checks above are allowed."""
+    model = get_model("llama-3-8b")
+    ScaleLayout(tp=8, pp=32, dp=1, microbatches=32).validate(model, 256)
+    ScaleLayout(tp=4, sp=2, seq=8192, dp=2, global_batch=2).validate(model, 16)
+    ScaleLayout(pp=2, schedule="zb-h1", microbatches=2, zero=3).validate(model, 2)

@@ -203,6 +203,36 @@ def test_tensor_parallel_time_is_four_all_reduces_per_layer():
     assert step_mod._tp_time(m, full, gpu) == pytest.approx(1.5 * want)
 
 
+def test_context_parallel_time_is_the_ring_less_what_attention_hides():
+    """Ring attention over ``c`` ranks: each rank passes its K and V blocks (``b s/c`` tokens of
+    this TP rank's ``a/t`` heads of ``h/a`` each) around the ring ``c - 1`` times in the forward,
+    and K, V and their gradients in the backward: ``6 (c-1)`` blocks per layer and micro-batch,
+    one link latency each. The attention's own FLOPs hide it: on GPT-3, by Narayanan et al.'s
+    eq. 3, attention is ``4 s h`` of the ``24 h^2 + 4 s h + 2 h V / l`` forward FLOPs per token
+    and layer."""
+    m, gpu = get_model("gpt-3-175b"), get_gpu("a100-80gb")
+    t, c, seq, micro, b = 8, 4, 16384, 3, 1
+    layout = ScaleLayout(tp=t, sp=c, seq=seq, microbatches=micro, micro_batch_size=b)
+    h, a, L, V = m.hidden, m.heads, m.layers, m.vocab
+    block = b * seq // c * (a // t) * (h // a) * 2  # bf16
+    ring = L * micro * (6 * (c - 1) * block / gpu.ib_bandwidth + gpu.ib_latency)  # 32 GPUs
+    share = 4 * seq * h / (24 * h * h + 4 * seq * h + 2 * h * V / L)
+    assert step_mod._cp_time(m, layout, gpu, compute=0.0) == pytest.approx(ring)
+    for hidden_part in (0.25, 0.5):
+        compute = hidden_part * ring / share
+        got = step_mod._cp_time(m, layout, gpu, compute=compute)
+        assert got == pytest.approx((1 - hidden_part) * ring)
+    assert step_mod._cp_time(m, layout, gpu, compute=2 * ring / share) == 0.0
+    assert step_mod._cp_time(m, ScaleLayout(tp=t), gpu, compute=0.0) == 0.0
+    # Grouped-query attention passes only the KV heads: Llama 3 70B has 8 for 64 query heads.
+    llama = get_model("llama-3-70b")
+    gqa = step_mod._cp_time(llama, ScaleLayout(tp=t, sp=c, seq=seq), gpu, compute=0.0)
+    kv_block = seq // c * 1 * (llama.hidden // llama.heads) * 2  # 8 KV heads over tp=8: one
+    assert gqa == pytest.approx(
+        llama.layers * (6 * (c - 1) * kv_block / gpu.ib_bandwidth + gpu.ib_latency)
+    )
+
+
 def test_bubble_term_is_p_minus_1_over_m_of_the_pipelined_time():
     """GPipe/1F1B: a step lasts ``(m + p - 1)`` slots for ``m`` slots of work, so the bubble
     adds ``(p - 1) / m`` of the pipelined time (compute and TP communication)."""

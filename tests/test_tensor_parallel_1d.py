@@ -7,10 +7,14 @@ import torch
 from _tp_cases import (
     BATCH,
     CFG,
+    MEASURED,
+    ROW_K,
+    ROW_N,
     TOL,
     assert_equal_to_serial,
     assert_gpt_trains_like_serial,
     assert_matches_formulas,
+    ledger_row,
     run_mode,
 )
 
@@ -26,7 +30,7 @@ def _worker(broken: bool = False) -> dict:
         L.copy_to_group = lambda x, group: x
     grid = make_grid("1d")
     out = run_mode("1d") if not broken else {"block": check_block(grid, CFG, BATCH)}
-    out["row"] = check_linear(grid, 32, 16, BATCH, CFG.seq_len, kind="row")
+    out["row"] = check_linear(grid, ROW_K, ROW_N, BATCH, CFG.seq_len, kind="row")
     # A column -> row pair on its own (the MLP of Megatron) with the ledger.
     from cai_labs import Ledger, comm_totals
 
@@ -68,7 +72,8 @@ def test_1d_block_and_linears_equal_serial_and_formula(n):
         assert_equal_to_serial(out[key])
     assert_gpt_trains_like_serial(out["gpt"])
     assert_matches_formulas(out, "1d")  # column-parallel linear and block
-    row = linear_cost("1d", n, BATCH * CFG.seq_len, 32, 16, kind="row")
+    assert ledger_row(out["row"]) == MEASURED[("1d", n, 1)]["row"]
+    row = linear_cost("1d", n, BATCH * CFG.seq_len, ROW_K, ROW_N, kind="row")
     assert out["row"]["comm_bytes"] == row.comm_bytes
     assert out["row"]["activation_bytes"] == row.activation_bytes
     assert out["row"]["param_bytes"] == row.param_bytes
