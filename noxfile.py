@@ -25,6 +25,10 @@ nox.options.default_venv_backend = "uv|venv"
 # (here, the CPU build of torch), so that both install the same files.
 if "PIP_FIND_LINKS" in os.environ:
     os.environ.setdefault("UV_FIND_LINKS", os.environ["PIP_FIND_LINKS"])
+# pip compiles every installed module to bytecode, uv does not by default: without the .pyc
+# files (and with PYTHONDONTWRITEBYTECODE set, as on some CI images) every new process, each
+# torchrun rank and notebook kernel, compiles torch and the rest from source again.
+os.environ.setdefault("UV_COMPILE_BYTECODE", "1")
 
 PYTHON = "3.11"
 TORCH_SPEC = shlex.split(os.environ.get("CAI_LABS_TORCH", "torch==2.13.0"))
@@ -103,14 +107,14 @@ def notebooks(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def torchrun(session: nox.Session) -> None:
-    """Run every tutorial under torchrun (gloo, CPU) with as many processes as its largest
-    launch; then one page as two torchrun agents joined on loopback (a two-node cluster). In the
-    docs build's environment."""
+    """Run every tutorial that launches ranks under torchrun (gloo, CPU) with as many processes
+    as its largest launch; then one page as two torchrun agents joined on loopback (a two-node
+    cluster). In the docs build's environment."""
     python, env = _docs_env(session)
     pattern = session.posargs or ["tutorial_"]
     session.run(python, "docs/run_torchrun.py", *pattern, env=env, external=True)
     if not session.posargs:
-        two_nodes = ["tutorial_00", "--nnodes=2", "--nproc-per-node=4"]
+        two_nodes = ["tutorial_10", "--nnodes=2", "--nproc-per-node=2"]
         session.run(python, "docs/run_torchrun.py", *two_nodes, env=env, external=True)
 
 

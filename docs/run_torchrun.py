@@ -10,6 +10,10 @@ to the page's checks, the same the gallery build shows.
 ``--nnodes 2`` starts two torchrun agents on this machine, joined by the c10d rendezvous on
 loopback: how a two-node cluster looks to the code. Each agent starts ``--nproc-per-node``
 processes (by default the page's largest launch divided by the nodes).
+
+Pages that launch no ranks (their largest launch is 1: serving, the Colossal-AI system page)
+run under torchrun as they run as a script, one process with nothing forked; the sweep over
+every page leaves them out, and naming one (``python docs/run_torchrun.py tutorial_06``) runs it.
 """
 
 from __future__ import annotations
@@ -105,6 +109,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args()
     scripts = sorted(p for p in TUTORIALS.glob("tutorial_*.py") if args.pattern in p.name)
+    if args.pattern == "tutorial_":  # the sweep: the pages that launch ranks
+        scripts = [p for p in scripts if PAGES[p.name[:11]][0] > 1]
     if not scripts:
         print(f"no tutorial matches {args.pattern!r}")
         return 1
