@@ -18,12 +18,19 @@ PyTorch's own engine runs next to each schedule on the same layers, micro-batche
 stage per rank (its split backward on the ZB-H1 layout). The median step time of each is printed
 with the ratio torch / cai_labs.
 
+Two pipelines by default, ``m = 2`` (``m = p``: the fewest micro-batches every schedule here
+allows) and ``m = 4``. More micro-batches shrink the formula's bubble (ZB-H1's
+``(p-1)/(3m+p-1)``: 0.143 at ``m = 2``, 0.077 at ``m = 4``), but not the waits that come from
+op times varying from op to op (the ``spread`` column: slowest minus fastest op of a kind over
+its median): ZB-H1's order on equal times has no slack in its steady state, so every op that
+runs long makes the next stage wait, and that wait is a larger share of a smaller bubble.
+
 The median over the measured steps is printed; a loaded machine (other processes on the cores)
 shows up as extra idle time, most where messages are most frequent (interleaved): a rank
 blocked in a receive waits for the scheduler to wake it. ``--no-pin`` lets the OS move the ranks
 (on a loaded machine a pinned rank cannot leave a busy core). Nothing is asserted on time.
 
-    PYTHONPATH=src python benchmarks/bench_pipeline_schedules.py [--micro 4] [--steps 5]
+    PYTHONPATH=src python benchmarks/bench_pipeline_schedules.py [--micro 2 4] [--steps 5]
 """
 
 from __future__ import annotations
@@ -109,11 +116,14 @@ def worker(schedule: str, args: argparse.Namespace) -> dict:
     dist.all_gather_object(timelines, ledger.report()["timeline"])
     steps = [step_events(timelines, s) for s in range(1, args.steps + 1)]
     v = args.chunks if schedule == "interleaved" else 1
-    times = {  # per micro-batch through the rank's whole stage (v chunks)
-        k: v * statistics.median(d)
+    durations = {
+        k: d
         for k in ("F", "B", "W")
         if (d := [e["end"] - e["start"] for ev in steps for e in ev if e["name"] == k])
     }
+    # per micro-batch through the rank's whole stage (v chunks)
+    times = {k: v * statistics.median(d) for k, d in durations.items()}
+    spread = max((max(d) - min(d)) / statistics.median(d) for d in durations.values())
     bubbles = [measured_bubble(ev)["bubble"] for ev in steps]
     waits = [
         waiting_bubble(step_events(timelines, s, waits=True))["bubble"]
@@ -123,6 +133,7 @@ def worker(schedule: str, args: argparse.Namespace) -> dict:
         "bubbles": bubbles,
         "waits": waits,
         "times": times,
+        "spread": spread,
         "seconds": statistics.median(seconds[1:]),
     }
 
@@ -160,7 +171,9 @@ def torch_worker(schedule: str, args: argparse.Namespace) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--micro", type=int, default=4, help="micro-batches m (a multiple of p)")
+    ap.add_argument(
+        "--micro", type=int, nargs="+", default=[2, 4], help="micro-batches m (multiples of p)"
+    )
     ap.add_argument("--chunks", type=int, default=2, help="chunks per rank v (interleaved)")
     ap.add_argument("--steps", type=int, default=4, help="measured steps per schedule")
     ap.add_argument("--d", type=int, default=2048, help="layer width")
@@ -170,10 +183,25 @@ def main() -> None:
     args, _ = ap.parse_known_args()  # nox -s bench passes the same arguments to every script
     if args.layers % args.chunks:
         raise SystemExit(f"--layers {args.layers} must be a multiple of --chunks {args.chunks}")
+    for m in args.micro:
+        table(argparse.Namespace(**{**vars(args), "micro": m}))
+    print(
+        "torch: torch.distributed.pipelining's "
+        + ", ".join(n for n, _ in TORCH_SCHEDULES.values())
+        + " (zb-h1's row: the zero-bubble schedule with one stage per rank)"
+    )
+    print(
+        "spread: (slowest - fastest) / median op time, of the op kind that varies most "
+        f"(F, B or W); load average at end {os.getloadavg()[0]:.1f} (measured under this load)"
+    )
+
+
+def table(args: argparse.Namespace) -> None:
+    """Every schedule on ``args.micro`` micro-batches: one row each."""
     load = os.getloadavg()[0]
     placed = "one core and one thread each" if args.pin else "one thread each, unpinned"
     print(
-        f"p = {RANKS} ranks, {placed}, on a machine of {os.cpu_count()} "
+        f"\np = {RANKS} ranks, {placed}, on a machine of {os.cpu_count()} "
         f"cores (load average {load:.1f} at start); m = {args.micro}, v = {args.chunks}; "
         f"{args.layers} x tanh(Linear({args.d}, {args.d})) per rank, {args.rows} rows per "
         f"micro-batch; median of {args.steps} steps"
@@ -184,7 +212,7 @@ def main() -> None:
     )
     print(
         f"{'schedule':<12} {'formula':>8} {'waiting':>8} {'min-max':>13} {'ratio':>6} "
-        f"{'not comp':>8} {'ratio':>6} {'s/step':>7} {'torch':>7} {'t/ours':>6}  "
+        f"{'not comp':>8} {'ratio':>6} {'s/step':>7} {'torch':>7} {'t/ours':>6} {'spread':>6}  "
         "median op time per micro-batch and stage, ms (B: whole backward unless W)"
     )
     for schedule in SCHEDULES:
@@ -198,7 +226,8 @@ def main() -> None:
         ours, theirs = res["seconds"], launch(torch_worker, RANKS, schedule, args)
         print(
             f"{schedule:<12} {want:8.3f} {wait:8.3f} {lo:6.3f}-{hi:6.3f} {wait / want:6.2f} "
-            f"{got:8.3f} {got / want:6.2f} {ours:7.3f} {theirs:7.3f} {theirs / ours:6.2f}  {ops}"
+            f"{got:8.3f} {got / want:6.2f} {ours:7.3f} {theirs:7.3f} {theirs / ours:6.2f} "
+            f"{res['spread']:6.2f}  {ops}"
         )
         if schedule == "zb-h1":
             t = res["times"]
@@ -207,12 +236,6 @@ def main() -> None:
                 f"{'':<12} formula with the measured T_F, T_B, T_W: {with_times:.3f}, "
                 f"ratio waiting {wait / with_times:.2f}, not computing {got / with_times:.2f}"
             )
-    print(
-        "torch: torch.distributed.pipelining's "
-        + ", ".join(n for n, _ in TORCH_SCHEDULES.values())
-        + " (zb-h1's row: the zero-bubble schedule with one stage per rank)"
-    )
-    print(f"load average at end {os.getloadavg()[0]:.1f} (measured under this load)")
 
 
 if __name__ == "__main__":
